@@ -1,0 +1,164 @@
+"""EasyDict, construction of objects by class name, and URL opening with a local cache."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import os
+import re
+import tempfile
+import urllib.parse
+from typing import Any, BinaryIO
+
+
+class EasyDict(dict):
+    """A dict whose keys can also be read and written as attributes (``cfg.lr`` == ``cfg['lr']``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        del self[name]
+
+
+def get_obj_by_name(name: str) -> Any:
+    """Return the object named by a dotted path, e.g. ``'training.networks.EDMPrecond'``."""
+    module_name, _, attr = name.rpartition(".")
+    if not module_name:
+        raise ValueError(f"'{name}' is not a dotted path of the form module.attribute")
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def construct_class_by_name(*args: Any, class_name: str, **kwargs: Any) -> Any:
+    """Call the class (or function) named by ``class_name`` with the remaining arguments."""
+    return get_obj_by_name(class_name)(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# URL opening with a cache.
+
+def make_cache_dir_path(*paths: str) -> str:
+    """Where downloads are cached: $EDM_CACHE_DIR, else $XDG_CACHE_HOME/edm, else ~/.cache/edm."""
+    if "EDM_CACHE_DIR" in os.environ:
+        root = os.environ["EDM_CACHE_DIR"]
+    elif "XDG_CACHE_HOME" in os.environ:
+        root = os.path.join(os.environ["XDG_CACHE_HOME"], "edm")
+    else:
+        root = os.path.join(os.path.expanduser("~"), ".cache", "edm")
+    return os.path.join(root, *paths)
+
+
+def is_url(path_or_url: str) -> bool:
+    return isinstance(path_or_url, str) and re.match(r"^[a-z][a-z0-9+.-]*://", path_or_url) is not None
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cached_path_for(url: str, cache_dir: str) -> str:
+    url_hash = hashlib.md5(url.encode("utf-8")).hexdigest()
+    name = re.sub(r"[^0-9a-zA-Z._-]+", "_", os.path.basename(urllib.parse.urlparse(url).path)) or "download"
+    return os.path.join(cache_dir, f"{url_hash}_{name}")
+
+
+def _download(url: str, dest: str, verbose: bool, timeout: float) -> None:
+    """Download ``url`` to ``dest``, resuming a partial ``dest + '.part'`` if the server allows it."""
+    import requests
+    from tqdm.auto import tqdm
+
+    part = dest + ".part"
+    done = os.path.getsize(part) if os.path.exists(part) else 0
+    headers = {"Range": f"bytes={done}-"} if done else {}
+    with requests.get(url, stream=True, headers=headers, timeout=timeout) as r:
+        if r.status_code == 416:  # The partial file is already complete.
+            r.close()
+        else:
+            r.raise_for_status()
+            if done and r.status_code != 206:  # Server ignored the range: start over.
+                done = 0
+            total = int(r.headers.get("Content-Length", 0)) + done
+            with open(part, "ab" if done else "wb") as f, tqdm(
+                total=total or None, initial=done, unit="B", unit_scale=True,
+                desc=f"Downloading {os.path.basename(dest)}", disable=not verbose, leave=False,
+            ) as bar:
+                for chunk in r.iter_content(chunk_size=1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    os.replace(part, dest)
+
+
+def open_url(
+    url: str,
+    cache_dir: str | None = None,
+    num_attempts: int = 5,
+    verbose: bool = True,
+    return_filename: bool = False,
+    cache: bool = True,
+    timeout: float = 60.0,
+) -> BinaryIO | str:
+    """Open a local path, ``file://`` URL or http(s) URL as a binary file object.
+
+    http(s) downloads go to a cache directory (see :func:`make_cache_dir_path`), are resumed when
+    interrupted, and are written under a temporary name and renamed only once complete. Each cached
+    file keeps a ``.sha256`` beside it, checked on reuse; a mismatch discards the file and downloads again.
+    With ``return_filename=True`` the local file name is returned instead of an open file.
+    """
+    if not is_url(url):
+        if not os.path.isfile(url):
+            raise FileNotFoundError(f"{url}: no such file")
+        return url if return_filename else open(url, "rb")
+    if url.startswith("file://"):
+        path = urllib.parse.unquote(urllib.parse.urlparse(url).path)
+        return open_url(path, return_filename=return_filename)
+    if not (url.startswith("http://") or url.startswith("https://")):
+        raise ValueError(f"{url}: unsupported URL scheme (use a path, file://, http:// or https://)")
+
+    cache_dir = cache_dir or make_cache_dir_path("downloads")
+    os.makedirs(cache_dir, exist_ok=True)
+    dest = _cached_path_for(url, cache_dir)
+    checksum_file = dest + ".sha256"
+    if cache and os.path.isfile(dest):
+        if os.path.isfile(checksum_file):
+            with open(checksum_file) as f:
+                expected = f.read().strip()
+            if _file_sha256(dest) == expected:
+                return dest if return_filename else open(dest, "rb")
+        os.remove(dest)  # Corrupt or unverifiable cache entry: fetch it again.
+
+    last_error: Exception | None = None
+    for _ in range(max(num_attempts, 1)):
+        try:
+            _download(url, dest, verbose=verbose, timeout=timeout)
+            last_error = None
+            break
+        except Exception as e:  # Network errors are retried; the partial file is kept for resuming.
+            last_error = e
+    if last_error is not None:
+        raise IOError(f"{url}: download failed after {num_attempts} attempts: {last_error}") from last_error
+
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".sha256.tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(_file_sha256(dest))
+    os.replace(tmp, checksum_file)
+    if not cache:
+        with open(dest, "rb") as f:
+            data = f.read()
+        os.remove(dest)
+        os.remove(checksum_file)
+        return io.BytesIO(data)
+    return dest if return_filename else open(dest, "rb")

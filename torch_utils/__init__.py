@@ -1,0 +1,1 @@
+"""PyTorch utilities shared by training, sampling and evaluation (no knowledge of `training/`)."""

@@ -1,0 +1,231 @@
+"""Building blocks of the DDPM++, NCSN++ and ADM U-Nets.
+
+Weights are stored in float32 and cast to the activations' dtype on use, so one network runs in fp32,
+fp16 or bf16 without conversion. Parameter and buffer names follow the official checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from torch_utils import persistence
+
+
+def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
+    """Random weights for the initialization schemes the official configs name."""
+    if mode == "xavier_uniform":
+        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+    if mode == "xavier_normal":
+        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
+    if mode == "kaiming_uniform":
+        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+    if mode == "kaiming_normal":
+        return math.sqrt(1 / fan_in) * torch.randn(*shape)
+    raise ValueError(f"init_mode='{mode}': expected xavier_uniform, xavier_normal, kaiming_uniform or kaiming_normal")
+
+
+@persistence.persistent_class
+class Linear(torch.nn.Module):
+    """Fully connected layer, y = x W^T + b."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init_mode: str = "kaiming_normal",
+                 init_weight: float = 1, init_bias: float = 0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
+        self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def make_resample_filter(taps: Sequence[float]) -> torch.Tensor:
+    """Separable FIR filter [1, 1, k, k], normalized to unit DC gain (e.g. [1,1] box, [1,3,3,1] bilinear)."""
+    f = torch.as_tensor(taps, dtype=torch.float32)
+    return torch.outer(f, f).unsqueeze(0).unsqueeze(1) / f.sum().square()
+
+
+@persistence.persistent_class
+class Conv2d(torch.nn.Module):
+    """Convolution with optional 2x FIR up- or downsampling before it.
+
+    ``kernel=0`` gives a pure resampling layer with no weights. ``fused_resample`` merges the resampling
+    into the convolution's padding/stride (used by NCSN++'s residual encoder path).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False,
+                 down: bool = False, resample_filter: Sequence[float] = (1, 1), fused_resample: bool = False,
+                 init_mode: str = "kaiming_normal", init_weight: float = 1, init_bias: float = 0):
+        if up and down:
+            raise ValueError("Conv2d: up and down are mutually exclusive")
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        self.fused_resample = fused_resample
+        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        self.weight = (torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight)
+                       if kernel else None)
+        self.bias = (torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias)
+                     if kernel and bias else None)
+        self.register_buffer("resample_filter", make_resample_filter(resample_filter) if up or down else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) if self.weight is not None else None
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        f = self.resample_filter.to(x.dtype) if self.resample_filter is not None else None
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+        channels = x.shape[1]
+
+        if self.fused_resample and self.up and w is not None:
+            x = F.conv_transpose2d(x, f.mul(4).tile([channels, 1, 1, 1]), groups=channels, stride=2,
+                                   padding=max(f_pad - w_pad, 0))
+            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+        elif self.fused_resample and self.down and w is not None:
+            x = F.conv2d(x, w, padding=w_pad + f_pad)
+            x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
+        else:
+            if self.up:
+                x = F.conv_transpose2d(x, f.mul(4).tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=f_pad)
+            if self.down:
+                x = F.conv2d(x, f.tile([channels, 1, 1, 1]), groups=channels, stride=2, padding=f_pad)
+            if w is not None:
+                x = F.conv2d(x, w, padding=w_pad)
+        if b is not None:
+            x = x.add_(b.reshape(1, -1, 1, 1))
+        return x
+
+
+@persistence.persistent_class
+class GroupNorm(torch.nn.Module):
+    """Group normalization with at least ``min_channels_per_group`` channels in each group."""
+
+    def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-5):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(num_channels))
+        self.bias = torch.nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, num_groups=self.num_groups, weight=self.weight.to(x.dtype),
+                            bias=self.bias.to(x.dtype), eps=self.eps)
+
+
+@persistence.persistent_class
+class PositionalEmbedding(torch.nn.Module):
+    """Transformer-style sinusoidal embedding of a scalar (the noise label): [cos(x f_i), sin(x f_i)]."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+        self.endpoint = endpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = self.num_channels // 2
+        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
+        freqs = (1 / self.max_positions) ** freqs
+        x = torch.outer(x, freqs.to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+@persistence.persistent_class
+class FourierEmbedding(torch.nn.Module):
+    """Random Fourier features of a scalar (NCSN++): [cos(2 pi x f_i), sin(2 pi x f_i)], f_i ~ N(0, scale^2)."""
+
+    def __init__(self, num_channels: int, scale: float = 16):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.outer(x, (2 * np.pi * self.freqs).to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q^T k / sqrt(c)) applied to v, for [batch*heads, channels, positions] tensors.
+
+    Uses PyTorch's fused scaled_dot_product_attention. The official code computes the softmax in float32
+    for fp16 activations; so do we (the fused kernels accumulate in float32 too on CUDA).
+    """
+    dtype = q.dtype
+    if dtype == torch.float16 and q.device.type != "cuda":
+        q, k, v = q.float(), k.float(), v.float()
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).to(dtype)
+
+
+@persistence.persistent_class
+class UNetBlock(torch.nn.Module):
+    """Residual block of both U-Nets: GroupNorm-SiLU-Conv, noise-embedding modulation, GroupNorm-SiLU-Dropout-Conv,
+    skip connection, then optional multi-head self-attention.
+
+    ``adaptive_scale`` (ADM) modulates with scale and shift from the embedding; otherwise the embedding is
+    added (DDPM++/NCSN++). Outputs are multiplied by ``skip_scale`` after each residual sum.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False, down: bool = False,
+                 attention: bool = False, num_heads: int | None = None, channels_per_head: int = 64,
+                 dropout: float = 0, skip_scale: float = 1, eps: float = 1e-5, resample_filter: Sequence[float] = (1, 1),
+                 resample_proj: bool = False, adaptive_scale: bool = True, init: dict | None = None,
+                 init_zero: dict | None = None, init_attn: dict | None = None):
+        super().__init__()
+        init = dict(init or {})
+        init_zero = dict(init_weight=0) if init_zero is None else dict(init_zero)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.emb_channels = emb_channels
+        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        self.dropout = dropout
+        self.skip_scale = skip_scale
+        self.adaptive_scale = adaptive_scale
+
+        self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
+        self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
+
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            kernel = 1 if resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, up=up, down=down,
+                               resample_filter=resample_filter, **init)
+
+        if self.num_heads:
+            self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
+            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
+            self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        orig = x
+        x = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(chunks=2, dim=1)
+            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+        else:
+            x = F.silu(self.norm1(x.add_(params)))
+        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = x.add_(self.skip(orig) if self.skip is not None else orig)
+        x = x * self.skip_scale
+
+        if self.num_heads:
+            n, c, h, w = x.shape
+            # Channels are laid out as [head, channel, (q, k, v)], as in the official checkpoints.
+            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
+            a = self_attention(q, k, v)
+            x = self.proj(a.reshape(n, c, h, w)).add_(x)
+            x = x * self.skip_scale
+        return x
