@@ -162,3 +162,28 @@ def open_url(
         os.remove(checksum_file)
         return io.BytesIO(data)
     return dest if return_filename else open(dest, "rb")
+
+
+# ----------------------------------------------------------------------------
+# Command-line helpers.
+
+def parse_int_list(text: str | list | tuple) -> list[int]:
+    """Parse '0-63', '1,5,9-12' or a list into a list of ints (ranges are inclusive)."""
+    if isinstance(text, (list, tuple)):
+        return [int(v) for v in text]
+    result: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)", part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise ValueError(f"'{part}': range end is below its start")
+            result.extend(range(lo, hi + 1))
+        elif re.fullmatch(r"-?\d+", part):
+            result.append(int(part))
+        else:
+            raise ValueError(f"'{part}' is not an integer or a range like 0-63")
+    return result
