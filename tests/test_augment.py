@@ -1,0 +1,115 @@
+"""The non-leaking augmentation pipe: identity at p=0, labels that describe the transform applied."""
+
+import math
+import pickle
+
+import pytest
+import torch
+
+from training.augment import AugmentPipe, apply_geometric, rotate2d, scale2d, translate2d
+
+OFFICIAL = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+
+
+def smooth(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A band-limited test image, evaluated at centred pixel coordinates."""
+    return (torch.sin(2 * math.pi * x / 13 + 0.3) * torch.cos(2 * math.pi * y / 11)
+            + 0.5 * torch.sin(2 * math.pi * (x + y) / 17))
+
+
+def centred_grid(size: int):
+    c = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    return x, y
+
+
+def test_official_config_has_9_labels_and_p0_is_exact_identity():
+    images = torch.randn(16, 3, 16, 16)
+    pipe = AugmentPipe(p=0, **OFFICIAL)
+    out, labels = pipe(images)
+    assert pipe.label_dim == 9 and labels.shape == (16, 9)
+    assert torch.equal(out, images) and torch.count_nonzero(labels) == 0
+    torch.manual_seed(0)
+    _, labels = AugmentPipe(p=0.12, **OFFICIAL)(images)
+    assert labels.shape == (16, 9) and labels.dtype == torch.float32
+
+
+def test_probability_of_a_transform_is_p_times_multiplier():
+    torch.manual_seed(1)
+    _, labels = AugmentPipe(p=0.3, scale=1)(torch.randn(3000, 1, 8, 8))
+    assert abs((labels[:, 0] != 0).float().mean().item() - 0.3) < 0.03
+
+
+def test_xflip_label_says_which_images_were_flipped():
+    torch.manual_seed(2)
+    images = torch.randn(32, 3, 8, 8)
+    out, labels = AugmentPipe(p=1, xflip=1)(images)
+    flipped = labels[:, 0] == 1
+    assert 0 < flipped.sum() < 32
+    assert torch.equal(out[flipped], images[flipped].flip(3))
+    assert torch.equal(out[~flipped], images[~flipped])
+
+
+def test_integer_translation_is_an_exact_shift():
+    torch.manual_seed(3)
+    images = torch.randn(8, 1, 16, 16)
+    pipe = AugmentPipe(p=1, translate_int=1, translate_int_max=0.125)
+    out, labels = pipe(images)
+    for image, shifted, (lx, ly) in zip(images, out, labels):
+        tx, ty = round(float(lx) * 2), round(float(ly) * 2)  # label = shift / (16 * 0.125)
+        assert torch.equal(shifted[:, max(ty, 0):16 + min(ty, 0), max(tx, 0):16 + min(tx, 0)],
+                           image[:, max(-ty, 0):16 + min(-ty, 0), max(-tx, 0):16 + min(-tx, 0)])
+
+
+def test_resampling_with_identity_returns_the_input():
+    images = torch.randn(4, 3, 16, 16)
+    assert torch.allclose(apply_geometric(images, torch.eye(3).repeat(4, 1, 1)), images, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["translate_frac", "rotate_frac", "scale", "aniso"])
+def test_geometric_labels_recover_the_applied_transform(which):
+    """Rebuild the inverse transform from the labels alone; the output must equal the smooth image
+    evaluated at the mapped coordinates (away from the reflected borders)."""
+    torch.manual_seed(4)
+    size, N = 32, 6
+    x, y = centred_grid(size)
+    images = smooth(x, y).expand(N, 1, size, size).contiguous()
+    # aniso with a rotated axis: the official label (w cos r, w sin r) cannot tell (w, r) from (-w, r + pi),
+    # which are different transforms, so the axis is kept at r = 0 here.
+    pipe = AugmentPipe(p=1, aniso_rotate_prob=0, **{which: 1})
+    out, labels = pipe(images)
+    if which == "translate_frac":
+        G_inv = translate2d(-labels[:, 0] * size * 0.125, -labels[:, 1] * size * 0.125)
+    elif which == "rotate_frac":
+        G_inv = rotate2d(torch.atan2(labels[:, 1], labels[:, 0] + 1))
+    elif which == "scale":
+        s = torch.exp2(labels[:, 0] * 0.2)
+        G_inv = scale2d(1 / s, 1 / s)
+    else:
+        s = torch.exp2(labels[:, 0] * 0.2)
+        G_inv = scale2d(1 / s, s)
+    assert torch.count_nonzero(labels) > 0
+    points = torch.stack([x.flatten(), y.flatten(), torch.ones(size * size)])
+    mapped = G_inv @ points
+    expected = smooth(mapped[:, 0], mapped[:, 1]).reshape(N, 1, size, size)
+    # Compare where the source point lies well inside the input (elsewhere the pipe reflects).
+    inside = (mapped[:, :2].abs() < (size - 1) / 2 - 4).all(dim=1).reshape(N, 1, size, size)
+    assert inside.float().mean() > 0.3
+    assert (out - expected)[inside].abs().max() < 0.05
+    assert (images - expected)[inside].abs().max() > 0.1  # The transform did move the content.
+
+
+def test_brightness_label_is_the_offset_in_units_of_its_std():
+    torch.manual_seed(5)
+    images = torch.randn(16, 3, 4, 4)
+    out, labels = AugmentPipe(p=1, brightness=1, brightness_std=0.2)(images)
+    assert torch.allclose(out, images + 0.2 * labels[:, 0].reshape(-1, 1, 1, 1), atol=1e-5)
+
+
+def test_pickles_in_the_official_format_and_round_trips():
+    pipe = AugmentPipe(p=0.12, **OFFICIAL)
+    reduced = pipe.__reduce__()
+    assert reduced[0].__name__ == "_reconstruct_persistent_obj"
+    assert reduced[1][0]["class_name"] == "AugmentPipe" and reduced[1][0]["state"]["_init_kwargs"]["p"] == 0.12
+    copy = pickle.loads(pickle.dumps(pipe))
+    assert type(copy) is AugmentPipe and copy.__dict__ == pipe.__dict__
