@@ -1,0 +1,103 @@
+"""What a training run shows people: the log (console and ``log.txt``), ``stats.jsonl``, TensorBoard scalars
+(when ``tensorboard`` is installed) and image grids. Only the main process writes; elsewhere these are no-ops."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from torch_utils import distributed as dist
+from training.checkpoint import atomic_write_bytes
+
+
+def format_time(seconds: float) -> str:
+    """'42s', '3m 05s', '2h 03m 05s', '1d 02h 03m'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s"
+    return f"{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m"
+
+
+class RunLog:
+    """Log lines to the console and ``log.txt``; per-tick statistics to ``stats.jsonl`` and TensorBoard."""
+
+    def __init__(self, run_dir: str, tensorboard: bool = True):
+        self.active = dist.is_main()
+        self.run_dir = run_dir
+        self.tensorboard = None
+        if not self.active:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._log = open(os.path.join(run_dir, "log.txt"), "a")
+        self._stats = open(os.path.join(run_dir, "stats.jsonl"), "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(run_dir)
+            except ImportError:
+                self.print("TensorBoard logging is off: the 'tensorboard' package is not installed "
+                           "(pip install tensorboard); the same numbers are in stats.jsonl.")
+
+    def print(self, line: str = "") -> None:
+        if self.active:
+            print(line, flush=True)
+            self._log.write(line + "\n")
+            self._log.flush()
+
+    def write_stats(self, stats: dict, kimg: float) -> None:
+        """One JSON line ``{name: {num, mean, std}, ..., "timestamp"}``; the means go to TensorBoard at kimg."""
+        if not self.active:
+            return
+        timestamp = time.time()
+        self._stats.write(json.dumps(dict(stats, timestamp=timestamp)) + "\n")
+        self._stats.flush()
+        if self.tensorboard is not None:
+            global_step = int(round(kimg * 1000))
+            for name, value in stats.items():
+                if not math.isnan(value["mean"]):
+                    self.tensorboard.add_scalar(name, value["mean"], global_step=global_step, walltime=timestamp)
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self._log.close()
+            self._stats.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+
+def grid_layout(num_images: int) -> tuple[int, int]:
+    """Rows and columns of the squarest grid that holds every image."""
+    cols = max(int(math.ceil(math.sqrt(num_images))), 1)
+    return int(math.ceil(num_images / cols)), cols
+
+
+def image_grid(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """uint8 [N, C, H, W] -> one uint8 [rows * H, cols * W, C] image (unused cells black)."""
+    images = np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images)
+    N, C, H, W = images.shape
+    rows, cols = grid_layout(N)
+    canvas = np.zeros([rows * cols, C, H, W], dtype=np.uint8)
+    canvas[:N] = images
+    return canvas.reshape(rows, cols, C, H, W).transpose(0, 3, 1, 4, 2).reshape(rows * H, cols * W, C)
+
+
+def save_image_grid(images: torch.Tensor | np.ndarray, path: str) -> None:
+    """Write a uint8 NCHW batch as one PNG grid (atomically)."""
+    import PIL.Image
+
+    grid = image_grid(images)
+    image = PIL.Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid, "L" if grid.shape[2] == 1 else "RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())

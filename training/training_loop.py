@@ -1,0 +1,445 @@
+"""The training loop of the paper (Section 5, Appendix F): Adam on the denoising loss of training/loss.py,
+with learning-rate ramp-up, EMA of the weights, optional non-leaking augmentation, on any number of
+processes (``torchrun``) or one.
+
+It reads as three parts: ``setup`` (distributed, data, network, optimizer, state), ``train_step`` (loss,
+backward, accumulate, update, EMA) and ``maintain`` (log, snapshot, state, stats). Multi-process training
+uses ``DistributedDataParallel`` (NCCL on CUDA, gloo on CPU), which averages gradients over ranks; in a
+world of one the network is used directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import psutil
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils.misc import InfiniteSampler, copy_params_and_buffers
+from torch_utils.training_stats import StatsCollector
+from training.checkpoint import save_network_pkl
+from training.progress import RunLog, format_time, save_image_grid
+from training.training_state import TrainingState, capture_rng_state, restore_rank_rng, restore_rng_state
+
+
+class TrainingConfigError(ValueError):
+    """Options that cannot work together (e.g. a network that does not fit the dataset); one clear line."""
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, made by ``setup``."""
+
+    device: torch.device
+    state: TrainingState
+    ddp: torch.nn.Module                 # The network to call for training (DDP-wrapped when world > 1).
+    loss_fn: Any
+    augment_pipe: Any
+    optimizer_lr: float
+    data: Iterator
+    dataset_obj: Any
+    dataset_kwargs: dict
+    batch_size: int
+    batch_gpu: int
+    accumulation_rounds: int
+    run_dir: str
+    log: RunLog
+    stats: StatsCollector
+    options: dict                        # The remaining hyperparameters of training_loop().
+    start_time: float
+
+
+# ----------------------------------------------------------------------------
+# Setup.
+
+def batch_split(batch_size: int, batch_gpu: int | None, world_size: int) -> tuple[int, int]:
+    """(images per forward pass, accumulation rounds) for a global batch over ``world_size`` processes."""
+    if batch_size % world_size:
+        raise TrainingConfigError(f"--batch={batch_size} is not divisible by the {world_size} processes")
+    per_rank = batch_size // world_size
+    batch_gpu = per_rank if batch_gpu is None or batch_gpu > per_rank else batch_gpu
+    if per_rank % batch_gpu:
+        raise TrainingConfigError(f"--batch-gpu={batch_gpu} does not divide the per-process batch {per_rank} "
+                                  f"(--batch={batch_size} over {world_size} processes)")
+    return batch_gpu, per_rank // batch_gpu
+
+
+def check_network_fits_dataset(network_kwargs: dict, resolution: int, channels: int) -> None:
+    """The U-Net halves the resolution len(channel_mult) - 1 times: the dataset must allow it."""
+    levels = len(network_kwargs.get("channel_mult", ()))
+    if levels and (resolution % (1 << (levels - 1)) or resolution >> (levels - 1) < 1):
+        raise TrainingConfigError(
+            f"--cres={','.join(str(m) for m in network_kwargs['channel_mult'])}: {levels} resolution levels halve "
+            f"the images {levels - 1} times, but the dataset's {resolution}x{resolution} images do not allow it; "
+            f"use a --cres with fewer entries or resize the dataset")
+    if channels < 1:
+        raise TrainingConfigError(f"the dataset has {channels} image channels")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed this rank's generators (torch, numpy, Python) from the run seed and the rank."""
+    import random
+
+    rank_seed = (seed * dist.get_world_size() + dist.get_rank()) % (1 << 31)
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
+    torch.manual_seed(rank_seed)
+
+
+def open_data_stream(dataset_obj, seed: int, start: int, batch_gpu: int, loader_kwargs: dict) -> Iterator:
+    """This rank's endless iterator of (uint8 images, labels) batches, from global stream position ``start``."""
+    sampler = InfiniteSampler(dataset_obj, rank=dist.get_rank(), num_replicas=dist.get_world_size(), seed=seed,
+                              start=start)
+    loader_kwargs = dict(loader_kwargs)
+    if loader_kwargs.get("num_workers", 0) == 0:
+        loader_kwargs.pop("prefetch_factor", None)
+    return iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
+
+
+def build_network(network_kwargs: dict, dataset_obj, device: torch.device) -> torch.nn.Module:
+    check_network_fits_dataset(network_kwargs, dataset_obj.resolution, dataset_obj.num_channels)
+    interface = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels,
+                     label_dim=dataset_obj.label_dim)
+    net = dnnlib.construct_class_by_name(**network_kwargs, **interface)
+    return net.train().requires_grad_(True).to(device)
+
+
+def transfer_weights(resume_pkl: str, net: torch.nn.Module, ema: torch.nn.Module, log: RunLog) -> None:
+    """Start from a snapshot's EMA weights (``--transfer``): tensors of matching name and shape are copied."""
+    from training.checkpoint import load_network_pkl
+
+    log.print(f"Loading network weights from {resume_pkl}")
+    source = load_network_pkl(resume_pkl)["ema"]
+    for attr in ("img_resolution", "img_channels"):
+        if getattr(source, attr, None) != getattr(net, attr):
+            raise TrainingConfigError(f"--transfer={resume_pkl}: the network has {attr}={getattr(source, attr, None)}"
+                                      f" but the dataset needs {getattr(net, attr)}")
+    copied = copy_params_and_buffers(source, net)
+    copy_params_and_buffers(source, ema)
+    log.print(f"Transferred {len(copied)} of {len(net.state_dict())} tensors")
+
+
+def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_kwargs: dict, loss_kwargs: dict,
+          optimizer_kwargs: dict, augment_kwargs: dict | None, seed: int, batch_size: int, batch_gpu: int | None,
+          resume_pkl: str | None, resume_state_dump: str | None, cudnn_benchmark: bool, device,
+          tensorboard: bool, options: dict, start_time: float) -> Run:
+    """Distributed setup, data, network, optimizer and (resumed) training state."""
+    device = dist.init(device) if not isinstance(device, torch.device) else device
+    seed_everything(seed)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    log = RunLog(run_dir, tensorboard=tensorboard)
+    batch_gpu, rounds = batch_split(batch_size, batch_gpu, dist.get_world_size())
+
+    log.print("Loading dataset...")
+    dataset_obj = dnnlib.construct_class_by_name(**dataset_kwargs)
+    log.print(f"{dataset_obj.name}: {len(dataset_obj)} images, {dataset_obj.resolution}x{dataset_obj.resolution}, "
+              f"{dataset_obj.num_channels} channels, {dataset_obj.label_dim} label dims")
+
+    log.print("Constructing network...")
+    net = build_network(network_kwargs, dataset_obj, device)
+    log.print(f"{type(net).__name__}: {sum(p.numel() for p in net.parameters()):,} parameters")
+    loss_fn = dnnlib.construct_class_by_name(**loss_kwargs)
+    augment_pipe = dnnlib.construct_class_by_name(**augment_kwargs) if augment_kwargs else None
+    optimizer = dnnlib.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    ddp = net
+    if dist.get_world_size() > 1:  # Broadcasts rank 0's initial weights; averages gradients in backward.
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    state = TrainingState(net=net, ema=ema, optimizer=optimizer,
+                          extra=dict(batch_size=batch_size, seed=seed, network_kwargs=_plain(network_kwargs)))
+
+    if resume_pkl is not None:
+        transfer_weights(resume_pkl, net, ema, log)
+    resume_data = None
+    if resume_state_dump is not None:
+        log.print(f"Loading training state from {resume_state_dump}")
+        resume_data = state.load(resume_state_dump, device)
+        if resume_data.get("batch_size") != batch_size:
+            log.print(f"Note: the state was written with --batch={resume_data.get('batch_size')}, now {batch_size}")
+
+    data = open_data_stream(dataset_obj, seed, state.data_position, batch_gpu, data_loader_kwargs)
+    if resume_data is not None and not restore_rank_rng(resume_data, device):
+        log.print(f"Note: the state was written by {resume_data.get('world_size')} processes, now "
+                  f"{dist.get_world_size()}: training continues, but not bit-exactly")
+    return Run(device=device, state=state, ddp=ddp, loss_fn=loss_fn, augment_pipe=augment_pipe,
+               optimizer_lr=optimizer_kwargs["lr"], data=data, dataset_obj=dataset_obj,
+               dataset_kwargs=_plain(dataset_kwargs), batch_size=batch_size, batch_gpu=batch_gpu,
+               accumulation_rounds=rounds, run_dir=run_dir, log=log, stats=StatsCollector(device), options=options,
+               start_time=start_time)
+
+
+def _plain(value):
+    """EasyDicts and tuples as plain dicts and lists (for pickles and state files that others read)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------
+# One optimizer step.
+
+def learning_rate(base_lr: float, cur_nimg: int, lr_rampup_kimg: float) -> float:
+    """Linear ramp-up from 0 to ``base_lr`` over the first ``lr_rampup_kimg`` thousand images."""
+    return base_lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+
+
+def ema_beta(cur_nimg: int, batch_size: int, ema_halflife_kimg: float, ema_rampup_ratio: float | None) -> float:
+    """Per-step EMA decay for a half-life in images; during ramp-up the half-life is at most
+    ``ema_rampup_ratio`` times the images seen so far."""
+    halflife_nimg = ema_halflife_kimg * 1000
+    if ema_rampup_ratio is not None:
+        halflife_nimg = min(halflife_nimg, cur_nimg * ema_rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+
+def accumulate_gradients(run: Run) -> None:
+    """Forward and backward over this rank's share of the global batch, in ``accumulation_rounds`` passes.
+    Gradients are those of the loss summed over images divided by the per-rank batch (then averaged over
+    ranks by DDP): the mean over the global batch, whatever the split."""
+    per_rank = run.batch_gpu * run.accumulation_rounds
+    loss_scaling = run.options["loss_scaling"]
+    for round_idx in range(run.accumulation_rounds):
+        last = round_idx == run.accumulation_rounds - 1
+        sync = contextlib.nullcontext() if last or run.ddp is run.state.net else run.ddp.no_sync()
+        with sync:
+            images, labels = next(run.data)
+            images = images.to(run.device).to(torch.float32) / 127.5 - 1
+            labels = labels.to(run.device)
+            loss = run.loss_fn(net=run.ddp, images=images, labels=labels, augment_pipe=run.augment_pipe)
+            run.stats.report("Loss/loss", loss)
+            loss.sum().mul(loss_scaling / per_rank).backward()
+
+
+def sanitize_gradients(net: torch.nn.Module) -> torch.Tensor:
+    """Replace NaN by 0 and +-inf by +-1e5 in the gradients (as the official loop); returns how many
+    gradient entries were not finite."""
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    nonfinite = sum((~g.isfinite()).sum() for g in grads) if grads else torch.zeros([])
+    for g in grads:
+        torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+    return nonfinite
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
+    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+        p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+
+
+def train_step(run: Run) -> None:
+    """Algorithm: accumulate gradients of the batch, ramp the learning rate, clean the gradients, Adam,
+    EMA, and count the images."""
+    state, opts = run.state, run.options
+    state.optimizer.zero_grad(set_to_none=True)
+    accumulate_gradients(run)
+    for group in state.optimizer.param_groups:
+        group["lr"] = learning_rate(run.optimizer_lr, state.cur_nimg, opts["lr_rampup_kimg"])
+    run.stats.report0("Loss/nonfinite_grads", sanitize_gradients(state.net))
+    state.optimizer.step()
+    update_ema(state.ema, state.net, ema_beta(state.cur_nimg, run.batch_size, opts["ema_halflife_kimg"],
+                                              opts["ema_rampup_ratio"]))
+    state.cur_nimg += run.batch_size
+
+
+# ----------------------------------------------------------------------------
+# Maintenance, once per tick.
+
+@dataclass
+class Tick:
+    start_nimg: int
+    start_time: float
+    maintenance_sec: float               # Time spent between the previous tick's end and this tick's start.
+    first: bool = False                  # The first tick of a launch ends after one step (as the official).
+
+
+def report_progress(run: Run, tick: Tick) -> None:
+    """The status line (rank 0) and the same numbers in the stats."""
+    state, r0 = run.state, run.stats.report0
+    now = time.time()
+    images = max(state.cur_nimg - tick.start_nimg, 1)
+    cuda = run.device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(run.device) / 2 ** 30 if cuda else 0.0
+    reserved = torch.cuda.max_memory_reserved(run.device) / 2 ** 30 if cuda else 0.0
+    total_sec = now - run.start_time
+    fields = [f"tick {r0('Progress/tick', state.cur_tick):<5d}",
+              f"kimg {r0('Progress/kimg', state.cur_nimg / 1e3):<9.3f}",
+              f"time {format_time(r0('Timing/total_sec', total_sec)):<12s}",
+              f"sec/tick {r0('Timing/sec_per_tick', now - tick.start_time):<7.1f}",
+              f"sec/kimg {r0('Timing/sec_per_kimg', (now - tick.start_time) / images * 1e3):<7.2f}",
+              f"maintenance {r0('Timing/maintenance_sec', tick.maintenance_sec):<6.1f}",
+              f"cpumem {r0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2 ** 30):<6.2f}",
+              f"gpumem {r0('Resources/peak_gpu_mem_gb', peak):<6.2f}",
+              f"reserved {r0('Resources/peak_gpu_mem_reserved_gb', reserved):<6.2f}"]
+    r0("Timing/total_hours", total_sec / 3600)
+    r0("Timing/total_days", total_sec / 86400)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    run.log.print(" ".join(fields))
+
+
+def save_snapshot(run: Run) -> str:
+    """``network-snapshot-KKKKKK.pkl`` in the official format, plus a sample grid from the EMA."""
+    kimg = run.state.cur_nimg // 1000
+    path = os.path.join(run.run_dir, f"network-snapshot-{kimg:06d}.pkl")
+    if dist.is_main():
+        ema = copy.deepcopy(run.state.ema).eval().requires_grad_(False).cpu()
+        save_network_pkl(path, dict(ema=ema, loss_fn=run.loss_fn, augment_pipe=run.augment_pipe,
+                                    dataset_kwargs=run.dataset_kwargs))
+        if run.options["grid_images"]:
+            save_sample_grid(run, os.path.join(run.run_dir, f"samples-{kimg:06d}.png"))
+    return path
+
+
+def grid_seeds(run: Run) -> list[int]:
+    return list(range(run.options["grid_images"]))
+
+
+def save_data_grid(run: Run) -> None:
+    """The first grid: training images, for comparison with the samples."""
+    if dist.is_main() and run.options["grid_images"]:
+        count = min(run.options["grid_images"], len(run.dataset_obj))
+        images = np.stack([run.dataset_obj[i][0] for i in range(count)])
+        save_image_grid(images, os.path.join(run.run_dir, "samples-data.png"))
+
+
+@torch.no_grad()
+def save_sample_grid(run: Run, path: str) -> None:
+    """Images from the EMA network for fixed seeds (EDM sampler, a few steps)."""
+    from training.sampling import generate_images
+
+    images = generate_images(run.state.ema, grid_seeds(run), device=run.device,
+                             num_steps=run.options["grid_steps"])
+    save_image_grid(images, path)
+
+
+def save_state(run: Run) -> str:
+    path = os.path.join(run.run_dir, f"training-state-{run.state.cur_nimg // 1000:06d}.pt")
+    run.state.save(path, run.device)
+    return path
+
+
+def maintain(run: Run, tick: Tick, done: bool, stop_requested: bool) -> None:
+    """Once per tick: status line, snapshot and sample grid, stats, training state. Leaves the training
+    generators as they were, so that where ticks fall never changes the trained weights."""
+    opts, state = run.options, run.state
+    report_progress(run, tick)
+    if opts["snapshot_ticks"] is not None and (done or state.cur_tick % opts["snapshot_ticks"] == 0):
+        rng = capture_rng_state(run.device)
+        save_snapshot(run)
+        restore_rng_state(rng, run.device)
+    dump = stop_requested or (opts["state_dump_ticks"] is not None
+                              and (done or (state.cur_tick != 0 and state.cur_tick % opts["state_dump_ticks"] == 0)))
+    run.log.write_stats(run.stats.collect(), state.cur_nimg / 1e3)
+    state.cur_tick += 1  # A saved state resumes with the next tick.
+    if dump:
+        path = save_state(run)
+        if stop_requested:
+            run.log.print(f"Stop requested (SIGTERM): saved {path}")
+
+
+# ----------------------------------------------------------------------------
+
+class StopRequest:
+    """Set by SIGTERM (e.g. SLURM pre-emption); the loop saves a state at the next step and exits cleanly.
+    All ranks agree on it, so none waits for the others in a collective call."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.requested = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # Not the main thread: leave signals alone.
+            pass
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if dist.get_world_size() == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=self.device)
+        return bool(dist.all_reduce_sum(flag).item() > 0)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def training_loop(
+    run_dir: str = ".",                 # Output directory (the run directory).
+    dataset_kwargs: dict = {},          # training.dataset.ImageFolderDataset options.
+    data_loader_kwargs: dict = {},      # torch.utils.data.DataLoader options.
+    network_kwargs: dict = {},          # Preconditioner and U-Net options.
+    loss_kwargs: dict = {},             # Loss options (training.loss.*).
+    optimizer_kwargs: dict = {},        # Optimizer options (class_name, lr, betas, eps).
+    augment_kwargs: dict | None = None, # AugmentPipe options; None = no augmentation.
+    seed: int = 0,                      # Run seed (each rank derives its own).
+    batch_size: int = 512,              # Global batch, in images per optimizer step.
+    batch_gpu: int | None = None,       # Images per forward pass per process (gradient accumulation).
+    total_kimg: float = 200000,         # Training duration, thousands of images.
+    ema_halflife_kimg: float = 500,     # EMA half-life, thousands of images.
+    ema_rampup_ratio: float | None = 0.05,  # EMA half-life ramp-up ratio; None = no ramp-up.
+    lr_rampup_kimg: float = 10000,      # Learning-rate ramp-up, thousands of images.
+    loss_scaling: float = 1,            # Loss scaling (against fp16 underflow).
+    kimg_per_tick: float = 50,          # Thousands of images per tick (log line, stats).
+    snapshot_ticks: int | None = 50,    # Ticks between network snapshots; None = never.
+    state_dump_ticks: int | None = 500, # Ticks between training states; None = never.
+    resume_pkl: str | None = None,      # Start from this snapshot's EMA weights (--transfer).
+    resume_state_dump: str | None = None,  # Continue exactly from this training state (--resume).
+    resume_kimg: float = 0,             # Unused (the state knows its progress); kept for official configs.
+    cudnn_benchmark: bool = True,       # torch.backends.cudnn.benchmark.
+    device: str | torch.device | None = None,  # None = pick automatically.
+    grid_images: int = 64,              # Images in each sample grid; 0 = no grids.
+    grid_steps: int = 18,               # Sampler steps for the grids.
+    tensorboard: bool = True,           # TensorBoard scalars when the package is installed.
+) -> TrainingState:
+    """Train until ``total_kimg`` thousand images have been seen (or SIGTERM); returns the final state."""
+    options = dict(loss_scaling=loss_scaling, lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
+                   ema_rampup_ratio=ema_rampup_ratio, snapshot_ticks=snapshot_ticks,
+                   state_dump_ticks=state_dump_ticks, grid_images=grid_images, grid_steps=grid_steps)
+    start_time = time.time()
+    run = setup(run_dir, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs,
+                augment_kwargs, seed, batch_size, batch_gpu, resume_pkl, resume_state_dump, cudnn_benchmark,
+                device, tensorboard, options, start_time)
+    state = run.state
+    if state.cur_nimg == 0:
+        save_data_grid(run)
+    stop = StopRequest(run.device)
+    total_nimg = int(round(total_kimg * 1000))
+    run.log.print(f"Training from {state.cur_nimg / 1e3:g} to {total_nimg / 1e3:g} kimg "
+                  f"({dist.get_world_size()} processes on {run.device.type}, batch {batch_size} = "
+                  f"{run.batch_gpu} x {run.accumulation_rounds} rounds x {dist.get_world_size()})")
+    tick = Tick(start_nimg=state.cur_nimg, start_time=time.time(), maintenance_sec=time.time() - start_time,
+                first=True)
+    try:
+        while True:
+            train_step(run)
+            done = state.cur_nimg >= total_nimg
+            stopping = stop.agreed()
+            if done or stopping or tick.first or state.cur_nimg >= tick.start_nimg + kimg_per_tick * 1000:
+                tick_end = time.time()
+                maintain(run, tick, done, stopping)
+                if done or stopping:
+                    break
+                tick = Tick(start_nimg=state.cur_nimg, start_time=time.time(), maintenance_sec=time.time() - tick_end)
+    finally:
+        stop.restore()
+    run.log.print(f"Done: {state.cur_nimg / 1e3:g} kimg in {format_time(time.time() - run.start_time)}; "
+                  f"results in {run.run_dir}")
+    run.log.close()
+    return state
