@@ -62,3 +62,24 @@ def fashion_mnist_zip(tmp_path_factory) -> str:
     dest = str(tmp_path_factory.mktemp("fashion-mnist") / "fashion-mnist-t10k-32x32.zip")
     convert_dataset(FASHION_MNIST_T10K, dest, workers=1, progress=False)
     return dest
+
+
+def _small_fashion_mnist(tmp_path_factory, resolution: int, count: int) -> str:
+    from training.dataset_tool_lib import convert_dataset
+
+    dest = str(tmp_path_factory.mktemp("fashion-mnist") / f"fmnist{resolution}.zip")
+    convert_dataset(FASHION_MNIST_T10K, dest, max_images=count, resolution=(resolution, resolution), workers=1,
+                    progress=False)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_16_zip(tmp_path_factory) -> str:
+    """256 embedded Fashion-MNIST images resized to 16x16, with their 10 class labels (training tests)."""
+    return _small_fashion_mnist(tmp_path_factory, 16, 256)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_8_zip(tmp_path_factory) -> str:
+    """256 embedded Fashion-MNIST images at 8x8 (the fastest train.py runs)."""
+    return _small_fashion_mnist(tmp_path_factory, 8, 256)

@@ -86,7 +86,8 @@ def check_network_fits_dataset(network_kwargs: dict, resolution: int, channels: 
 
 
 def seed_everything(seed: int) -> None:
-    """Seed this rank's generators (torch, numpy, Python) from the run seed and the rank."""
+    """Seed this rank's generators (torch, numpy, Python) from the run seed and the rank: each rank draws
+    its own noise levels, noise, dropout and augmentations."""
     import random
 
     rank_seed = (seed * dist.get_world_size() + dist.get_rank()) % (1 << 31)
@@ -134,7 +135,6 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
           tensorboard: bool, options: dict, start_time: float) -> Run:
     """Distributed setup, data, network, optimizer and (resumed) training state."""
     device = dist.init(device) if not isinstance(device, torch.device) else device
-    seed_everything(seed)
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -148,7 +148,9 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
               f"{dataset_obj.num_channels} channels, {dataset_obj.label_dim} label dims")
 
     log.print("Constructing network...")
+    torch.manual_seed(seed)  # The same initial network for any number of processes.
     net = build_network(network_kwargs, dataset_obj, device)
+    seed_everything(seed)
     log.print(f"{type(net).__name__}: {sum(p.numel() for p in net.parameters()):,} parameters")
     loss_fn = dnnlib.construct_class_by_name(**loss_kwargs)
     augment_pipe = dnnlib.construct_class_by_name(**augment_kwargs) if augment_kwargs else None

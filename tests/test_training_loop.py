@@ -1,0 +1,260 @@
+"""The training loop on CPU with tiny networks and real (embedded Fashion-MNIST) data: exact resume, gradient
+accumulation, multi-process and multi-node equivalence, SIGTERM, and the pieces (schedules, stats, sampler)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from torch_utils.misc import InfiniteSampler
+from torch_utils.training_stats import StatsCollector
+from training.training_loop import batch_split, ema_beta, learning_rate, sanitize_gradients, training_loop
+from training.training_state import atomic_torch_save, newest_state_file, read_state_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AUGMENT = dict(class_name="training.augment.AugmentPipe", p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+               translate_frac=1)
+
+
+@pytest.fixture
+def one_thread():
+    """The machine is shared: one intra-op thread per process avoids oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(data: str, run_dir: str, **overrides) -> dict:
+    """A 16x16 conditional DDPM++-style EDM run, small enough to take a step in ~0.1 s."""
+    config = dict(
+        run_dir=run_dir,
+        dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path=data, use_labels=True, cache=True),
+        data_loader_kwargs=dict(num_workers=0),
+        network_kwargs=dict(class_name="training.networks.EDMPrecond", model_type="SongUNet", model_channels=16,
+                            channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.1, augment_dim=9),
+        loss_kwargs=dict(class_name="training.loss.EDMLoss"),
+        optimizer_kwargs=dict(class_name="torch.optim.Adam", lr=2e-3, betas=[0.9, 0.999], eps=1e-8),
+        augment_kwargs=AUGMENT, seed=3, batch_size=16, total_kimg=0.128, ema_halflife_kimg=0.05,
+        lr_rampup_kimg=0.05, kimg_per_tick=0.032, snapshot_ticks=2, state_dump_ticks=2, grid_images=0,
+        device="cpu", tensorboard=False)
+    config.update(overrides)
+    return config
+
+
+def split_invariant_config(data: str, run_dir: str, **overrides) -> dict:
+    """Randomness that does not depend on the batch split (per-image seeded noise, no dropout or
+    augmentation) and plain SGD, so different splits must give the same weights up to float rounding."""
+    config = tiny_config(data, run_dir, loss_kwargs=dict(class_name="distributed_worker.ContentSeededLoss"),
+                         augment_kwargs=None, optimizer_kwargs=dict(class_name="torch.optim.SGD", lr=0.05),
+                         lr_rampup_kimg=0, total_kimg=0.048, snapshot_ticks=None, state_dump_ticks=None)
+    config["network_kwargs"] = dict(config["network_kwargs"], dropout=0, augment_dim=0)
+    config.update(overrides)
+    return config
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# ----------------------------------------------------------------------------
+# Pieces.
+
+def test_learning_rate_ramps_linearly_then_stays():
+    assert learning_rate(1e-3, 0, 10) == 0
+    assert learning_rate(1e-3, 5000, 10) == pytest.approx(5e-4)
+    assert learning_rate(1e-3, 20000, 10) == 1e-3
+    assert learning_rate(1e-3, 0, 0) == 0 and learning_rate(1e-3, 16, 0) == 1e-3
+
+
+def test_ema_beta_has_the_requested_half_life_in_images():
+    beta = ema_beta(cur_nimg=10 ** 9, batch_size=512, ema_halflife_kimg=500, ema_rampup_ratio=0.05)
+    assert beta ** (500_000 / 512) == pytest.approx(0.5)
+    ramped = ema_beta(cur_nimg=100_000, batch_size=512, ema_halflife_kimg=500, ema_rampup_ratio=0.05)
+    assert ramped ** (0.05 * 100_000 / 512) == pytest.approx(0.5)  # Half-life = 5% of the images seen.
+    assert ema_beta(cur_nimg=0, batch_size=512, ema_halflife_kimg=500, ema_rampup_ratio=0.05) == 0
+    assert ema_beta(cur_nimg=0, batch_size=512, ema_halflife_kimg=500, ema_rampup_ratio=None) == beta
+
+
+def test_batch_split_and_its_errors():
+    assert batch_split(512, None, 8) == (64, 1)
+    assert batch_split(512, 16, 8) == (16, 4)
+    assert batch_split(512, 1000, 1) == (512, 1)
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        batch_split(512, None, 3)
+    with pytest.raises(ValueError, match="--batch-gpu=24 does not divide"):
+        batch_split(512, 24, 8)
+
+
+def test_nonfinite_gradients_are_counted_and_replaced():
+    p = torch.nn.Parameter(torch.zeros(5))
+    p.grad = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 2.0])
+    module = torch.nn.Module()
+    module.p = p
+    assert int(sanitize_gradients(module)) == 3
+    assert p.grad.tolist() == [1.0, 0.0, 1e5, -1e5, 2.0]
+
+
+def test_stats_collector_reports_num_mean_std():
+    stats = StatsCollector()
+    values = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
+    stats.report("Loss/loss", values)
+    stats.report("Loss/loss", 8.0)
+    stats.report0("Progress/kimg", 1.5)
+    result = stats.collect()
+    expected = np.array([1, 2, 3, 6, 8], dtype=np.float64)
+    assert result["Loss/loss"] == pytest.approx(dict(num=5, mean=expected.mean(), std=expected.std()))
+    assert result["Progress/kimg"] == dict(num=1, mean=1.5, std=0.0)
+    assert stats.collect() == {}  # A new tick starts empty.
+
+
+def test_infinite_sampler_shards_one_stream_and_resumes():
+    dataset = list(range(10))
+
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    single = take(InfiniteSampler(dataset, seed=7), 40)
+    assert sorted(single[:10]) == list(range(10)) and sorted(single[10:20]) == list(range(10))
+    assert single[:10] != single[10:20]  # Each epoch is reshuffled.
+    shards = [take(InfiniteSampler(dataset, rank=r, num_replicas=4, seed=7), 10) for r in range(4)]
+    assert [shards[g % 4][g // 4] for g in range(40)] == single  # Ranks interleave into the global stream.
+    assert take(InfiniteSampler(dataset, seed=7, start=24), 16) == single[24:40]
+    resumed = [take(InfiniteSampler(dataset, rank=r, num_replicas=2, seed=7, start=24), 8) for r in range(2)]
+    assert [resumed[g % 2][g // 2] for g in range(16)] == single[24:40]
+    assert take(InfiniteSampler(dataset, seed=8), 10) != single[:10]
+
+
+def test_state_writes_are_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "training-state-000001.pt")
+    atomic_torch_save(dict(format="edm-training-state", version=1, x=torch.ones(3)), path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save(dict(x=torch.zeros(3)), path)
+    monkeypatch.undo()
+    assert torch.equal(read_state_file(path)["x"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["training-state-000001.pt"]
+
+
+# ----------------------------------------------------------------------------
+# Whole runs, in this process.
+
+def test_resumed_run_reaches_the_same_weights_bit_exactly(fashion_mnist_16_zip, tmp_path, one_thread):
+    """8 steps straight == 4 steps, a state, a new process-like start from it, 4 more steps (with
+    dropout, augmentation, a data-loader worker and the learning-rate and EMA ramps all active)."""
+    loader = dict(num_workers=1)
+    straight = tiny_config(fashion_mnist_16_zip, str(tmp_path / "straight"), data_loader_kwargs=loader)
+    training_loop(**straight)
+    first = tiny_config(fashion_mnist_16_zip, str(tmp_path / "first"), total_kimg=0.064, data_loader_kwargs=loader)
+    training_loop(**first)
+    state_file = newest_state_file(first["run_dir"])
+    torch.manual_seed(12345)  # Whatever the generators hold now must not matter.
+    second = tiny_config(fashion_mnist_16_zip, str(tmp_path / "second"), resume_state_dump=state_file,
+                         data_loader_kwargs=loader)
+    training_loop(**second)
+
+    a = read_state_file(newest_state_file(straight["run_dir"]))
+    b = read_state_file(newest_state_file(second["run_dir"]))
+    assert a["cur_nimg"] == b["cur_nimg"] == 128
+    assert_same_tensors(a["net"], b["net"])
+    assert_same_tensors(a["ema"], b["ema"])
+    assert_same_tensors(a["optimizer_state"]["state"][0], b["optimizer_state"]["state"][0])
+    assert not torch.equal(a["net"]["model.enc.16x16_conv.weight"],
+                           read_state_file(state_file)["net"]["model.enc.16x16_conv.weight"])
+
+    stats = [json.loads(line) for line in open(os.path.join(second["run_dir"], "stats.jsonl"))]
+    assert stats[0]["Progress/kimg"]["mean"] == pytest.approx(0.080)  # Continues the count.
+    assert all(math.isfinite(s["Loss/loss"]["mean"]) and s["Loss/loss"]["num"] > 0 for s in stats)
+
+
+@pytest.fixture(scope="module")
+def one_process_reference(fashion_mnist_16_zip, tmp_path_factory):
+    """(initial weights, weights after 3 SGD steps) of the split-invariant config in one process, one
+    forward pass per batch. The first step has learning rate 0 (ramp-up from 0 images), so a 1-step run
+    gives the initial weights."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    initial = training_loop(**split_invariant_config(fashion_mnist_16_zip, str(tmp_path_factory.mktemp("init")),
+                                                     total_kimg=0.001)).net.state_dict()
+    final = training_loop(**split_invariant_config(fashion_mnist_16_zip,
+                                                   str(tmp_path_factory.mktemp("reference")))).net.state_dict()
+    torch.set_num_threads(threads)
+    return initial, final
+
+
+def assert_same_updates(weights: dict, reference: tuple[dict, dict]) -> None:
+    """Each tensor's change from the initial weights agrees with the reference's to float rounding."""
+    initial, final = reference
+    moved = 0
+    for name in final:
+        expected, got = final[name] - initial[name], weights[name] - initial[name]
+        assert (got - expected).abs().max() <= 1e-3 * expected.abs().max() + 1e-6, name
+        moved += bool(expected.abs().max() > 0)
+    assert moved > len(final) // 2  # The steps did change the weights.
+
+
+def test_gradient_accumulation_matches_one_full_batch(one_process_reference, fashion_mnist_16_zip, tmp_path,
+                                                      one_thread):
+    config = split_invariant_config(fashion_mnist_16_zip, str(tmp_path), batch_gpu=4)
+    assert_same_updates(training_loop(**config).net.state_dict(), one_process_reference)
+
+
+def test_sigterm_saves_a_state_and_stops_cleanly(fashion_mnist_16_zip, tmp_path, one_thread, capsys):
+    config = tiny_config(fashion_mnist_16_zip, str(tmp_path), total_kimg=10, state_dump_ticks=None,
+                         loss_kwargs=dict(class_name="distributed_worker.SigtermAtCall", at=3))
+    state = training_loop(**config)
+    assert state.cur_nimg == 3 * 16
+    assert read_state_file(newest_state_file(str(tmp_path)))["cur_nimg"] == 48
+    assert "Stop requested (SIGTERM)" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+# ----------------------------------------------------------------------------
+# Several processes (torchrun).
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def subprocess_env() -> dict:
+    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.path.join(REPO, "tests"), OMP_NUM_THREADS="1")
+
+
+def test_two_nodes_match_one_process(one_process_reference, fashion_mnist_16_zip, tmp_path):
+    """Two `torchrun --nnodes=2` launchers on loopback (c10d rendezvous), one process each, 2 accumulation
+    rounds per process: the same weights as one process with the same global batch."""
+    config = split_invariant_config(fashion_mnist_16_zip, str(tmp_path), batch_gpu=4)
+    port = free_port()
+    command = torchrun("--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                       f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=edm-test-{port}", "--max_restarts=0",
+                       os.path.join(REPO, "tests", "distributed_worker.py"), json.dumps(config))
+    nodes = [subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(outputs)[-6000:]
+    assert "2 processes on cpu" in "".join(outputs)
+    assert_same_updates(torch.load(os.path.join(str(tmp_path), "final-net.pt"), weights_only=True),
+                        one_process_reference)

@@ -1,0 +1,274 @@
+"""Train a diffusion model with the techniques of "Elucidating the Design Space of Diffusion-Based Generative
+Models" (EDM). A thin command line over training.training_loop.training_loop; see README.md, section Training."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import zipfile
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from training.checkpoint import atomic_write_bytes
+from training.training_loop import TrainingConfigError, check_network_fits_dataset, training_loop
+from training.training_state import STATE_PATTERN, StateFileError, newest_state_file, read_state_file
+
+ARCHITECTURES = {
+    "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
+                   decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
+                   channel_mult=[2, 2, 2]),
+    "ncsnpp": dict(model_type="SongUNet", embedding_type="fourier", encoder_type="residual", decoder_type="standard",
+                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
+    "adm": dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4]),
+}
+PRECONDITIONERS = {  # --precond: (network, loss), Table 1.
+    "vp": ("training.networks.VPPrecond", "training.loss.VPLoss"),
+    "ve": ("training.networks.VEPrecond", "training.loss.VELoss"),
+    "edm": ("training.networks.EDMPrecond", "training.loss.EDMLoss"),
+}
+# The official augmentation setting (--augment=p): every geometric transform, x-flips always drawn.
+AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+AUGMENT_DIM = 9
+
+
+def parse_int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return dnnlib.parse_int_list(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
+    """The training_loop() keyword arguments for these command-line options."""
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs = dnnlib.EasyDict(class_name="training.dataset.ImageFolderDataset", path=opts.data,
+                                       use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache,
+                                       resolution=dataset_obj.resolution, max_size=len(dataset_obj))
+    c.data_loader_kwargs = dnnlib.EasyDict(num_workers=opts.workers, prefetch_factor=2,
+                                           pin_memory=dist.get_device().type == "cuda")
+    network_class, loss_class = PRECONDITIONERS[opts.precond]
+    c.network_kwargs = dnnlib.EasyDict(class_name=network_class, **ARCHITECTURES[opts.arch])
+    c.loss_kwargs = dnnlib.EasyDict(class_name=loss_class)
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name="torch.optim.Adam", lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    if opts.cbase is not None:
+        c.network_kwargs.model_channels = opts.cbase
+    if opts.cres is not None:
+        c.network_kwargs.channel_mult = opts.cres
+    if opts.augment:
+        c.augment_kwargs = dnnlib.EasyDict(class_name="training.augment.AugmentPipe", p=opts.augment,
+                                           **AUGMENT_TRANSFORMS)
+        c.network_kwargs.augment_dim = AUGMENT_DIM
+    c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
+    if opts.bf16:
+        c.network_kwargs.use_bf16 = True
+
+    c.total_kimg = opts.duration * 1000
+    c.ema_halflife_kimg = opts.ema * 1000
+    c.ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
+    c.lr_rampup_kimg = opts.lr_rampup
+    c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
+    c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, grid_images=opts.grid)
+    c.seed = opts.seed if opts.seed is not None else shared_random_seed()
+    if opts.transfer is not None:
+        c.resume_pkl = opts.transfer
+        c.ema_rampup_ratio = None
+    return c
+
+
+def shared_random_seed() -> int:
+    """A random seed drawn on rank 0 and shared with every rank."""
+    seed = torch.randint(1 << 31, size=[], device=dist.get_device()) if dist.is_main() else \
+        torch.zeros([], dtype=torch.int64, device=dist.get_device())
+    return int(dist.all_reduce_sum(seed))
+
+
+def open_dataset(opts: dnnlib.EasyDict):
+    """Open the dataset once to check it and learn its name, resolution and size."""
+    from training.dataset import ImageFolderDataset
+    try:
+        dataset_obj = ImageFolderDataset(path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise click.ClickException(f"--data={opts.data}: {e}") from None
+    if opts.cond and not dataset_obj.has_labels:
+        raise click.ClickException(f"--data={opts.data}: --cond=1 needs class labels in its dataset.json")
+    return dataset_obj
+
+
+def run_description(opts: dnnlib.EasyDict, dataset_name: str) -> str:
+    dtype = "fp16" if opts.fp16 else "bf16" if opts.bf16 else "fp32"
+    desc = (f"{dataset_name}-{'cond' if opts.cond else 'uncond'}-{opts.arch}-{opts.precond}-"
+            f"gpus{dist.get_world_size()}-batch{opts.batch}-{dtype}")
+    return f"{desc}-{opts.desc}" if opts.desc else desc
+
+
+def pick_run_dir(opts: dnnlib.EasyDict, desc: str) -> tuple[str, str | None]:
+    """(run directory, state to resume from). ``--resume=auto`` continues the newest run of the same
+    description that has a state, in its own directory; otherwise a new ``NNNNN-desc`` directory is made
+    (or ``--outdir`` itself with ``--nosubdir``)."""
+    outdir = opts.outdir
+    runs = []
+    if os.path.isdir(outdir) and not opts.nosubdir:
+        runs = [name for name in os.listdir(outdir) if os.path.isdir(os.path.join(outdir, name))]
+    if opts.resume == "auto":
+        candidates = [outdir] if opts.nosubdir else [os.path.join(outdir, name) for name in sorted(runs)
+                                                     if re.fullmatch(rf"\d+-{re.escape(desc)}", name)]
+        states = [state for state in map(newest_state_file, candidates) if state is not None]
+        if states:
+            newest = max(states, key=lambda p: (int(STATE_PATTERN.fullmatch(os.path.basename(p)).group(1)),
+                                                os.path.getmtime(p)))
+            return os.path.dirname(newest), newest
+    resume = opts.resume if opts.resume not in (None, "auto") else None
+    if opts.nosubdir:
+        return outdir, resume
+    run_ids = [int(m.group()) for m in (re.match(r"^\d+", name) for name in runs) if m is not None]
+    return os.path.join(outdir, f"{max(run_ids, default=-1) + 1:05d}-{desc}"), resume
+
+
+def prepare_run_dir(run_dir: str, config: dict) -> None:
+    """Create the run directory and write training_options.json; one clear error if that is impossible."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_write_bytes(os.path.join(run_dir, "training_options.json"), json.dumps(config, indent=2).encode())
+    except OSError as e:
+        raise click.ClickException(f"--outdir: cannot write to {run_dir} ({e.strerror or e}); choose a writable "
+                                   f"directory") from None
+
+
+def shared_from_rank0(value):
+    """Rank 0's value on every rank."""
+    if dist.get_world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@click.command()
+# Main options.
+@click.option("--outdir", help="Where to save the results", metavar="DIR", type=str, required=True)
+@click.option("--data", help="Path to the dataset", metavar="ZIP|DIR", type=str, required=True)
+@click.option("--cond", help="Train class-conditional model", metavar="BOOL", type=bool, default=False, show_default=True)
+@click.option("--arch", help="Network architecture", type=click.Choice(list(ARCHITECTURES)), default="ddpmpp",
+              show_default=True)
+@click.option("--precond", help="Preconditioning & loss function", type=click.Choice(list(PRECONDITIONERS)),
+              default="edm", show_default=True)
+# Hyperparameters.
+@click.option("--duration", help="Training duration", metavar="MIMG", type=click.FloatRange(min=0, min_open=True),
+              default=200, show_default=True)
+@click.option("--batch", help="Total batch size", metavar="INT", type=click.IntRange(min=1), default=512,
+              show_default=True)
+@click.option("--batch-gpu", help="Limit batch size per GPU (gradient accumulation)", metavar="INT",
+              type=click.IntRange(min=1))
+@click.option("--cbase", help="Channel multiplier  [default: varies]", metavar="INT", type=click.IntRange(min=1))
+@click.option("--cres", help="Channels per resolution  [default: varies]", metavar="LIST", callback=parse_int_list)
+@click.option("--lr", help="Learning rate", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True),
+              default=10e-4, show_default=True)
+@click.option("--lr-rampup", help="Learning-rate ramp-up", metavar="KIMG", type=click.FloatRange(min=0),
+              default=10000, show_default=True)
+@click.option("--ema", help="EMA half-life", metavar="MIMG", type=click.FloatRange(min=0), default=0.5,
+              show_default=True)
+@click.option("--ema-rampup", help="EMA ramp-up ratio, 0 = none", metavar="FLOAT", type=click.FloatRange(min=0),
+              default=0.05, show_default=True)
+@click.option("--dropout", help="Dropout probability", metavar="FLOAT", type=click.FloatRange(min=0, max=1),
+              default=0.13, show_default=True)
+@click.option("--augment", help="Augment probability", metavar="FLOAT", type=click.FloatRange(min=0, max=1),
+              default=0.12, show_default=True)
+@click.option("--xflip", help="Enable dataset x-flips", metavar="BOOL", type=bool, default=False, show_default=True)
+# Performance-related.
+@click.option("--fp16", help="Enable mixed-precision training (CUDA)", metavar="BOOL", type=bool, default=False,
+              show_default=True)
+@click.option("--bf16", help="Run the U-Net in bfloat16", metavar="BOOL", type=bool, default=False, show_default=True)
+@click.option("--ls", help="Loss scaling", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=1,
+              show_default=True)
+@click.option("--bench", help="Enable cuDNN benchmarking", metavar="BOOL", type=bool, default=True, show_default=True)
+@click.option("--cache", help="Cache dataset in CPU memory", metavar="BOOL", type=bool, default=True,
+              show_default=True)
+@click.option("--workers", help="DataLoader worker processes (0 = load in the training process)", metavar="INT",
+              type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--device", help="cuda, cuda:N or cpu  [default: CUDA if available]", metavar="DEV", type=str)
+# I/O-related.
+@click.option("--desc", help="String to include in result dir name", metavar="STR", type=str)
+@click.option("--nosubdir", help="Do not create a subdirectory for results", is_flag=True)
+@click.option("--tick", help="How often to print progress", metavar="KIMG", type=click.FloatRange(min=0, min_open=True),
+              default=50, show_default=True)
+@click.option("--snap", help="How often to save snapshots", metavar="TICKS", type=click.IntRange(min=1), default=50,
+              show_default=True)
+@click.option("--dump", help="How often to dump state", metavar="TICKS", type=click.IntRange(min=1), default=500,
+              show_default=True)
+@click.option("--grid", help="Images in the sample grid saved with each snapshot, 0 = none", metavar="INT",
+              type=click.IntRange(min=0), default=64, show_default=True)
+@click.option("--seed", help="Random seed  [default: random]", metavar="INT", type=int)
+@click.option("--transfer", help="Transfer learning from network pickle", metavar="PKL|URL", type=str)
+@click.option("--resume", help="Resume from previous training state, or 'auto' for the newest in --outdir",
+              metavar="PT|auto", type=str)
+@click.option("-n", "--dry-run", help="Print training options and exit", is_flag=True)
+def main(**kwargs):
+    """Train diffusion-based generative models as in the EDM paper.
+
+    \b
+    # DDPM++ on class-conditional CIFAR-10 with 8 GPUs
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+        --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
+    \b
+    # Smoke test on a laptop CPU
+    python train.py --outdir=runs --data=datasets/fashion-mnist-32x32.zip --cbase=16 --cres=1,2 \\
+        --batch=16 --duration=0.001 --tick=0.2
+    """
+    try:
+        train(dnnlib.EasyDict(kwargs))
+    except (click.ClickException, TrainingConfigError, StateFileError) as e:
+        if not dist.is_main():  # Rank 0 reports it; the others just stop.
+            sys.exit(1)
+        raise e if isinstance(e, click.ClickException) else click.ClickException(str(e)) from None
+    finally:
+        dist.shutdown()
+
+
+def train(opts: dnnlib.EasyDict) -> None:
+    try:
+        dist.init(opts.device)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    if opts.transfer is not None and opts.resume is not None:
+        raise click.ClickException("--transfer and --resume cannot be used together")
+    if opts.fp16 and opts.bf16:
+        raise click.ClickException("--fp16 and --bf16 cannot be used together")
+    if opts.resume not in (None, "auto"):
+        read_state_file(opts.resume)  # Fails early, with the reason, on a missing or foreign file.
+
+    dataset_obj = open_dataset(opts)
+    c = build_config(opts, dataset_obj)
+    check_network_fits_dataset(c.network_kwargs, dataset_obj.resolution, dataset_obj.num_channels)
+    desc = run_description(opts, dataset_obj.name)
+    del dataset_obj
+
+    run_dir, resume = pick_run_dir(opts, desc) if dist.is_main() else (None, None)
+    run_dir, resume = shared_from_rank0((run_dir, resume))
+    c.update(run_dir=run_dir, resume_state_dump=resume, device=str(dist.get_device()))
+
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0(f"Output directory: {run_dir}" + (f" (resuming {resume})" if resume else ""))
+    if opts.dry_run:
+        dist.print0("Dry run; exiting.")
+        return
+    error = None
+    if dist.is_main():
+        try:
+            prepare_run_dir(run_dir, c)
+        except click.ClickException as e:
+            error = e.message
+    error = shared_from_rank0(error)
+    if error is not None:
+        raise click.ClickException(error)
+    training_loop(**c)
+
+
+if __name__ == "__main__":
+    main()
