@@ -63,3 +63,20 @@ def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Mo
         elif require_all:
             raise ValueError(f"'{name}' {tuple(tensor.shape)} has no counterpart of that shape in the source network")
     return copied
+
+
+def clone_module(module: torch.nn.Module, device: torch.device | str | None = None) -> torch.nn.Module:
+    """A copy of a persistent-class module (see torch_utils/persistence.py): a new instance from its
+    recorded constructor call, built without initialising weights, holding clones of its tensors.
+    ``copy.deepcopy`` would go through the pickle format, rebuilding every submodule; this does not."""
+    args, kwargs = module.__dict__.get("_init_args"), module.__dict__.get("_init_kwargs")
+    if args is None or kwargs is None:
+        raise TypeError(f"{type(module).__name__} does not record its constructor call (not a persistent class)")
+    with torch.device("meta"):
+        copy = type(module)(*args, **kwargs)
+    device = device if device is not None else next(iter(module.state_dict().values()), torch.empty(0)).device
+    state = {name: tensor.detach().to(device, copy=True) for name, tensor in module.state_dict().items()}
+    copy.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in list(copy.parameters()) + list(copy.buffers())):
+        raise TypeError(f"{type(module).__name__} has tensors outside its state_dict; clone it with copy.deepcopy")
+    return copy.train(module.training)

@@ -11,7 +11,6 @@ world of one the network is used directly.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import signal
 import time
@@ -24,7 +23,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from torch_utils.misc import InfiniteSampler, copy_params_and_buffers
+from torch_utils.misc import InfiniteSampler, clone_module, copy_params_and_buffers
 from torch_utils.training_stats import StatsCollector
 from training.checkpoint import save_network_pkl
 from training.progress import RunLog, format_time, save_image_grid
@@ -158,7 +157,7 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
     ddp = net
     if dist.get_world_size() > 1:  # Broadcasts rank 0's initial weights; averages gradients in backward.
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    ema = clone_module(net).eval().requires_grad_(False)
     state = TrainingState(net=net, ema=ema, optimizer=optimizer,
                           extra=dict(batch_size=batch_size, seed=seed, network_kwargs=_plain(network_kwargs)))
 
@@ -298,7 +297,7 @@ def save_snapshot(run: Run) -> str:
     kimg = run.state.cur_nimg // 1000
     path = os.path.join(run.run_dir, f"network-snapshot-{kimg:06d}.pkl")
     if dist.is_main():
-        ema = copy.deepcopy(run.state.ema).eval().requires_grad_(False).cpu()
+        ema = clone_module(run.state.ema, device="cpu").eval().requires_grad_(False)
         save_network_pkl(path, dict(ema=ema, loss_fn=run.loss_fn, augment_pipe=run.augment_pipe,
                                     dataset_kwargs=run.dataset_kwargs))
         if run.options["grid_images"]:
