@@ -52,3 +52,54 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------
+# Made-up official-format pickles: objects stored as the official release stores them, through
+# ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` with the defining module's source text.
+
+FAKE_MODULE_SRC = "raise SystemExit('module_src was executed: a loader must never run it')\n"
+
+
+class _OfficialPersistentObject:
+    def __init__(self, meta: dict):
+        self.meta = meta
+
+    def __reduce__(self):
+        from torch_utils import persistence
+        return persistence._reconstruct_persistent_obj, (self.meta,)
+
+
+def as_official(obj, module_src: str = FAKE_MODULE_SRC):
+    """Wrap one of our persistent objects (recursively) so that it pickles in the official format, with
+    ``module_src`` as the embedded source and a state as the official persistence records it."""
+    from collections import OrderedDict
+
+    from torch_utils import persistence
+
+    def children(state: dict) -> dict:
+        if "_modules" in state:
+            state["_modules"] = OrderedDict((name, None if child is None else as_official(child, module_src))
+                                            for name, child in state["_modules"].items())
+        return state
+
+    if persistence.is_persistent(obj):
+        meta = dict(type="class", version=6, module_src=module_src, class_name=type(obj).__name__,
+                    state=children(dict(obj.__dict__)))
+        return _OfficialPersistentObject(meta)
+    if type(obj) is torch.nn.ModuleDict:
+        # A real ModuleDict whose children are official persistent objects, pickled as the standard pickler
+        # stores any ModuleDict (NEWOBJ, then its __dict__ as state).
+        module_dict = torch.nn.ModuleDict.__new__(torch.nn.ModuleDict)
+        module_dict.__dict__.update(children(dict(obj.__dict__)))
+        return module_dict
+    raise TypeError(f"{type(obj).__name__} is not stored by the official format")
+
+
+def official_snapshot_bytes(net, loss_fn=None, augment_pipe=None, dataset_kwargs=None,
+                            module_src: str = FAKE_MODULE_SRC) -> bytes:
+    import pickle
+    data = dict(ema=as_official(net, module_src),
+                loss_fn=None if loss_fn is None else as_official(loss_fn, module_src),
+                augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs)
+    return pickle.dumps(data, protocol=4)

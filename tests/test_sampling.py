@@ -14,6 +14,8 @@ from training import sampling
 from training.sampling import (DISCRETIZATIONS, SCALINGS, SCHEDULES, SeedRNG, ablation_sampler, draw_class_labels,
                                draw_latents, edm_sampler, generate_images)
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 class GaussianDenoiser:
     """The exact denoiser for data ~ N(mu, sigma_data^2 I): D(x; sigma) = mu + sigma_data^2/(sigma_data^2 +
@@ -50,7 +52,7 @@ def test_seeds_draw_the_official_latents_and_labels(official_vectors):
     assert torch.equal(draw_class_labels(net, rng), golden["class_labels"])
 
 
-def test_edm_sampler_reproduces_the_official_images(official_vectors, single_thread):
+def test_edm_sampler_reproduces_the_official_images(official_vectors):
     case = official_vectors["EDMPrecond-DDPM++-cond"]
     golden = case["edm_sampler"]
     net = build_official_case(case)
@@ -69,7 +71,7 @@ def test_edm_sampler_reproduces_the_official_images(official_vectors, single_thr
                                             dict(num_steps=4, S_churn=20, solver="euler", discretization="vp",
                                                  schedule="vp", scaling="vp")],
                          ids=["edm", "ablation"])
-def test_same_seed_same_image_for_any_batch_size(sampler_kwargs, single_thread):
+def test_same_seed_same_image_for_any_batch_size(sampler_kwargs):
     net = make_tiny_net()
     seeds = [0, 1, 2, 3, 4, 5, 6, 2**32 + 7]
     whole = generate_images(net, seeds, **sampler_kwargs)
@@ -143,7 +145,7 @@ def test_every_table_1_combination_converges_to_the_exact_solution(solver, discr
 
 @pytest.mark.parametrize("flow", [dict(), dict(solver="heun", discretization="vp", schedule="vp", scaling="vp")],
                          ids=["edm", "vp-scaled"])
-def test_churn_keeps_the_marginal_distribution(flow, single_thread):
+def test_churn_keeps_the_marginal_distribution(flow):
     """Algorithm 2 replaces part of the noise at every step; with S_noise = 1 the samples keep the data's
     mean and variance, but lose their correlation with the deterministic samples of the same latents."""
     net = GaussianDenoiser(mu=0.3, sigma_data=0.5)
