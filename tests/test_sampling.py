@@ -234,3 +234,33 @@ def test_bad_options_are_named():
         ablation_sampler(net, _unit_noise([1, 1, 2, 2]), discretization="cosine")
     with pytest.raises(ValueError, match="num_steps=1"):
         edm_sampler(net, _unit_noise([1, 1, 2, 2]), num_steps=1)
+
+
+@pytest.mark.parametrize("schedule", ["vp", "ve", "linear"])
+@pytest.mark.parametrize("scaling", ["vp", "none"])
+def test_schedule_derivatives_and_inverses(schedule, scaling):
+    """sigma^-1(sigma(t)) = t, and sigma'(t), s'(t) match central finite differences."""
+    sigma_of_t = SCHEDULES[schedule]()
+    s_of_t = SCALINGS[scaling](sigma_of_t)
+    t = torch.tensor([0.05, 0.3, 0.9], dtype=torch.float64)
+    h = 1e-6
+    torch.testing.assert_close(sigma_of_t.sigma_inv(sigma_of_t.sigma(t)), t, rtol=1e-9, atol=0)
+    fd_sigma = (sigma_of_t.sigma(t + h) - sigma_of_t.sigma(t - h)) / (2 * h)
+    torch.testing.assert_close(torch.as_tensor(sigma_of_t.sigma_deriv(t), dtype=torch.float64).expand(3), fd_sigma,
+                               rtol=1e-6, atol=1e-9)
+    fd_s = (torch.as_tensor(s_of_t.s(t + h)) - torch.as_tensor(s_of_t.s(t - h))) / (2 * h)
+    torch.testing.assert_close(torch.as_tensor(s_of_t.s_deriv(t), dtype=torch.float64).expand(3),
+                               fd_s.to(torch.float64).expand(3), rtol=1e-6, atol=1e-9)
+
+
+def test_iddpm_steps_are_network_levels_in_range():
+    from training.networks import iddpm_sigma_levels
+    levels = iddpm_sigma_levels(1000, 0.001, 0.008).to(torch.float64)  # what iDDPMPrecond.round_sigma snaps to
+    steps = sampling.iddpm_sigma_steps(18, 0.002, 81)
+    assert len(steps) == 18 and torch.all(torch.diff(steps) < 0)
+    assert steps[0] <= 81 and steps[-1] >= 0.002
+    nearest = levels[(steps.reshape(-1, 1) - levels).abs().argmin(1)]
+    torch.testing.assert_close(steps, nearest, rtol=1e-4, atol=0)  # The network keeps its table in float32.
+    # The ends are the extreme levels inside the range; the steps are evenly spaced in index.
+    inside = levels[(levels >= 0.002) & (levels <= 81)]
+    torch.testing.assert_close(steps[[0, -1]], inside[[0, -1]], rtol=1e-4, atol=0)

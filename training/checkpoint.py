@@ -8,6 +8,7 @@ in the official EDM format (see torch_utils/persistence.py), so official tools a
 from __future__ import annotations
 
 import builtins
+import codecs
 import io
 import json
 import os
@@ -134,6 +135,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("dnnlib", "EasyDict"): dnnlib.EasyDict,
         ("dnnlib.util", "EasyDict"): dnnlib.EasyDict,
     }
+    allowed[("_codecs", "encode")] = codecs.encode  # bytes in protocol 2 pickles
     for name in ("set", "frozenset", "complex", "slice"):
         allowed[("builtins", name)] = getattr(builtins, name)
     for name in dir(torch):

@@ -19,7 +19,6 @@ State is float64 throughout, as in the official implementation: a seed then give
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
