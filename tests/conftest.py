@@ -1,29 +1,69 @@
-"""Shared test fixtures: the official vectors, tiny networks, made-up official-format pickles."""
+"""Shared fixtures: the official test vectors, the official layout spec, tiny networks, the embedded dataset,
+made-up official-format pickles."""
 
 from __future__ import annotations
 
+import json
 import os
-import sys
 
 import pytest
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-OFFICIAL_VECTORS = os.path.join(REPO_ROOT, "tests", "fixtures", "official-vectors.pt")
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FASHION_MNIST_T10K = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "fashion-mnist",
+                                  "t10k-images-idx3-ubyte.gz")
+
+
+def _official_kwargs(kwargs: dict) -> dict:
+    """JSON has no infinity: the spec writes float('inf') as the string 'inf'."""
+    return {k: (float("inf") if v == "inf" else v) for k, v in kwargs.items()}
 
 
 @pytest.fixture(scope="session")
 def official_vectors() -> dict:
-    return torch.load(OFFICIAL_VECTORS, weights_only=True)
+    """Small networks with random weights and the outputs the official EDM code computed for them."""
+    return torch.load(os.path.join(FIXTURES, "official-vectors.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def official_layouts() -> dict:
+    """Constructor call, parameter count and state_dict layout of seven official network configs."""
+    with open(os.path.join(FIXTURES, "official-checkpoint-layout.json")) as f:
+        spec = json.load(f)
+    for entry in spec.values():
+        entry["init_kwargs"] = _official_kwargs(entry["init_kwargs"])
+    return spec
 
 
 def build_official_case(case: dict) -> torch.nn.Module:
-    """Our network for an official-vectors case, with the official random weights loaded strictly."""
+    """The network of one official test-vector case, with its weights loaded strictly."""
     from training import networks
-    net = getattr(networks, case["class_name"])(**case["init_kwargs"])
+    net = getattr(networks, case["class_name"])(**case["init_kwargs"]).eval()
     net.load_state_dict(case["state_dict"], strict=True)
-    return net.eval()
+    return net
+
+
+TINY_SONG = dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+TINY_ADM = dict(model_type="DhariwalUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+
+
+@pytest.fixture
+def tiny_edm_net() -> torch.nn.Module:
+    """A 16x16 conditional DDPM++-style EDM network, small enough for CPU tests."""
+    from training.networks import EDMPrecond
+    torch.manual_seed(0)
+    return EDMPrecond(img_resolution=16, img_channels=3, label_dim=10, augment_dim=9, **TINY_SONG).eval()
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_zip(tmp_path_factory) -> str:
+    """The embedded Fashion-MNIST test split as a dataset ZIP: 10,000 images, 1x32x32, 10 classes (~1.5 s)."""
+    from training.dataset_tool_lib import convert_dataset
+
+    dest = str(tmp_path_factory.mktemp("fashion-mnist") / "fashion-mnist-t10k-32x32.zip")
+    convert_dataset(FASHION_MNIST_T10K, dest, workers=1, progress=False)
+    return dest
 
 
 def make_tiny_net(label_dim: int = 4, resolution: int = 8, seed: int = 0) -> torch.nn.Module:
@@ -37,11 +77,6 @@ def make_tiny_net(label_dim: int = 4, resolution: int = 8, seed: int = 0) -> tor
         for p in net.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
     return net.eval()
-
-
-@pytest.fixture
-def tiny_net() -> torch.nn.Module:
-    return make_tiny_net()
 
 
 @pytest.fixture
