@@ -26,13 +26,6 @@ OFFICIAL_STATS = ["Loss/loss", "Progress/tick", "Progress/kimg", "Timing/total_s
                   "Resources/cpu_mem_gb", "Resources/peak_gpu_mem_gb", "Resources/peak_gpu_mem_reserved_gb"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def invoke(*args: str):
     return CliRunner().invoke(train.main, list(args))
@@ -115,7 +108,7 @@ def test_dry_run_prints_the_official_config_and_run_dir(fashion_mnist_8_zip, tmp
     assert sorted(os.listdir(tmp_path)) == ["00007-earlier-run"]
 
 
-def test_resume_auto_continues_the_newest_run_in_place(fashion_mnist_8_zip, tmp_path, one_thread):
+def test_resume_auto_continues_the_newest_run_in_place(fashion_mnist_8_zip, tmp_path, single_thread):
     common = [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", *TINY, "--workers=0", "--tick=0.016"]
     first = invoke(*common, "--duration=0.000032", "--resume=auto")  # Nothing to resume yet: a new run.
     assert first.exit_code == 0, first.output

@@ -25,14 +25,6 @@ AUGMENT = dict(class_name="training.augment.AugmentPipe", p=0.5, xflip=1e8, yfli
                translate_frac=1)
 
 
-@pytest.fixture
-def one_thread():
-    """The machine is shared: one intra-op thread per process avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_config(data: str, run_dir: str, **overrides) -> dict:
     """A 16x16 conditional DDPM++-style EDM run, small enough to take a step in ~0.1 s."""
@@ -156,7 +148,7 @@ def test_state_writes_are_atomic(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------
 # Whole runs, in this process.
 
-def test_resumed_run_reaches_the_same_weights_bit_exactly(fashion_mnist_16_zip, tmp_path, one_thread):
+def test_resumed_run_reaches_the_same_weights_bit_exactly(fashion_mnist_16_zip, tmp_path, single_thread):
     """8 steps straight == 4 steps, a state, a new process-like start from it, 4 more steps (with
     dropout, augmentation, a data-loader worker and the learning-rate and EMA ramps all active)."""
     loader = dict(num_workers=1)
@@ -211,12 +203,12 @@ def assert_same_updates(weights: dict, reference: tuple[dict, dict]) -> None:
 
 
 def test_gradient_accumulation_matches_one_full_batch(one_process_reference, fashion_mnist_16_zip, tmp_path,
-                                                      one_thread):
+                                                      single_thread):
     config = split_invariant_config(fashion_mnist_16_zip, str(tmp_path), batch_gpu=4)
     assert_same_updates(training_loop(**config).net.state_dict(), one_process_reference)
 
 
-def test_sigterm_saves_a_state_and_stops_cleanly(fashion_mnist_16_zip, tmp_path, one_thread, capsys):
+def test_sigterm_saves_a_state_and_stops_cleanly(fashion_mnist_16_zip, tmp_path, single_thread, capsys):
     config = tiny_config(fashion_mnist_16_zip, str(tmp_path), total_kimg=10, state_dump_ticks=None,
                          loss_kwargs=dict(class_name="distributed_worker.SigtermAtCall", at=3))
     state = training_loop(**config)
