@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 
+import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
@@ -120,6 +121,13 @@ def test_resume_auto_continues_the_newest_run_in_place(fashion_mnist_8_zip, tmp_
     kimg = [s["Progress/kimg"]["mean"] for s in read_stats(os.path.join(tmp_path, run_dir))]
     assert kimg == pytest.approx([0.016, 0.032, 0.048, 0.064])
 
+    snapshot = os.path.join(tmp_path, run_dir, "network-snapshot-000000.pkl")
+    transfer = invoke(f"--outdir={tmp_path / 'transfer'}", f"--data={fashion_mnist_8_zip}", *TINY, "--workers=0",
+                      "--duration=0.000016", f"--transfer={snapshot}")
+    assert transfer.exit_code == 0, transfer.output
+    count = len(read_state_file(os.path.join(tmp_path, run_dir, "training-state-000000.pt"))["net"])
+    assert f"Transferred {count} of {count} tensors" in transfer.output
+
 
 # ----------------------------------------------------------------------------
 # torchrun, two processes.
@@ -134,7 +142,8 @@ def torchrun_train(*args: str) -> str:
 
 
 def test_torchrun_two_processes_train_snapshot_and_resume(fashion_mnist_8_zip, tmp_path):
-    common = [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", *TINY, "--tick=0.032", "--snap=2", "--dump=2"]
+    common = [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", *TINY, "--tick=0.032", "--snap=2", "--dump=2",
+              "--grid=4"]
     out = torchrun_train(*common, "--duration=0.000128")
     run_dir = os.path.join(tmp_path, "00000-fmnist8-cond-ddpmpp-edm-gpus2-batch16-fp32")
     assert "2 processes on cpu" in out and out.count("Training from") == 1  # Only rank 0 prints.
@@ -153,6 +162,9 @@ def test_torchrun_two_processes_train_snapshot_and_resume(fashion_mnist_8_zip, t
     state = read_state_file(state_file)
     assert state["cur_nimg"] == 128 and state["world_size"] == 2 and len(state["rng_states"]) == 2
     assert os.path.isfile(os.path.join(run_dir, "log.txt"))
+    grid = PIL.Image.open(os.path.join(run_dir, "samples-000000.png"))
+    assert grid.size == (16, 16) and grid.mode == "L"  # 4 grayscale 8x8 samples, 2x2.
+    assert os.path.isfile(os.path.join(run_dir, "samples-data.png"))
 
     torchrun_train(*common, "--duration=0.000192", f"--resume={state_file}")
     resumed = read_stats(os.path.join(tmp_path, "00001-fmnist8-cond-ddpmpp-edm-gpus2-batch16-fp32"))

@@ -25,7 +25,6 @@ AUGMENT = dict(class_name="training.augment.AugmentPipe", p=0.5, xflip=1e8, yfli
                translate_frac=1)
 
 
-
 def tiny_config(data: str, run_dir: str, **overrides) -> dict:
     """A 16x16 conditional DDPM++-style EDM run, small enough to take a step in ~0.1 s."""
     config = dict(
@@ -37,7 +36,7 @@ def tiny_config(data: str, run_dir: str, **overrides) -> dict:
         loss_kwargs=dict(class_name="training.loss.EDMLoss"),
         optimizer_kwargs=dict(class_name="torch.optim.Adam", lr=2e-3, betas=[0.9, 0.999], eps=1e-8),
         augment_kwargs=AUGMENT, seed=3, batch_size=16, total_kimg=0.128, ema_halflife_kimg=0.05,
-        lr_rampup_kimg=0.05, kimg_per_tick=0.032, snapshot_ticks=2, state_dump_ticks=2, grid_images=0,
+        lr_rampup_kimg=0.05, kimg_per_tick=0.032, snapshot_ticks=2, state_dump_ticks=2, grid_images=4, grid_steps=2,
         device="cpu", tensorboard=False)
     config.update(overrides)
     return config
@@ -48,7 +47,8 @@ def split_invariant_config(data: str, run_dir: str, **overrides) -> dict:
     augmentation) and plain SGD, so different splits must give the same weights up to float rounding."""
     config = tiny_config(data, run_dir, loss_kwargs=dict(class_name="distributed_worker.ContentSeededLoss"),
                          augment_kwargs=None, optimizer_kwargs=dict(class_name="torch.optim.SGD", lr=0.05),
-                         lr_rampup_kimg=0, total_kimg=0.048, snapshot_ticks=None, state_dump_ticks=None)
+                         lr_rampup_kimg=0, total_kimg=0.048, snapshot_ticks=None, state_dump_ticks=None,
+                         grid_images=0)
     config["network_kwargs"] = dict(config["network_kwargs"], dropout=0, augment_dim=0)
     config.update(overrides)
     return config
@@ -171,6 +171,8 @@ def test_resumed_run_reaches_the_same_weights_bit_exactly(fashion_mnist_16_zip, 
     assert not torch.equal(a["net"]["model.enc.16x16_conv.weight"],
                            read_state_file(state_file)["net"]["model.enc.16x16_conv.weight"])
 
+    assert {"samples-data.png", "samples-000000.png"} <= set(os.listdir(straight["run_dir"]))
+    assert "samples-data.png" not in os.listdir(second["run_dir"])  # Only a fresh run shows the data.
     stats = [json.loads(line) for line in open(os.path.join(second["run_dir"], "stats.jsonl"))]
     assert stats[0]["Progress/kimg"]["mean"] == pytest.approx(0.080)  # Continues the count.
     assert all(math.isfinite(s["Loss/loss"]["mean"]) and s["Loss/loss"]["num"] > 0 for s in stats)
