@@ -11,6 +11,7 @@ world of one the network is used directly.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -128,6 +129,15 @@ def transfer_weights(resume_pkl: str, net: torch.nn.Module, ema: torch.nn.Module
     log.print(f"Transferred {len(copied)} of {len(net.state_dict())} tensors")
 
 
+def load_state(state: TrainingState, path: str, log: RunLog, device: torch.device) -> dict:
+    """Continue from a training-state file; returns its contents (the caller restores the RNG states)."""
+    log.print(f"Loading training state from {path}")
+    data = state.load(path, device)
+    if data.get("batch_size") != state.extra["batch_size"]:
+        log.print(f"Note: the state was written with --batch={data.get('batch_size')}, now {state.extra['batch_size']}")
+    return data
+
+
 def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_kwargs: dict, loss_kwargs: dict,
           optimizer_kwargs: dict, augment_kwargs: dict | None, seed: int, batch_size: int, batch_gpu: int | None,
           resume_pkl: str | None, resume_state_dump: str | None, cudnn_benchmark: bool, device,
@@ -163,14 +173,9 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
 
     if resume_pkl is not None:
         transfer_weights(resume_pkl, net, ema, log)
-    resume_data = None
-    if resume_state_dump is not None:
-        log.print(f"Loading training state from {resume_state_dump}")
-        resume_data = state.load(resume_state_dump, device)
-        if resume_data.get("batch_size") != batch_size:
-            log.print(f"Note: the state was written with --batch={resume_data.get('batch_size')}, now {batch_size}")
-
+    resume_data = load_state(state, resume_state_dump, log, device) if resume_state_dump is not None else None
     data = open_data_stream(dataset_obj, seed, state.data_position, batch_gpu, data_loader_kwargs)
+    # Last: nothing after this may draw random numbers before the first step.
     if resume_data is not None and not restore_rank_rng(resume_data, device):
         log.print(f"Note: the state was written by {resume_data.get('world_size')} processes, now "
                   f"{dist.get_world_size()}: training continues, but not bit-exactly")
@@ -354,6 +359,14 @@ def maintain(run: Run, tick: Tick, done: bool, stop_requested: bool) -> None:
 
 # ----------------------------------------------------------------------------
 
+def release(run: Run) -> None:
+    """Free the DDP wrapper and the data stream now, and let every rank get here, so that no rank tears down
+    the process group (or exits) while another still holds objects that use it."""
+    run.ddp = run.data = None
+    gc.collect()
+    dist.barrier()
+
+
 class StopRequest:
     """Set by SIGTERM (e.g. SLURM pre-emption); the loop saves a state at the next step and exits cleanly.
     All ranks agree on it, so none waits for the others in a collective call."""
@@ -440,6 +453,7 @@ def training_loop(
                 tick = Tick(start_nimg=state.cur_nimg, start_time=time.time(), maintenance_sec=time.time() - tick_end)
     finally:
         stop.restore()
+        release(run)
     run.log.print(f"Done: {state.cur_nimg / 1e3:g} kimg in {format_time(time.time() - run.start_time)}; "
                   f"results in {run.run_dir}")
     run.log.close()
