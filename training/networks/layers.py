@@ -153,13 +153,25 @@ class FourierEmbedding(torch.nn.Module):
         return torch.cat([x.cos(), x.sin()], dim=1)
 
 
-def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+ATTENTION_IMPLS = ("sdpa", "einsum")
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
     """softmax(q^T k / sqrt(c)) applied to v, for [batch*heads, channels, positions] tensors.
 
-    Uses PyTorch's fused scaled_dot_product_attention. The official code computes the softmax in float32
-    for fp16 activations; so do we (the fused kernels accumulate in float32 too on CUDA).
+    ``impl='sdpa'`` uses PyTorch's fused scaled_dot_product_attention; ``impl='einsum'`` forms the weight
+    matrix explicitly, as the official code does (the plain reference the benchmarks compare against). Both
+    compute the softmax in float32 for fp16 activations, as the official (the fused CUDA kernels accumulate
+    in float32).
     """
     dtype = q.dtype
+    if impl == "einsum":
+        c = q.shape[1]
+        weights = torch.einsum("ncq,nck->nqk", q.to(torch.float32), (k / np.sqrt(c)).to(torch.float32))
+        weights = weights.softmax(dim=2).to(dtype)
+        return torch.einsum("nqk,nck->ncq", weights, v)
+    if impl != "sdpa":
+        raise ValueError(f"attention impl='{impl}': expected one of {', '.join(ATTENTION_IMPLS)}")
     if dtype == torch.float16 and q.device.type != "cuda":
         q, k, v = q.float(), k.float(), v.float()
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -174,6 +186,8 @@ class UNetBlock(torch.nn.Module):
     ``adaptive_scale`` (ADM) modulates with scale and shift from the embedding; otherwise the embedding is
     added (DDPM++/NCSN++). Outputs are multiplied by ``skip_scale`` after each residual sum.
     """
+
+    attention_impl = "sdpa"  # See self_attention; set per instance by training.perf.set_attention_impl.
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False, down: bool = False,
                  attention: bool = False, num_heads: int | None = None, channels_per_head: int = 64,
@@ -225,7 +239,7 @@ class UNetBlock(torch.nn.Module):
             n, c, h, w = x.shape
             # Channels are laid out as [head, channel, (q, k, v)], as in the official checkpoints.
             q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
-            a = self_attention(q, k, v)
+            a = self_attention(q, k, v, self.attention_impl)
             x = self.proj(a.reshape(n, c, h, w)).add_(x)
             x = x * self.skip_scale
         return x
