@@ -8,6 +8,8 @@ KID (Binkowski et al. 2018): the unbiased squared MMD with the cubic polynomial 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 
@@ -49,7 +51,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def _sqrtm(matrix: np.ndarray) -> np.ndarray:
-    result = scipy.linalg.sqrtm(matrix)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # Singular products are handled by the caller.
+        result = scipy.linalg.sqrtm(matrix)
     # scipy < 1.12 returns (sqrtm, errest) when asked, and a bare array otherwise; keep only the array.
     return result[0] if isinstance(result, tuple) else result
 
