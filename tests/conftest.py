@@ -1,4 +1,5 @@
-"""Shared fixtures: the official test vectors, the official layout spec, and tiny networks."""
+"""Shared fixtures: the official test vectors, the official layout spec, tiny networks, the embedded dataset,
+made-up official-format pickles."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import os
 import pytest
 import torch
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+FASHION_MNIST_T10K = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "fashion-mnist",
+                                  "t10k-images-idx3-ubyte.gz")
 
 
 def _official_kwargs(kwargs: dict) -> dict:
@@ -50,6 +54,90 @@ def tiny_edm_net() -> torch.nn.Module:
     from training.networks import EDMPrecond
     torch.manual_seed(0)
     return EDMPrecond(img_resolution=16, img_channels=3, label_dim=10, augment_dim=9, **TINY_SONG).eval()
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_zip(tmp_path_factory) -> str:
+    """The embedded Fashion-MNIST test split as a dataset ZIP: 10,000 images, 1x32x32, 10 classes (~1.5 s)."""
+    from training.dataset_tool_lib import convert_dataset
+
+    dest = str(tmp_path_factory.mktemp("fashion-mnist") / "fashion-mnist-t10k-32x32.zip")
+    convert_dataset(FASHION_MNIST_T10K, dest, workers=1, progress=False)
+    return dest
+
+
+def make_tiny_net(label_dim: int = 4, resolution: int = 8, seed: int = 0) -> torch.nn.Module:
+    """A few-thousand-parameter EDMPrecond(SongUNet) with random weights, for fast end-to-end tests."""
+    from training.networks import EDMPrecond
+    torch.manual_seed(seed)
+    net = EDMPrecond(img_resolution=resolution, img_channels=3, label_dim=label_dim, model_type="SongUNet",
+                     model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0)
+    # The last layer starts near zero; randomize all weights so images depend on them.
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return net.eval()
+
+
+@pytest.fixture
+def single_thread():
+    """Run the body single-threaded: the test machine's cores are shared, and two threads on small
+    convolutions are slower than one there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------
+# Made-up official-format pickles: objects stored as the official release stores them, through
+# ``torch_utils.persistence._reconstruct_persistent_obj(meta)`` with the defining module's source text.
+
+FAKE_MODULE_SRC = "raise SystemExit('module_src was executed: a loader must never run it')\n"
+
+
+class _OfficialPersistentObject:
+    def __init__(self, meta: dict):
+        self.meta = meta
+
+    def __reduce__(self):
+        from torch_utils import persistence
+        return persistence._reconstruct_persistent_obj, (self.meta,)
+
+
+def as_official(obj, module_src: str = FAKE_MODULE_SRC):
+    """Wrap one of our persistent objects (recursively) so that it pickles in the official format, with
+    ``module_src`` as the embedded source and a state as the official persistence records it."""
+    from collections import OrderedDict
+
+    from torch_utils import persistence
+
+    def children(state: dict) -> dict:
+        if "_modules" in state:
+            state["_modules"] = OrderedDict((name, None if child is None else as_official(child, module_src))
+                                            for name, child in state["_modules"].items())
+        return state
+
+    if persistence.is_persistent(obj):
+        meta = dict(type="class", version=6, module_src=module_src, class_name=type(obj).__name__,
+                    state=children(dict(obj.__dict__)))
+        return _OfficialPersistentObject(meta)
+    if type(obj) is torch.nn.ModuleDict:
+        # A real ModuleDict whose children are official persistent objects, pickled as the standard pickler
+        # stores any ModuleDict (NEWOBJ, then its __dict__ as state).
+        module_dict = torch.nn.ModuleDict.__new__(torch.nn.ModuleDict)
+        module_dict.__dict__.update(children(dict(obj.__dict__)))
+        return module_dict
+    raise TypeError(f"{type(obj).__name__} is not stored by the official format")
+
+
+def official_snapshot_bytes(net, loss_fn=None, augment_pipe=None, dataset_kwargs=None,
+                            module_src: str = FAKE_MODULE_SRC) -> bytes:
+    import pickle
+    data = dict(ema=as_official(net, module_src),
+                loss_fn=None if loss_fn is None else as_official(loss_fn, module_src),
+                augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs)
+    return pickle.dumps(data, protocol=4)
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,86 @@
+"""Generate images from a trained or pretrained EDM network.
+
+Examples:
+
+    # 64 CIFAR-10 images with the paper's deterministic sampler (18 steps, NFE 35)
+    python generate.py --network https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl \\
+        --outdir out --seeds 0-63 --batch 64
+
+    # ImageNet-64 with the stochastic sampler, on 8 GPUs
+    torchrun --standalone --nproc_per_node=8 generate.py --outdir out --seeds 0-49999 --subdirs \\
+        --network https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl \\
+        --steps 256 --S_churn 40 --S_min 0.05 --S_max 50 --S_noise 1.003
+
+Any of --solver/--disc/--schedule/--scaling switches to the ablation sampler (Table 1 combinations).
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import click
+
+from dnnlib.util import parse_int_list
+from torch_utils import distributed
+from training.generation import GenerateOptions, generate_to_files
+
+
+def _seeds(ctx, param, value):
+    try:
+        return parse_int_list(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@click.command()
+@click.option("--network", "network", help="Network pickle or safetensors export (path or URL)", metavar="PATH|URL",
+              required=True)
+@click.option("--outdir", help="Where to save the images, one {seed:06d}.png each", metavar="DIR")
+@click.option("--seeds", help="Random seeds, e.g. 1,2,5-10", metavar="LIST", default="0-63", show_default=True,
+              callback=_seeds)
+@click.option("--subdirs", help="Save in subfolders of 1000 seeds", is_flag=True)
+@click.option("--class", "class_idx", help="Class label  [default: random]", metavar="INT",
+              type=click.IntRange(min=0), default=None)
+@click.option("--batch", "max_batch_size", help="Maximum batch size per process", metavar="INT",
+              type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--grid", help="Also save all images as one grid PNG", metavar="PNG")
+@click.option("--device", help="cpu, cuda, cuda:1, ...  [default: cuda if available]", metavar="DEVICE")
+@click.option("--steps", "num_steps", help="Number of sampling steps", metavar="INT", type=click.IntRange(min=2),
+              default=18, show_default=True)
+@click.option("--sigma_min", help="Lowest noise level  [default: varies]", metavar="FLOAT",
+              type=click.FloatRange(min=0, min_open=True))
+@click.option("--sigma_max", help="Highest noise level  [default: varies]", metavar="FLOAT",
+              type=click.FloatRange(min=0, min_open=True))
+@click.option("--rho", help="Time step exponent", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True),
+              default=7, show_default=True)
+@click.option("--S_churn", "S_churn", help="Stochasticity strength", metavar="FLOAT", type=click.FloatRange(min=0),
+              default=0, show_default=True)
+@click.option("--S_min", "S_min", help="Stoch. min noise level", metavar="FLOAT", type=click.FloatRange(min=0),
+              default=0, show_default=True)
+@click.option("--S_max", "S_max", help="Stoch. max noise level", metavar="FLOAT", type=click.FloatRange(min=0),
+              default="inf", show_default=True)
+@click.option("--S_noise", "S_noise", help="Stoch. noise inflation", metavar="FLOAT", type=float, default=1,
+              show_default=True)
+@click.option("--solver", help="Ablate ODE solver", type=click.Choice(["euler", "heun"]))
+@click.option("--disc", "discretization", help="Ablate time step discretization {t_i}",
+              type=click.Choice(["vp", "ve", "iddpm", "edm"]))
+@click.option("--schedule", help="Ablate noise schedule sigma(t)", type=click.Choice(["vp", "ve", "linear"]))
+@click.option("--scaling", help="Ablate signal scaling s(t)", type=click.Choice(["vp", "none"]))
+def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, **sampler_kwargs):
+    """Generate images with the EDM samplers (Algorithms 1 and 2, or any Table 1 combination)."""
+    options = GenerateOptions(network=network, seeds=seeds, outdir=outdir, subdirs=subdirs, grid=grid,
+                              class_idx=class_idx, max_batch_size=max_batch_size, device=device,
+                              sampler_kwargs=sampler_kwargs)
+    try:
+        summary = generate_to_files(options)
+        where = " and ".join(p for p in (outdir and f"{outdir}/", grid) if p)
+        distributed.print0(f"Generated {summary['num_images']} images with {summary['sampler']} in "
+                           f"{summary['seconds']:.1f} s ({summary['num_images'] / max(summary['seconds'], 1e-9):.2f} "
+                           f"img/s, {summary['world_size']} process(es) on {summary['device']}) -> {where}")
+    except (ValueError, OSError, pickle.UnpicklingError) as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        distributed.shutdown()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Samplers: the official vectors, seed determinism, and convergence on a problem with a known answer."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_official_case, make_tiny_net
+from training import sampling
+from training.sampling import (DISCRETIZATIONS, SCALINGS, SCHEDULES, SeedRNG, ablation_sampler, draw_class_labels,
+                               draw_latents, edm_sampler, generate_images)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class GaussianDenoiser:
+    """The exact denoiser for data ~ N(mu, sigma_data^2 I): D(x; sigma) = mu + sigma_data^2/(sigma_data^2 +
+    sigma^2) (x - mu). The probability-flow ODE then has the closed-form solution ``exact_flow``."""
+
+    img_channels, img_resolution, label_dim = 1, 4, 0
+
+    def __init__(self, mu: float = 0.3, sigma_data: float = 0.5):
+        self.mu, self.sigma_data = mu, sigma_data
+
+    def __call__(self, x, sigma, class_labels=None):
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        return self.mu + self.sigma_data ** 2 / (self.sigma_data ** 2 + sigma ** 2) * (x - self.mu)
+
+    def exact_flow(self, x, sigma_from: float, sigma_to: float):
+        """x(sigma_to) given x(sigma_from): the distance to mu scales with sqrt(sigma_data^2 + sigma^2)."""
+        ratio = math.sqrt(self.sigma_data ** 2 + sigma_to ** 2) / math.sqrt(self.sigma_data ** 2 + sigma_from ** 2)
+        return self.mu + ratio * (x - self.mu)
+
+
+def _unit_noise(shape, seed: int = 0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+# ----------------------------------------------------------------------------
+# The official vectors.
+
+
+def test_seeds_draw_the_official_latents_and_labels(official_vectors):
+    case = official_vectors["EDMPrecond-DDPM++-cond"]
+    golden = case["edm_sampler"]
+    net = build_official_case(case)
+    rng = SeedRNG(golden["seeds"])
+    assert torch.equal(draw_latents(net, rng), golden["latents"])
+    assert torch.equal(draw_class_labels(net, rng), golden["class_labels"])
+
+
+def test_edm_sampler_reproduces_the_official_images(official_vectors):
+    case = official_vectors["EDMPrecond-DDPM++-cond"]
+    golden = case["edm_sampler"]
+    net = build_official_case(case)
+    with torch.no_grad():
+        images = edm_sampler(net, golden["latents"], golden["class_labels"], num_steps=golden["num_steps"])
+    assert images.dtype == torch.float64
+    torch.testing.assert_close(images, golden["images_float"], rtol=0, atol=1e-5)
+    uint8 = generate_images(net, golden["seeds"], num_steps=golden["num_steps"])
+    assert uint8.dtype == torch.uint8 and torch.equal(uint8, golden["images_uint8"])
+
+# ----------------------------------------------------------------------------
+# Determinism: a seed's image does not depend on its batch.
+
+
+@pytest.mark.parametrize("sampler_kwargs", [dict(num_steps=4, S_churn=20),
+                                            dict(num_steps=4, S_churn=20, solver="euler", discretization="vp",
+                                                 schedule="vp", scaling="vp")],
+                         ids=["edm", "ablation"])
+def test_same_seed_same_image_for_any_batch_size(sampler_kwargs):
+    net = make_tiny_net()
+    seeds = [0, 1, 2, 3, 4, 5, 6, 2**32 + 7]
+    whole = generate_images(net, seeds, **sampler_kwargs)
+    for batch in (1, 3):
+        parts = [generate_images(net, seeds[i:i + batch], **sampler_kwargs) for i in range(0, len(seeds), batch)]
+        assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(whole[0], whole[1])
+    # Seeds are taken mod 2^32, as the official generate.py does.
+    assert torch.equal(generate_images(net, [7], **sampler_kwargs)[0], whole[7])
+
+
+def test_class_option_overrides_labels_but_keeps_the_random_stream():
+    net = make_tiny_net(label_dim=4)
+    rng_free, rng_fixed = SeedRNG([3, 4]), SeedRNG([3, 4])
+    free = (draw_latents(net, rng_free), draw_class_labels(net, rng_free))
+    fixed = (draw_latents(net, rng_fixed), draw_class_labels(net, rng_fixed, class_idx=2))
+    assert torch.equal(free[0], fixed[0])
+    assert torch.equal(fixed[1], torch.eye(4)[[2, 2]])
+    # The label draw happened in both, so the churn noise that follows is the same.
+    assert torch.equal(rng_free.randn([2, 5]), rng_fixed.randn([2, 5]))
+    with pytest.raises(ValueError, match="out of range"):
+        draw_class_labels(net, SeedRNG([0]), class_idx=4)
+    with pytest.raises(ValueError, match="unconditional"):
+        draw_class_labels(make_tiny_net(label_dim=0), SeedRNG([0]), class_idx=0)
+
+# ----------------------------------------------------------------------------
+# Convergence on Gaussian data, where the exact solution is known.
+
+
+@pytest.mark.parametrize("solver, order", [("euler", 1), ("heun", 2)])
+def test_convergence_order(solver, order):
+    """Euler's global error falls as N^-1 and Heun's as N^-2 (Section 3). The final step to sigma = 0 is Euler in
+    both, so the reference is the exact flow down to sigma_min followed by that same last step, D(x; sigma_min)."""
+    net = GaussianDenoiser()
+    sigma_min, sigma_max = 0.002, 80
+    z = _unit_noise([2, 1, 4, 4])
+    reference = net(net.exact_flow(z * sigma_max, sigma_max, sigma_min), sigma_min)
+    errors = []
+    for num_steps in (16, 32, 64, 128):
+        x = ablation_sampler(net, z, num_steps=num_steps, solver=solver, sigma_min=sigma_min, sigma_max=sigma_max)
+        errors.append((x - reference).abs().max().item())
+    slopes = -np.diff(np.log2(errors))
+    assert np.all(np.abs(slopes - order) < 0.25), f"{solver}: errors {errors}, slopes {slopes}"
+    if solver == "heun":  # edm_sampler is this same Heun sampler.
+        torch.testing.assert_close(edm_sampler(net, z, num_steps=128), x, rtol=0, atol=1e-12)
+
+
+TABLE_1_COLUMNS = {  # (solver, discretization, schedule, scaling) of each column of Table 1.
+    "VP": ("euler", "vp", "vp", "vp"), "VE": ("euler", "ve", "ve", "none"),
+    "iDDPM": ("euler", "iddpm", "linear", "none"), "EDM": ("heun", "edm", "linear", "none"),
+}
+
+
+@pytest.mark.parametrize("solver, discretization, schedule, scaling",
+                         list(itertools.product(("euler", "heun"), DISCRETIZATIONS, SCHEDULES, SCALINGS)))
+def test_every_table_1_combination_converges_to_the_exact_solution(solver, discretization, schedule, scaling):
+    """Any sigma(t), s(t) and {t_i} solve the same ODE (Eq. 4): all must approach x(0) as N grows."""
+    net = GaussianDenoiser()
+    z = _unit_noise([1, 1, 2, 2], seed=1)
+    choice = dict(solver=solver, discretization=discretization, schedule=schedule, scaling=scaling)
+    default_max = sampling.default_sigma_range(discretization)[1]
+    exact = net.exact_flow(z * default_max, default_max, 0)
+    scale = (exact - net.mu).abs().max()
+    coarse, fine = [((ablation_sampler(net, z, num_steps=n, **choice) - exact).abs().max() / scale).item()
+                    for n in (32, 128)]
+    # 4x the steps: Euler's error shrinks ~4x, Heun's ~16x, down to the floor set by the final Euler step.
+    assert fine < 0.35 * coarse or fine < 2e-3, f"relative error {coarse:.3g} at 32 steps, {fine:.3g} at 128"
+    if (solver, discretization, schedule, scaling) in TABLE_1_COLUMNS.values():
+        assert fine < 0.2  # VE's Euler is the slowest of the four (the paper's Fig. 2); EDM's is ~1e-3.
+
+
+@pytest.mark.parametrize("flow", [dict(), dict(solver="heun", discretization="vp", schedule="vp", scaling="vp")],
+                         ids=["edm", "vp-scaled"])
+def test_churn_keeps_the_marginal_distribution(flow):
+    """Algorithm 2 replaces part of the noise at every step; with S_noise = 1 the samples keep the data's
+    mean and variance, but lose their correlation with the deterministic samples of the same latents."""
+    net = GaussianDenoiser(mu=0.3, sigma_data=0.5)
+    z = _unit_noise([1, 1, 200, 200])
+    generator = torch.Generator().manual_seed(1)
+
+    def randn_like(x):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+    deterministic = ablation_sampler(net, z, num_steps=128, **flow)
+    stochastic = ablation_sampler(net, z, randn_like=randn_like, num_steps=128, S_churn=40, **flow)
+    assert abs(stochastic.mean().item() - 0.3) < 0.01
+    assert abs(stochastic.var().item() / 0.25 - 1) < 0.04
+    assert abs(np.corrcoef(stochastic.flatten(), deterministic.flatten())[0, 1]) < 0.2
+    # Too much fresh noise (S_noise > 1) inflates the variance: the check above can fail.
+    noisy = ablation_sampler(net, z, randn_like=randn_like, num_steps=128, S_churn=40, S_noise=1.1, **flow)
+    assert noisy.var().item() / 0.25 > 1.1
+
+
+def test_churn_window_and_noise_draw_per_step():
+    """gamma = min(S_churn/N, sqrt(2)-1) only inside [S_min, S_max]; noise is drawn at every step regardless."""
+    net = GaussianDenoiser()
+    sigmas_seen, draws = [], []
+
+    def recording_net(x, sigma, class_labels=None):
+        sigmas_seen.append(float(sigma))
+        return net(x, sigma)
+
+    def randn_like(x):
+        draws.append(x.shape)
+        return torch.zeros_like(x)
+
+    num_steps = 6
+    t_steps = sampling.edm_sigma_steps(num_steps, 0.002, 80)
+    edm_sampler(recording_net, _unit_noise([1, 1, 2, 2]), randn_like=randn_like, num_steps=num_steps,
+                S_churn=100, S_min=0.05, S_max=10)
+    assert len(draws) == num_steps
+    first_evals = [sigmas_seen[2 * i] for i in range(num_steps)]  # Heun: 2 evaluations per step, 1 on the last.
+    for t, t_hat in zip(t_steps.tolist(), first_evals):
+        expected = t * math.sqrt(2) if 0.05 <= t <= 10 else t
+        assert t_hat == pytest.approx(expected, rel=1e-12)
+
+
+def test_round_sigma_and_network_range_are_honoured():
+    """Noise levels are snapped to the network's discrete levels (iDDPM) and clipped to its range."""
+    levels = torch.tensor([0.0, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0], dtype=torch.float64)
+    seen = []
+
+    class DiscreteNet(GaussianDenoiser):
+        sigma_min, sigma_max = 0.01, 10.0
+
+        def round_sigma(self, sigma):
+            sigma = torch.as_tensor(sigma)
+            return levels[(sigma.reshape(-1, 1) - levels).abs().argmin(1)].reshape(sigma.shape).to(sigma.dtype)
+
+        def __call__(self, x, sigma, class_labels=None):
+            seen.append(float(sigma))
+            return super().__call__(x, sigma)
+
+    for kwargs in (dict(), dict(discretization="iddpm", solver="euler"), dict(discretization="ve", schedule="ve")):
+        seen.clear()
+        sampler = ablation_sampler if kwargs else edm_sampler
+        sampler(DiscreteNet(), _unit_noise([1, 1, 2, 2]), num_steps=5, **kwargs)
+        assert max(seen) <= 10.0 + 1e-9 and min(seen) >= 0.01 - 1e-12
+        assert all(min(abs(s - level) for level in levels.tolist()) < 1e-9 for s in seen), seen
+
+
+def test_edm_time_steps_follow_eq_5():
+    sigmas = sampling.edm_sigma_steps(18, 0.002, 80, rho=7)
+    assert sigmas.dtype == torch.float64 and len(sigmas) == 18
+    assert sigmas[0].item() == pytest.approx(80) and sigmas[-1].item() == pytest.approx(0.002)
+    # Evenly spaced in sigma^(1/rho).
+    assert torch.allclose(torch.diff(sigmas ** (1 / 7)), torch.full([17], (0.002 ** (1 / 7) - 80 ** (1 / 7)) / 17,
+                                                                       dtype=torch.float64))
+
+
+def test_vp_discretization_spans_the_requested_range():
+    sigmas = sampling.vp_sigma_steps(10, 0.01, 50, epsilon_s=1e-3)
+    assert sigmas[0].item() == pytest.approx(50, rel=1e-9) and sigmas[-1].item() == pytest.approx(0.01, rel=1e-9)
+    assert torch.all(torch.diff(sigmas) < 0)
+
+
+def test_bad_options_are_named():
+    net = GaussianDenoiser()
+    with pytest.raises(ValueError, match="discretization='cosine'"):
+        ablation_sampler(net, _unit_noise([1, 1, 2, 2]), discretization="cosine")
+    with pytest.raises(ValueError, match="num_steps=1"):
+        edm_sampler(net, _unit_noise([1, 1, 2, 2]), num_steps=1)
+
+
+@pytest.mark.parametrize("schedule", ["vp", "ve", "linear"])
+@pytest.mark.parametrize("scaling", ["vp", "none"])
+def test_schedule_derivatives_and_inverses(schedule, scaling):
+    """sigma^-1(sigma(t)) = t, and sigma'(t), s'(t) match central finite differences."""
+    sigma_of_t = SCHEDULES[schedule]()
+    s_of_t = SCALINGS[scaling](sigma_of_t)
+    t = torch.tensor([0.05, 0.3, 0.9], dtype=torch.float64)
+    h = 1e-6
+    torch.testing.assert_close(sigma_of_t.sigma_inv(sigma_of_t.sigma(t)), t, rtol=1e-9, atol=0)
+    fd_sigma = (sigma_of_t.sigma(t + h) - sigma_of_t.sigma(t - h)) / (2 * h)
+    torch.testing.assert_close(torch.as_tensor(sigma_of_t.sigma_deriv(t), dtype=torch.float64).expand(3), fd_sigma,
+                               rtol=1e-6, atol=1e-9)
+    fd_s = (torch.as_tensor(s_of_t.s(t + h)) - torch.as_tensor(s_of_t.s(t - h))) / (2 * h)
+    torch.testing.assert_close(torch.as_tensor(s_of_t.s_deriv(t), dtype=torch.float64).expand(3),
+                               fd_s.to(torch.float64).expand(3), rtol=1e-6, atol=1e-9)
+
+
+def test_iddpm_steps_are_network_levels_in_range():
+    from training.networks import iddpm_sigma_levels
+    levels = iddpm_sigma_levels(1000, 0.001, 0.008).to(torch.float64)  # what iDDPMPrecond.round_sigma snaps to
+    steps = sampling.iddpm_sigma_steps(18, 0.002, 81)
+    assert len(steps) == 18 and torch.all(torch.diff(steps) < 0)
+    assert steps[0] <= 81 and steps[-1] >= 0.002
+    nearest = levels[(steps.reshape(-1, 1) - levels).abs().argmin(1)]
+    torch.testing.assert_close(steps, nearest, rtol=1e-4, atol=0)  # The network keeps its table in float32.
+    # The ends are the extreme levels inside the range; the steps are evenly spaced in index.
+    inside = levels[(levels >= 0.002) & (levels <= 81)]
+    torch.testing.assert_close(steps[[0, -1]], inside[[0, -1]], rtol=1e-4, atol=0)

@@ -1,0 +1,570 @@
+"""Converting image collections into the dataset format of training/dataset.py (the official EDM format).
+
+Sources (``open_source`` picks one by the path):
+  - a folder of images (recursive) or a ZIP of images. Labels: a ``dataset.json`` at the source's root, else,
+    when the images lie in more than one top-level folder, the index of that folder's name in the sorted list
+    of names (ImageNet's ``n01440764/...`` class folders become 0..999). Images are taken in sorted name order;
+  - the CIFAR-10 python tarball ``cifar-10-python.tar.gz`` (the 50,000 training images, with labels);
+  - MNIST-format idx files (``*-images-idx3-ubyte[.gz]`` beside ``*-labels-idx1-ubyte[.gz]``): MNIST and
+    Fashion-MNIST, padded with 2 zero pixels on each side (28x28 -> 32x32), with labels. A folder holding such
+    files (and no images) gives all its splits, ``train-*`` first: the full 70,000 of (Fashion-)MNIST;
+  - an LSUN lmdb folder (needs the optional ``lmdb`` package), unlabelled.
+
+Output: PNGs named ``00000/img00000000.png`` (subfolders of 1000) in an uncompressed ZIP (``--dest`` ending in
+``.zip``) or a folder, plus ``dataset.json``. Everything is written to a temporary path beside ``dest`` and
+renamed at the end, so ``dest`` either holds a complete dataset or does not exist.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import PIL.Image
+from tqdm import tqdm
+
+from training.dataset import (DATASET_JSON, DatasetError, FileStore, image_to_array, is_image_file, iter_image_files,
+                              parse_labels)
+
+TRANSFORMS = ("center-crop", "center-crop-wide")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometry: resize, center-crop, center-crop-wide.
+
+
+def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize uint8 ``[H, W, C]`` with PIL's Lanczos filter, as the official tool does."""
+    if array.shape[:2] == (height, width):
+        return array
+    image = PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    return image_to_array(image.resize((width, height), PIL.Image.Resampling.LANCZOS))
+
+
+def _crop_to_aspect(array: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The largest centered crop whose aspect ratio is ``width:height`` (a square when they are equal)."""
+    h, w = array.shape[:2]
+    if w * height > h * width:
+        crop_w = max(1, round(h * width / height))
+        left = (w - crop_w) // 2
+        return array[:, left:left + crop_w]
+    crop_h = max(1, round(w * height / width))
+    top = (h - crop_h) // 2
+    return array[top:top + crop_h]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What happens to each image's size: nothing, a resize, or a centered crop and then a resize.
+
+    - no transform: resize to ``width x height`` when a resolution is given and the image differs;
+    - ``center-crop``: crop the center to the output's aspect ratio (square for NxN), then resize;
+    - ``center-crop-wide``: crop the center to the wide ``width:height`` aspect, resize, then pad with black
+      rows above and below to a ``width x width`` square (the official treatment of wide images, e.g. LSUN cars).
+    """
+
+    transform: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.transform not in (None, *TRANSFORMS):
+            raise DatasetError(f"--transform={self.transform}: unknown; use one of {', '.join(TRANSFORMS)}")
+        if self.transform is not None and self.width is None:
+            raise DatasetError(f"--transform={self.transform} needs an output size; add --resolution=WxH, "
+                               f"e.g. --resolution=64x64")
+        if self.transform == "center-crop-wide" and self.width < self.height:
+            raise DatasetError(f"--transform=center-crop-wide needs a wide --resolution (width >= height), "
+                               f"e.g. 512x384; got {self.width}x{self.height}")
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        if self.width is None:
+            return array
+        if self.transform is None:
+            return _resize(array, self.width, self.height)
+        array = _resize(_crop_to_aspect(array, self.width, self.height), self.width, self.height)
+        if self.transform == "center-crop":
+            return array
+        canvas = np.zeros([self.width, self.width, array.shape[2]], dtype=np.uint8)
+        top = (self.width - self.height) // 2
+        canvas[top:top + self.height] = array
+        return canvas
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """``'64x64'`` -> ``(64, 64)`` (width, height)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise DatasetError(f"--resolution={text}: expected WIDTHxHEIGHT in pixels, e.g. --resolution=64x64")
+    return int(parts[0]), int(parts[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources: each gives a count and a lazy stream of SourceItems in a fixed order.
+
+
+@dataclass
+class SourceItem:
+    """One image to convert. Exactly one of ``array`` (decoded pixels ``[H, W, C]``), ``data`` (encoded bytes)
+    or neither (the file ``name`` of the source's FileStore) holds the pixels. ``name`` is used in messages."""
+
+    name: str
+    label: int | list[float] | None = None
+    array: np.ndarray | None = None
+    data: bytes | None = None
+
+
+@dataclass
+class Source:
+    description: str
+    count: int
+    items: Iterable[SourceItem]
+    store: FileStore | None = None
+    decoded: bool = False  # items carry pixel arrays (CIFAR-10, MNIST), not files to decode
+
+
+def _folder_labels(names: list[str]) -> list[int] | None:
+    """Class index per image from its top-level folder name (sorted names), or None with fewer than 2 folders."""
+    toplevel = [name.split("/")[0] if "/" in name else "" for name in names]
+    classes = sorted(set(toplevel))
+    if len(classes) < 2:
+        return None
+    index = {name: i for i, name in enumerate(classes)}
+    return [index[name] for name in toplevel]
+
+
+def open_image_files(path: str) -> Source:
+    """A folder (recursive) or ZIP of images; labels from its dataset.json, else from class folder names."""
+    store = FileStore(path)
+    names = [name for name in store.names if is_image_file(name)]
+    labels: list | None = None
+    if DATASET_JSON in store.names:
+        text = store.read_bytes(DATASET_JSON).decode("utf-8", errors="replace")
+        parsed = parse_labels(text, names, store.location(DATASET_JSON))
+        labels = None if parsed is None else parsed.tolist()
+    if labels is None:
+        labels = _folder_labels(names)
+    if labels is None:
+        labels = [None] * len(names)
+    kind = "ZIP" if store.is_zip else "folder"
+    items = (SourceItem(name=name, label=label) for name, label in zip(names, labels))
+    return Source(f"{kind} {path}", len(names), items, store)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR-10 batches (dicts of lists, strings and numpy arrays) and refuses anything else,
+    so a tampered tarball cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        multiarray = getattr(np, "_core", None) or np.core
+        # _codecs.encode only turns text into bytes; protocol-2 pickles written by Python 3 store bytes that way.
+        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+        for numpy_module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            allowed[(numpy_module, "_reconstruct")] = multiarray.multiarray._reconstruct
+            allowed[(numpy_module, "scalar")] = multiarray.multiarray.scalar
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return allowed[(module, name)]
+
+
+def open_cifar10(path: str) -> Source:
+    """The CIFAR-10 python tarball: the five training batches, 50,000 RGB 32x32 images with labels 0..9."""
+    fix = "download cifar-10-python.tar.gz again from https://www.cs.toronto.edu/~kriz/cifar.html"
+    images, labels = [], []
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for batch in range(1, 6):
+                member = f"cifar-10-batches-py/data_batch_{batch}"
+                try:
+                    f = tar.extractfile(member)
+                except KeyError:
+                    raise DatasetError(f"{path}: not a CIFAR-10 python tarball (no {member}); {fix}") from None
+                data = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+                images.append(np.asarray(data["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+                labels.extend(int(x) for x in data["labels"])
+    except (tarfile.TarError, OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as e:
+        if isinstance(e, DatasetError):
+            raise
+        raise DatasetError(f"{path}: cannot read the CIFAR-10 tarball ({type(e).__name__}: {e}); {fix}") from None
+    array = np.concatenate(images)
+    if array.shape[0] != len(labels):
+        raise DatasetError(f"{path}: {array.shape[0]} images but {len(labels)} labels; {fix}")
+    items = (SourceItem(name=f"{path}[{i}]", label=labels[i], array=array[i]) for i in range(len(labels)))
+    return Source(f"CIFAR-10 {path}", len(labels), items, decoded=True)
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An idx file (the MNIST format), gzipped or not, as a uint8 array of the shape its header gives."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DatasetError(f"{path}: cannot read ({e}); download the file again") from None
+    if len(data) < 4 or data[0:3] != b"\x00\x00\x08":
+        raise DatasetError(f"{path}: not an idx file of unsigned bytes (bad header); download the file again")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    if len(data) != header + int(np.prod(shape)):
+        raise DatasetError(f"{path}: header says {shape} but the file holds {len(data) - header} bytes of data; "
+                           f"download the file again")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def idx_labels_path(images_path: str) -> str:
+    folder, name = os.path.split(images_path)
+    return os.path.join(folder, name.replace("images-idx3", "labels-idx1"))
+
+
+def _read_mnist_split(path: str) -> tuple[np.ndarray, np.ndarray]:
+    labels_path = idx_labels_path(path)
+    if not os.path.isfile(labels_path):
+        raise DatasetError(f"{path}: its labels file {labels_path} is missing; put it beside the images file")
+    images = read_idx(path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise DatasetError(f"{path}: images {list(images.shape)} do not match labels {list(labels.shape)} in "
+                           f"{labels_path}; use the images and labels files of the same split")
+    return images, labels
+
+
+def mnist_splits_in(folder: str) -> list[str]:
+    """The idx image files of a folder, training split first (``train-*`` before ``t10k-*``)."""
+    names = [name for name in os.listdir(folder) if "images-idx3-ubyte" in name]
+    return [os.path.join(folder, name) for name in sorted(names, key=lambda name: (not name.startswith("train"), name))]
+
+
+def open_mnist(paths: list[str]) -> Source:
+    """MNIST-format images with the labels files beside them, split after split; 28x28 padded with zeros
+    to 32x32 (2 pixels on each side), as the official tool does."""
+    splits = [_read_mnist_split(path) for path in paths]
+    images = np.concatenate([images for images, _ in splits])
+    labels = np.concatenate([labels for _, labels in splits])
+    images = np.pad(images, [[0, 0], [2, 2], [2, 2]], mode="constant", constant_values=0)[..., np.newaxis]
+    where = paths[0] if len(paths) == 1 else os.path.dirname(paths[0])
+    items = (SourceItem(name=f"{where}[{i}]", label=int(labels[i]), array=images[i]) for i in range(len(labels)))
+    return Source(f"MNIST-format {where}", len(labels), items, decoded=True)
+
+
+def open_lmdb(path: str) -> Source:
+    """An LSUN lmdb folder (encoded images as values, in key order), unlabelled."""
+    try:
+        import lmdb
+    except ImportError:
+        raise DatasetError(f"{path}: reading LSUN lmdb folders needs the optional lmdb package; "
+                           f"pip install lmdb") from None
+    try:
+        with lmdb.open(path, readonly=True, lock=False, subdir=True) as env:
+            count = env.stat()["entries"]
+    except lmdb.Error as e:
+        raise DatasetError(f"{path}: not a readable lmdb database ({e}); download it again") from None
+
+    def items() -> Iterator[SourceItem]:
+        with lmdb.open(path, readonly=True, lock=False, subdir=True) as env, env.begin(write=False) as txn:
+            for key, value in txn.cursor():
+                yield SourceItem(name=f"{path}[{key.decode(errors='replace')}]", data=bytes(value))
+
+    return Source(f"LSUN lmdb {path}", count, items())
+
+
+def _is_lmdb_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "data.mdb")) or path.rstrip("/\\").endswith("_lmdb")
+
+
+def open_source(path: str) -> Source:
+    """Pick the reader for ``path`` (see the module docstring)."""
+    if not os.path.exists(path):
+        raise DatasetError(f"--source={path}: no such file or folder; check the path")
+    if os.path.isdir(path):
+        if _is_lmdb_folder(path):
+            return open_lmdb(path)
+        if mnist_splits_in(path) and not iter_image_files(path):
+            return open_mnist(mnist_splits_in(path))
+        return open_image_files(path)
+    name = os.path.basename(path).lower()
+    if "images-idx3-ubyte" in name:
+        return open_mnist([path])
+    if name.endswith((".tar.gz", ".tgz", ".tar")):
+        return open_cifar10(path)
+    if name.endswith(".zip"):
+        return open_image_files(path)
+    raise DatasetError(f"--source={path}: unknown kind of source; give a folder or .zip of images, "
+                       f"cifar-10-python.tar.gz, an *-images-idx3-ubyte.gz file or an LSUN lmdb folder")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Converting one image (in a worker process).
+
+
+@dataclass
+class Converted:
+    name: str  # where the image came from, for messages
+    label: Any
+    png: bytes | None = None
+    shape: tuple[int, int, int] | None = None
+    error: str | None = None
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of uint8 ``[H, W, C]``, uncompressed (compress_level=0) like the official tool: fast to write
+    and to decode during training."""
+    buf = io.BytesIO()
+    PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(buf, format="png",
+                                                                                compress_level=0)
+    return buf.getvalue()
+
+
+@dataclass
+class ImageConverter:
+    """Decode, transform and encode one SourceItem; a failure becomes ``Converted.error``, not an exception,
+    so one bad file does not stop a worker pool."""
+
+    store: FileStore | None
+    geometry: Geometry
+
+    def decode(self, item: SourceItem) -> np.ndarray:
+        if item.array is not None:
+            return item.array
+        if item.data is not None:
+            try:
+                with PIL.Image.open(io.BytesIO(item.data)) as image:
+                    return image_to_array(image)
+            except (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as e:
+                raise DatasetError(f"{item.name}: not a readable image ({e}); replace or remove it") from None
+        return self.store.read_image(item.name)
+
+    def __call__(self, item: SourceItem) -> Converted:
+        from_store = item.array is None and item.data is None
+        where = self.store.location(item.name) if from_store else item.name
+        try:
+            array = self.geometry.apply(self.decode(item))
+            return Converted(where, item.label, encode_png(array), tuple(array.shape))
+        except DatasetError as e:
+            return Converted(where, item.label, error=str(e))
+
+
+_worker_converter: ImageConverter | None = None  # set once in each pool process by _init_worker
+
+
+def _init_worker(converter: ImageConverter) -> None:
+    global _worker_converter
+    _worker_converter = converter
+
+
+def _convert_in_worker(item: SourceItem) -> Converted:
+    return _worker_converter(item)
+
+
+def _parallel_map(converter: ImageConverter, items: Iterable[SourceItem], workers: int) -> Iterator[Converted]:
+    """``map(converter, items)`` in order, on ``workers`` processes, holding at most two batches in memory
+    (Pool.imap would read the whole source ahead into its queue)."""
+    if workers <= 1:
+        yield from map(converter, items)
+        return
+    batch = 64 * workers
+    iterator = iter(items)
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(converter,)) as pool:
+        pending = pool.map_async(_convert_in_worker, list(itertools.islice(iterator, batch)), chunksize=16)
+        while pending is not None:
+            next_items = list(itertools.islice(iterator, batch))
+            following = pool.map_async(_convert_in_worker, next_items, chunksize=16) if next_items else None
+            yield from pending.get()
+            pending = following
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing: a ZIP or a folder, atomically.
+
+
+def archive_name(index: int) -> str:
+    """``00000/img00000000.png``: subfolders of 1000 images, as the official tool names them."""
+    return f"{index // 1000:05d}/img{index:08d}.png"
+
+
+class DatasetWriter:
+    """Writes files to a temporary ZIP or folder beside ``dest``; ``commit`` renames it to ``dest``."""
+
+    def __init__(self, dest: str) -> None:
+        self.dest = dest
+        self.is_zip = dest.lower().endswith(".zip")
+        parent = os.path.dirname(os.path.abspath(dest))
+        os.makedirs(parent, exist_ok=True)
+        prefix = "." + os.path.basename(os.path.normpath(dest)) + "."
+        if self.is_zip:
+            fd, self.tmp = tempfile.mkstemp(dir=parent, prefix=prefix, suffix=".tmp")
+            os.close(fd)
+            self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)
+        else:
+            self.tmp = tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=".tmp")
+
+    def add(self, name: str, data: bytes) -> None:
+        if self.is_zip:
+            # A fixed timestamp makes the ZIP a function of its contents alone.
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            self._zip.writestr(info, data, compress_type=zipfile.ZIP_STORED)
+        else:
+            path = os.path.join(self.tmp, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+
+    def commit(self) -> None:
+        if self.is_zip:
+            self._zip.close()
+        # mkstemp/mkdtemp create private (0600/0700) paths; give the result the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, (0o666 if self.is_zip else 0o777) & ~umask)
+        if os.path.exists(self.dest):
+            raise DatasetError(f"--dest={self.dest} appeared while converting; remove it and run again")
+        os.replace(self.tmp, self.dest)
+
+    def abort(self) -> None:
+        if self.is_zip:
+            self._zip.close()
+        if os.path.isdir(self.tmp):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The conversion.
+
+
+@dataclass
+class ConversionSummary:
+    dest: str
+    num_images: int
+    num_skipped: int
+    image_shape: tuple[int, int, int]  # [H, W, C]
+    num_classes: int | None
+    skipped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        h, w, c = self.image_shape
+        labels = f", {self.num_classes} classes" if self.num_classes else ", no labels"
+        skipped = f"; skipped {self.num_skipped} unreadable files" if self.num_skipped else ""
+        return f"Wrote {self.num_images} images ({w}x{h}, {c} channel{'s' * (c > 1)}{labels}) to {self.dest}{skipped}"
+
+
+def _check_shape(result: Converted, first_shape: tuple[int, int, int] | None, has_resolution: bool) -> None:
+    h, w, c = result.shape
+    if first_shape is None:
+        if c not in (1, 3):
+            raise DatasetError(f"{result.name}: {c} channels; images must be grayscale or RGB")
+        if h != w:
+            raise DatasetError(f"{result.name}: {w}x{h} is not square, which training needs; add "
+                               f"--resolution=NxN with --transform=center-crop (or center-crop-wide)")
+        return
+    if result.shape[:2] != first_shape[:2]:
+        fix = "use --transform=center-crop with it" if has_resolution else "add --resolution=WxH to resize all"
+        raise DatasetError(f"{result.name}: {w}x{h} but the first image is {first_shape[1]}x{first_shape[0]}; "
+                           f"{fix}")
+    if c != first_shape[2]:
+        kinds = {1: "grayscale", 3: "RGB"}
+        raise DatasetError(f"{result.name}: {kinds[c]} but the first image is {kinds[first_shape[2]]}; convert the "
+                           f"source images to one kind")
+
+
+def _labels_json(labels: list[tuple[str, Any]]) -> tuple[bytes, int | None]:
+    """The dataset.json text and the number of classes (None without class labels)."""
+    values = [label for _name, label in labels]
+    if not values or any(v is None for v in values):
+        return json.dumps({"labels": None}).encode(), None
+    num_classes = max(values) + 1 if all(isinstance(v, int) for v in values) else None
+    return json.dumps({"labels": [[name, label] for name, label in labels]}).encode(), num_classes
+
+
+def default_workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 16))
+
+
+@dataclass
+class _Written:
+    labels: list[tuple[str, Any]] = field(default_factory=list)  # (archive name, label) per image written
+    skipped: list[str] = field(default_factory=list)  # error messages of the images left out
+    first_shape: tuple[int, int, int] | None = None
+
+
+def _write_images(results: Iterable[Converted], writer: DatasetWriter, bar: tqdm, total: int, skip_bad: bool,
+                  has_resolution: bool, log: Callable[[str], None] | None) -> _Written:
+    """Write converted images in order as ``00000/img00000000.png``, ... until ``total`` are written."""
+    written = _Written()
+    for result in results:
+        if result.error is not None:
+            if not skip_bad:
+                raise DatasetError(result.error + " (or pass --skip-bad to leave such files out)")
+            written.skipped.append(result.error)
+            if log is not None:
+                log(f"skipped: {result.error}")
+            continue
+        _check_shape(result, written.first_shape, has_resolution)
+        written.first_shape = written.first_shape or result.shape
+        name = archive_name(len(written.labels))
+        writer.add(name, result.png)
+        written.labels.append((name, result.label))
+        bar.update(1)
+        if len(written.labels) == total:
+            break
+    return written
+
+
+def convert_dataset(source: str, dest: str, max_images: int | None = None, transform: str | None = None,
+                    resolution: tuple[int, int] | None = None, workers: int | None = None,
+                    skip_bad: bool = False, progress: bool = True,
+                    log: Callable[[str], None] | None = None) -> ConversionSummary:
+    """Convert ``source`` into a dataset at ``dest`` (a ``.zip`` or a folder that must not exist yet).
+
+    ``resolution`` is (width, height); ``transform`` one of TRANSFORMS (see Geometry). With ``skip_bad``
+    unreadable images are left out and counted; otherwise the first one stops the conversion with a
+    DatasetError naming it. Decoding and resizing run on ``workers`` processes; images keep their order.
+    Raises DatasetError (one line naming the file and the fix) on bad input; ``dest`` is then not created.
+    """
+    if os.path.exists(dest):
+        raise DatasetError(f"--dest={dest} already exists; remove it or choose another path")
+    if max_images is not None and max_images < 1:
+        raise DatasetError(f"--max-images={max_images}: must be at least 1")
+    geometry = Geometry(transform, *(resolution or (None, None)))
+    src = open_source(source)
+    if src.count == 0:
+        raise DatasetError(f"--source={source}: no images found; point it at a folder or file of images")
+    total = src.count if max_images is None else min(src.count, max_images)
+    workers = default_workers() if workers is None else workers
+    if src.decoded and geometry.width is None:
+        workers = 1  # only PNG encoding is left to do, and sending the pixels to workers costs more than it saves
+
+    writer = DatasetWriter(dest)
+    results = _parallel_map(ImageConverter(src.store, geometry), src.items, workers)
+    bar = tqdm(total=total, unit="img", disable=not progress, desc=os.path.basename(dest))
+    try:
+        written = _write_images(results, writer, bar, total, skip_bad, resolution is not None, log)
+        if not written.labels:
+            raise DatasetError(f"--source={source}: none of its {len(written.skipped)} images could be read")
+        metadata, num_classes = _labels_json(written.labels)
+        writer.add(DATASET_JSON, metadata)
+        writer.commit()
+    except BaseException:
+        bar.leave = False  # so that the error message is the last line on the terminal
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        results.close()  # stops the worker pool, also after an early stop at max_images
+        if src.store is not None:
+            src.store.close()
+    return ConversionSummary(dest, len(written.labels), len(written.skipped), written.first_shape, num_classes,
+                             written.skipped)

@@ -1,0 +1,160 @@
+"""Sampling to image files: the library behind ``generate.py``.
+
+Seeds are split into batches and the batches shared among processes (``torchrun``); since each image
+depends only on its seed (see ``training.sampling.generate_images``), the files are the same for any
+batch size and any number of processes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from torch_utils import distributed
+from training.checkpoint import load_network
+from training.sampling import ABLATION_OPTIONS, generate_images
+
+
+@dataclass
+class GenerateOptions:
+    network: str                        # path or URL of a network pickle or safetensors export
+    seeds: list[int]
+    outdir: str | None = None           # one PNG per seed, {seed:06d}.png
+    subdirs: bool = False               # ... in folders of 1000 seeds: 000000/, 001000/, ...
+    grid: str | None = None             # one PNG with all images, in seed order
+    class_idx: int | None = None        # None: a random class per seed (conditional networks)
+    max_batch_size: int = 64            # per process
+    device: str | None = None           # None: picked automatically
+    sampler_kwargs: dict = field(default_factory=dict)  # edm_sampler / ablation_sampler options; None = default
+
+
+def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
+    """Where a seed's image goes: ``outdir/000123.png``, or ``outdir/000000/000123.png`` with subdirs."""
+    folder = os.path.join(outdir, f"{seed - seed % 1000:06d}") if subdirs else outdir
+    return os.path.join(folder, f"{seed:06d}.png")
+
+
+def to_pil(image: torch.Tensor) -> PIL.Image.Image:
+    """A uint8 [C, H, W] image (C = 1 or 3) as a PIL image."""
+    array = image.permute(1, 2, 0).cpu().numpy()
+    return PIL.Image.fromarray(array[:, :, 0], "L") if array.shape[2] == 1 else PIL.Image.fromarray(array, "RGB")
+
+
+def save_png(path: str, image: torch.Tensor) -> None:
+    """Write a PNG under a temporary name and rename it, so no half-written image is ever seen."""
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="png")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def image_grid(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, C, H, W] images as one [C, gh*H, gw*W] image, row by row, gw = ceil(sqrt(N)); empty cells black."""
+    n, c, h, w = images.shape
+    gw = math.ceil(math.sqrt(n))
+    gh = math.ceil(n / gw)
+    padded = torch.zeros([gh * gw, c, h, w], dtype=images.dtype)
+    padded[:n] = images.cpu()
+    return padded.reshape(gh, gw, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, gh * h, gw * w)
+
+
+def seed_batches(seeds: list[int], max_batch_size: int, world_size: int = 1) -> list[list[int]]:
+    """Seeds in consecutive batches of at most ``max_batch_size``, their number a multiple of ``world_size``
+    so that process r takes batches r, r + world_size, ... and all processes get nearly equal work."""
+    num_batches = math.ceil(len(seeds) / (max_batch_size * world_size)) * world_size
+    return [part.tolist() for part in np.array_split(np.asarray(seeds, dtype=np.int64), num_batches)]
+
+
+def _all_gather_objects(obj) -> list:
+    if not dist.is_initialized() or distributed.get_world_size() == 1:
+        return [obj]
+    gathered = [None] * distributed.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _load_network_once_per_node(network: str, device: torch.device) -> torch.nn.Module:
+    """Rank 0 loads first (downloading a URL into the cache), the others then read the cached copy."""
+    if not distributed.is_main():
+        distributed.barrier()
+    net = load_network(network, device=device)
+    if distributed.is_main():
+        distributed.barrier()
+    return net
+
+
+def check_options(options: GenerateOptions) -> None:
+    """Raise ValueError naming the option for inputs that cannot work, before any work starts."""
+    if not options.outdir and not options.grid:
+        raise ValueError("nothing to write: give --outdir and/or --grid")
+    if not options.seeds:
+        raise ValueError("--seeds: no seeds given")
+    if min(options.seeds) < 0:
+        raise ValueError(f"--seeds: seeds must be non-negative, got {min(options.seeds)}")
+    if options.max_batch_size < 1:
+        raise ValueError(f"--batch={options.max_batch_size}: must be at least 1")
+
+
+def check_network_options(net, options: GenerateOptions) -> None:
+    label_dim = getattr(net, "label_dim", 0)
+    if options.class_idx is not None and not label_dim:
+        raise ValueError(f"--class={options.class_idx}: {options.network} is unconditional; leave out --class")
+    if options.class_idx is not None and not 0 <= options.class_idx < label_dim:
+        raise ValueError(f"--class={options.class_idx}: {options.network} has classes 0..{label_dim - 1}")
+
+
+def generate_to_files(options: GenerateOptions) -> dict:
+    """Sample one image per seed and write the PNGs (and the grid). Works alone or under torchrun.
+    Returns a summary: number of images, seconds, and the sampler that was used."""
+    check_options(options)
+    try:
+        device = distributed.init(options.device)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
+    net = _load_network_once_per_node(options.network, device)
+    check_network_options(net, options)
+    sampler_kwargs = {k: v for k, v in options.sampler_kwargs.items() if v is not None}
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    my_batches = [b for b in seed_batches(options.seeds, options.max_batch_size, world_size)[rank::world_size] if b]
+
+    start = time.time()
+    kept = []  # (seeds, images) for the grid
+    with tqdm(total=sum(map(len, my_batches)), unit="img", desc="Generating", disable=not distributed.is_main()) as bar:
+        for batch in my_batches:
+            images = generate_images(net, batch, class_idx=options.class_idx, device=device, **sampler_kwargs).cpu()
+            if options.outdir:
+                for seed, image in zip(batch, images):
+                    save_png(image_path(options.outdir, seed, options.subdirs), image)
+            if options.grid:
+                kept.append((batch, images))
+            bar.update(len(batch))
+    if options.grid:
+        by_seed = {}
+        for part in _all_gather_objects(kept):
+            for batch, images in part:
+                by_seed.update(zip(batch, images))
+        if distributed.is_main():
+            save_png(options.grid, image_grid(torch.stack([by_seed[seed] for seed in options.seeds])))
+    distributed.barrier()
+    sampler = "ablation_sampler" if any(k in sampler_kwargs for k in ABLATION_OPTIONS) else "edm_sampler"
+    return dict(num_images=len(options.seeds), seconds=time.time() - start, sampler=sampler, world_size=world_size,
+                device=str(device))

@@ -1,0 +1,413 @@
+"""Sampling from a denoiser D(x; sigma): the paper's Algorithms 1 and 2 and the design space of Table 1.
+
+A sampler is a composition of independent choices, each a small named piece here:
+
+- a time-step discretization: noise levels sigma_0 > ... > sigma_{N-1} (``edm_sigma_steps`` is Eq. 5);
+- a noise schedule sigma(t) with its derivative and inverse (``vp_schedule``, ``ve_schedule``,
+  ``linear_schedule``) and a scaling s(t) (``vp_scaling``, ``no_scaling``), which together fix the
+  probability-flow ODE of Eq. 4 (``ProbabilityFlow``);
+- a solver step over ``(dx_dt, x, t, t_next)`` (``euler_step``, ``heun_step``);
+- optional churn, Algorithm 2's temporary noise increase (``Churn``).
+
+``edm_sampler`` (Algorithm 1 + 2) and ``ablation_sampler`` (any Table 1 column) only pick the pieces and
+hand them to ``solve``. The network is a black box called as ``net(x, sigma, class_labels)``; it may carry
+``sigma_min``, ``sigma_max`` (its valid range, which the samplers respect) and ``round_sigma`` (the noise
+levels it can be evaluated at, e.g. iDDPM's discrete ones).
+
+State is float64 throughout, as in the official implementation: a seed then gives the official image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+RandnLike = Callable[[torch.Tensor], torch.Tensor]
+ABLATION_OPTIONS = ("solver", "discretization", "schedule", "scaling")
+
+# ----------------------------------------------------------------------------
+# Time-step discretizations (Table 1, row "time steps"): N noise levels, decreasing, float64.
+
+
+def edm_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    ramp = _step_ramp(num_steps, device)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def vp_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """VP: t_i = 1 + i/(N-1) (epsilon_s - 1), sigma_i = sigma(t_i) with the VP schedule spanning the range."""
+    t = 1 + _step_ramp(num_steps, device) * (epsilon_s - 1)
+    return vp_schedule(*vp_betas_for_range(sigma_min, sigma_max, epsilon_s)).sigma(t)
+
+
+def ve_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """VE: t_i = sigma_max^2 (sigma_min^2 / sigma_max^2)^(i/(N-1)), sigma_i = sqrt(t_i) (geometric)."""
+    t = sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** _step_ramp(num_steps, device)
+    return t.sqrt()
+
+
+def iddpm_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, C_1: float = 0.001, C_2: float = 0.008,
+                      M: int = 1000, device: torch.device | str | None = None) -> torch.Tensor:
+    """iDDPM: N of the discrete levels u_j that lie in [sigma_min, sigma_max], evenly spaced in index.
+
+    The official sampler takes indices round((len - 1)/(N - 1) i) of the restricted table, not the paper's
+    j0 formula; outputs match the official ones only this way.
+    """
+    u = iddpm_levels(M, C_1, C_2, device)
+    u = u[(u >= sigma_min) & (u <= sigma_max)]
+    index = ((len(u) - 1) / (num_steps - 1) * torch.arange(num_steps, dtype=torch.float64, device=u.device))
+    return u[index.round().to(torch.int64)]
+
+
+def iddpm_levels(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """iDDPM's levels u_0 > ... > u_M = 0 (Table 1): u_{j-1} = sqrt((u_j^2 + 1) / max(a_{j-1}/a_j, C_1) - 1),
+    a_j = sin^2(pi/2 j / (M (C_2 + 1))). Float64, except the ratios, which the official sampler forms in
+    float32 (integer step indices promote to the default dtype); which levels survive the range filter
+    depends on it."""
+    j = torch.arange(M + 1, device=device)
+    alpha_bar = (0.5 * np.pi * j / M / (C_2 + 1)).sin() ** 2
+    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1)
+    u = torch.zeros(M + 1, dtype=torch.float64, device=device)
+    for k in range(M, 0, -1):
+        u[k - 1] = ((u[k] ** 2 + 1) / ratio[k - 1] - 1).sqrt()
+    return u
+
+
+def _step_ramp(num_steps: int, device) -> torch.Tensor:
+    """i / (N - 1) for i = 0..N-1, in float64."""
+    if num_steps < 2:
+        raise ValueError(f"num_steps={num_steps}: at least 2 steps are needed")
+    return torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
+
+
+DISCRETIZATIONS = {"vp": vp_sigma_steps, "ve": ve_sigma_steps, "iddpm": iddpm_sigma_steps, "edm": edm_sigma_steps}
+
+# ----------------------------------------------------------------------------
+# Noise schedules sigma(t) and scalings s(t) (Table 1, rows "sigma(t)" and "s(t)").
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """sigma(t), its derivative sigma'(t) and its inverse t(sigma)."""
+    sigma: Callable
+    sigma_deriv: Callable
+    sigma_inv: Callable
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """s(t) and its derivative s'(t)."""
+    s: Callable
+    s_deriv: Callable
+
+
+def vp_schedule(beta_d: float = 19.9, beta_min: float = 0.1) -> Schedule:
+    """VP: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    def sigma(t):
+        return (np.e ** (0.5 * beta_d * (t ** 2) + beta_min * t) - 1) ** 0.5
+
+    def sigma_deriv(t):
+        return 0.5 * (beta_min + beta_d * t) * (sigma(t) + 1 / sigma(t))
+
+    def sigma_inv(sigma):
+        return ((beta_min ** 2 + 2 * beta_d * (sigma ** 2 + 1).log()).sqrt() - beta_min) / beta_d
+
+    return Schedule(sigma, sigma_deriv, sigma_inv)
+
+
+def ve_schedule() -> Schedule:
+    """VE: sigma(t) = sqrt(t)."""
+    return Schedule(sigma=lambda t: t.sqrt(), sigma_deriv=lambda t: 0.5 / t.sqrt(), sigma_inv=lambda sigma: sigma ** 2)
+
+
+def linear_schedule() -> Schedule:
+    """iDDPM and EDM: sigma(t) = t."""
+    return Schedule(sigma=lambda t: t, sigma_deriv=lambda t: 1, sigma_inv=lambda sigma: sigma)
+
+
+def vp_scaling(schedule: Schedule) -> Scaling:
+    """VP: s(t) = 1 / sqrt(1 + sigma(t)^2), following whichever sigma(t) is chosen."""
+    def s(t):
+        return 1 / (1 + schedule.sigma(t) ** 2).sqrt()
+
+    def s_deriv(t):
+        return -schedule.sigma(t) * schedule.sigma_deriv(t) * (s(t) ** 3)
+
+    return Scaling(s, s_deriv)
+
+
+def no_scaling(schedule: Schedule | None = None) -> Scaling:
+    """VE, iDDPM and EDM: s(t) = 1."""
+    return Scaling(s=lambda t: 1, s_deriv=lambda t: 0)
+
+
+def vp_betas_for_range(sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> tuple[float, float]:
+    """beta_d, beta_min of the VP schedule with sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max."""
+    beta_d = 2 * (np.log(sigma_min ** 2 + 1) / epsilon_s - np.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
+    beta_min = np.log(sigma_max ** 2 + 1) - 0.5 * beta_d
+    return float(beta_d), float(beta_min)
+
+
+SCHEDULES = {"vp": vp_schedule, "ve": ve_schedule, "linear": linear_schedule}
+SCALINGS = {"vp": vp_scaling, "none": no_scaling}
+
+# ----------------------------------------------------------------------------
+# The probability-flow ODE (Eq. 4) and its solvers.
+
+
+@dataclass(frozen=True)
+class ProbabilityFlow:
+    """Eq. 4 with the score from the denoiser (Eq. 3), for one choice of sigma(t) and s(t):
+
+        dx/dt = (sigma'(t)/sigma(t) + s'(t)/s(t)) x - sigma'(t) s(t) / sigma(t) D(x / s(t); sigma(t)).
+    """
+    schedule: Schedule
+    scaling: Scaling
+
+    def sigma(self, t):
+        return self.schedule.sigma(t)
+
+    def s(self, t):
+        return self.scaling.s(t)
+
+    def dx_dt(self, net, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        sigma, s = self.schedule.sigma(t), self.scaling.s(t)
+        sigma_deriv, s_deriv = self.schedule.sigma_deriv(t), self.scaling.s_deriv(t)
+        denoised = net(x / s, sigma, class_labels).to(torch.float64)
+        return (sigma_deriv / sigma + s_deriv / s) * x - sigma_deriv * s / sigma * denoised
+
+    def t_of_sigma(self, net, sigma: torch.Tensor) -> torch.Tensor:
+        """The time at which sigma(t) is the nearest noise level the network accepts."""
+        return self.schedule.sigma_inv(_round_sigma(net, sigma))
+
+
+DxDt = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def euler_step(dx_dt: DxDt, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """First-order step: x + (t_next - t) dx/dt(x, t)."""
+    return x + (t_next - t) * dx_dt(x, t)
+
+
+def heun_step(dx_dt: DxDt, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, alpha: float = 1) -> torch.Tensor:
+    """Second-order step (Algorithm 1, lines 4-8; Appendix D.2's generalisation with the second evaluation
+    at t + alpha h, weights 1 - 1/(2 alpha) and 1/(2 alpha); alpha = 1 is Heun's method)."""
+    h = t_next - t
+    d = dx_dt(x, t)
+    x_prime, t_prime = x + alpha * h * d, t + alpha * h
+    d_prime = dx_dt(x_prime, t_prime)
+    return x + h * ((1 - 1 / (2 * alpha)) * d + 1 / (2 * alpha) * d_prime)
+
+
+@dataclass(frozen=True)
+class Churn:
+    """Algorithm 2, lines 5-6: raise the noise level of x by a factor 1 + gamma (gamma = min(S_churn / N,
+    sqrt(2) - 1) while S_min <= sigma <= S_max), adding fresh noise scaled by S_noise."""
+    S_churn: float = 0
+    S_min: float = 0
+    S_max: float = float("inf")
+    S_noise: float = 1
+
+    def gamma(self, sigma: torch.Tensor, num_steps: int) -> float:
+        return min(self.S_churn / num_steps, np.sqrt(2) - 1) if self.S_min <= sigma <= self.S_max else 0
+
+    def apply(self, net, flow: ProbabilityFlow, x: torch.Tensor, t: torch.Tensor, num_steps: int,
+              noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_hat, t_hat). In t, for any sigma(t) and s(t): x_hat = s(t_hat)/s(t) x + sqrt(sigma(t_hat)^2 -
+        sigma(t)^2) s(t_hat) S_noise z."""
+        sigma = flow.sigma(t)
+        t_hat = flow.t_of_sigma(net, sigma + self.gamma(sigma, num_steps) * sigma)
+        added_std = (flow.sigma(t_hat) ** 2 - sigma ** 2).clip(min=0).sqrt()
+        x_hat = flow.s(t_hat) / flow.s(t) * x + added_std * flow.s(t_hat) * self.S_noise * noise
+        return x_hat, t_hat
+
+
+def solve(net, latents: torch.Tensor, class_labels: torch.Tensor | None, t_steps: torch.Tensor,
+          flow: ProbabilityFlow, step: Callable, churn: Churn = Churn(),
+          randn_like: RandnLike = torch.randn_like) -> torch.Tensor:
+    """Integrate the ODE from t_0 to t_N = 0 (Algorithm 1 with Algorithm 2's churn).
+
+    x_0 = z sigma(t_0) s(t_0). Each step applies churn, then ``step``; the last step, to sigma = 0, is always
+    Euler. Churn noise is drawn at every step (multiplied by 0 when gamma is 0), as the official samplers do,
+    so each seed's random stream, and hence its image, matches theirs.
+    """
+    num_steps = len(t_steps) - 1
+    x = latents.to(torch.float64) * (flow.sigma(t_steps[0]) * flow.s(t_steps[0]))
+
+    def dx_dt(x_, t_):
+        return flow.dx_dt(net, x_, t_, class_labels)
+
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_hat, t_hat = churn.apply(net, flow, x, t_cur, num_steps, randn_like(x))
+        x = (step if i < num_steps - 1 else euler_step)(dx_dt, x_hat, t_hat, t_next)
+    return x
+
+
+def _round_sigma(net, sigma: torch.Tensor) -> torch.Tensor:
+    round_sigma = getattr(net, "round_sigma", None)
+    return torch.as_tensor(round_sigma(sigma) if round_sigma is not None else sigma, dtype=torch.float64)
+
+
+def _clip_to_network_range(net, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    return max(sigma_min, getattr(net, "sigma_min", 0)), min(sigma_max, getattr(net, "sigma_max", float("inf")))
+
+
+def _append_zero(t_steps: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
+
+# ----------------------------------------------------------------------------
+# The two samplers of the official release.
+
+
+def edm_sampler(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
+                randn_like: RandnLike = torch.randn_like, num_steps: int = 18, sigma_min: float = 0.002,
+                sigma_max: float = 80, rho: float = 7, S_churn: float = 0, S_min: float = 0,
+                S_max: float = float("inf"), S_noise: float = 1) -> torch.Tensor:
+    """The paper's sampler: Heun's method on the Eq. 5 steps with sigma(t) = t, s(t) = 1 (Algorithm 1), plus
+    churn when S_churn > 0 (Algorithm 2). ``latents``: [N, C, H, W] unit Gaussian noise. Returns float64 images."""
+    sigma_min, sigma_max = _clip_to_network_range(net, sigma_min, sigma_max)
+    sigmas = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=latents.device)
+    t_steps = _append_zero(_round_sigma(net, sigmas))
+    flow = ProbabilityFlow(linear_schedule(), no_scaling())
+    return solve(net, latents, class_labels, t_steps, flow, heun_step, Churn(S_churn, S_min, S_max, S_noise),
+                 randn_like)
+
+
+def default_sigma_range(discretization: str, epsilon_s: float = 1e-3) -> tuple[float, float]:
+    """The noise level range each discretization uses unless told otherwise (before clipping to the network)."""
+    if discretization == "vp":
+        vp = vp_schedule(beta_d=19.9, beta_min=0.1)
+        return float(vp.sigma(epsilon_s)), float(vp.sigma(1.0))
+    return {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}[discretization]
+
+
+def ablation_sampler(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
+                     randn_like: RandnLike = torch.randn_like, num_steps: int = 18, sigma_min: float | None = None,
+                     sigma_max: float | None = None, rho: float = 7, solver: str = "heun",
+                     discretization: str = "edm", schedule: str = "linear", scaling: str = "none",
+                     epsilon_s: float = 1e-3, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000,
+                     alpha: float = 1, S_churn: float = 0, S_min: float = 0, S_max: float = float("inf"),
+                     S_noise: float = 1) -> torch.Tensor:
+    """Any combination of Table 1: ``solver`` 'heun' | 'euler', ``discretization`` 'vp' | 've' | 'iddpm' |
+    'edm', ``schedule`` (sigma(t)) 'vp' | 've' | 'linear', ``scaling`` (s(t)) 'vp' | 'none'; integrates Eq. 4
+    in t. The VP column is solver='euler', discretization='vp', schedule='vp', scaling='vp'; VE is
+    euler/ve/ve/none; iDDPM+DDIM is euler/iddpm/linear/none; EDM is heun/edm/linear/none."""
+    _check_choice("solver", solver, ("heun", "euler"))
+    _check_choice("discretization", discretization, DISCRETIZATIONS)
+    _check_choice("schedule", schedule, SCHEDULES)
+    _check_choice("scaling", scaling, SCALINGS)
+    default_min, default_max = default_sigma_range(discretization, epsilon_s)
+    sigma_min, sigma_max = _clip_to_network_range(net, default_min if sigma_min is None else sigma_min,
+                                                  default_max if sigma_max is None else sigma_max)
+
+    device = latents.device
+    sigmas = {
+        "vp": lambda: vp_sigma_steps(num_steps, sigma_min, sigma_max, epsilon_s, device=device),
+        "ve": lambda: ve_sigma_steps(num_steps, sigma_min, sigma_max, device=device),
+        "iddpm": lambda: iddpm_sigma_steps(num_steps, sigma_min, sigma_max, C_1, C_2, M, device=device),
+        "edm": lambda: edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=device),
+    }[discretization]()
+    # The VP schedule spans the same (clipped) range as the VP discretization.
+    sigma_of_t = vp_schedule(*vp_betas_for_range(sigma_min, sigma_max, epsilon_s)) if schedule == "vp" else SCHEDULES[schedule]()
+    flow = ProbabilityFlow(sigma_of_t, SCALINGS[scaling](sigma_of_t))
+    t_steps = _append_zero(flow.t_of_sigma(net, sigmas))
+
+    step = euler_step if solver == "euler" else (lambda dx_dt, x, t, t_next: heun_step(dx_dt, x, t, t_next, alpha))
+    return solve(net, latents, class_labels, t_steps, flow, step, Churn(S_churn, S_min, S_max, S_noise), randn_like)
+
+
+def _check_choice(option: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{option}='{value}': expected one of {', '.join(choices)}")
+
+# ----------------------------------------------------------------------------
+# Seeds, latents and class labels as the official generate.py draws them.
+
+
+class SeedRNG:
+    """One ``torch.Generator`` per seed (seeded with seed mod 2^32, on ``device``); every draw of shape
+    [N, ...] gives image i the draw of shape [...] from seed i's generator. A seed's stream therefore does not
+    depend on which other seeds share its batch."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def _check(self, size) -> list[int]:
+        size = list(size)
+        if not size or size[0] != len(self.generators):
+            raise ValueError(f"first dimension {size[0] if size else None} != number of seeds {len(self.generators)}")
+        return size
+
+    def randn(self, size, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        size = self._check(size)
+        return torch.stack([torch.randn(size[1:], generator=g, dtype=dtype, device=device or self.device)
+                            for g in self.generators])
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape, dtype=x.dtype, device=x.device)
+
+    def randint(self, high: int, size, device: torch.device | str | None = None) -> torch.Tensor:
+        size = self._check(size)
+        return torch.stack([torch.randint(high, size=size[1:], generator=g, device=device or self.device)
+                            for g in self.generators])
+
+
+def draw_latents(net, rng: SeedRNG) -> torch.Tensor:
+    """Per seed, the first draw: unit Gaussian noise [C, H, W] (float32)."""
+    return rng.randn([len(rng.generators), net.img_channels, net.img_resolution, net.img_resolution])
+
+
+def draw_class_labels(net, rng: SeedRNG, class_idx: int | None = None) -> torch.Tensor | None:
+    """Per seed, the second draw for a conditional network: a one-hot label of a uniformly drawn class. With
+    ``class_idx`` every label becomes that class, but the draw is still made so later draws stay aligned."""
+    label_dim = getattr(net, "label_dim", 0)
+    if not label_dim:
+        if class_idx is not None:
+            raise ValueError(f"class {class_idx} requested, but the network is unconditional")
+        return None
+    labels = torch.eye(label_dim, device=rng.device)[rng.randint(label_dim, size=[len(rng.generators)])]
+    if class_idx is not None:
+        if not 0 <= class_idx < label_dim:
+            raise ValueError(f"class {class_idx} is out of range: the network has classes 0..{label_dim - 1}")
+        labels[:, :] = 0
+        labels[:, class_idx] = 1
+    return labels
+
+
+def run_sampler(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
+                randn_like: RandnLike = torch.randn_like, **sampler_kwargs) -> torch.Tensor:
+    """``ablation_sampler`` when any of solver/discretization/schedule/scaling is given, else ``edm_sampler``.
+    Options set to None are left at the sampler's default."""
+    sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    sampler = ablation_sampler if any(k in sampler_kwargs for k in ABLATION_OPTIONS) else edm_sampler
+    return sampler(net, latents, class_labels, randn_like=randn_like, **sampler_kwargs)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images to uint8 as saved to PNG: (x * 127.5 + 128).clip(0, 255), truncated."""
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def generate_images(net, seeds: Sequence[int], class_idx: int | None = None,
+                    device: torch.device | str | None = None, **sampler_kwargs) -> torch.Tensor:
+    """Images for ``seeds`` exactly as generate.py saves them: uint8 [len(seeds), C, H, W] on ``device``
+    (default: the network's). Each image depends only on its seed, the network and the sampler options."""
+    if len(seeds) == 0:
+        raise ValueError("no seeds given")
+    if device is None:
+        device = next((p.device for p in net.parameters()), torch.device("cpu")) if hasattr(net, "parameters") else "cpu"
+    rng = SeedRNG(seeds, device)
+    latents = draw_latents(net, rng)
+    class_labels = draw_class_labels(net, rng, class_idx)
+    return to_uint8(run_sampler(net, latents, class_labels, randn_like=rng.randn_like, **sampler_kwargs))
