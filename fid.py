@@ -50,7 +50,10 @@ def _common_options(fn):
 
 def _setup(device: str | None, detector: str | None, preprocess: str):
     from metrics.detector import load_detector
-    device = dist.init(device)
+    try:
+        device = dist.init(device)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
     return device, load_detector(detector, device=device, preprocess_mode=preprocess)
 
 
@@ -145,7 +148,7 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, b
     With --network, the sampler options are generate.py's, and the images are those generate.py would
     write for the same seeds, never written to disk.
     """
-    from metrics.evaluate import cached_dataset_reference, compute_metrics, parse_metrics
+    from metrics.evaluate import cached_dataset_reference, compute_metrics, detector_settings, parse_metrics
     from metrics.reference import load_reference
     with _user_errors():
         metrics = parse_metrics(metric_names)
@@ -162,9 +165,8 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, b
         device, net = _setup(device, detector, preprocess)
         if ref is None:
             ref_dataset = _open_dataset(ref_path)
-            settings = [f"weights={net.weights_sha256}", f"preprocess={preprocess}"]
             ref = cached_dataset_reference(ref_path, lambda: _dataset_features(ref_dataset, net, device, batch, workers),
-                                           settings, keep_features="kid" in metrics)
+                                           detector_settings(net), keep_features="kid" in metrics)
         if dataset is not None:
             features = _dataset_features(dataset, net, device, batch, workers)
         else:

@@ -48,6 +48,11 @@ def compute_metrics(features: np.ndarray, ref: dict[str, np.ndarray], metrics: S
     return results
 
 
+def detector_settings(detector) -> list[str]:
+    """What, besides the images, shapes a detector's features: its weights and its preprocessing."""
+    return [f"weights={detector.weights_sha256}", f"preprocess={detector.preprocess_mode}"]
+
+
 def cached_dataset_reference(data_path: str, compute_features: Callable[[], np.ndarray], settings: Sequence[str],
                              keep_features: bool = False, cache: bool = True) -> dict[str, np.ndarray]:
     """Reference statistics of a dataset, cached by the dataset's content hash and ``settings``.

@@ -16,6 +16,7 @@ to 299x299, then ``(x - 128) / 128``, with no rounding in between (see :func:`re
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -232,4 +233,22 @@ class FIDDetector(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(preprocess(images, self.preprocess_mode))
+        x = preprocess(images, self.preprocess_mode)
+        with _ieee_float32_convolutions(x.device):
+            return self.net(x)
+
+
+@contextlib.contextmanager
+def _ieee_float32_convolutions(device: torch.device):
+    """cuDNN convolutions in true float32 (not TF32, PyTorch's default on Ampere and later GPUs, which moves
+    the features by ~1e-3 relative and the FID with them); restores the user's setting afterwards."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if device.type != "cuda" or conv is None or not hasattr(conv, "fp32_precision"):
+        yield
+        return
+    saved = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = saved

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import FASHION_MNIST_T10K, REPO_ROOT, fid_of_features, make_tiny_net
-from metrics.frechet import feature_statistics, frechet_distance, kernel_inception_distance
+from metrics.frechet import feature_statistics, kernel_inception_distance
 
 
 def _fid_cli(*args: str):
@@ -67,23 +67,29 @@ def test_ref_writes_official_format_statistics(folders, ref_npz):
     np.testing.assert_allclose(sigma, expected_sigma, rtol=1e-4, atol=1e-5)
 
 
-def test_calc_prints_the_fid_alone_on_the_last_line(folders, ref_npz):
-    """The one test that runs the full 2048x2048 sqrtm (slow on a CPU), with its singular-covariance fallback."""
-    result = _fid_cli("calc", f"--images={folders['b']}", f"--ref={ref_npz}", "--num=6", "--batch=6", "--workers=0")
+def test_calc_prints_the_fid_alone_on_the_last_line(folders, tmp_path):
+    """A reference with zero covariance has the closed form FID = |mu - mu_ref|^2 + Tr(sigma), and keeps
+    scipy's 2048x2048 sqrtm cheap (for a general matrix it takes a minute on 2 cores). FID of general
+    covariances: tests/test_frechet.py, and in full dimension tests/test_inception.py."""
+    ref = tmp_path / "degenerate.npz"
+    ref_mu = folders["features"]["a"].astype(np.float64).mean(0)
+    np.savez(ref, mu=ref_mu, sigma=np.zeros([2048, 2048]))
+    result = _fid_cli("calc", f"--images={folders['b']}", f"--ref={ref}", "--num=6", "--batch=6", "--workers=0")
     assert result.exit_code == 0, result.output
     fid = float(result.output.strip().splitlines()[-1])
-    expected = fid_of_features(folders["features"]["b"], folders["features"]["a"])
+    mu, sigma = feature_statistics(folders["features"]["b"])
+    expected = np.sum((mu - ref_mu) ** 2) + np.trace(sigma)
     assert expected > 10
-    assert fid == pytest.approx(expected, rel=1e-4)
+    assert fid == pytest.approx(expected, rel=1e-5)
 
 
-def test_kid_against_a_dataset_reference_cached_by_content(folders, fid_cache_dir, monkeypatch):
+def test_kid_against_a_dataset_reference_cached_by_content(folders, fid_detector, fid_cache_dir):
     """--ref=DATASET: statistics (and features, for KID) computed once, then read from the cache.
     --num below the number of images: the seeded subset of the dataset reader."""
+    from metrics.evaluate import cached_dataset_reference, detector_settings
     from training.dataset import ImageFolderDataset
-    args = ["calc", f"--images={folders['b']}", f"--ref={folders['a']}", "--num=4", "--seed=3", "--metrics=kid",
-            "--batch=4", "--workers=0"]
-    result = _fid_cli(*args)
+    result = _fid_cli("calc", f"--images={folders['b']}", f"--ref={folders['a']}", "--num=4", "--seed=3",
+                      "--metrics=kid", "--batch=4", "--workers=0")
     assert result.exit_code == 0, result.output
     kid = float(result.output.strip().splitlines()[-1].split(":")[1])
     subset = ImageFolderDataset(folders["b"], max_size=4, random_seed=3)
@@ -93,13 +99,9 @@ def test_kid_against_a_dataset_reference_cached_by_content(folders, fid_cache_di
     expected = kernel_inception_distance(folders["features"]["b"][picked], folders["features"]["a"])
     assert kid == pytest.approx(expected, rel=1e-3)
     assert len(os.listdir(os.path.join(fid_cache_dir, "fid-refs"))) == 1
-
-    import metrics.evaluate
-    monkeypatch.setattr(metrics.evaluate, "reference_from_features",
-                        lambda *a, **k: pytest.fail("reference statistics recomputed despite the cache"))
-    again = _fid_cli(*args)
-    assert again.exit_code == 0, again.output
-    assert again.output.strip().splitlines()[-1] == result.output.strip().splitlines()[-1]
+    cached = cached_dataset_reference(folders["a"], lambda: pytest.fail("statistics recomputed despite the cache"),
+                                      detector_settings(fid_detector), keep_features=True)
+    np.testing.assert_allclose(cached["features"], folders["features"]["a"], rtol=1e-4, atol=1e-5)
 
 
 def test_two_processes_give_the_statistics_of_one(folders, ref_npz, fid_cache_dir, tmp_path):
@@ -116,36 +118,32 @@ def test_two_processes_give_the_statistics_of_one(folders, ref_npz, fid_cache_di
 
 
 def test_in_memory_network_evaluation_equals_generate_then_calc(fid_detector, tmp_path):
-    """calc --network makes the same images as generate.py (same seeds, sampler, uint8 rounding): the
-    features equal those of the written PNGs, hence the same FID; the CLI runs end to end with KID."""
+    """calc --network makes the images generate.py writes (same seeds, sampler options, uint8 rounding), so its
+    FID and KID equal those of the PNGs. The reference (zero mu and sigma, the PNGs' features) gives FID the
+    closed form |mu|^2 + Tr(sigma) of the evaluated features."""
     from generate import main as generate_main
-    from metrics.features import compute_features, dataset_batches, generated_batches
+    from metrics.features import compute_features, dataset_batches
+    from metrics.reference import save_reference
     from training.checkpoint import save_network_pkl
     from training.dataset import ImageFolderDataset
-    from training.sampling import generate_images
 
-    net = make_tiny_net(label_dim=4)
     pkl = str(tmp_path / "net.pkl")
-    save_network_pkl(pkl, dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs={}))
+    save_network_pkl(pkl, dict(ema=make_tiny_net(label_dim=4), loss_fn=None, augment_pipe=None, dataset_kwargs={}))
     sampler = ["--steps=4", "--S_churn=10", "--S_min=0.01", "--S_max=20"]
     out = tmp_path / "out"
     result = CliRunner().invoke(generate_main, [f"--network={pkl}", f"--outdir={out}", "--seeds=0-3", "--batch=3",
                                                 "--device=cpu", *sampler], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     on_disk = compute_features(fid_detector, dataset_batches(ImageFolderDataset(str(out)), 0), 4, batch_size=4)
-    in_memory = compute_features(
-        fid_detector, generated_batches(lambda s: generate_images(net, s, num_steps=4, S_churn=10, S_min=0.01,
-                                                                  S_max=20), list(range(4))), 4, batch_size=4)
-    np.testing.assert_allclose(in_memory, on_disk, rtol=1e-5, atol=1e-5)
-    ref = tmp_path / "ref.npz"
-    from metrics.evaluate import reference_from_features
-    from metrics.reference import save_reference
-    save_reference(str(ref), reference_from_features(on_disk, keep_features=True))
-    result = _fid_cli("calc", f"--network={pkl}", "--seeds=0-3", f"--ref={ref}", "--metrics=kid", "--batch=4",
+    ref = str(tmp_path / "ref.npz")
+    save_reference(ref, dict(mu=np.zeros(2048), sigma=np.zeros([2048, 2048]), features=on_disk))
+    result = _fid_cli("calc", f"--network={pkl}", "--seeds=0-3", f"--ref={ref}", "--metrics=fid,kid", "--batch=4",
                       *sampler)
     assert result.exit_code == 0, result.output
-    kid = float(result.output.strip().splitlines()[-1].split(":")[1])
-    assert kid == pytest.approx(kernel_inception_distance(in_memory, on_disk), abs=1e-6)
+    *_, kid_line, fid_line = result.output.strip().splitlines()
+    mu, sigma = feature_statistics(on_disk)
+    assert float(fid_line) == pytest.approx(np.sum(mu ** 2) + np.trace(sigma), rel=1e-5)
+    assert float(kid_line.split(":")[1]) == pytest.approx(kernel_inception_distance(on_disk, on_disk), rel=1e-4)
 
 
 # ----------------------------------------------------------------------------
