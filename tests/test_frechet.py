@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.linalg
 
 from conftest import fid_of_features
 from metrics.evaluate import compute_metrics, parse_metrics, reference_from_features
