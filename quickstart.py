@@ -1,0 +1,182 @@
+"""The main job, end to end, on the embedded Fashion-MNIST: convert, reference statistics, train, sample, FID.
+
+    python quickstart.py                   # picks the preset for this machine (cpu, or gpu when CUDA is there)
+    python quickstart.py --preset=smoke    # a minute or two: every stage at toy size (what CI runs)
+
+Every stage runs one of the real command lines (dataset_tool.py, fid.py, train.py, generate.py) as a
+subprocess, exactly as a user would type it; this script only chooses their options and reports.
+The embedded 10,000 images are split in two halves: the first trains the model, and the reference statistics
+come from its first ``num_eval`` images; the second half is held out, and its first ``num_eval`` images give the
+real-data floor (real vs. real FID at the same image count) printed beside the samples' FID.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import click
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(REPO, "data", "fashion-mnist", "t10k-images-idx3-ubyte.gz")
+NUM_SOURCE_IMAGES = 10000
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Everything the job's size depends on."""
+    train_images: int  # The first half of the embedded data (at most 5,000 keeps the second half held out).
+    num_eval: int  # Images in the reference, the held-out floor, and the generated set.
+    train_args: tuple[str, ...]  # train.py options beyond the data and output folder.
+    steps: int = 18  # EDM Heun steps (NFE = 2 * steps - 1).
+    batch: int = 100  # generate.py and fid.py batch size.
+
+
+# Measured on a 2-core AMD EPYC (see README, "Quickstart"); duration is in Mimg as in train.py.
+PRESETS = {
+    "cpu": Preset(train_images=5000, num_eval=1000, train_args=(
+        "--arch=ddpmpp", "--precond=edm", "--cbase=32", "--cres=1,2,2", "--blocks=1", "--attn=16",
+        "--batch=32", "--lr=1e-3", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
+        "--augment=0", "--duration=0.04", "--tick=5", "--snap=1000", "--dump=1000", "--grid=64", "--seed=0")),
+    "gpu": Preset(train_images=5000, num_eval=5000, batch=500, train_args=(
+        "--arch=ddpmpp", "--precond=edm", "--cbase=128", "--cres=1,2,2", "--blocks=2", "--attn=16",
+        "--batch=256", "--lr=1e-3", "--lr-rampup=10", "--ema=0.5", "--ema-rampup=0.05", "--dropout=0.1",
+        "--augment=0", "--duration=2", "--tick=50", "--snap=1000", "--dump=1000", "--grid=64", "--seed=0")),
+    "smoke": Preset(train_images=256, num_eval=16, steps=4, batch=16, train_args=(
+        "--arch=ddpmpp", "--precond=edm", "--cbase=8", "--cres=1,1", "--blocks=1", "--attn=16",
+        "--batch=16", "--lr=1e-3", "--lr-rampup=0", "--ema=0.001", "--dropout=0", "--augment=0",
+        "--duration=0.000064", "--tick=0.032", "--snap=1000", "--dump=1000", "--grid=16", "--seed=0")),
+}
+
+
+class Stage:
+    """Numbered stage headers, elapsed time per stage, and the commands that ran."""
+
+    def __init__(self, total: int, log_path: str):
+        self.total = total
+        self.index = 0
+        self.log_path = log_path
+        self.timings: list[tuple[str, float]] = []
+
+    def run(self, title: str, args: list[str]) -> str:
+        """Run one CLI, streaming its progress to the terminal; return its stdout's last line."""
+        self.index += 1
+        command = [sys.executable, *args]
+        click.secho(f"\n[{self.index}/{self.total}] {title}", bold=True)
+        click.echo("$ " + shlex.join(["python", *args]))
+        with open(self.log_path, "a") as log:
+            log.write("$ " + shlex.join(["python", *args]) + "\n")
+        start = time.time()
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+        lines = []
+        for line in proc.stdout:  # stderr (progress bars) goes straight to the terminal.
+            sys.stdout.write(line)
+            lines.append(line.rstrip("\n"))
+        if proc.wait() != 0:
+            raise click.ClickException(f"stage {self.index} ({title}) failed with exit code {proc.returncode}; "
+                                       f"its output is above")
+        elapsed = time.time() - start
+        self.timings.append((title, elapsed))
+        click.echo(f"    done in {elapsed:.0f} s")
+        return next((line for line in reversed(lines) if line.strip()), "")
+
+
+def pick_preset(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def fid_value(last_line: str) -> float:
+    """fid.py prints the FID alone on its last line."""
+    try:
+        return float(last_line.split()[-1])
+    except (ValueError, IndexError):
+        raise click.ClickException(f"fid.py did not end with a FID value (last line: {last_line!r})") from None
+
+
+def newest(pattern: str) -> str:
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise click.ClickException(f"expected a file matching {pattern}, found none")
+    return paths[-1]
+
+
+@click.command()
+@click.option("--outdir", default="quickstart-out", show_default=True, metavar="DIR",
+              help="Where everything goes (must not hold an earlier quickstart run)")
+@click.option("--preset", type=click.Choice(["auto", *PRESETS]), default="auto", show_default=True,
+              help="Job size: cpu (about 15 min on 2 cores), gpu, smoke (a minute or two; for CI)")
+@click.option("--device", default=None, metavar="DEV", help="Passed to every stage, e.g. cpu  [default: auto]")
+def main(outdir: str, preset: str, device: str | None) -> None:
+    """Train a small EDM model on the embedded Fashion-MNIST and report the FID of its samples."""
+    preset_name = pick_preset(preset)
+    p = PRESETS[preset_name]
+    outdir = os.path.abspath(outdir)
+    if os.path.exists(os.path.join(outdir, "summary.json")):
+        raise click.ClickException(f"--outdir={outdir} already holds a quickstart run; remove it or pick another")
+    os.makedirs(outdir, exist_ok=True)
+    path = lambda *parts: os.path.join(outdir, *parts)
+    device_args = [f"--device={device}"] if device else []
+    n = p.num_eval
+    held_out_start = NUM_SOURCE_IMAGES // 2
+    if p.train_images > held_out_start or n > held_out_start:
+        raise click.ClickException(f"preset {preset_name}: train_images and num_eval must be at most {held_out_start}")
+    click.secho(f"Quickstart, preset '{preset_name}': train on {p.train_images} Fashion-MNIST images, "
+                f"evaluate FID on {n} images; output in {outdir}", bold=True)
+    start = time.time()
+    stage = Stage(total=7, log_path=path("commands.txt"))
+
+    for name in ("train.zip", "reference.zip", "held-out.zip"):
+        if os.path.exists(path(name)):
+            os.remove(path(name))  # Left by an interrupted run; dataset_tool.py refuses to overwrite.
+    stage.run("Convert the training half of the embedded data", [
+        "dataset_tool.py", f"--source={SOURCE}", f"--dest={path('train.zip')}", f"--max-images={p.train_images}"])
+    stage.run("Convert the reference images and the held-out images", [
+        "dataset_tool.py", f"--source={SOURCE}", f"--dest={path('reference.zip')}", f"--max-images={n}"])
+    subprocess.run([sys.executable, "dataset_tool.py", f"--source={SOURCE}", f"--dest={path('held-out.zip')}",
+                    f"--first={held_out_start}", f"--max-images={n}"], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL)
+    stage.run("Reference statistics (Inception features of the reference images)", [
+        "fid.py", "ref", f"--data={path('reference.zip')}", f"--dest={path('reference.npz')}",
+        f"--batch={p.batch}", *device_args])
+    floor = fid_value(stage.run("Real-data floor: FID of the held-out images", [
+        "fid.py", "calc", f"--images={path('held-out.zip')}", f"--ref={path('reference.npz')}", f"--num={n}",
+        f"--batch={p.batch}", *device_args]))
+    stage.run("Train a DDPM++ network with EDM preconditioning and loss", [
+        "train.py", f"--outdir={path('training')}", "--nosubdir", f"--data={path('train.zip')}", "--workers=0",
+        *p.train_args, *device_args])
+    snapshot = newest(path("training", "network-snapshot-*.pkl"))
+    stage.run(f"Generate {n} images (EDM Heun sampler, {p.steps} steps)", [
+        "generate.py", f"--network={snapshot}", f"--outdir={path('samples')}", f"--seeds=0-{n - 1}",
+        f"--steps={p.steps}", f"--batch={p.batch}", f"--grid={path('samples-grid.png')}", *device_args])
+    fid = fid_value(stage.run("FID of the generated images", [
+        "fid.py", "calc", f"--images={path('samples')}", f"--ref={path('reference.npz')}", f"--num={n}",
+        f"--batch={p.batch}", *device_args]))
+
+    total = time.time() - start
+    summary = dict(preset=preset_name, fid=fid, real_data_floor=floor, num_eval=n, total_seconds=round(total, 1),
+                   stages={title: round(seconds, 1) for title, seconds in stage.timings},
+                   snapshot=snapshot, grid=path("samples-grid.png"), samples=path("samples"),
+                   training_run=path("training"), reference=path("reference.npz"))
+    with open(path("summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    click.secho("\nSummary", bold=True)
+    click.echo(f"  samples' FID        {fid:8.2f}   ({n} generated vs. {n} real images)")
+    click.echo(f"  real-data floor     {floor:8.2f}   ({n} held-out real vs. the same {n} real images)")
+    click.echo(f"  sample grid         {summary['grid']}")
+    click.echo(f"  network snapshot    {snapshot}")
+    click.echo(f"  training log/stats  {path('training')}")
+    click.echo(f"  all numbers         {path('summary.json')}")
+    click.echo(f"Finished in {total / 60:.1f} min.")
+
+
+if __name__ == "__main__":
+    main()
