@@ -27,8 +27,8 @@ class StatsCollector:
         if value is None:
             return
         value = torch.as_tensor(value).detach().to(self.device, torch.float64).flatten()
-        self._moments[name] += torch.stack([torch.tensor(value.numel(), dtype=torch.float64, device=self.device),
-                                            value.sum(), value.square().sum()])
+        # new_full, not torch.tensor(..., device=): a fill kernel instead of a host-to-device copy per report.
+        self._moments[name] += torch.stack([value.new_full([], value.numel()), value.sum(), value.square().sum()])
 
     def report(self, name: str, value):
         """Count a scalar or all elements of a tensor under ``name``; returns ``value``."""

@@ -217,15 +217,21 @@ class Churn:
     S_max: float = float("inf")
     S_noise: float = 1
 
-    def gamma(self, sigma: torch.Tensor, num_steps: int) -> float:
+    def gamma(self, sigma: float, num_steps: int) -> float:
         return min(self.S_churn / num_steps, np.sqrt(2) - 1) if self.S_min <= sigma <= self.S_max else 0
 
-    def apply(self, net, flow: ProbabilityFlow, x: torch.Tensor, t: torch.Tensor, num_steps: int,
+    def gammas(self, flow: ProbabilityFlow, t_steps: torch.Tensor) -> list[float]:
+        """gamma_i for every step, decided once on the host from the float64 noise levels, so the sampler
+        loop never waits for the device to compare a noise level with S_min and S_max."""
+        num_steps = len(t_steps) - 1
+        return [self.gamma(sigma, num_steps) for sigma in flow.sigma(t_steps[:-1].cpu()).tolist()]
+
+    def apply(self, net, flow: ProbabilityFlow, x: torch.Tensor, t: torch.Tensor, gamma: float,
               noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_hat, t_hat). In t, for any sigma(t) and s(t): x_hat = s(t_hat)/s(t) x + sqrt(sigma(t_hat)^2 -
         sigma(t)^2) s(t_hat) S_noise z."""
         sigma = flow.sigma(t)
-        t_hat = flow.t_of_sigma(net, sigma + self.gamma(sigma, num_steps) * sigma)
+        t_hat = flow.t_of_sigma(net, sigma + gamma * sigma)
         added_std = (flow.sigma(t_hat) ** 2 - sigma ** 2).clip(min=0).sqrt()
         x_hat = flow.s(t_hat) / flow.s(t) * x + added_std * flow.s(t_hat) * self.S_noise * noise
         return x_hat, t_hat
@@ -242,12 +248,13 @@ def solve(net, latents: torch.Tensor, class_labels: torch.Tensor | None, t_steps
     """
     num_steps = len(t_steps) - 1
     x = latents.to(torch.float64) * (flow.sigma(t_steps[0]) * flow.s(t_steps[0]))
+    gammas = churn.gammas(flow, t_steps)
 
     def dx_dt(x_, t_):
         return flow.dx_dt(net, x_, t_, class_labels)
 
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        x_hat, t_hat = churn.apply(net, flow, x, t_cur, num_steps, randn_like(x))
+        x_hat, t_hat = churn.apply(net, flow, x, t_cur, gammas[i], randn_like(x))
         x = (step if i < num_steps - 1 else euler_step)(dx_dt, x_hat, t_hat, t_next)
     return x
 

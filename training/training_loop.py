@@ -27,6 +27,8 @@ from torch_utils import distributed as dist
 from torch_utils.misc import InfiniteSampler, clone_module, copy_params_and_buffers
 from torch_utils.training_stats import StatsCollector
 from training.checkpoint import save_network_pkl
+from training.perf import FastPaths, adam_kwargs, as_memory_format, default_fast_paths, maybe_compile, \
+    prepare_network, set_tf32
 from training.progress import RunLog, format_time, save_image_grid
 from training.training_state import TrainingState, capture_rng_state, restore_rank_rng, restore_rng_state
 
@@ -42,6 +44,8 @@ class Run:
     device: torch.device
     state: TrainingState
     ddp: torch.nn.Module                 # The network to call for training (DDP-wrapped when world > 1).
+    forward: torch.nn.Module             # What the loss calls: ``ddp``, compiled when the fast path is on.
+    fast: FastPaths
     loss_fn: Any
     augment_pipe: Any
     optimizer_lr: float
@@ -106,6 +110,15 @@ def open_data_stream(dataset_obj, seed: int, start: int, batch_gpu: int, loader_
     return iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
 
 
+def build_optimizer(optimizer_kwargs: dict, params, fast: FastPaths, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer of ``optimizer_kwargs``; Adam gets the fused or the for-loop implementation as ``fast``
+    says, unless the kwargs choose one themselves."""
+    kwargs = dict(optimizer_kwargs)
+    if kwargs["class_name"] in ("torch.optim.Adam", "torch.optim.AdamW") and not {"fused", "foreach"} & kwargs.keys():
+        kwargs.update(adam_kwargs(fast, device))
+    return dnnlib.construct_class_by_name(params=params, **kwargs)
+
+
 def build_network(network_kwargs: dict, dataset_obj, device: torch.device) -> torch.nn.Module:
     check_network_fits_dataset(network_kwargs, dataset_obj.resolution, dataset_obj.num_channels)
     interface = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels,
@@ -141,12 +154,12 @@ def load_state(state: TrainingState, path: str, log: RunLog, device: torch.devic
 def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_kwargs: dict, loss_kwargs: dict,
           optimizer_kwargs: dict, augment_kwargs: dict | None, seed: int, batch_size: int, batch_gpu: int | None,
           resume_pkl: str | None, resume_state_dump: str | None, cudnn_benchmark: bool, device,
-          tensorboard: bool, options: dict, start_time: float) -> Run:
+          tensorboard: bool, options: dict, start_time: float, fast_paths: dict | None = None) -> Run:
     """Distributed setup, data, network, optimizer and (resumed) training state."""
     device = dist.init(device) if not isinstance(device, torch.device) else device
+    fast = default_fast_paths(device).with_options(**(fast_paths or {}))
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    set_tf32(fast.tf32)
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     log = RunLog(run_dir, tensorboard=tensorboard)
     batch_gpu, rounds = batch_split(batch_size, batch_gpu, dist.get_world_size())
@@ -160,14 +173,16 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
     torch.manual_seed(seed)  # The same initial network for any number of processes.
     net = build_network(network_kwargs, dataset_obj, device)
     seed_everything(seed)
+    ema = clone_module(net).eval().requires_grad_(False)  # Contiguous, as snapshots are written.
+    prepare_network(net, fast, precision=False)  # The precision is the network's own (--fp16, --bf16).
     log.print(f"{type(net).__name__}: {sum(p.numel() for p in net.parameters()):,} parameters")
     loss_fn = dnnlib.construct_class_by_name(**loss_kwargs)
     augment_pipe = dnnlib.construct_class_by_name(**augment_kwargs) if augment_kwargs else None
-    optimizer = dnnlib.construct_class_by_name(params=net.parameters(), **optimizer_kwargs)
+    optimizer = build_optimizer(optimizer_kwargs, net.parameters(), fast, device)
     ddp = net
     if dist.get_world_size() > 1:  # Broadcasts rank 0's initial weights; averages gradients in backward.
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    ema = clone_module(net).eval().requires_grad_(False)
+    log.print(f"Fast paths: {fast.describe()}")
     state = TrainingState(net=net, ema=ema, optimizer=optimizer,
                           extra=dict(batch_size=batch_size, seed=seed, network_kwargs=_plain(network_kwargs)))
 
@@ -179,7 +194,7 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
     if resume_data is not None and not restore_rank_rng(resume_data, device):
         log.print(f"Note: the state was written by {resume_data.get('world_size')} processes, now "
                   f"{dist.get_world_size()}: training continues, but not bit-exactly")
-    return Run(device=device, state=state, ddp=ddp, loss_fn=loss_fn, augment_pipe=augment_pipe,
+    return Run(device=device, state=state, ddp=ddp, forward=maybe_compile(ddp, fast), fast=fast, loss_fn=loss_fn, augment_pipe=augment_pipe,
                optimizer_lr=optimizer_kwargs["lr"], data=data, dataset_obj=dataset_obj,
                dataset_kwargs=_plain(dataset_kwargs), batch_size=batch_size, batch_gpu=batch_gpu,
                accumulation_rounds=rounds, run_dir=run_dir, log=log, stats=StatsCollector(device), options=options,
@@ -223,9 +238,10 @@ def accumulate_gradients(run: Run) -> None:
         sync = contextlib.nullcontext() if last or run.ddp is run.state.net else run.ddp.no_sync()
         with sync:
             images, labels = next(run.data)
-            images = images.to(run.device).to(torch.float32) / 127.5 - 1
-            labels = labels.to(run.device)
-            loss = run.loss_fn(net=run.ddp, images=images, labels=labels, augment_pipe=run.augment_pipe)
+            images = images.to(run.device, non_blocking=True).to(torch.float32) / 127.5 - 1
+            labels = labels.to(run.device, non_blocking=True)
+            loss = run.loss_fn(net=run.forward, images=as_memory_format(images, run.fast), labels=labels,
+                               augment_pipe=run.augment_pipe)
             run.stats.report("Loss/loss", loss)
             loss.sum().mul(loss_scaling / per_rank).backward()
 
@@ -242,8 +258,10 @@ def sanitize_gradients(net: torch.nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, net: torch.nn.Module, beta: float) -> None:
-    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-        p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+    """ema <- lerp(net, ema, beta) = net + beta (ema - net), the official formula, over all parameters in a
+    few multi-tensor kernels (bit-identical to a loop over parameters)."""
+    ema_params, net_params = list(ema.parameters()), [p.detach() for p in net.parameters()]
+    torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
 
 
 def train_step(run: Run) -> None:
@@ -362,7 +380,7 @@ def maintain(run: Run, tick: Tick, done: bool, stop_requested: bool) -> None:
 def release(run: Run) -> None:
     """Free the DDP wrapper and the data stream now, and let every rank get here, so that no rank tears down
     the process group (or exits) while another still holds objects that use it."""
-    run.ddp = run.data = None
+    run.ddp = run.forward = run.data = None
     gc.collect()
     dist.barrier()
 
@@ -421,6 +439,7 @@ def training_loop(
     grid_images: int = 64,              # Images in each sample grid; 0 = no grids.
     grid_steps: int = 18,               # Sampler steps for the grids.
     tensorboard: bool = True,           # TensorBoard scalars when the package is installed.
+    fast_paths: dict | None = None,     # training.perf.FastPaths switches; None or missing = the device's defaults.
 ) -> TrainingState:
     """Train until ``total_kimg`` thousand images have been seen (or SIGTERM); returns the final state."""
     options = dict(loss_scaling=loss_scaling, lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
@@ -429,7 +448,7 @@ def training_loop(
     start_time = time.time()
     run = setup(run_dir, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs,
                 augment_kwargs, seed, batch_size, batch_gpu, resume_pkl, resume_state_dump, cudnn_benchmark,
-                device, tensorboard, options, start_time)
+                device, tensorboard, options, start_time, fast_paths)
     state = run.state
     if state.cur_nimg == 0:
         save_data_grid(run)

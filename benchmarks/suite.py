@@ -1,0 +1,306 @@
+"""Throughput and memory of training, sampling and FID features, for variants of the fast paths side by side.
+
+A variant is a ``training.perf.FastPaths`` (see ``parse_variant``: 'reference', 'default', 'default+bf16',
+...). Every variant gets its own networks (same seed, same weights) and is warmed up (compiled) first; then
+the measurements run in rounds, each round timing every variant once, so that a machine whose load changes
+affects all variants alike; the reported time is the median over rounds.
+
+Measured, per variant (images per second of wall-clock time):
+- train: one full optimizer step of the training loop on a batch of random images: EDM loss, backward,
+  gradient clean-up, Adam, EMA (``training.training_loop``'s pieces); also reported as s/kimg.
+- forward: one denoiser evaluation D(x; sigma) of a batch (eval mode, no gradients).
+- sample: ``generate_images`` with the EDM sampler, ``num_steps`` Heun steps (18 steps = NFE 35).
+- fid: Inception pool3 features of uint8 images (resized to 299x299) with randomly initialised weights (speed
+  does not depend on them); always float32, only channels_last/compile/TF32 apply, as FID must stay standard.
+- peak memory: the process's resident set size (sampled every 5 ms) and, on CUDA, allocated GPU memory.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import psutil
+import torch
+
+from training.loss import EDMLoss
+from training.networks import EDMPrecond
+from training.perf import FastPaths, as_memory_format, maybe_compile, parse_variant, prepare_network, set_tf32
+from training.sampling import generate_images
+from training.training_loop import build_optimizer, ema_beta, sanitize_gradients, update_ema
+
+# The network of each config (EDMPrecond around a SongUNet), as train.py builds it.
+DDPMPP = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
+              channel_mult_noise=1, resample_filter=[1, 1], channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)
+CONFIGS = {
+    # The official CIFAR-10 DDPM++ (cond, 56M parameters): train.py --arch=ddpmpp --cond=1.
+    "cifar10-ddpmpp": dict(resolution=32, channels=3, label_dim=10, network=dict(DDPMPP, model_channels=128)),
+    # The same architecture at a quarter of the width (3.5M parameters), for CPUs.
+    "cifar10-ddpmpp-c32": dict(resolution=32, channels=3, label_dim=10, network=dict(DDPMPP, model_channels=32)),
+    # A few-hundred-thousand-parameter 16x16 network, for tests.
+    "tiny": dict(resolution=16, channels=3, label_dim=10,
+                 network=dict(DDPMPP, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])),
+}
+MEASUREMENTS = ("train", "forward", "sample", "fid")
+LOSS_SCALING_FP16 = 100  # As the official ImageNet fp16 config (--ls=100).
+
+
+@dataclass
+class Settings:
+    config: str = "cifar10-ddpmpp-c32"
+    device: str = "cpu"
+    batch: int = 32
+    num_steps: int = 18                 # Sampler steps: NFE = 2 * num_steps - 1.
+    fid_batch: int = 8
+    rounds: int = 3
+    measurements: tuple = MEASUREMENTS
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    variant: str
+    fast: FastPaths
+    seconds: dict = field(default_factory=dict)     # measurement -> median seconds per call
+    images: dict = field(default_factory=dict)      # measurement -> images per call
+    warmup_seconds: float = 0.0                     # first calls (compilation included)
+    peak_rss_gb: float = 0.0
+    peak_gpu_gb: float = 0.0
+
+    def images_per_second(self, measurement: str) -> float | None:
+        if measurement not in self.seconds:
+            return None
+        return self.images[measurement] / self.seconds[measurement]
+
+    def as_dict(self) -> dict:
+        rates = {f"{m}_img_per_s": self.images_per_second(m) for m in MEASUREMENTS}
+        train = rates["train_img_per_s"]
+        return dict(variant=self.variant, fast_paths=self.fast.describe(), **rates,
+                    train_s_per_kimg=1000 / train if train else None, seconds=self.seconds,
+                    warmup_seconds=self.warmup_seconds, peak_rss_gb=self.peak_rss_gb, peak_gpu_gb=self.peak_gpu_gb)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    threads = torch.get_num_threads()
+    return f"{name}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak resident set size of this process (sampled by a thread) and peak allocated CUDA memory, in GB."""
+
+    def __init__(self, device: torch.device, interval: float = 0.005):
+        self.device, self.interval = device, interval
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        process = psutil.Process(os.getpid())
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, psutil.Process(os.getpid()).memory_info().rss)
+
+    @property
+    def rss_gb(self) -> float:
+        return self.peak_rss / 2 ** 30
+
+    @property
+    def gpu_gb(self) -> float:
+        return torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else 0.0
+
+
+def build_denoiser(config: dict, fast: FastPaths, device: torch.device, seed: int) -> torch.nn.Module:
+    """The config's EDMPrecond with seeded weights and the variant's attention, memory format and precision."""
+    torch.manual_seed(seed)
+    net = EDMPrecond(img_resolution=config["resolution"], img_channels=config["channels"],
+                     label_dim=config["label_dim"], **config["network"])
+    return prepare_network(net.to(device), fast)
+
+
+class VariantBench:
+    """The callables one variant is timed with; each runs one unit of work (and waits for the device)."""
+
+    def __init__(self, variant: str, settings: Settings, device: torch.device):
+        self.variant, self.settings, self.device = variant, settings, device
+        self.fast = parse_variant(variant, device)
+        self.config = CONFIGS[settings.config]
+        self.calls: dict[str, Callable[[], None]] = {}
+        self.images: dict[str, int] = {}
+        generator = torch.Generator().manual_seed(settings.seed)
+        res, ch, labels = self.config["resolution"], self.config["channels"], self.config["label_dim"]
+        n = settings.batch
+        self.uint8_images = torch.randint(0, 256, [n, ch, res, res], generator=generator, dtype=torch.uint8).to(device)
+        self.labels = torch.eye(labels)[torch.randint(labels, [n], generator=generator)].to(device)
+        for m in settings.measurements:
+            getattr(self, f"_setup_{m}")()
+
+    def _setup_train(self) -> None:
+        net = build_denoiser(self.config, self.fast, self.device, self.settings.seed).train().requires_grad_(True)
+        ema = build_denoiser(self.config, self.fast.with_options(channels_last=False), self.device,
+                             self.settings.seed).eval().requires_grad_(False)
+        optimizer = build_optimizer(dict(class_name="torch.optim.Adam", lr=1e-4, betas=[0.9, 0.999], eps=1e-8),
+                                    net.parameters(), self.fast, self.device)
+        forward = maybe_compile(net, self.fast)
+        loss_fn = EDMLoss()
+        loss_scaling = LOSS_SCALING_FP16 if self.fast.precision == "fp16" else 1
+        batch = self.settings.batch
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            images = as_memory_format(self.uint8_images.to(torch.float32) / 127.5 - 1, self.fast)
+            loss = loss_fn(net=forward, images=images, labels=self.labels)
+            loss.sum().mul(loss_scaling / batch).backward()
+            sanitize_gradients(net)
+            optimizer.step()
+            update_ema(ema, net, ema_beta(10 ** 6, batch, 500, 0.05))
+            synchronize(self.device)
+
+        self.calls["train"], self.images["train"] = step, batch
+
+    def _eval_denoiser(self) -> torch.nn.Module:
+        if not hasattr(self, "_eval_net"):
+            net = build_denoiser(self.config, self.fast, self.device, self.settings.seed).eval().requires_grad_(False)
+            self._eval_net = maybe_compile(net, self.fast)
+        return self._eval_net
+
+    def _setup_forward(self) -> None:
+        net = self._eval_denoiser()
+        generator = torch.Generator().manual_seed(self.settings.seed + 1)
+        x = as_memory_format(torch.randn(self.uint8_images.shape, generator=generator).to(self.device) * 2, self.fast)
+        sigma = torch.full([x.shape[0]], 2.0, device=self.device)
+
+        @torch.no_grad()
+        def forward() -> None:
+            net(x, sigma, self.labels)
+            synchronize(self.device)
+
+        self.calls["forward"], self.images["forward"] = forward, self.settings.batch
+
+    def _setup_sample(self) -> None:
+        net = self._eval_denoiser()
+        seeds = list(range(self.settings.batch))
+
+        def sample() -> None:
+            generate_images(net, seeds, device=self.device, num_steps=self.settings.num_steps)
+            synchronize(self.device)
+
+        self.calls["sample"], self.images["sample"] = sample, self.settings.batch
+
+    def _setup_fid(self) -> None:
+        from metrics.inception import FIDDetector, InceptionV3
+
+        torch.manual_seed(self.settings.seed)
+        fid_fast = FastPaths(sdpa=True, channels_last=self.fast.channels_last, compile=self.fast.compile,
+                             tf32=self.fast.tf32)
+        detector = FIDDetector(InceptionV3()).to(self.device)
+        detector.net = maybe_compile(detector.net.to(memory_format=torch.channels_last if fid_fast.channels_last
+                                                     else torch.contiguous_format), fid_fast)
+        images = self.uint8_images[:self.settings.fid_batch]
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+
+        def features() -> None:
+            detector(images)
+            synchronize(self.device)
+
+        self.calls["fid"], self.images["fid"] = features, len(images)
+
+
+def run_benchmark(variants: list[str], settings: Settings, progress: Callable[[str], None] = lambda s: None
+                  ) -> dict:
+    """Measure every variant (rounds of side-by-side timings); returns the JSON-ready report."""
+    unknown = [m for m in settings.measurements if m not in MEASUREMENTS]
+    if unknown:
+        raise ValueError(f"unknown measurement(s) {', '.join(unknown)}; expected {', '.join(MEASUREMENTS)}")
+    if settings.config not in CONFIGS:
+        raise ValueError(f"config '{settings.config}': expected one of {', '.join(CONFIGS)}")
+    device = torch.device(settings.device)
+    for variant in variants:  # Fail on a bad name before any work.
+        fast = parse_variant(variant, device)
+        if fast.precision == "fp16" and device.type != "cuda":
+            raise ValueError(f"variant '{variant}': fp16 runs on CUDA only (Precond.use_fp16, as the official)")
+
+    benches, results = [], []
+    for variant in variants:
+        progress(f"{variant}: building and warming up")
+        set_tf32(parse_variant(variant, device).tf32)
+        with PeakMemory(device) as memory:
+            bench = VariantBench(variant, settings, device)
+            start = time.perf_counter()
+            for call in bench.calls.values():
+                call()
+            result = Result(variant, bench.fast, images=dict(bench.images), warmup_seconds=time.perf_counter() - start)
+        result.peak_rss_gb, result.peak_gpu_gb = memory.rss_gb, memory.gpu_gb
+        benches.append(bench)
+        results.append(result)
+
+    timings = {(i, m): [] for i in range(len(benches)) for m in settings.measurements}
+    for round_idx in range(settings.rounds):
+        progress(f"round {round_idx + 1}/{settings.rounds}")
+        for i, (bench, result) in enumerate(zip(benches, results)):
+            set_tf32(bench.fast.tf32)
+            with PeakMemory(device) as memory:
+                for m, call in bench.calls.items():
+                    start = time.perf_counter()
+                    call()
+                    timings[i, m].append(time.perf_counter() - start)
+            result.peak_rss_gb = max(result.peak_rss_gb, memory.rss_gb)
+            result.peak_gpu_gb = max(result.peak_gpu_gb, memory.gpu_gb)
+    set_tf32(False)
+    for (i, m), times in timings.items():
+        results[i].seconds[m] = statistics.median(times)
+
+    return dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
+                config=settings.config, batch=settings.batch, num_steps=settings.num_steps,
+                nfe=2 * settings.num_steps - 1, fid_batch=settings.fid_batch, rounds=settings.rounds,
+                results=[r.as_dict() for r in results])
+
+
+def format_table(report: dict) -> str:
+    """A Markdown table of the report, with speed-ups relative to the first variant."""
+    header = ["variant", "train img/s", "s/kimg", f"sample img/s (NFE {report['nfe']})", "denoiser fwd img/s",
+              "FID feat img/s", "peak RSS GB", "peak GPU GB", "warm-up s"]
+    rows = [header, ["---"] * len(header)]
+    base = report["results"][0]
+
+    def rate(r: dict, key: str) -> str:
+        value = r[f"{key}_img_per_s"]
+        if value is None:
+            return "-"
+        speedup = value / base[f"{key}_img_per_s"] if base[f"{key}_img_per_s"] else None
+        return f"{value:.3g}" + (f" ({speedup:.2f}x)" if speedup is not None and r is not base else "")
+
+    for r in report["results"]:
+        rows.append([r["variant"], rate(r, "train"), f"{r['train_s_per_kimg']:.1f}" if r["train_s_per_kimg"] else "-",
+                     rate(r, "sample"), rate(r, "forward"), rate(r, "fid"), f"{r['peak_rss_gb']:.2f}",
+                     f"{r['peak_gpu_gb']:.2f}", f"{r['warmup_seconds']:.1f}"])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)

@@ -1,0 +1,152 @@
+"""Fast paths for training and sampling, each a switch that keeps results equal within a stated tolerance.
+
+``FastPaths`` names the switches; ``REFERENCE`` is the official way (fp32, contiguous tensors, the explicit
+einsum/softmax attention, no compilation, the for-loop Adam, no TF32), which every fast path is tested
+against (tests/test_perf.py) and benchmarked beside (benchmarks/benchmark.py). ``default_fast_paths(device)``
+picks the defaults: the switches that measured faster on that device type and keep float32 results equal up
+to float rounding. Reduced precision (bf16, fp16 with loss scaling) and TF32 change results beyond float32
+rounding, so they are opt-in (``--bf16``, ``--fp16``, ``--tf32``), as in the official code.
+
+Tolerances, tested in tests/test_perf.py on tiny networks on the CPU (relative L2 error of the denoiser
+output against ``REFERENCE``): sdpa, channels_last, compile: 1e-5 (float32 rounding); fused Adam: the
+weights after 3 steps within 1e-5; bf16: 2e-2; fp16: 5e-3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from training.networks.layers import ATTENTION_IMPLS, UNetBlock
+
+FLAG_NAMES = ("sdpa", "channels_last", "fused_adam", "compile", "tf32")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Speed-ups that leave the computed function unchanged (up to rounding), plus the opt-in precision."""
+
+    sdpa: bool = True               # F.scaled_dot_product_attention instead of the explicit einsum/softmax.
+    channels_last: bool = False     # NHWC memory format for convolution weights and activations.
+    fused_adam: bool = True         # torch.optim.Adam(fused=True): one kernel over all parameters.
+    compile: bool = False           # torch.compile of the network (inductor).
+    tf32: bool = False              # TF32 matmuls and convolutions on Ampere+ GPUs (10-bit mantissa).
+    precision: str = "fp32"         # 'fp32' | 'bf16' (U-Net in bfloat16) | 'fp16' (CUDA, with loss scaling).
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision='{self.precision}': expected one of {', '.join(PRECISIONS)}")
+
+    @property
+    def attention(self) -> str:
+        return "sdpa" if self.sdpa else "einsum"
+
+    def with_options(self, **changes) -> "FastPaths":
+        """A copy with some switches changed; None leaves a switch as it is."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def describe(self) -> str:
+        on = [name for name in FLAG_NAMES if getattr(self, name)]
+        return "+".join(on + ([self.precision] if self.precision != "fp32" else [])) or "reference"
+
+
+REFERENCE = FastPaths(sdpa=False, channels_last=False, fused_adam=False, compile=False, tf32=False)
+
+
+def default_fast_paths(device: torch.device | str) -> FastPaths:
+    """The defaults for a device type, decided by measurement (README, section Performance).
+
+    CPU: sdpa and fused Adam (faster, float32-equal). channels_last is off: oneDNN's float32 convolutions
+    gained nothing from it on the measured CPU and group norm lost. compile is off: inductor gained under 10%
+    in float32 and takes 1-2 minutes to compile a U-Net on a small CPU, longer than most CPU runs last.
+    CUDA: additionally channels_last (cuDNN's Tensor Core convolutions run in NHWC). Not yet measured on a GPU
+    in this repository (README), so compile, which costs minutes per process, stays opt-in there too.
+    """
+    if torch.device(device).type == "cuda":
+        return FastPaths(sdpa=True, channels_last=True, fused_adam=True, compile=False)
+    return FastPaths(sdpa=True, channels_last=False, fused_adam=True, compile=False)
+
+
+def parse_variant(spec: str, device: torch.device | str) -> FastPaths:
+    """'reference', 'default', or either followed by '+flag' parts: e.g. 'default+bf16', 'reference+sdpa',
+    'channels_last+compile' (a bare flag list starts from the reference). 'no_<flag>' switches one off."""
+    parts = [p for p in spec.split("+") if p]
+    base = REFERENCE
+    if parts and parts[0] in ("reference", "default"):
+        base = REFERENCE if parts.pop(0) == "reference" else default_fast_paths(device)
+    changes = {}
+    for part in parts:
+        name, value = (part[3:], False) if part.startswith("no_") else (part, True)
+        if name in PRECISIONS:
+            changes["precision"] = name if value else "fp32"
+        elif name in FLAG_NAMES:
+            changes[name] = value
+        else:
+            raise ValueError(f"variant '{spec}': unknown part '{part}'; expected reference, default, "
+                             f"{', '.join(FLAG_NAMES)}, {', '.join(PRECISIONS)} (or no_<flag>)")
+    return base.with_options(**changes)
+
+
+# ----------------------------------------------------------------------------
+# Applying the switches.
+
+def set_attention_impl(net: torch.nn.Module, impl: str) -> torch.nn.Module:
+    """Use ``impl`` ('sdpa' | 'einsum') in every attention block of ``net`` (in place; not saved in snapshots)."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl='{impl}': expected one of {', '.join(ATTENTION_IMPLS)}")
+    for module in net.modules():
+        if isinstance(module, UNetBlock):
+            module.attention_impl = impl
+    return net
+
+
+def set_precision(net: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Run the U-Net of a preconditioned network in ``precision`` (its ``use_fp16`` / ``use_bf16`` switches;
+    weights stay float32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision='{precision}': expected one of {', '.join(PRECISIONS)}")
+    if hasattr(net, "use_fp16"):
+        net.use_fp16 = precision == "fp16"
+        net.use_bf16 = precision == "bf16"
+    return net
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA matmuls and cuDNN convolutions (process-wide, as PyTorch keeps it); the official code
+    turns both off so that float32 means float32. Uses the ``fp32_precision`` API where PyTorch has it (mixing
+    it with the legacy ``allow_tf32`` flags makes PyTorch refuse to read them)."""
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        matmul.fp32_precision = conv.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+def prepare_network(net: torch.nn.Module, fast: FastPaths, precision: bool = True) -> torch.nn.Module:
+    """Attention implementation, memory format and (with ``precision``) the U-Net's dtype, in place.
+    Compilation is separate (``maybe_compile``): it wraps the module instead of changing it."""
+    set_attention_impl(net, fast.attention)
+    if precision:
+        set_precision(net, fast.precision)
+    return net.to(memory_format=torch.channels_last if fast.channels_last else torch.contiguous_format)
+
+
+def maybe_compile(module: torch.nn.Module, fast: FastPaths) -> torch.nn.Module:
+    """``torch.compile(module)`` when the switch is on. The result calls like the module and shares its
+    parameters and attributes; snapshots are still taken from the module itself."""
+    return torch.compile(module) if fast.compile else module
+
+
+def as_memory_format(x: torch.Tensor, fast: FastPaths) -> torch.Tensor:
+    """Images [N, C, H, W] in the memory format of the fast paths (values unchanged)."""
+    return x.contiguous(memory_format=torch.channels_last) if fast.channels_last and x.ndim == 4 else x
+
+
+def adam_kwargs(fast: FastPaths, device: torch.device | str) -> dict:
+    """Extra torch.optim.Adam arguments: fused (one kernel over all tensors, CUDA and CPU) or the official
+    for-loop implementation (``foreach=False``)."""
+    return dict(fused=True) if fast.fused_adam else dict(foreach=False, fused=False)
