@@ -135,10 +135,10 @@ def prepare_network(net: torch.nn.Module, fast: FastPaths, precision: bool = Tru
     return net.to(memory_format=torch.channels_last if fast.channels_last else torch.contiguous_format)
 
 
-def maybe_compile(module: torch.nn.Module, fast: FastPaths) -> torch.nn.Module:
-    """``torch.compile(module)`` when the switch is on. The result calls like the module and shares its
-    parameters and attributes; snapshots are still taken from the module itself."""
-    return torch.compile(module) if fast.compile else module
+def maybe_compile(module: torch.nn.Module, fast: FastPaths, **compile_kwargs) -> torch.nn.Module:
+    """``torch.compile(module, **compile_kwargs)`` when the switch is on. The result calls like the module and
+    shares its parameters and attributes; snapshots are still taken from the module itself."""
+    return torch.compile(module, **compile_kwargs) if fast.compile else module
 
 
 def as_memory_format(x: torch.Tensor, fast: FastPaths) -> torch.Tensor:
