@@ -66,11 +66,20 @@ def _seeds(ctx, param, value):
               type=click.Choice(["vp", "ve", "iddpm", "edm"]))
 @click.option("--schedule", help="Ablate noise schedule sigma(t)", type=click.Choice(["vp", "ve", "linear"]))
 @click.option("--scaling", help="Ablate signal scaling s(t)", type=click.Choice(["vp", "none"]))
-def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, **sampler_kwargs):
+@click.option("--precision", help="Run the U-Net in this precision  [default: the network's own]",
+              type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--channels-last", "channels_last", help="NHWC memory format  [default: per device]", metavar="BOOL",
+              type=bool)
+@click.option("--compile", "compile", help="torch.compile the network  [default: off]", metavar="BOOL", type=bool)
+@click.option("--tf32", help="TF32 on Ampere+ GPUs  [default: off]", metavar="BOOL", type=bool)
+def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, precision, channels_last, compile,
+         tf32, **sampler_kwargs):
     """Generate images with the EDM samplers (Algorithms 1 and 2, or any Table 1 combination)."""
+    fast_paths = {k: v for k, v in dict(channels_last=channels_last, compile=compile, tf32=tf32).items()
+                  if v is not None}
     options = GenerateOptions(network=network, seeds=seeds, outdir=outdir, subdirs=subdirs, grid=grid,
                               class_idx=class_idx, max_batch_size=max_batch_size, device=device,
-                              sampler_kwargs=sampler_kwargs)
+                              sampler_kwargs=sampler_kwargs, fast_paths=fast_paths, precision=precision)
     try:
         summary = generate_to_files(options)
         where = " and ".join(p for p in (outdir and f"{outdir}/", grid) if p)

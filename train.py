@@ -34,6 +34,7 @@ PRECONDITIONERS = {  # --precond: (network, loss), Table 1.
 # The official augmentation setting (--augment=p): every geometric transform, x-flips always drawn.
 AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 AUGMENT_DIM = 9
+FAST_PATH_OPTIONS = ("sdpa", "channels_last", "fused_adam", "compile", "tf32")  # training.perf.FastPaths
 
 
 def parse_int_list(ctx, param, value):
@@ -78,6 +79,7 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
     c.ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
     c.lr_rampup_kimg = opts.lr_rampup
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
+    c.fast_paths = {name: opts[name] for name in FAST_PATH_OPTIONS if opts[name] is not None}
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, grid_images=opts.grid)
     c.seed = opts.seed if opts.seed is not None else shared_random_seed()
     if opts.transfer is not None:
@@ -195,6 +197,14 @@ def shared_from_rank0(value):
 @click.option("--bf16", help="Run the U-Net in bfloat16", metavar="BOOL", type=bool, default=False, show_default=True)
 @click.option("--ls", help="Loss scaling", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=1,
               show_default=True)
+@click.option("--sdpa", help="Fused attention (else the explicit einsum softmax)  [default: per device]", metavar="BOOL",
+              type=bool)
+@click.option("--channels-last", "channels_last", help="NHWC memory format  [default: per device]", metavar="BOOL",
+              type=bool)
+@click.option("--fused-adam", "fused_adam", help="Fused Adam kernel  [default: per device]", metavar="BOOL", type=bool)
+@click.option("--compile", "compile", help="torch.compile the network  [default: per device]", metavar="BOOL",
+              type=bool)
+@click.option("--tf32", help="TF32 matmuls/convolutions on Ampere+ GPUs  [default: off]", metavar="BOOL", type=bool)
 @click.option("--bench", help="Enable cuDNN benchmarking", metavar="BOOL", type=bool, default=True, show_default=True)
 @click.option("--cache", help="Cache dataset in CPU memory", metavar="BOOL", type=bool, default=True,
               show_default=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -219,3 +221,46 @@ def test_benchmark_cli_writes_table_and_json(tmp_path, single_thread):
     assert report["nfe"] == 3 and "| default+channels_last |" in result.output
     bad = CliRunner().invoke(main, ["--device=cpu", "--config=tiny", "--variants=default+fp16", "--measure=forward"])
     assert bad.exit_code != 0 and "fp16 runs on CUDA only" in bad.output
+
+
+def test_train_cli_fast_path_options_reach_the_loop(fashion_mnist_8_zip, tmp_path):
+    """--channels-last/--compile/... go to training_loop(fast_paths=...); a channels_last run trains and
+    writes contiguous snapshots."""
+    from click.testing import CliRunner
+
+    import train
+    from training.checkpoint import load_network_pkl
+
+    common = [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--cond=1", "--cbase=8", "--cres=1,2",
+              "--batch=8", "--seed=1", "--grid=0", "--workers=0", "--nosubdir"]
+    dry = CliRunner().invoke(train.main, [*common, "--channels-last=1", "--compile=0", "--tf32=1", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    config = json.loads(dry.output[dry.output.index("{"):dry.output.rindex("}") + 1])
+    assert config["fast_paths"] == dict(channels_last=True, compile=False, tf32=True)
+    run = CliRunner().invoke(train.main, [*common, "--channels-last=1", "--duration=0.000016", "--tick=0.008"])
+    assert run.exit_code == 0, run.output
+    log = (tmp_path / "log.txt").read_text()
+    assert "Fast paths: sdpa+channels_last+fused_adam" in log
+    ema = load_network_pkl(str(tmp_path / "network-snapshot-000000.pkl"))["ema"]
+    assert all(p.is_contiguous() for p in ema.parameters())
+
+
+def test_generate_cli_fast_paths_give_the_same_images(tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import make_tiny_net
+    from generate import main
+    from training.checkpoint import save_network_pkl
+    from training.sampling import generate_images
+
+    pkl = str(tmp_path / "net.pkl")
+    save_network_pkl(pkl, dict(ema=make_tiny_net(label_dim=4), loss_fn=None, augment_pipe=None, dataset_kwargs={}))
+    expected = generate_images(make_tiny_net(label_dim=4), [0, 1], num_steps=3).to(torch.int16)
+    for options, max_levels in (["--channels-last=1"], 1), (["--precision=bf16"], 12):
+        grid = tmp_path / f"grid{len(options[0])}.png"
+        result = CliRunner().invoke(main, ["--network", pkl, "--seeds=0,1", "--steps=3", "--grid", str(grid),
+                                           *options])
+        assert result.exit_code == 0, result.output
+        images = torch.from_numpy(np.array(PIL.Image.open(grid))).permute(2, 0, 1).to(torch.int16)
+        difference = (images[:, :8, :16] - torch.cat(list(expected), dim=2)).abs()
+        assert difference.max() <= max_levels, options  # uint8 levels (float rounding / bf16's 8-bit mantissa)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from torch_utils import distributed
 from training.checkpoint import load_network
+from training.perf import default_fast_paths, maybe_compile, prepare_network, set_tf32
 from training.sampling import ABLATION_OPTIONS, generate_images
 
 
@@ -36,6 +37,8 @@ class GenerateOptions:
     max_batch_size: int = 64            # per process
     device: str | None = None           # None: picked automatically
     sampler_kwargs: dict = field(default_factory=dict)  # edm_sampler / ablation_sampler options; None = default
+    fast_paths: dict = field(default_factory=dict)      # training.perf.FastPaths switches; missing = device default
+    precision: str | None = None        # 'fp32' | 'bf16' | 'fp16' for the U-Net; None = the network's own
 
 
 def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
@@ -122,6 +125,15 @@ def check_network_options(net, options: GenerateOptions) -> None:
         raise ValueError(f"--class={options.class_idx}: {options.network} has classes 0..{label_dim - 1}")
 
 
+def prepare_for_sampling(net: torch.nn.Module, options: GenerateOptions, device: torch.device) -> torch.nn.Module:
+    """The network with the fast paths of ``options`` (the device's defaults for those not given)."""
+    fast = default_fast_paths(device).with_options(**options.fast_paths)
+    if options.precision is not None:
+        fast = fast.with_options(precision=options.precision)
+    set_tf32(fast.tf32)
+    return maybe_compile(prepare_network(net, fast, precision=options.precision is not None), fast)
+
+
 def generate_to_files(options: GenerateOptions) -> dict:
     """Sample one image per seed and write the PNGs (and the grid). Works alone or under torchrun.
     Returns a summary: number of images, seconds, and the sampler that was used."""
@@ -132,6 +144,7 @@ def generate_to_files(options: GenerateOptions) -> dict:
         raise ValueError(str(e)) from None
     net = _load_network_once_per_node(options.network, device)
     check_network_options(net, options)
+    net = prepare_for_sampling(net, options, device)
     sampler_kwargs = {k: v for k, v in options.sampler_kwargs.items() if v is not None}
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     my_batches = [b for b in seed_batches(options.seeds, options.max_batch_size, world_size)[rank::world_size] if b]
