@@ -168,7 +168,7 @@ class VariantBench:
         ema = build_denoiser(self.config, self.fast.with_options(channels_last=False), self.device,
                              self.settings.seed).eval().requires_grad_(False)
         optimizer = build_optimizer(dict(class_name="torch.optim.Adam", lr=1e-4, betas=[0.9, 0.999], eps=1e-8),
-                                    net.parameters(), self.fast, self.device)
+                                    net.parameters(), self.fast)
         forward = maybe_compile(net, self.fast)
         loss_fn = EDMLoss()
         loss_scaling = LOSS_SCALING_FP16 if self.fast.precision == "fp16" else 1

@@ -106,8 +106,8 @@ def test_fused_adam_matches_the_for_loop_adam():
     params = [[torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in
                enumerate(shapes)] for _ in range(2)]
     kwargs = dict(class_name="torch.optim.Adam", lr=1e-2, betas=[0.9, 0.999], eps=1e-8)
-    optimizers = [build_optimizer(kwargs, params[0], REFERENCE, torch.device("cpu")),
-                  build_optimizer(kwargs, params[1], default_fast_paths("cpu"), torch.device("cpu"))]
+    optimizers = [build_optimizer(kwargs, params[0], REFERENCE),
+                  build_optimizer(kwargs, params[1], default_fast_paths("cpu"))]
     assert optimizers[0].defaults["foreach"] is False and optimizers[1].defaults["fused"] is True
     for _ in range(5):
         grads = [torch.randn(s, generator=g) * 10 ** torch.randint(-4, 2, [], generator=g).item() for s in shapes]
@@ -179,7 +179,7 @@ def test_training_step_never_waits_for_the_device(count_host_reads):
 
     fast = default_fast_paths("cpu")
     net, ema = _random_net(fast).train(), _random_net(fast).eval()
-    optimizer = build_optimizer(dict(class_name="torch.optim.Adam", lr=1e-3), net.parameters(), fast, torch.device("cpu"))
+    optimizer = build_optimizer(dict(class_name="torch.optim.Adam", lr=1e-3), net.parameters(), fast)
     x, _, labels = _inputs()
     for step in range(2):
         count_host_reads["n"] = 0

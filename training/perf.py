@@ -146,7 +146,7 @@ def as_memory_format(x: torch.Tensor, fast: FastPaths) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if fast.channels_last and x.ndim == 4 else x
 
 
-def adam_kwargs(fast: FastPaths, device: torch.device | str) -> dict:
+def adam_kwargs(fast: FastPaths) -> dict:
     """Extra torch.optim.Adam arguments: fused (one kernel over all tensors, CUDA and CPU) or the official
     for-loop implementation (``foreach=False``)."""
     return dict(fused=True) if fast.fused_adam else dict(foreach=False, fused=False)

@@ -110,12 +110,12 @@ def open_data_stream(dataset_obj, seed: int, start: int, batch_gpu: int, loader_
     return iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
 
 
-def build_optimizer(optimizer_kwargs: dict, params, fast: FastPaths, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(optimizer_kwargs: dict, params, fast: FastPaths) -> torch.optim.Optimizer:
     """The optimizer of ``optimizer_kwargs``; Adam gets the fused or the for-loop implementation as ``fast``
     says, unless the kwargs choose one themselves."""
     kwargs = dict(optimizer_kwargs)
     if kwargs["class_name"] in ("torch.optim.Adam", "torch.optim.AdamW") and not {"fused", "foreach"} & kwargs.keys():
-        kwargs.update(adam_kwargs(fast, device))
+        kwargs.update(adam_kwargs(fast))
     return dnnlib.construct_class_by_name(params=params, **kwargs)
 
 
@@ -178,7 +178,7 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
     log.print(f"{type(net).__name__}: {sum(p.numel() for p in net.parameters()):,} parameters")
     loss_fn = dnnlib.construct_class_by_name(**loss_kwargs)
     augment_pipe = dnnlib.construct_class_by_name(**augment_kwargs) if augment_kwargs else None
-    optimizer = build_optimizer(optimizer_kwargs, net.parameters(), fast, device)
+    optimizer = build_optimizer(optimizer_kwargs, net.parameters(), fast)
     ddp = net
     if dist.get_world_size() > 1:  # Broadcasts rank 0's initial weights; averages gradients in backward.
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
@@ -194,8 +194,8 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
     if resume_data is not None and not restore_rank_rng(resume_data, device):
         log.print(f"Note: the state was written by {resume_data.get('world_size')} processes, now "
                   f"{dist.get_world_size()}: training continues, but not bit-exactly")
-    return Run(device=device, state=state, ddp=ddp, forward=maybe_compile(ddp, fast), fast=fast, loss_fn=loss_fn, augment_pipe=augment_pipe,
-               optimizer_lr=optimizer_kwargs["lr"], data=data, dataset_obj=dataset_obj,
+    return Run(device=device, state=state, ddp=ddp, forward=maybe_compile(ddp, fast), fast=fast, loss_fn=loss_fn,
+               augment_pipe=augment_pipe, optimizer_lr=optimizer_kwargs["lr"], data=data, dataset_obj=dataset_obj,
                dataset_kwargs=_plain(dataset_kwargs), batch_size=batch_size, batch_gpu=batch_gpu,
                accumulation_rounds=rounds, run_dir=run_dir, log=log, stats=StatsCollector(device), options=options,
                start_time=start_time)
@@ -393,6 +393,7 @@ class StopRequest:
         self.device = device
         self.requested = False
         self._previous = None
+        self._pending: torch.Tensor | None = None  # The flags summed over ranks at the previous step.
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # Not the main thread: leave signals alone.
@@ -402,10 +403,15 @@ class StopRequest:
         self.requested = True
 
     def agreed(self) -> bool:
+        """Whether any rank got SIGTERM. With several processes the flags are summed asynchronously and the
+        sum started at one step is read at the next, when the device has long finished it: the host never
+        waits for the current step (every rank still stops at the same step, one step later)."""
         if dist.get_world_size() == 1:
             return self.requested
-        flag = torch.tensor([float(self.requested)], device=self.device)
-        return bool(dist.all_reduce_sum(flag).item() > 0)
+        previous = self._pending
+        # torch.full, not torch.tensor(..., device=): a fill kernel instead of a blocking host-to-device copy.
+        self._pending = dist.all_reduce_sum(torch.full([1], float(self.requested), device=self.device))
+        return previous is not None and bool(previous.item() > 0)
 
     def restore(self) -> None:
         if self._previous is not None:
