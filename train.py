@@ -14,7 +14,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
-from training.checkpoint import atomic_write_bytes
+from dnnlib.util import atomic_write_bytes
 from training.training_loop import TrainingConfigError, check_network_fits_dataset, training_loop
 from training.training_state import STATE_PATTERN, StateFileError, newest_state_file, read_state_file
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import io
@@ -9,7 +10,7 @@ import os
 import re
 import tempfile
 import urllib.parse
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 
 class EasyDict(dict):
@@ -45,6 +46,35 @@ def construct_class_by_name(*args: Any, class_name: str, **kwargs: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------
+# Files that are never seen half-written.
+
+@contextlib.contextmanager
+def atomic_open(path: str, fsync: bool = True) -> Iterator[BinaryIO]:
+    """Open a temporary file beside ``path`` for binary writing; rename it to ``path`` only when the block
+    completes, so readers see the old file or the whole new one, never a partial one (also after a crash)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path, fsync=fsync) as f:
+        f.write(data)
+
+
+# ----------------------------------------------------------------------------
 # URL opening with a cache.
 
 def make_cache_dir_path(*paths: str) -> str:
@@ -62,7 +92,7 @@ def is_url(path_or_url: str) -> bool:
     return isinstance(path_or_url, str) and re.match(r"^[a-z][a-z0-9+.-]*://", path_or_url) is not None
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -136,7 +166,7 @@ def open_url(
         if os.path.isfile(checksum_file):
             with open(checksum_file) as f:
                 expected = f.read().strip()
-            if _file_sha256(dest) == expected:
+            if file_sha256(dest) == expected:
                 return dest if return_filename else open(dest, "rb")
         os.remove(dest)  # Corrupt or unverifiable cache entry: fetch it again.
 
@@ -151,10 +181,7 @@ def open_url(
     if last_error is not None:
         raise IOError(f"{url}: download failed after {num_attempts} attempts: {last_error}") from last_error
 
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".sha256.tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(_file_sha256(dest))
-    os.replace(tmp, checksum_file)
+    atomic_write_bytes(checksum_file, file_sha256(dest).encode())
     if not cache:
         with open(dest, "rb") as f:
             data = f.read()

@@ -65,14 +65,6 @@ def weights_checksum(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ----------------------------------------------------------------------------
 # Name maps from other formats to ours.
 
@@ -204,7 +196,7 @@ def load_detector_weights(source: str | None = None, cache: bool = True) -> dict
         raise DetectorError(f"{source}: cannot fetch the detector weights ({e})") from e
     if not os.path.isfile(path):
         raise DetectorError(f"{source}: no such file; pass --detector=PATH|URL of the FID Inception weights")
-    file_sha256 = _file_sha256(path)
+    file_sha256 = util.file_sha256(path)
     if _is_torchscript(path):
         cache_path = util.make_cache_dir_path("detectors", f"inception-2015-12-05-from-{file_sha256[:16]}.pt")
         if cache and os.path.isfile(cache_path):

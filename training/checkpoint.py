@@ -13,31 +13,14 @@ import io
 import json
 import os
 import pickle
-import tempfile
 import warnings
 from typing import Any, BinaryIO, Callable
 
 import torch
 
 import dnnlib
+from dnnlib.util import atomic_write_bytes
 from torch_utils import persistence
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write a file so that readers see either the old file or the complete new one, never a partial one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_network_pkl(path: str, data: dict[str, Any]) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+import dnnlib
 from torch_utils import distributed
 from training.checkpoint import load_network
 from training.perf import default_fast_paths, maybe_compile, prepare_network, set_tf32
@@ -57,17 +57,7 @@ def save_png(path: str, image: torch.Tensor) -> None:
     """Write a PNG under a temporary name and rename it, so no half-written image is ever seen."""
     buffer = io.BytesIO()
     to_pil(image).save(buffer, format="png")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    dnnlib.util.atomic_write_bytes(path, buffer.getvalue(), fsync=False)
 
 
 def image_grid(images: torch.Tensor) -> torch.Tensor:

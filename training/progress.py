@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from torch_utils import distributed as dist
-from training.checkpoint import atomic_write_bytes
+from dnnlib.util import atomic_write_bytes
 
 
 def format_time(seconds: float) -> str:

@@ -15,13 +15,13 @@ import os
 import pickle
 import random
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+import dnnlib
 from torch_utils import distributed as dist
 
 FORMAT = "edm-training-state"
@@ -157,18 +157,8 @@ def read_state_file(path: str) -> dict[str, Any]:
 
 def atomic_torch_save(obj: Any, path: str) -> None:
     """torch.save to a temporary file in the same folder, then rename: readers never see a partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with dnnlib.util.atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def newest_state_file(run_dir: str) -> str | None:

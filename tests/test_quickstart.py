@@ -1,0 +1,69 @@
+"""The main job (quickstart.py) at smoke size, through the real CLIs: every promised artefact appears."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
+    outdir = tmp_path / "qs"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "quickstart.py", "--preset=smoke", f"--outdir={outdir}"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    summary = json.loads((outdir / "summary.json").read_text())
+    assert summary["preset"] == "smoke" and summary["num_eval"] == 16
+    assert math.isfinite(summary["fid"]) and summary["fid"] > 0
+    assert math.isfinite(summary["real_data_floor"]) and summary["real_data_floor"] > 0
+    assert len(summary["stages"]) == 7
+    assert "samples' FID" in result.stdout and "real-data floor" in result.stdout and "Finished in" in result.stdout
+
+    # The stages ran the real command lines, in order.
+    commands = (outdir / "commands.txt").read_text().splitlines()
+    scripts = [line.split()[2] for line in commands]
+    assert scripts == ["dataset_tool.py", "dataset_tool.py", "fid.py", "fid.py", "train.py", "generate.py", "fid.py"]
+
+    # Datasets: disjoint halves of the embedded data.
+    from training.dataset import ImageFolderDataset
+    train = ImageFolderDataset(str(outdir / "train.zip"))
+    held_out = ImageFolderDataset(str(outdir / "held-out.zip"))
+    assert (len(train), len(held_out), train.resolution) == (256, 16, 32)
+    assert not any(np.array_equal(held_out[0][0], train[i][0]) for i in range(len(train)))
+
+    # Reference statistics in the official format.
+    with np.load(outdir / "reference.npz") as ref:
+        assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048)
+
+    # Training run: stats, log, a loadable snapshot, and sample grids.
+    run = outdir / "training"
+    stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert stats[-1]["Progress/kimg"]["mean"] >= 0.064 and math.isfinite(stats[-1]["Loss/loss"]["mean"])
+    from training.checkpoint import load_network
+    net = load_network(summary["snapshot"])
+    assert (net.img_resolution, net.img_channels) == (32, 1)
+
+    # Samples: one PNG per seed, and the grid.
+    samples = sorted(os.listdir(outdir / "samples"))
+    assert samples == [f"{seed:06d}.png" for seed in range(16)]
+    assert PIL.Image.open(outdir / "samples" / samples[0]).size == (32, 32)
+    grid = PIL.Image.open(summary["grid"])
+    assert grid.size[0] >= 4 * 32 and grid.size[1] >= 4 * 32
+
+
+def test_quickstart_refuses_an_earlier_run(tmp_path):
+    (tmp_path / "summary.json").write_text("{}")
+    result = subprocess.run([sys.executable, "quickstart.py", "--preset=smoke", f"--outdir={tmp_path}"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: --outdir=")
+    assert "Traceback" not in result.stderr
