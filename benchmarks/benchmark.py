@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Run as a script from anywhere.
 
 from benchmarks.suite import CONFIGS, MEASUREMENTS, Settings, format_table, run_benchmark  # noqa: E402
-from training.checkpoint import atomic_write_bytes  # noqa: E402
+from dnnlib.util import atomic_write_bytes  # noqa: E402
 from torch_utils.distributed import pick_device  # noqa: E402
 
 
