@@ -8,8 +8,9 @@ to float rounding. Reduced precision (bf16, fp16 with loss scaling) and TF32 cha
 rounding, so they are opt-in (``--bf16``, ``--fp16``, ``--tf32``), as in the official code.
 
 Tolerances, tested in tests/test_perf.py on tiny networks on the CPU (relative L2 error of the denoiser
-output against ``REFERENCE``): sdpa, channels_last, compile: 1e-5 (float32 rounding); fused Adam: the
-weights after 3 steps within 1e-5; bf16: 2e-2; fp16: 5e-3.
+output against ``REFERENCE``): sdpa, channels_last: 1e-5 (float32 rounding); compile: 1e-6 (traced with the
+eager backend; inductor is checked by the benchmark); fused Adam: weights within 1e-6 after 5 steps; EMA:
+bit-identical; bf16: 2e-2; fp16: 5e-3.
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ REFERENCE = FastPaths(sdpa=False, channels_last=False, fused_adam=False, compile
 def default_fast_paths(device: torch.device | str) -> FastPaths:
     """The defaults for a device type, decided by measurement (README, section Performance).
 
-    CPU: sdpa and fused Adam (faster, float32-equal). channels_last is off: oneDNN's float32 convolutions
-    gained nothing from it on the measured CPU and group norm lost. compile is off: inductor gained under 10%
-    in float32 and takes 1-2 minutes to compile a U-Net on a small CPU, longer than most CPU runs last.
+    CPU: sdpa and fused Adam (float32-equal, no slower). channels_last is off: it lost 5-20% on the measured
+    CPU (oneDNN's NCHW float32 convolutions are already fast). compile is off: inductor gained 7% in float32
+    and takes 1.5 (denoiser) to 6 (training step) minutes to compile on a small CPU.
     CUDA: additionally channels_last (cuDNN's Tensor Core convolutions run in NHWC). Not yet measured on a GPU
     in this repository (README), so compile, which costs minutes per process, stays opt-in there too.
     """
