@@ -36,14 +36,16 @@ class Preset:
     train_args: tuple[str, ...]  # train.py options beyond the data and output folder.
     steps: int = 18  # EDM Heun steps (NFE = 2 * steps - 1).
     batch: int = 100  # generate.py and fid.py batch size.
+    generate_args: tuple[str, ...] = ()  # generate.py options beyond the network, seeds and steps.
 
 
 # Measured on a 2-core AMD EPYC (see README, "Quickstart"); duration is in Mimg as in train.py.
 PRESETS = {
-    "cpu": Preset(train_images=5000, num_eval=1000, train_args=(
-        "--arch=ddpmpp", "--precond=edm", "--cbase=32", "--cres=1,2,2", "--blocks=1", "--attn=16",
+    "cpu": Preset(train_images=5000, num_eval=500, train_args=(
+        "--arch=ddpmpp", "--precond=edm", "--cbase=32", "--cres=1,2,2", "--blocks=1", "--attn=",
         "--batch=32", "--lr=1e-3", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
-        "--augment=0", "--duration=0.04", "--tick=5", "--snap=1000", "--dump=1000", "--grid=64", "--seed=0")),
+        "--augment=0", "--bf16=1", "--duration=0.04", "--tick=5", "--snap=1000", "--dump=1000", "--grid=64",
+        "--seed=0"), generate_args=("--precision=bf16",)),
     "gpu": Preset(train_images=5000, num_eval=5000, batch=500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cbase=128", "--cres=1,2,2", "--blocks=2", "--attn=16",
         "--batch=256", "--lr=1e-3", "--lr-rampup=10", "--ema=0.5", "--ema-rampup=0.05", "--dropout=0.1",
@@ -156,7 +158,8 @@ def main(outdir: str, preset: str, device: str | None) -> None:
     snapshot = newest(path("training", "network-snapshot-*.pkl"))
     stage.run(f"Generate {n} images (EDM Heun sampler, {p.steps} steps)", [
         "generate.py", f"--network={snapshot}", f"--outdir={path('samples')}", f"--seeds=0-{n - 1}",
-        f"--steps={p.steps}", f"--batch={p.batch}", f"--grid={path('samples-grid.png')}", *device_args])
+        f"--steps={p.steps}", f"--batch={p.batch}", f"--grid={path('samples-grid.png')}", *p.generate_args,
+        *device_args])
     fid = fid_value(stage.run("FID of the generated images", [
         "fid.py", "calc", f"--images={path('samples')}", f"--ref={path('reference.npz')}", f"--num={n}",
         f"--batch={p.batch}", *device_args]))
