@@ -157,6 +157,8 @@ def open_url(
         return open_url(path, return_filename=return_filename)
     if not (url.startswith("http://") or url.startswith("https://")):
         raise ValueError(f"{url}: unsupported URL scheme (use a path, file://, http:// or https://)")
+    if return_filename and not cache:
+        raise ValueError(f"{url}: return_filename=True needs cache=True (the file must stay on disk)")
 
     cache_dir = cache_dir or make_cache_dir_path("downloads")
     os.makedirs(cache_dir, exist_ok=True)

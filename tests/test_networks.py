@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_SONG, build_official_case
+from conftest import build_official_case
 from training import networks
 from training.networks import EDMPrecond, SongUNet, UNetBlock, self_attention
 
@@ -182,5 +182,4 @@ def test_tiny_network_fixture_runs(tiny_edm_net):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         D = tiny_edm_net(x, torch.tensor([0.5, 3.0]), torch.eye(10)[[1, 2]], augment_labels=torch.zeros(2, 9))
-    assert D.shape == x.shape and D.dtype == torch.float32
-    assert TINY_SONG["model_type"] == "SongUNet"
+    assert D.shape == x.shape and D.dtype == torch.float32 and torch.isfinite(D).all()
