@@ -167,7 +167,7 @@ def fashion_mnist_8_zip(tmp_path_factory) -> str:
 def fid_of_features(features1, features2) -> float:
     """FID of two small feature sets, computed in an orthonormal basis of the span of their samples.
 
-    scipy's sqrtm of a 2048x2048 matrix takes about a minute on a 2-core CPU. With few samples the FID is
+    The 2048x2048 eigendecompositions take seconds on a 2-core CPU. With few samples the FID is
     the same in the span of the samples (FID is rotation invariant and directions outside the span add
     nothing), where the matrices have at most N1 + N2 rows; tests/test_frechet.py checks this.
     """
