@@ -136,7 +136,7 @@ def test_pytorch_fid_names_follow_torchvision_structure(fid_detector):
             block = getattr(tv, tv_name)
             expected = block(h) if tv_forward is None else tv_forward(block, h)
             h = getattr(ours, our_name)(h)
-            torch.testing.assert_close(expected, h, msg=f"{our_name} vs {tv_name}")
+            torch.testing.assert_close(expected, h, rtol=1e-4, atol=1e-4, msg=f"{our_name} vs {tv_name}")  # Folded BN.
 
 
 def _to_pytorch_fid_names(state_dict: dict) -> dict:
@@ -205,3 +205,19 @@ def test_unreadable_detector_files_are_refused(tmp_path):
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "tiny.pt")
     with pytest.raises(det.DetectorError, match="lacks"):
         det.load_detector(str(tmp_path / "tiny.pt"))
+
+
+def test_folded_batch_norm_equals_conv_then_batch_norm_and_follows_new_weights():
+    from metrics.inception import ConvBN
+    layer = ConvBN(4, 6, (1, 3), padding=(0, 1))
+    x = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(0))
+
+    def unfolded():
+        y = F.conv2d(x, layer.weight, None, 1, (0, 1))
+        return F.relu(F.batch_norm(y, layer.mean, layer.var, None, layer.beta, False, 0.0, 1e-3))
+
+    for seed in (1, 2):  # The second state arrives after a forward pass: the folded weights must follow it.
+        g = torch.Generator().manual_seed(seed)
+        layer.load_state_dict({"weight": torch.randn(6, 4, 1, 3, generator=g), "beta": torch.randn(6, generator=g),
+                               "mean": torch.randn(6, generator=g), "var": torch.rand(6, generator=g) + 0.1})
+        torch.testing.assert_close(layer(x), unfolded(), rtol=1e-5, atol=1e-5)
