@@ -22,11 +22,12 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     summary = json.loads((outdir / "summary.json").read_text())
-    assert summary["preset"] == "smoke" and summary["num_eval"] == 16
+    assert summary["preset"] == "smoke" and (summary["num_eval"], summary["num_ref"]) == (16, 32)
     assert math.isfinite(summary["fid"]) and summary["fid"] > 0
     assert math.isfinite(summary["real_data_floor"]) and summary["real_data_floor"] > 0
     assert len(summary["stages"]) == 7
     assert "samples' FID" in result.stdout and "real-data floor" in result.stdout and "Finished in" in result.stdout
+    assert "(16 generated vs. 32 reference images)" in result.stdout
 
     # The stages ran the real command lines, in order.
     commands = (outdir / "commands.txt").read_text().splitlines()
@@ -37,7 +38,9 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
     from training.dataset import ImageFolderDataset
     train = ImageFolderDataset(str(outdir / "train.zip"))
     held_out = ImageFolderDataset(str(outdir / "held-out.zip"))
-    assert (len(train), len(held_out), train.resolution) == (256, 16, 32)
+    reference = ImageFolderDataset(str(outdir / "reference.zip"))
+    assert (len(train), len(held_out), len(reference), train.resolution) == (256, 16, 32, 32)
+    assert all(np.array_equal(reference[i][0], train[i][0]) for i in range(len(reference)))
     assert not any(np.array_equal(held_out[0][0], train[i][0]) for i in range(len(train)))
 
     # Reference statistics in the official format.
