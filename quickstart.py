@@ -46,7 +46,7 @@ PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=500, num_ref=1500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cbase=32", "--cres=1,2,2", "--blocks=1", "--attn=",
         "--batch=16", "--lr=1e-3", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
-        "--augment=0", "--bf16=1", "--duration=0.042", "--tick=5", "--snap=1000", "--dump=1000", "--grid=64",
+        "--augment=0", "--bf16=1", "--duration=0.038", "--tick=5", "--snap=1000", "--dump=1000", "--grid=64",
         "--seed=0"), generate_args=("--precision=bf16", "--S_churn=40")),
     "gpu": Preset(train_images=5000, num_eval=5000, num_ref=5000, batch=500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cbase=128", "--cres=1,2,2", "--blocks=2", "--attn=16",
