@@ -117,7 +117,7 @@ def newest(pattern: str) -> str:
 @click.option("--outdir", default="quickstart-out", show_default=True, metavar="DIR",
               help="Where everything goes (must not hold an earlier quickstart run)")
 @click.option("--preset", type=click.Choice(["auto", *PRESETS]), default="auto", show_default=True,
-              help="Job size: cpu (about 15 min on 2 cores), gpu, smoke (a minute or two; for CI)")
+              help="Job size: cpu (13-15 min on 2 cores), gpu, smoke (a minute or two; for CI)")
 @click.option("--device", default=None, metavar="DEV", help="Passed to every stage, e.g. cpu  [default: auto]")
 def main(outdir: str, preset: str, device: str | None) -> None:
     """Train a small EDM model on the embedded Fashion-MNIST and report the FID of its samples."""
