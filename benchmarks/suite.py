@@ -13,6 +13,9 @@ Measured, per variant (images per second of wall-clock time):
 - fid: Inception pool3 features of uint8 images (resized to 299x299) with randomly initialised weights (speed
   does not depend on them); always float32, only channels_last/compile/TF32 apply, as FID must stay standard.
 - peak memory: the process's resident set size (sampled every 5 ms) and, on CUDA, allocated GPU memory.
+- error: the relative L2 error of the variant's denoiser output D(x; sigma) against the first variant's, on
+  fixed inputs at sigma from 0.002 to 80, with every weight random (the zero-initialised output layers would
+  otherwise hide the U-Net behind c_skip x). This checks each fast path on the device it is timed on.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ class Result:
     warmup_seconds: float = 0.0                     # first calls (compilation included)
     peak_rss_gb: float = 0.0
     peak_gpu_gb: float = 0.0
+    denoiser_output: torch.Tensor | None = None     # D on the check inputs (float64, CPU)
+    denoiser_rel_error: float | None = None         # against the first variant's
 
     def images_per_second(self, measurement: str) -> float | None:
         if measurement not in self.seconds:
@@ -82,7 +87,8 @@ class Result:
         train = rates["train_img_per_s"]
         return dict(variant=self.variant, fast_paths=self.fast.describe(), **rates,
                     train_s_per_kimg=1000 / train if train else None, seconds=self.seconds,
-                    warmup_seconds=self.warmup_seconds, peak_rss_gb=self.peak_rss_gb, peak_gpu_gb=self.peak_gpu_gb)
+                    warmup_seconds=self.warmup_seconds, peak_rss_gb=self.peak_rss_gb, peak_gpu_gb=self.peak_gpu_gb,
+                    denoiser_rel_error=self.denoiser_rel_error)
 
 
 def device_name(device: torch.device) -> str:
@@ -107,6 +113,8 @@ class PeakMemory:
     """Peak resident set size of this process (sampled by a thread) and peak allocated CUDA memory, in GB."""
 
     def __init__(self, device: torch.device, interval: float = 0.005):
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # The CUDA memory API wants an index.
         self.device, self.interval = device, interval
         self.peak_rss = 0
         self._stop = threading.Event()
@@ -120,6 +128,7 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
+            torch.cuda.init()  # The allocator's statistics exist only once CUDA is initialised.
             torch.cuda.reset_peak_memory_stats(self.device)
         self._thread.start()
         return self
@@ -136,6 +145,20 @@ class PeakMemory:
     @property
     def gpu_gb(self) -> float:
         return torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else 0.0
+
+
+def randomize_weights(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every parameter drawn from N(0, 1 / fan-in) with a CPU generator (the same on every device), in place."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
+    return net
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((value.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
 def build_denoiser(config: dict, fast: FastPaths, device: torch.device, seed: int) -> torch.nn.Module:
@@ -189,8 +212,21 @@ class VariantBench:
     def _eval_denoiser(self) -> torch.nn.Module:
         if not hasattr(self, "_eval_net"):
             net = build_denoiser(self.config, self.fast, self.device, self.settings.seed).eval().requires_grad_(False)
-            self._eval_net = maybe_compile(net, self.fast)
+            self._eval_net = maybe_compile(randomize_weights(net, self.settings.seed), self.fast)
         return self._eval_net
+
+    @torch.no_grad()
+    def denoiser_output(self) -> torch.Tensor | None:
+        """D(x; sigma) of the eval network on fixed inputs (sigma 0.002 ... 80), as float64 on the CPU; None when
+        neither forward nor sample is measured."""
+        if not hasattr(self, "_eval_net"):
+            return None
+        generator = torch.Generator().manual_seed(self.settings.seed + 2)
+        n = self.settings.batch
+        x = torch.randn(self.uint8_images.shape, generator=generator)
+        sigma = torch.logspace(torch.tensor(0.002).log10().item(), torch.tensor(80.0).log10().item(), n)
+        x = as_memory_format((x * sigma.reshape(-1, 1, 1, 1)).to(self.device), self.fast)
+        return self._eval_net(x, sigma.to(self.device), self.labels).double().cpu()
 
     def _setup_forward(self) -> None:
         net = self._eval_denoiser()
@@ -259,6 +295,9 @@ def run_benchmark(variants: list[str], settings: Settings, progress: Callable[[s
             for call in bench.calls.values():
                 call()
             result = Result(variant, bench.fast, images=dict(bench.images), warmup_seconds=time.perf_counter() - start)
+            result.denoiser_output = bench.denoiser_output()
+        if result.denoiser_output is not None and results:
+            result.denoiser_rel_error = relative_error(result.denoiser_output, results[0].denoiser_output)
         result.peak_rss_gb, result.peak_gpu_gb = memory.rss_gb, memory.gpu_gb
         benches.append(bench)
         results.append(result)
@@ -286,9 +325,9 @@ def run_benchmark(variants: list[str], settings: Settings, progress: Callable[[s
 
 
 def format_table(report: dict) -> str:
-    """A Markdown table of the report, with speed-ups relative to the first variant."""
+    """A Markdown table of the report, with speed-ups and denoiser errors relative to the first variant."""
     header = ["variant", "train img/s", "s/kimg", f"sample img/s (NFE {report['nfe']})", "denoiser fwd img/s",
-              "FID feat img/s", "peak RSS GB", "peak GPU GB", "warm-up s"]
+              "FID feat img/s", "D rel. err.", "peak RSS GB", "peak GPU GB", "warm-up s"]
     rows = [header, ["---"] * len(header)]
     base = report["results"][0]
 
@@ -301,6 +340,7 @@ def format_table(report: dict) -> str:
 
     for r in report["results"]:
         rows.append([r["variant"], rate(r, "train"), f"{r['train_s_per_kimg']:.1f}" if r["train_s_per_kimg"] else "-",
-                     rate(r, "sample"), rate(r, "forward"), rate(r, "fid"), f"{r['peak_rss_gb']:.2f}",
-                     f"{r['peak_gpu_gb']:.2f}", f"{r['warmup_seconds']:.1f}"])
+                     rate(r, "sample"), rate(r, "forward"), rate(r, "fid"),
+                     "-" if r["denoiser_rel_error"] is None else f"{r['denoiser_rel_error']:.1e}",
+                     f"{r['peak_rss_gb']:.2f}", f"{r['peak_gpu_gb']:.2f}", f"{r['warmup_seconds']:.1f}"])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)

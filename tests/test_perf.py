@@ -218,6 +218,8 @@ def test_benchmark_cli_writes_table_and_json(tmp_path, single_thread):
         assert r["train_img_per_s"] > 0 and r["sample_img_per_s"] > 0 and r["forward_img_per_s"] > 0
         assert r["fid_img_per_s"] is None and r["train_s_per_kimg"] == pytest.approx(1000 / r["train_img_per_s"])
         assert r["peak_rss_gb"] > 0.05
+    reference, channels_last = report["results"]
+    assert reference["denoiser_rel_error"] is None and channels_last["denoiser_rel_error"] < 1e-5
     assert report["nfe"] == 3 and "| default+channels_last |" in result.output
     bad = CliRunner().invoke(main, ["--device=cpu", "--config=tiny", "--variants=default+fp16", "--measure=forward"])
     assert bad.exit_code != 0 and "fp16 runs on CUDA only" in bad.output

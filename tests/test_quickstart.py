@@ -70,3 +70,15 @@ def test_quickstart_refuses_an_earlier_run(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("Error: --outdir=")
     assert "Traceback" not in result.stderr
+
+
+def test_preset_duration_override_and_fp32_fallback():
+    from quickstart import PRESETS, adapt_preset
+
+    cpu = PRESETS["cpu"]
+    longer = adapt_preset(cpu, kimg=60, fp32=False)
+    assert "--duration=0.06" in longer.train_args and "--bf16=1" in longer.train_args
+    assert len(longer.train_args) == len(cpu.train_args) and longer.generate_args == cpu.generate_args
+    plain = adapt_preset(PRESETS["gpu"], kimg=None, fp32=True)
+    assert "--bf16=1" not in plain.train_args and "--precision=bf16" not in plain.generate_args
+    assert "--S_churn=40" in plain.generate_args and plain.train_args[-1] == "--seed=0"
