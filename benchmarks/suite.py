@@ -31,6 +31,7 @@ from typing import Callable
 import psutil
 import torch
 
+from torch_utils.misc import randomize_parameters
 from training.loss import EDMLoss
 from training.networks import EDMPrecond
 from training.perf import FastPaths, as_memory_format, maybe_compile, parse_variant, prepare_network, set_tf32
@@ -147,16 +148,6 @@ class PeakMemory:
         return torch.cuda.max_memory_allocated(self.device) / 2 ** 30 if self.device.type == "cuda" else 0.0
 
 
-def randomize_weights(net: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter drawn from N(0, 1 / fan-in) with a CPU generator (the same on every device), in place."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            fan_in = p[0].numel() if p.ndim > 1 else 1
-            p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
-    return net
-
-
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return ((value.double() - reference.double()).norm() / reference.double().norm()).item()
 
@@ -212,7 +203,7 @@ class VariantBench:
     def _eval_denoiser(self) -> torch.nn.Module:
         if not hasattr(self, "_eval_net"):
             net = build_denoiser(self.config, self.fast, self.device, self.settings.seed).eval().requires_grad_(False)
-            self._eval_net = maybe_compile(randomize_weights(net, self.settings.seed), self.fast)
+            self._eval_net = maybe_compile(randomize_parameters(net, self.settings.seed), self.fast)
         return self._eval_net
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import build_official_case
+from torch_utils.misc import randomize_parameters
 from training import networks
 from training.networks import EDMPrecond, SongUNet, UNetBlock, self_attention
 
@@ -75,16 +76,6 @@ def test_attention_matches_softmax_formula():
     torch.testing.assert_close(self_attention(q, k, v), expected, rtol=1e-5, atol=1e-6)
 
 
-def _randomize(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every weight a non-trivial value, so zero-initialized output layers don't hide mistakes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            fan_in = p[0].numel() if p.ndim > 1 else 1
-            p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
-    return net
-
-
 @pytest.mark.parametrize("options", [
     dict(embedding_type="positional", encoder_type="standard", decoder_type="standard"),
     dict(embedding_type="fourier", encoder_type="residual", channel_mult_noise=2, resample_filter=[1, 3, 3, 1]),
@@ -95,7 +86,7 @@ def test_song_unet_options(options):
     torch.manual_seed(0)
     net = SongUNet(img_resolution=16, in_channels=2, out_channels=2, label_dim=4, augment_dim=9, model_channels=16,
                    channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8], **options)
-    _randomize(net).eval()
+    randomize_parameters(net).eval()
     x = torch.randn(2, 2, 16, 16)
     noise = torch.tensor([0.1, -0.5])
     labels = torch.eye(4)[[0, 3]]
@@ -113,7 +104,7 @@ def test_song_unet_options(options):
 
 def test_label_dropout_only_in_training():
     torch.manual_seed(0)
-    net = _randomize(SongUNet(img_resolution=8, in_channels=1, out_channels=1, label_dim=3, model_channels=8,
+    net = randomize_parameters(SongUNet(img_resolution=8, in_channels=1, out_channels=1, label_dim=3, model_channels=8,
                               channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0, label_dropout=1.0))
     x, noise, labels = torch.randn(2, 1, 8, 8), torch.zeros(2), torch.eye(3)[[0, 1]]
     with torch.no_grad():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import TINY_SONG
+from torch_utils.misc import randomize_parameters
 from training.loss import EDMLoss
 from training.networks import EDMPrecond, self_attention
 from training.perf import (REFERENCE, FastPaths, as_memory_format, default_fast_paths, maybe_compile, parse_variant,
@@ -31,11 +32,7 @@ def _random_net(fast: FastPaths = REFERENCE, seed: int = 0) -> torch.nn.Module:
     layer would otherwise hide the U-Net behind c_skip x), prepared for ``fast``."""
     torch.manual_seed(seed)
     net = EDMPrecond(img_resolution=16, img_channels=3, label_dim=4, dropout=0, **TINY_SONG)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / (p[0].numel() if p.ndim > 1 else 1) ** 0.5)
-    return prepare_network(net, fast)
+    return prepare_network(randomize_parameters(net, seed), fast)
 
 
 def _inputs(n: int = 3):
