@@ -44,7 +44,7 @@ class Preset:
 # cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (README, "Quickstart"); duration is in Mimg as in train.py.
 PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=500, num_ref=1500, train_args=(
-        "--arch=ddpmpp", "--precond=edm", "--cbase=32", "--cres=1,2,2", "--blocks=1", "--attn=",
+        "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=32", "--cres=1,2,2", "--blocks=1", "--attn=",
         "--batch=16", "--lr=1e-3", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
         "--augment=0", "--bf16=1", "--duration=0.038", "--tick=5", "--snap=1000", "--dump=1000", "--grid=64",
         "--seed=0"), generate_args=("--precision=bf16", "--S_churn=40")),
@@ -54,7 +54,7 @@ PRESETS = {
         "--augment=0", "--bf16=1", "--duration=0.3", "--tick=50", "--snap=1000", "--dump=1000", "--grid=64",
         "--seed=0"), generate_args=("--precision=bf16", "--S_churn=40")),
     "smoke": Preset(train_images=256, num_eval=16, num_ref=32, steps=4, batch=16, train_args=(
-        "--arch=ddpmpp", "--precond=edm", "--cbase=8", "--cres=1,1", "--blocks=1", "--attn=16",
+        "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=8", "--cres=1,1", "--blocks=1", "--attn=16",
         "--batch=16", "--lr=1e-3", "--lr-rampup=0", "--ema=0.001", "--dropout=0", "--augment=0",
         "--duration=0.000064", "--tick=0.032", "--snap=1000", "--dump=1000", "--grid=16", "--seed=0")),
 }

@@ -53,7 +53,7 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
     assert stats[-1]["Progress/kimg"]["mean"] >= 0.064 and math.isfinite(stats[-1]["Loss/loss"]["mean"])
     from training.checkpoint import load_network
     net = load_network(summary["snapshot"])
-    assert (net.img_resolution, net.img_channels) == (32, 1)
+    assert (net.img_resolution, net.img_channels, net.label_dim) == (32, 1, 10)  # Class-conditional.
 
     # Samples: one PNG per seed, and the grid.
     samples = sorted(os.listdir(outdir / "samples"))
