@@ -46,7 +46,7 @@ PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=500, num_ref=1500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=32", "--cres=1,2,2", "--blocks=1", "--attn=",
         "--batch=16", "--lr=1e-3", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
-        "--augment=0", "--bf16=1", "--duration=0.038", "--tick=5", "--snap=1000", "--dump=1000", "--grid=64",
+        "--augment=0", "--bf16=1", "--duration=0.06", "--max-minutes=8.5", "--tick=5", "--snap=1000", "--dump=1000", "--grid=64",
         "--seed=0"), generate_args=("--precision=bf16", "--S_churn=40")),
     "gpu": Preset(train_images=5000, num_eval=5000, num_ref=5000, batch=500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cbase=128", "--cres=1,2,2", "--blocks=2", "--attn=16",
@@ -104,11 +104,12 @@ def cuda_lacks_bf16(device: str | None) -> bool:
 
 
 def adapt_preset(p: Preset, kimg: float | None, fp32: bool) -> Preset:
-    """The preset with its training duration replaced by ``kimg`` (if given) and, with ``fp32``, its bf16
-    options dropped."""
+    """The preset with its training duration replaced by exactly ``kimg`` (if given; no time limit then) and,
+    with ``fp32``, its bf16 options dropped."""
     train_args = tuple(a for a in p.train_args if not (fp32 and a in BF16_ARGS))
     if kimg is not None:
-        train_args = tuple(f"--duration={kimg / 1000:g}" if a.startswith("--duration=") else a for a in train_args)
+        train_args = tuple(f"--duration={kimg / 1000:g}" if a.startswith("--duration=") else a for a in train_args
+                           if not a.startswith("--max-minutes="))
     generate_args = tuple(a for a in p.generate_args if not (fp32 and a in BF16_ARGS))
     return dataclasses.replace(p, train_args=train_args, generate_args=generate_args)
 
@@ -128,6 +129,12 @@ def fid_value(last_line: str) -> float:
         raise click.ClickException(f"fid.py did not end with a FID value (last line: {last_line!r})") from None
 
 
+def trained_kimg(run_dir: str) -> float:
+    """Thousands of images the run trained on: the last ``Progress/kimg`` of its stats.jsonl."""
+    with open(os.path.join(run_dir, "stats.jsonl")) as f:
+        return json.loads(f.read().splitlines()[-1])["Progress/kimg"]["mean"]
+
+
 def newest(pattern: str) -> str:
     paths = sorted(glob.glob(pattern))
     if not paths:
@@ -143,7 +150,8 @@ def newest(pattern: str) -> str:
               "minute or two; for CI)")
 @click.option("--device", default=None, metavar="DEV", help="Passed to every stage, e.g. cpu  [default: auto]")
 @click.option("--kimg", type=click.FloatRange(min=0, min_open=True), default=None, metavar="KIMG",
-              help="Train for this many thousand images instead of the preset's")
+              help="Train for exactly this many thousand images instead of the preset's duration (the cpu "
+              "preset's is 8.5 minutes of training, up to 60 kimg)")
 def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> None:
     """Train a small EDM model on the embedded Fashion-MNIST and report the FID of its samples."""
     preset_name = pick_preset(preset)
@@ -184,6 +192,7 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> No
         "train.py", f"--outdir={path('training')}", "--nosubdir", f"--data={path('train.zip')}", "--workers=0",
         *p.train_args, *device_args])
     snapshot = newest(path("training", "network-snapshot-*.pkl"))
+    kimg_done = trained_kimg(path("training"))
     stage.run(f"Generate {n} images (EDM Heun sampler, {p.steps} steps)", [
         "generate.py", f"--network={snapshot}", f"--outdir={path('samples')}", f"--seeds=0-{n - 1}",
         f"--steps={p.steps}", f"--batch={p.batch}", f"--grid={path('samples-grid.png')}", *p.generate_args,
@@ -193,7 +202,7 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> No
         f"--batch={p.batch}", *device_args]))
 
     total = time.time() - start
-    summary = dict(preset=preset_name, fid=fid, real_data_floor=floor, num_eval=n, num_ref=m,
+    summary = dict(preset=preset_name, fid=fid, real_data_floor=floor, num_eval=n, num_ref=m, kimg=kimg_done,
                    total_seconds=round(total, 1),
                    stages={title: round(seconds, 1) for title, seconds in stage.timings},
                    snapshot=snapshot, grid=path("samples-grid.png"), samples=path("samples"),
@@ -203,6 +212,7 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> No
     click.secho("\nSummary", bold=True)
     click.echo(f"  samples' FID        {fid:8.2f}   ({n} generated vs. {m} reference images)")
     click.echo(f"  real-data floor     {floor:8.2f}   ({n} held-out real vs. the same {m} reference images)")
+    click.echo(f"  training            {kimg_done:8.1f}   kimg")
     click.echo(f"  sample grid         {summary['grid']}")
     click.echo(f"  network snapshot    {snapshot}")
     click.echo(f"  training log/stats  {path('training')}")

@@ -75,6 +75,8 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
         c.network_kwargs.use_bf16 = True
 
     c.total_kimg = opts.duration * 1000
+    if opts.max_minutes is not None:
+        c.max_minutes = opts.max_minutes
     c.ema_halflife_kimg = opts.ema * 1000
     c.ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
     c.lr_rampup_kimg = opts.lr_rampup
@@ -168,6 +170,8 @@ def shared_from_rank0(value):
 # Hyperparameters.
 @click.option("--duration", help="Training duration", metavar="MIMG", type=click.FloatRange(min=0, min_open=True),
               default=200, show_default=True)
+@click.option("--max-minutes", help="Also stop, with a final snapshot, after this much wall-clock time",
+              metavar="MIN", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option("--batch", help="Total batch size", metavar="INT", type=click.IntRange(min=1), default=512,
               show_default=True)
 @click.option("--batch-gpu", help="Limit batch size per GPU (gradient accumulation)", metavar="INT",

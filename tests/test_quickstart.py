@@ -51,6 +51,7 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
     run = outdir / "training"
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
     assert stats[-1]["Progress/kimg"]["mean"] >= 0.064 and math.isfinite(stats[-1]["Loss/loss"]["mean"])
+    assert summary["kimg"] == stats[-1]["Progress/kimg"]["mean"]
     from training.checkpoint import load_network
     net = load_network(summary["snapshot"])
     assert (net.img_resolution, net.img_channels, net.label_dim) == (32, 1, 10)  # Class-conditional.
@@ -76,9 +77,11 @@ def test_preset_duration_override_and_fp32_fallback():
     from quickstart import PRESETS, adapt_preset
 
     cpu = PRESETS["cpu"]
-    longer = adapt_preset(cpu, kimg=60, fp32=False)
-    assert "--duration=0.06" in longer.train_args and "--bf16=1" in longer.train_args
-    assert len(longer.train_args) == len(cpu.train_args) and longer.generate_args == cpu.generate_args
+    assert "--max-minutes=8.5" in cpu.train_args and "--duration=0.06" in cpu.train_args
+    longer = adapt_preset(cpu, kimg=75, fp32=False)
+    assert "--duration=0.075" in longer.train_args and "--bf16=1" in longer.train_args
+    assert not any(a.startswith("--max-minutes") for a in longer.train_args)  # Exactly 75 kimg, however long.
+    assert len(longer.train_args) == len(cpu.train_args) - 1 and longer.generate_args == cpu.generate_args
     plain = adapt_preset(PRESETS["gpu"], kimg=None, fp32=True)
     assert "--bf16=1" not in plain.train_args and "--precision=bf16" not in plain.generate_args
     assert "--S_churn=40" in plain.generate_args and plain.train_args[-1] == "--seed=0"

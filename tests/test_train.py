@@ -108,14 +108,16 @@ def test_dry_run_prints_the_official_config_and_run_dir(fashion_mnist_8_zip, tmp
     assert config["dataset_kwargs"]["resolution"] == 8 and config["dataset_kwargs"]["max_size"] == 256
     assert sorted(os.listdir(tmp_path)) == ["00007-earlier-run"]
     assert "num_blocks" not in config["network_kwargs"]  # The architecture's own default (4) applies.
+    assert "max_minutes" not in config  # No time limit unless asked for.
 
 
 def test_blocks_and_attention_resolutions(fashion_mnist_8_zip, tmp_path):
     result = invoke(f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--cbase=16", "--cres=1,2",
-                    "--blocks=2", "--attn=4", "--dry-run")
+                    "--blocks=2", "--attn=4", "--max-minutes=8.5", "--dry-run")
     assert result.exit_code == 0, result.output
     config = json.loads(result.output[result.output.index("{"):result.output.rindex("}") + 1])
     assert config["network_kwargs"]["num_blocks"] == 2 and config["network_kwargs"]["attn_resolutions"] == [4]
+    assert config["max_minutes"] == 8.5
 
 
 def test_resume_auto_continues_the_newest_run_in_place(fashion_mnist_8_zip, tmp_path, single_thread):

@@ -220,6 +220,16 @@ def test_sigterm_saves_a_state_and_stops_cleanly(fashion_mnist_16_zip, tmp_path,
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 
+def test_time_limit_ends_the_run_with_a_final_snapshot(fashion_mnist_16_zip, tmp_path, single_thread, capsys):
+    config = tiny_config(fashion_mnist_16_zip, str(tmp_path), total_kimg=10, max_minutes=1e-6)
+    state = training_loop(**config)
+    assert state.cur_nimg == 16  # The deadline had passed by the first step: one step, then the end.
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("network-snapshot-"))[-1] == \
+        "network-snapshot-000000.pkl"  # The final snapshot, at 0.016 kimg.
+    out = capsys.readouterr().out
+    assert "Time limit of 1e-06 min reached at 0.016 kimg" in out and "Done: 0.016 kimg" in out
+
+
 # ----------------------------------------------------------------------------
 # Several processes (torchrun).
 

@@ -386,11 +386,13 @@ def release(run: Run) -> None:
 
 
 class StopRequest:
-    """Set by SIGTERM (e.g. SLURM pre-emption); the loop saves a state at the next step and exits cleanly.
-    All ranks agree on it, so none waits for the others in a collective call."""
+    """Why to stop early: SIGTERM (e.g. SLURM pre-emption; the loop saves a state at the next step and exits
+    cleanly) or a wall-clock deadline (the loop ends as if the duration were reached, with a final snapshot).
+    All ranks agree on both, so none waits for the others in a collective call."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, deadline: float | None = None):
         self.device = device
+        self.deadline = deadline  # time.time() value, or None.
         self.requested = False
         self._previous = None
         self._pending: torch.Tensor | None = None  # The flags summed over ranks at the previous step.
@@ -402,16 +404,22 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self) -> bool:
-        """Whether any rank got SIGTERM. With several processes the flags are summed asynchronously and the
-        sum started at one step is read at the next, when the device has long finished it: the host never
-        waits for the current step (every rank still stops at the same step, one step later)."""
+    def agreed(self) -> tuple[bool, bool]:
+        """(any rank got SIGTERM, any rank passed the deadline). With several processes the flags are summed
+        asynchronously and the sum started at one step is read at the next, when the device has long finished
+        it: the host never waits for the current step (every rank still stops at the same step, one step later)."""
+        flags = [self.requested, self.deadline is not None and time.time() >= self.deadline]
         if dist.get_world_size() == 1:
-            return self.requested
+            return flags[0], flags[1]
         previous = self._pending
-        # torch.full, not torch.tensor(..., device=): a fill kernel instead of a blocking host-to-device copy.
-        self._pending = dist.all_reduce_sum(torch.full([1], float(self.requested), device=self.device))
-        return previous is not None and bool(previous.item() > 0)
+        # Fill kernels, not torch.tensor(..., device=): a host-to-device copy from pageable memory would block.
+        local = torch.full([2], float(flags[0]), device=self.device)
+        local[1:].fill_(float(flags[1]))
+        self._pending = dist.all_reduce_sum(local)
+        if previous is None:
+            return False, False
+        sigterm, late = previous.tolist()
+        return sigterm > 0, late > 0
 
     def restore(self) -> None:
         if self._previous is not None:
@@ -446,8 +454,10 @@ def training_loop(
     grid_steps: int = 18,               # Sampler steps for the grids.
     tensorboard: bool = True,           # TensorBoard scalars when the package is installed.
     fast_paths: dict | None = None,     # training.perf.FastPaths switches; None or missing = the device's defaults.
+    max_minutes: float | None = None,   # Also end (with a final snapshot) after this much wall-clock time.
 ) -> TrainingState:
-    """Train until ``total_kimg`` thousand images have been seen (or SIGTERM); returns the final state."""
+    """Train until ``total_kimg`` thousand images have been seen, ``max_minutes`` have passed since the call
+    (setup included), or SIGTERM; returns the final state."""
     options = dict(loss_scaling=loss_scaling, lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
                    ema_rampup_ratio=ema_rampup_ratio, snapshot_ticks=snapshot_ticks,
                    state_dump_ticks=state_dump_ticks, grid_images=grid_images, grid_steps=grid_steps)
@@ -458,7 +468,7 @@ def training_loop(
     state = run.state
     if state.cur_nimg == 0:
         save_data_grid(run)
-    stop = StopRequest(run.device)
+    stop = StopRequest(run.device, deadline=None if max_minutes is None else start_time + max_minutes * 60)
     total_nimg = int(round(total_kimg * 1000))
     run.log.print(f"Training from {state.cur_nimg / 1e3:g} to {total_nimg / 1e3:g} kimg "
                   f"({dist.get_world_size()} processes on {run.device.type}, batch {batch_size} = "
@@ -468,8 +478,10 @@ def training_loop(
     try:
         while True:
             train_step(run)
-            done = state.cur_nimg >= total_nimg
-            stopping = stop.agreed()
+            stopping, out_of_time = stop.agreed()
+            done = state.cur_nimg >= total_nimg or out_of_time
+            if out_of_time and state.cur_nimg < total_nimg:
+                run.log.print(f"Time limit of {max_minutes:g} min reached at {state.cur_nimg / 1e3:g} kimg")
             if done or stopping or tick.first or state.cur_nimg >= tick.start_nimg + kimg_per_tick * 1000:
                 tick_end = time.time()
                 maintain(run, tick, done, stopping)
