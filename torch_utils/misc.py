@@ -54,13 +54,13 @@ def randomize_parameters(module: torch.nn.Module, seed: int = 0) -> torch.nn.Mod
     """Every parameter drawn from N(0, 1 / fan-in) by a seeded CPU generator (the same values on every device),
     in place; zero-initialised output layers then no longer hide the rest of a network in comparisons."""
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            fan_in = p[0].numel() if p.ndim > 1 else 1
-            p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
+    for p in module.parameters():
+        fan_in = p[0].numel() if p.ndim > 1 else 1
+        p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
     return module
 
 
+@torch.no_grad()
 def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Module,
                             require_all: bool = False) -> list[str]:
     """Copy tensors of the same name and shape from one module into another; returns the names copied.
