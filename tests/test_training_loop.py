@@ -262,3 +262,19 @@ def test_two_nodes_match_one_process(one_process_reference, fashion_mnist_16_zip
     assert "2 processes on cpu" in "".join(outputs)
     assert_same_updates(torch.load(os.path.join(str(tmp_path), "final-net.pt"), weights_only=True),
                         one_process_reference)
+
+
+def test_time_limit_stops_every_process_at_the_same_step(fashion_mnist_16_zip, tmp_path):
+    """Two processes past a tiny deadline agree on it (asynchronously, one step later) and end together, with a
+    final snapshot, instead of one rank leaving the others waiting in a collective call."""
+    config = tiny_config(fashion_mnist_16_zip, str(tmp_path), total_kimg=10, max_minutes=1e-6, snapshot_ticks=1000,
+                         state_dump_ticks=None, grid_images=0)
+    port = free_port()
+    command = torchrun("--nnodes=1", "--nproc_per_node=2", "--rdzv_backend=c10d",
+                       f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=edm-test-{port}", "--max_restarts=0",
+                       os.path.join(REPO, "tests", "distributed_worker.py"), json.dumps(config))
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert "Time limit of 1e-06 min reached at 0.032 kimg" in result.stdout  # Step 1 late, agreed at step 2.
+    snapshots = sorted(f for f in os.listdir(tmp_path) if f.startswith("network-snapshot-"))
+    assert snapshots == ["network-snapshot-000000.pkl"] and os.path.exists(tmp_path / "final-net.pt")
