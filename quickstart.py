@@ -41,14 +41,14 @@ class Preset:
     generate_args: tuple[str, ...] = ()  # generate.py options beyond the network, seeds and steps.
 
 
-# cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (README, "Quickstart"); duration is in Mimg as in train.py.
+# cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (README, "Quickstart"); duration is in Mimg as in
+# train.py. The cpu preset makes no sample grids while training (10 s each there); the job's grid is generate.py's.
 PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=500, num_ref=1500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=32", "--cres=1,2,2", "--blocks=1", "--attn=",
         "--batch=16", "--lr=1e-3", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
         "--augment=0", "--bf16=1", "--duration=0.06", "--max-minutes=8.5", "--tick=5", "--snap=1000", "--dump=1000",
         "--grid=0", "--seed=0"), generate_args=("--precision=bf16", "--S_churn=40")),
-    # (--grid=0: sample grids while training cost 10 s each on the CPU; the job's grid comes from generate.py.)
     "gpu": Preset(train_images=5000, num_eval=5000, num_ref=5000, batch=500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cbase=128", "--cres=1,2,2", "--blocks=2", "--attn=16",
         "--batch=256", "--lr=1e-3", "--lr-rampup=10", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0.1",

@@ -20,6 +20,7 @@ Measured, per variant (images per second of wall-clock time):
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -215,7 +216,7 @@ class VariantBench:
         generator = torch.Generator().manual_seed(self.settings.seed + 2)
         n = self.settings.batch
         x = torch.randn(self.uint8_images.shape, generator=generator)
-        sigma = torch.logspace(torch.tensor(0.002).log10().item(), torch.tensor(80.0).log10().item(), n)
+        sigma = torch.logspace(math.log10(0.002), math.log10(80), n)
         x = as_memory_format((x * sigma.reshape(-1, 1, 1, 1)).to(self.device), self.fast)
         return self._eval_net(x, sigma.to(self.device), self.labels).double().cpu()
 

@@ -104,8 +104,9 @@ def test_song_unet_options(options):
 
 def test_label_dropout_only_in_training():
     torch.manual_seed(0)
-    net = randomize_parameters(SongUNet(img_resolution=8, in_channels=1, out_channels=1, label_dim=3, model_channels=8,
-                              channel_mult=[1], num_blocks=1, attn_resolutions=[], dropout=0, label_dropout=1.0))
+    net = randomize_parameters(SongUNet(img_resolution=8, in_channels=1, out_channels=1, label_dim=3,
+                                        model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[],
+                                        dropout=0, label_dropout=1.0))
     x, noise, labels = torch.randn(2, 1, 8, 8), torch.zeros(2), torch.eye(3)[[0, 1]]
     with torch.no_grad():
         net.train()

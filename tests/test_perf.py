@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 import torch
 
+from benchmarks.suite import relative_error
 from conftest import TINY_SONG
 from torch_utils.misc import randomize_parameters
 from training.loss import EDMLoss
@@ -21,10 +22,6 @@ from training.sampling import edm_sampler
 from training.training_loop import build_optimizer, update_ema
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # Small convolutions on a shared machine.
-
-
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _random_net(fast: FastPaths = REFERENCE, seed: int = 0) -> torch.nn.Module:
@@ -54,9 +51,9 @@ def _outputs_and_grads(net: torch.nn.Module, fast: FastPaths) -> tuple[torch.Ten
 def test_float32_fast_paths_keep_outputs_and_gradients(fast):
     D_ref, grads_ref = _outputs_and_grads(_random_net(REFERENCE), REFERENCE)
     D, grads = _outputs_and_grads(_random_net(fast), fast)
-    assert _relative_error(D, D_ref) < 1e-5
+    assert relative_error(D, D_ref) < 1e-5
     for name in grads_ref:
-        assert _relative_error(grads[name], grads_ref[name]) < 1e-4, name
+        assert relative_error(grads[name], grads_ref[name]) < 1e-4, name
 
 
 def test_reduced_precision_stays_within_its_tolerance():
@@ -69,8 +66,8 @@ def test_reduced_precision_stays_within_its_tolerance():
         c_skip, c_out, c_in, c_noise = net.coefficients(sigma.reshape(-1, 1, 1, 1))
         F_ref = net.model(c_in * x, c_noise.flatten(), labels)
         F_fp16 = net.model((c_in * x).half(), c_noise.flatten(), labels).float()
-    assert 1e-4 < _relative_error(D_bf16, D_ref) < 2e-2  # It did run in bf16, and stayed close.
-    assert 1e-5 < _relative_error(F_fp16, F_ref) < 5e-3
+    assert 1e-4 < relative_error(D_bf16, D_ref) < 2e-2  # It did run in bf16, and stayed close.
+    assert 1e-5 < relative_error(F_fp16, F_ref) < 5e-3
 
 
 def test_einsum_attention_is_the_softmax_formula_in_fp16_too():
@@ -78,9 +75,9 @@ def test_einsum_attention_is_the_softmax_formula_in_fp16_too():
     q, k, v = (torch.randn(3, 2, 8, 12, dtype=torch.float64) * 2).unbind(0)
     expected = torch.einsum("nqk,nck->ncq", torch.einsum("ncq,nck->nqk", q, k / 8 ** 0.5).softmax(dim=2), v)
     for impl in ("sdpa", "einsum"):
-        assert _relative_error(self_attention(q.float(), k.float(), v.float(), impl), expected) < 1e-6
+        assert relative_error(self_attention(q.float(), k.float(), v.float(), impl), expected) < 1e-6
         out = self_attention(q.half(), k.half(), v.half(), impl)
-        assert out.dtype == torch.float16 and _relative_error(out, expected) < 2e-3
+        assert out.dtype == torch.float16 and relative_error(out, expected) < 2e-3
 
 
 def test_fp16_loss_scaling_keeps_small_gradients():
@@ -94,7 +91,7 @@ def test_fp16_loss_scaling_keeps_small_gradients():
     w.grad = None
     scale = 2.0 ** 16
     (w * x).sum().mul(tiny * scale).backward()
-    assert _relative_error(w.grad.float() / scale, tiny * x.float()) < 1e-3
+    assert relative_error(w.grad.float() / scale, tiny * x.float()) < 1e-3
 
 
 def test_fused_adam_matches_the_for_loop_adam():
@@ -137,8 +134,8 @@ def test_network_compiles_as_one_graph_with_the_same_outputs():
     x, sigma, labels = _inputs()
     D = compiled(x, sigma, labels)
     D.square().mean().backward()
-    assert _relative_error(D.detach(), D_ref) < 1e-6
-    assert all(_relative_error(p.grad, grads_ref[name]) < 1e-5 for name, p in net.named_parameters())
+    assert relative_error(D.detach(), D_ref) < 1e-6
+    assert all(relative_error(p.grad, grads_ref[name]) < 1e-5 for name, p in net.named_parameters())
 
 
 _SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
