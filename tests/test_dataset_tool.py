@@ -164,6 +164,22 @@ def test_idx_files_round_trip_with_padding(tmp_path):
     assert got_labels.tolist() == labels.tolist()
 
 
+def test_idx_files_at_native_28x28_are_the_raw_pixels(tmp_path):
+    """--resolution=28x28 keeps (Fashion-)MNIST unpadded and unresized; any other size pads to 32x32 first."""
+    images = np.random.default_rng(3).integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([1, 2, 3, 4]))
+    convert(tmp_path / "t10k-images-idx3-ubyte.gz", tmp_path / "native.zip", resolution=(28, 28))
+    got, labels, ds = read_back(str(tmp_path / "native.zip"))
+    assert ds.resolution == 28 and labels.tolist() == [1, 2, 3, 4]
+    np.testing.assert_array_equal(got[:, 0], images)
+    convert(tmp_path / "t10k-images-idx3-ubyte.gz", tmp_path / "resized.zip", resolution=(16, 16))
+    resized, _, _ = read_back(str(tmp_path / "resized.zip"))
+    padded = np.pad(images, [[0, 0], [2, 2], [2, 2]])[..., np.newaxis]
+    expected = np.stack([Geometry(None, 16, 16).apply(image) for image in padded])
+    np.testing.assert_array_equal(resized, expected.transpose(0, 3, 1, 2))
+
+
 def test_folder_of_idx_splits_gives_train_then_test(tmp_path):
     """A folder such as /usr/share/datasets/fashion-mnist converts all its splits: the full 70,000 images."""
     rng = np.random.default_rng(2)

@@ -39,7 +39,7 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
     train = ImageFolderDataset(str(outdir / "train.zip"))
     held_out = ImageFolderDataset(str(outdir / "held-out.zip"))
     reference = ImageFolderDataset(str(outdir / "reference.zip"))
-    assert (len(train), len(held_out), len(reference), train.resolution) == (256, 16, 32, 32)
+    assert (len(train), len(held_out), len(reference), train.resolution) == (256, 16, 32, 28)
     assert all(np.array_equal(reference[i][0], train[i][0]) for i in range(len(reference)))
     assert not any(np.array_equal(held_out[0][0], train[i][0]) for i in range(len(train)))
 
@@ -54,14 +54,14 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
     assert summary["kimg"] == stats[-1]["Progress/kimg"]["mean"]
     from training.checkpoint import load_network
     net = load_network(summary["snapshot"])
-    assert (net.img_resolution, net.img_channels, net.label_dim) == (32, 1, 10)  # Class-conditional.
+    assert (net.img_resolution, net.img_channels, net.label_dim) == (28, 1, 10)  # Native size, class-conditional.
 
     # Samples: one PNG per seed, and the grid.
     samples = sorted(os.listdir(outdir / "samples"))
     assert samples == [f"{seed:06d}.png" for seed in range(16)]
-    assert PIL.Image.open(outdir / "samples" / samples[0]).size == (32, 32)
+    assert PIL.Image.open(outdir / "samples" / samples[0]).size == (28, 28)
     grid = PIL.Image.open(summary["grid"])
-    assert grid.size[0] >= 4 * 32 and grid.size[1] >= 4 * 32
+    assert grid.size[0] >= 4 * 28 and grid.size[1] >= 4 * 28
 
 
 def test_quickstart_refuses_an_earlier_run(tmp_path):

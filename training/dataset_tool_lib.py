@@ -6,7 +6,8 @@ Sources (``open_source`` picks one by the path):
     of names (ImageNet's ``n01440764/...`` class folders become 0..999). Images are taken in sorted name order;
   - the CIFAR-10 python tarball ``cifar-10-python.tar.gz`` (the 50,000 training images, with labels);
   - MNIST-format idx files (``*-images-idx3-ubyte[.gz]`` beside ``*-labels-idx1-ubyte[.gz]``): MNIST and
-    Fashion-MNIST, padded with 2 zero pixels on each side (28x28 -> 32x32), with labels. A folder holding such
+    Fashion-MNIST, padded with 2 zero pixels on each side (28x28 -> 32x32) as the official tool does, or kept
+    at their native 28x28 with ``--resolution=28x28``; with labels. A folder holding such
     files (and no images) gives all its splits, ``train-*`` first: the full 70,000 of (Fashion-)MNIST;
   - an LSUN lmdb folder (needs the optional ``lmdb`` package), unlabelled.
 
@@ -246,13 +247,18 @@ def mnist_splits_in(folder: str) -> list[str]:
     return [os.path.join(folder, name) for name in sorted(names, key=lambda name: (not name.startswith("train"), name))]
 
 
-def open_mnist(paths: list[str]) -> Source:
-    """MNIST-format images with the labels files beside them, split after split; 28x28 padded with zeros
-    to 32x32 (2 pixels on each side), as the official tool does."""
+MNIST_SIZE = 28  # Native width and height of (Fashion-)MNIST images.
+
+
+def open_mnist(paths: list[str], pad: bool = True) -> Source:
+    """MNIST-format images with the labels files beside them, split after split; 28x28, padded with zeros to
+    32x32 (2 pixels on each side) with ``pad`` as the official tool does."""
     splits = [_read_mnist_split(path) for path in paths]
     images = np.concatenate([images for images, _ in splits])
     labels = np.concatenate([labels for _, labels in splits])
-    images = np.pad(images, [[0, 0], [2, 2], [2, 2]], mode="constant", constant_values=0)[..., np.newaxis]
+    if pad:
+        images = np.pad(images, [[0, 0], [2, 2], [2, 2]], mode="constant", constant_values=0)
+    images = images[..., np.newaxis]
     where = paths[0] if len(paths) == 1 else os.path.dirname(paths[0])
     items = (SourceItem(name=f"{where}[{i}]", label=int(labels[i]), array=images[i]) for i in range(len(labels)))
     return Source(f"MNIST-format {where}", len(labels), items, decoded=True)
@@ -283,19 +289,21 @@ def _is_lmdb_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "data.mdb")) or path.rstrip("/\\").endswith("_lmdb")
 
 
-def open_source(path: str) -> Source:
-    """Pick the reader for ``path`` (see the module docstring)."""
+def open_source(path: str, resolution: tuple[int, int] | None = None) -> Source:
+    """Pick the reader for ``path`` (see the module docstring). ``resolution`` (width, height) is the output's:
+    MNIST-format images stay unpadded when it is their native 28x28."""
+    pad_mnist = resolution != (MNIST_SIZE, MNIST_SIZE)
     if not os.path.exists(path):
         raise DatasetError(f"--source={path}: no such file or folder; check the path")
     if os.path.isdir(path):
         if _is_lmdb_folder(path):
             return open_lmdb(path)
         if mnist_splits_in(path) and not iter_image_files(path):
-            return open_mnist(mnist_splits_in(path))
+            return open_mnist(mnist_splits_in(path), pad=pad_mnist)
         return open_image_files(path)
     name = os.path.basename(path).lower()
     if "images-idx3-ubyte" in name:
-        return open_mnist([path])
+        return open_mnist([path], pad=pad_mnist)
     if name.endswith((".tar.gz", ".tgz", ".tar")):
         return open_cifar10(path)
     if name.endswith(".zip"):
@@ -542,7 +550,7 @@ def convert_dataset(source: str, dest: str, max_images: int | None = None, trans
     if first_image < 0:
         raise DatasetError(f"--first={first_image}: must be 0 or more")
     geometry = Geometry(transform, *(resolution or (None, None)))
-    src = open_source(source)
+    src = open_source(source, resolution)
     if src.count == 0:
         raise DatasetError(f"--source={source}: no images found; point it at a folder or file of images")
     if first_image >= src.count:
