@@ -9,6 +9,7 @@ from conftest import build_official_case
 from torch_utils.misc import randomize_parameters
 from training import networks
 from training.networks import EDMPrecond, SongUNet, UNetBlock, self_attention
+from training.networks.layers import make_resample_filter, resample
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,6 +75,24 @@ def test_attention_matches_softmax_formula():
     weights = torch.einsum("ncq,nck->nqk", q, k / 2.0).softmax(dim=2)  # 1/sqrt(c), c = 4
     expected = torch.einsum("nqk,nck->ncq", weights, v)
     torch.testing.assert_close(self_attention(q, k, v), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("taps", [[1, 1], [1, 3, 3, 1]])
+def test_resampling_filters(taps):
+    """2x FIR resampling: the box filter [1, 1] is 2x2 average pooling down and pixel repetition up; in bf16 on the
+    CPU the filter runs in float32 (PyTorch's bf16 depthwise kernels are slow there) and rounds once."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    f = make_resample_filter(taps)
+    pad = (len(taps) - 1) // 2
+    if taps == [1, 1]:
+        torch.testing.assert_close(resample(x, f, up=False, padding=pad), torch.nn.functional.avg_pool2d(x, 2))
+        repeated = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        torch.testing.assert_close(resample(x, f, up=True, padding=pad), repeated)
+    for up in (False, True):
+        down_or_up = resample(x, f, up=up, padding=pad)
+        assert down_or_up.shape[-1] == (16 if up else 4) and resample(x.double(), f, up, pad).dtype == torch.float64
+        assert torch.equal(resample(x.bfloat16(), f, up, pad), resample(x.bfloat16().float(), f, up, pad).bfloat16())
 
 
 @pytest.mark.parametrize("options", [
