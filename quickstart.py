@@ -48,7 +48,7 @@ PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=500, num_ref=1500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=32", "--cres=1,2,2", "--blocks=1", "--attn=",
         "--batch=16", "--lr=1e-3", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
-        "--augment=0", "--bf16=1", "--duration=0.06", "--max-minutes=8.5", "--tick=5", "--snap=1000", "--dump=1000",
+        "--augment=0", "--bf16=1", "--duration=0.1", "--max-minutes=8.5", "--tick=5", "--snap=1000", "--dump=1000",
         "--grid=0", "--seed=0"), generate_args=("--precision=bf16", "--S_churn=40"), resolution=28),
     "gpu": Preset(train_images=5000, num_eval=5000, num_ref=5000, batch=500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cbase=128", "--cres=1,2,2", "--blocks=2", "--attn=16",
@@ -153,7 +153,7 @@ def newest(pattern: str) -> str:
 @click.option("--device", default=None, metavar="DEV", help="Passed to every stage, e.g. cpu  [default: auto]")
 @click.option("--kimg", type=click.FloatRange(min=0, min_open=True), default=None, metavar="KIMG",
               help="Train for exactly this many thousand images instead of the preset's duration (the cpu "
-              "preset's is 8.5 minutes of training, up to 60 kimg)")
+              "preset's is 8.5 minutes of training, up to 100 kimg)")
 def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> None:
     """Train a small EDM model on the embedded Fashion-MNIST and report the FID of its samples."""
     preset_name = pick_preset(preset)
