@@ -98,6 +98,23 @@ def test_nonfinite_gradients_are_counted_and_replaced():
     assert p.grad.tolist() == [1.0, 0.0, 1e5, -1e5, 2.0]
 
 
+def test_gradient_clean_up_matches_nan_to_num_per_tensor():
+    """The concatenated clean-up writes every gradient (any shape, channels_last too) as nan_to_num would."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(5, 2), torch.nn.Linear(2, 2, bias=False))
+    net[0].to(memory_format=torch.channels_last)
+    for i, p in enumerate(net.parameters()):
+        bad = (float("nan"), float("inf"), -float("inf"))[i % 3]
+        p.grad = None if i == 1 else torch.randn_like(p).masked_fill_(torch.rand_like(p) < 0.3, bad)
+    expected = [None if p.grad is None else torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5).clone()
+                for p in net.parameters()]
+    count = sum(int((~p.grad.isfinite()).sum()) for p in net.parameters() if p.grad is not None)
+    assert count > 0 and int(sanitize_gradients(net)) == count
+    for p, want in zip(net.parameters(), expected):
+        assert (p.grad is None and want is None) or torch.equal(p.grad, want)
+    assert net[0].weight.grad.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_stats_collector_reports_num_mean_std():
     stats = StatsCollector()
     values = torch.tensor([[1.0, 2.0], [3.0, 6.0]])
