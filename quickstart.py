@@ -47,7 +47,7 @@ class Preset:
 PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=500, num_ref=1500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=32", "--cres=1,2,2", "--blocks=1", "--attn=",
-        "--batch=16", "--lr=1e-3", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
+        "--batch=32", "--lr=1e-3", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
         "--augment=0", "--bf16=1", "--duration=0.1", "--max-minutes=8.5", "--tick=5", "--snap=1000", "--dump=1000",
         "--grid=0", "--seed=0"), generate_args=("--precision=bf16", "--S_churn=40"), resolution=28),
     "gpu": Preset(train_images=5000, num_eval=5000, num_ref=5000, batch=500, train_args=(
