@@ -77,7 +77,7 @@ def test_preset_duration_override_and_fp32_fallback():
     from quickstart import PRESETS, adapt_preset
 
     cpu = PRESETS["cpu"]
-    assert "--max-minutes=8.5" in cpu.train_args and "--duration=0.06" in cpu.train_args
+    assert "--max-minutes=8.5" in cpu.train_args and "--duration=0.1" in cpu.train_args
     longer = adapt_preset(cpu, kimg=75, fp32=False)
     assert "--duration=0.075" in longer.train_args and "--bf16=1" in longer.train_args
     assert not any(a.startswith("--max-minutes") for a in longer.train_args)  # Exactly 75 kimg, however long.
