@@ -21,7 +21,8 @@ from training.dataset_tool_lib import TRANSFORMS, convert_dataset, default_worke
 @click.option("--first", "first_image", type=click.IntRange(min=0), default=0, show_default=True,
               help="Skip this many source images first (with --max-images: disjoint splits)")
 @click.option("--transform", type=click.Choice(TRANSFORMS), help="Crop before resizing (needs --resolution)")
-@click.option("--resolution", metavar="WxH", help="Output size in pixels, e.g. 64x64 (Lanczos resize); 28x28 keeps (Fashion-)MNIST unpadded")
+@click.option("--resolution", metavar="WxH",
+              help="Output size in pixels, e.g. 64x64 (Lanczos resize); 28x28 keeps (Fashion-)MNIST unpadded")
 @click.option("--workers", type=click.IntRange(min=1), default=default_workers, show_default="CPU cores, at most 16",
               help="Processes that decode and resize")
 @click.option("--skip-bad", is_flag=True, help="Leave out unreadable images (and count them) instead of stopping")

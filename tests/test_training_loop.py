@@ -99,7 +99,7 @@ def test_nonfinite_gradients_are_counted_and_replaced():
 
 
 def test_gradient_clean_up_matches_nan_to_num_per_tensor():
-    """The concatenated clean-up writes every gradient (any shape, channels_last too) as nan_to_num would."""
+    """The clean-up writes every gradient (any shape, channels_last too, None skipped) as nan_to_num would."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(5, 2), torch.nn.Linear(2, 2, bias=False))
     net[0].to(memory_format=torch.channels_last)
