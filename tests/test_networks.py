@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import build_official_case
 from torch_utils.misc import randomize_parameters
@@ -92,7 +93,23 @@ def test_resampling_filters(taps):
     for up in (False, True):
         down_or_up = resample(x, f, up=up, padding=pad)
         assert down_or_up.shape[-1] == (16 if up else 4) and resample(x.double(), f, up, pad).dtype == torch.float64
-        assert torch.equal(resample(x.bfloat16(), f, up, pad), resample(x.bfloat16().float(), f, up, pad).bfloat16())
+        with ConvolutionDtypes() as seen:
+            in_bf16 = resample(x.bfloat16(), f, up, pad)
+        assert seen.dtypes == [torch.float32] and in_bf16.dtype == torch.bfloat16
+        assert torch.equal(in_bf16, resample(x.bfloat16().float(), f, up, pad).bfloat16())
+
+
+class ConvolutionDtypes(TorchDispatchMode):
+    """Records the input dtype of every convolution that runs inside the ``with`` block."""
+
+    def __enter__(self):
+        self.dtypes = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket == torch.ops.aten.convolution:
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("options", [
