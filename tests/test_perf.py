@@ -80,6 +80,26 @@ def test_einsum_attention_is_the_softmax_formula_in_fp16_too():
         assert out.dtype == torch.float16 and relative_error(out, expected) < 2e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_attention_runs_fused_and_keeps_nchw(dtype):
+    """The fused kernel takes only 4-D, channel-contiguous inputs (else PyTorch silently runs its unfused math
+    fallback), and a transposed output would turn the rest of the U-Net channels_last."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 32, 64, dtype=dtype).unbind(0)
+    with torch.profiler.profile() as prof:
+        out = self_attention(q, k, v, "sdpa")
+    kernels = {e.key for e in prof.key_averages() if "scaled_dot_product" in e.key}
+    assert "aten::scaled_dot_product_attention" in kernels
+    assert not any("math" in name for name in kernels), kernels
+    assert out.is_contiguous()
+    assert relative_error(out, self_attention(q, k, v, "einsum")) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+    net = _random_net(default_fast_paths("cpu"))
+    block = next(m for m in net.modules() if getattr(m, "num_heads", 0))
+    x = torch.randn(2, block.in_channels, 8, 8)
+    assert block(x, torch.randn(2, block.affine.in_features)).is_contiguous()
+
+
 def test_fp16_loss_scaling_keeps_small_gradients():
     """Gradients below fp16's range vanish without loss scaling and come back (unscaled) with it."""
     torch.manual_seed(0)

@@ -191,8 +191,13 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str 
         raise ValueError(f"attention impl='{impl}': expected one of {', '.join(ATTENTION_IMPLS)}")
     if dtype == torch.float16 and q.device.type != "cuda":
         q, k, v = q.float(), k.float(), v.float()
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).to(dtype)
+    # The fused kernels (flash / memory-efficient, CPU and CUDA) take only 4-D [batch, heads, positions, channels]
+    # tensors whose channels are contiguous; anything else silently runs the unfused math fallback.
+    q, k, v = (t.transpose(1, 2).unsqueeze(0).contiguous() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v).squeeze(0).transpose(1, 2)
+    # Contiguous [batch*heads, channels, positions], as einsum gives: a transposed view would reach the next
+    # convolution as a channels_last image and switch the rest of the U-Net to NHWC (slower on the CPU).
+    return out.to(dtype).contiguous()
 
 
 @persistence.persistent_class
