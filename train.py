@@ -34,7 +34,8 @@ PRECONDITIONERS = {  # --precond: (network, loss), Table 1.
 # The official augmentation setting (--augment=p): every geometric transform, x-flips always drawn.
 AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 AUGMENT_DIM = 9
-FAST_PATH_OPTIONS = ("sdpa", "channels_last", "fused_adam", "compile", "tf32")  # training.perf.FastPaths
+# The switches of training.perf.FastPaths that train.py exposes.
+FAST_PATH_OPTIONS = ("sdpa", "channels_last", "fused_adam", "compile", "tf32", "retain_memory")
 
 
 def parse_int_list(ctx, param, value):
@@ -209,6 +210,8 @@ def shared_from_rank0(value):
 @click.option("--compile", "compile", help="torch.compile the network  [default: per device]", metavar="BOOL",
               type=bool)
 @click.option("--tf32", help="TF32 matmuls/convolutions on Ampere+ GPUs  [default: off]", metavar="BOOL", type=bool)
+@click.option("--retain-memory", "retain_memory", help="Keep freed host memory for reuse (glibc)  [default: per device]",
+              metavar="BOOL", type=bool)
 @click.option("--bench", help="Enable cuDNN benchmarking", metavar="BOOL", type=bool, default=True, show_default=True)
 @click.option("--cache", help="Cache dataset in CPU memory", metavar="BOOL", type=bool, default=True,
               show_default=True)

@@ -67,7 +67,7 @@ def main(config, device, batch, variants, measure, num_steps, fid_batch, rounds,
                         rounds=rounds, measurements=tuple(measure))
     try:
         report = run_benchmark(variants, settings, progress=lambda line: click.echo(line, err=True))
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{report['config']} on {report['device_name']} ({report['device']}), batch {batch}, "
                f"torch {report['torch']}, median of {rounds} rounds")

@@ -1,9 +1,10 @@
 """Throughput and memory of training, sampling and FID features, for variants of the fast paths side by side.
 
 A variant is a ``training.perf.FastPaths`` (see ``parse_variant``: 'reference', 'default', 'default+bf16',
-...). Every variant gets its own networks (same seed, same weights) and is warmed up (compiled) first; then
-the measurements run in rounds, each round timing every variant once, so that a machine whose load changes
-affects all variants alike; the reported time is the median over rounds.
+...). Every variant runs in its own process, so that its process-wide switches (TF32, retained host memory)
+are its alone, with its own networks (same seed, same weights), and is warmed up (compiled) first; then the
+measurements run in rounds, each round timing every variant once while the others wait, so that a machine
+whose load changes affects all variants alike; the reported time is the median over rounds.
 
 Measured, per variant (images per second of wall-clock time):
 - train: one full optimizer step of the training loop on a batch of random images: EDM loss, backward,
@@ -11,8 +12,9 @@ Measured, per variant (images per second of wall-clock time):
 - forward: one denoiser evaluation D(x; sigma) of a batch (eval mode, no gradients).
 - sample: ``generate_images`` with the EDM sampler, ``num_steps`` Heun steps (18 steps = NFE 35).
 - fid: Inception pool3 features of uint8 images (resized to 299x299) with randomly initialised weights (speed
-  does not depend on them); always float32, only channels_last/compile/TF32 apply, as FID must stay standard.
-- peak memory: the process's resident set size (sampled every 5 ms) and, on CUDA, allocated GPU memory.
+  does not depend on them); always float32, only channels_last/compile/TF32/retained memory apply, as FID must
+  stay standard.
+- peak memory: the variant process's resident set size (sampled every 5 ms) and, on CUDA, allocated GPU memory.
 - error: the relative L2 error of the variant's denoiser output D(x; sigma) against the first variant's, on
   fixed inputs at sigma from 0.002 to 80, with every weight random (the zero-initialised output layers would
   otherwise hide the U-Net behind c_skip x). This checks each fast path on the device it is timed on.
@@ -21,11 +23,13 @@ Measured, per variant (images per second of wall-clock time):
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,7 +39,8 @@ import torch
 from torch_utils.misc import randomize_parameters
 from training.loss import EDMLoss
 from training.networks import EDMPrecond
-from training.perf import FastPaths, as_memory_format, maybe_compile, parse_variant, prepare_network, set_tf32
+from training.perf import FastPaths, apply_process_settings, as_memory_format, maybe_compile, parse_variant, \
+    prepare_network
 from training.sampling import generate_images
 from training.training_loop import build_optimizer, ema_beta, sanitize_gradients, update_ema
 
@@ -263,9 +268,86 @@ class VariantBench:
         self.calls["fid"], self.images["fid"] = features, len(images)
 
 
+def _variant_process(conn, variant: str, settings: Settings, threads: int) -> None:
+    """One variant's worker process: applies its process-wide switches, builds and warms up its calls, reports,
+    then times every call once per "round" request until "stop"."""
+    try:
+        torch.set_num_threads(threads)
+        device = torch.device(settings.device)
+        apply_process_settings(parse_variant(variant, device))
+        with PeakMemory(device) as memory:
+            bench = VariantBench(variant, settings, device)
+            start = time.perf_counter()
+            for call in bench.calls.values():
+                call()
+            warmup_seconds = time.perf_counter() - start
+            output = bench.denoiser_output()
+        conn.send(dict(images=bench.images, warmup_seconds=warmup_seconds, peak=(memory.rss_gb, memory.gpu_gb),
+                       denoiser_output=None if output is None else output.numpy()))
+        while conn.recv() == "round":
+            seconds = {}
+            with PeakMemory(device) as memory:
+                for m, call in bench.calls.items():
+                    start = time.perf_counter()
+                    call()
+                    seconds[m] = time.perf_counter() - start
+            conn.send(dict(seconds=seconds, peak=(memory.rss_gb, memory.gpu_gb)))
+    except Exception as e:
+        traceback.print_exc()
+        conn.send(dict(error=f"{type(e).__name__}: {e}"))
+
+
+class VariantProcesses:
+    """A worker process per variant, so that each variant's process-wide switches (TF32, retained host memory)
+    hold for it alone and its peak memory is its own; the processes wait while another one is timed."""
+
+    def __init__(self, variants: list[str], settings: Settings):
+        self.variants, self.settings = variants, settings
+        self.workers: list[tuple] = []
+
+    def __enter__(self) -> "VariantProcesses":
+        return self
+
+    def start(self, variant: str) -> dict:
+        """Start the variant's process; returns its warm-up report."""
+        context = multiprocessing.get_context("spawn")  # Fork is unsafe once CUDA or OpenMP threads exist.
+        conn, child_conn = context.Pipe()
+        process = context.Process(target=_variant_process, daemon=True,
+                                  args=(child_conn, variant, self.settings, torch.get_num_threads()))
+        process.start()
+        child_conn.close()
+        self.workers.append((variant, conn, process))
+        return self._receive(len(self.workers) - 1)
+
+    def time_round(self, index: int) -> dict:
+        self.workers[index][1].send("round")
+        return self._receive(index)
+
+    def _receive(self, index: int) -> dict:
+        variant, conn, _ = self.workers[index]
+        try:
+            reply = conn.recv()
+        except EOFError:
+            raise RuntimeError(f"variant '{variant}': its benchmark process died (out of memory?)") from None
+        if "error" in reply:
+            raise RuntimeError(f"variant '{variant}': {reply['error']}")
+        return reply
+
+    def __exit__(self, *exc) -> None:
+        for _, conn, process in self.workers:
+            try:
+                conn.send("stop")
+            except (BrokenPipeError, OSError):
+                pass
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+
+
 def run_benchmark(variants: list[str], settings: Settings, progress: Callable[[str], None] = lambda s: None
                   ) -> dict:
-    """Measure every variant (rounds of side-by-side timings); returns the JSON-ready report."""
+    """Measure every variant (rounds of side-by-side timings, each variant in its own process); returns the
+    JSON-ready report."""
     unknown = [m for m in settings.measurements if m not in MEASUREMENTS]
     if unknown:
         raise ValueError(f"unknown measurement(s) {', '.join(unknown)}; expected {', '.join(MEASUREMENTS)}")
@@ -277,36 +359,29 @@ def run_benchmark(variants: list[str], settings: Settings, progress: Callable[[s
         if fast.precision == "fp16" and device.type != "cuda":
             raise ValueError(f"variant '{variant}': fp16 runs on CUDA only (Precond.use_fp16, as the official)")
 
-    benches, results = [], []
-    for variant in variants:
-        progress(f"{variant}: building and warming up")
-        set_tf32(parse_variant(variant, device).tf32)
-        with PeakMemory(device) as memory:
-            bench = VariantBench(variant, settings, device)
-            start = time.perf_counter()
-            for call in bench.calls.values():
-                call()
-            result = Result(variant, bench.fast, images=dict(bench.images), warmup_seconds=time.perf_counter() - start)
-            result.denoiser_output = bench.denoiser_output()
-        if result.denoiser_output is not None and results:
-            result.denoiser_rel_error = relative_error(result.denoiser_output, results[0].denoiser_output)
-        result.peak_rss_gb, result.peak_gpu_gb = memory.rss_gb, memory.gpu_gb
-        benches.append(bench)
-        results.append(result)
+    results = []
+    with VariantProcesses(variants, settings) as processes:
+        for variant in variants:
+            progress(f"{variant}: building and warming up")
+            reply = processes.start(variant)
+            result = Result(variant, parse_variant(variant, device), images=reply["images"],
+                            warmup_seconds=reply["warmup_seconds"])
+            result.peak_rss_gb, result.peak_gpu_gb = reply["peak"]
+            if reply["denoiser_output"] is not None:
+                result.denoiser_output = torch.from_numpy(reply["denoiser_output"])
+                if results:
+                    result.denoiser_rel_error = relative_error(result.denoiser_output, results[0].denoiser_output)
+            results.append(result)
 
-    timings = {(i, m): [] for i in range(len(benches)) for m in settings.measurements}
-    for round_idx in range(settings.rounds):
-        progress(f"round {round_idx + 1}/{settings.rounds}")
-        for i, (bench, result) in enumerate(zip(benches, results)):
-            set_tf32(bench.fast.tf32)
-            with PeakMemory(device) as memory:
-                for m, call in bench.calls.items():
-                    start = time.perf_counter()
-                    call()
-                    timings[i, m].append(time.perf_counter() - start)
-            result.peak_rss_gb = max(result.peak_rss_gb, memory.rss_gb)
-            result.peak_gpu_gb = max(result.peak_gpu_gb, memory.gpu_gb)
-    set_tf32(False)
+        timings = {(i, m): [] for i in range(len(results)) for m in settings.measurements}
+        for round_idx in range(settings.rounds):
+            progress(f"round {round_idx + 1}/{settings.rounds}")
+            for i, result in enumerate(results):
+                reply = processes.time_round(i)
+                for m, seconds in reply["seconds"].items():
+                    timings[i, m].append(seconds)
+                result.peak_rss_gb = max(result.peak_rss_gb, reply["peak"][0])
+                result.peak_gpu_gb = max(result.peak_gpu_gb, reply["peak"][1])
     for (i, m), times in timings.items():
         results[i].seconds[m] = statistics.median(times)
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import dnnlib
 from torch_utils import distributed
 from training.checkpoint import load_network
-from training.perf import default_fast_paths, maybe_compile, prepare_network, set_tf32
+from training.perf import apply_process_settings, default_fast_paths, maybe_compile, prepare_network
 from training.sampling import ABLATION_OPTIONS, generate_images
 
 
@@ -120,7 +120,7 @@ def prepare_for_sampling(net: torch.nn.Module, options: GenerateOptions, device:
     fast = default_fast_paths(device).with_options(**options.fast_paths)
     if options.precision is not None:
         fast = fast.with_options(precision=options.precision)
-    set_tf32(fast.tf32)
+    apply_process_settings(fast)
     return maybe_compile(prepare_network(net, fast, precision=options.precision is not None), fast)
 
 

@@ -27,8 +27,8 @@ from torch_utils import distributed as dist
 from torch_utils.misc import InfiniteSampler, clone_module, copy_params_and_buffers
 from torch_utils.training_stats import StatsCollector
 from training.checkpoint import save_network_pkl
-from training.perf import FastPaths, adam_kwargs, as_memory_format, default_fast_paths, maybe_compile, \
-    prepare_network, set_tf32
+from training.perf import FastPaths, adam_kwargs, apply_process_settings, as_memory_format, default_fast_paths, \
+    maybe_compile, prepare_network
 from training.progress import RunLog, format_time, save_image_grid
 from training.training_state import TrainingState, capture_rng_state, restore_rank_rng, restore_rng_state
 
@@ -159,7 +159,7 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
     device = dist.init(device) if not isinstance(device, torch.device) else device
     fast = default_fast_paths(device).with_options(**(fast_paths or {}))
     torch.backends.cudnn.benchmark = cudnn_benchmark
-    set_tf32(fast.tf32)
+    apply_process_settings(fast)
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     log = RunLog(run_dir, tensorboard=tensorboard)
     batch_gpu, rounds = batch_split(batch_size, batch_gpu, dist.get_world_size())
