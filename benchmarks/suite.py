@@ -1,10 +1,10 @@
 """Throughput and memory of training, sampling and FID features, for variants of the fast paths side by side.
 
 A variant is a ``training.perf.FastPaths`` (see ``parse_variant``: 'reference', 'default', 'default+bf16',
-...). Every variant runs in its own process, so that its process-wide switches (TF32, retained host memory)
-are its alone, with its own networks (same seed, same weights), and is warmed up (compiled) first; then the
-measurements run in rounds, each round timing every variant once while the others wait, so that a machine
-whose load changes affects all variants alike; the reported time is the median over rounds.
+...). Each measurement runs every variant in a fresh process of its own, so that its process-wide switches (TF32,
+retained host memory) are its alone and nothing else ran in it before, with its own networks (same seed, same
+weights), warmed up (compiled) first; then rounds time every variant once while the others wait, so that a
+machine whose load changes affects all variants alike; the reported time is the median over rounds.
 
 Measured, per variant (images per second of wall-clock time):
 - train: one full optimizer step of the training loop on a batch of random images: EDM loss, backward,
@@ -22,6 +22,7 @@ Measured, per variant (images per second of wall-clock time):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -83,6 +84,9 @@ class Result:
     peak_gpu_gb: float = 0.0
     denoiser_output: torch.Tensor | None = None     # D on the check inputs (float64, CPU)
     denoiser_rel_error: float | None = None         # against the first variant's
+
+    def add_peak_memory(self, rss_gb: float, gpu_gb: float) -> None:
+        self.peak_rss_gb, self.peak_gpu_gb = max(self.peak_rss_gb, rss_gb), max(self.peak_gpu_gb, gpu_gb)
 
     def images_per_second(self, measurement: str) -> float | None:
         if measurement not in self.seconds:
@@ -298,11 +302,13 @@ def _variant_process(conn, variant: str, settings: Settings, threads: int) -> No
 
 
 class VariantProcesses:
-    """A worker process per variant, so that each variant's process-wide switches (TF32, retained host memory)
-    hold for it alone and its peak memory is its own; the processes wait while another one is timed."""
+    """A worker process per variant, for one measurement: each variant's process-wide switches (TF32, retained
+    host memory) hold for it alone, and, as in a user's train.py or generate.py process, nothing else has run in
+    it (the allocator's state after a training step changes the speed of sampling, and the other way round). The
+    processes wait while another one is timed."""
 
-    def __init__(self, variants: list[str], settings: Settings):
-        self.variants, self.settings = variants, settings
+    def __init__(self, settings: Settings):
+        self.settings = settings
         self.workers: list[tuple] = []
 
     def __enter__(self) -> "VariantProcesses":
@@ -359,31 +365,29 @@ def run_benchmark(variants: list[str], settings: Settings, progress: Callable[[s
         if fast.precision == "fp16" and device.type != "cuda":
             raise ValueError(f"variant '{variant}': fp16 runs on CUDA only (Precond.use_fp16, as the official)")
 
-    results = []
-    with VariantProcesses(variants, settings) as processes:
-        for variant in variants:
-            progress(f"{variant}: building and warming up")
-            reply = processes.start(variant)
-            result = Result(variant, parse_variant(variant, device), images=reply["images"],
-                            warmup_seconds=reply["warmup_seconds"])
-            result.peak_rss_gb, result.peak_gpu_gb = reply["peak"]
-            if reply["denoiser_output"] is not None:
-                result.denoiser_output = torch.from_numpy(reply["denoiser_output"])
-                if results:
-                    result.denoiser_rel_error = relative_error(result.denoiser_output, results[0].denoiser_output)
-            results.append(result)
-
-        timings = {(i, m): [] for i in range(len(results)) for m in settings.measurements}
-        for round_idx in range(settings.rounds):
-            progress(f"round {round_idx + 1}/{settings.rounds}")
-            for i, result in enumerate(results):
-                reply = processes.time_round(i)
-                for m, seconds in reply["seconds"].items():
-                    timings[i, m].append(seconds)
-                result.peak_rss_gb = max(result.peak_rss_gb, reply["peak"][0])
-                result.peak_gpu_gb = max(result.peak_gpu_gb, reply["peak"][1])
-    for (i, m), times in timings.items():
-        results[i].seconds[m] = statistics.median(times)
+    results = [Result(variant, parse_variant(variant, device)) for variant in variants]
+    for m in settings.measurements:
+        with VariantProcesses(dataclasses.replace(settings, measurements=(m,))) as processes:
+            for result in results:
+                progress(f"{m}: {result.variant}: building and warming up")
+                reply = processes.start(result.variant)
+                result.images.update(reply["images"])
+                result.warmup_seconds += reply["warmup_seconds"]
+                result.add_peak_memory(*reply["peak"])
+                if result.denoiser_output is None and reply["denoiser_output"] is not None:
+                    result.denoiser_output = torch.from_numpy(reply["denoiser_output"])
+            times = [[] for _ in results]
+            for round_idx in range(settings.rounds):
+                progress(f"{m}: round {round_idx + 1}/{settings.rounds}")
+                for i, result in enumerate(results):
+                    reply = processes.time_round(i)
+                    times[i].append(reply["seconds"][m])
+                    result.add_peak_memory(*reply["peak"])
+        for result, t in zip(results, times):
+            result.seconds[m] = statistics.median(t)
+    if results[0].denoiser_output is not None:
+        for result in results[1:]:
+            result.denoiser_rel_error = relative_error(result.denoiser_output, results[0].denoiser_output)
 
     return dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
                 config=settings.config, batch=settings.batch, num_steps=settings.num_steps,
