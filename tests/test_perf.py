@@ -274,8 +274,8 @@ def test_benchmark_cli_writes_table_and_json(tmp_path, single_thread):
 
 
 def test_train_cli_fast_path_options_reach_the_loop(fashion_mnist_8_zip, tmp_path):
-    """--channels-last/--compile/... go to training_loop(fast_paths=...); a channels_last run trains and
-    writes contiguous snapshots."""
+    """--channels-last/--compile/--retain-memory/... go to training_loop(fast_paths=...); a channels_last bf16 run
+    trains, logs its fast paths with its precision and writes contiguous snapshots."""
     from click.testing import CliRunner
 
     import train
@@ -283,14 +283,16 @@ def test_train_cli_fast_path_options_reach_the_loop(fashion_mnist_8_zip, tmp_pat
 
     common = [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--cond=1", "--cbase=8", "--cres=1,2",
               "--batch=8", "--seed=1", "--grid=0", "--workers=0", "--nosubdir"]
-    dry = CliRunner().invoke(train.main, [*common, "--channels-last=1", "--compile=0", "--tf32=1", "--dry-run"])
+    dry = CliRunner().invoke(train.main, [*common, "--channels-last=1", "--compile=0", "--tf32=1", "--retain-memory=0",
+                                          "--dry-run"])
     assert dry.exit_code == 0, dry.output
     config = json.loads(dry.output[dry.output.index("{"):dry.output.rindex("}") + 1])
-    assert config["fast_paths"] == dict(channels_last=True, compile=False, tf32=True)
-    run = CliRunner().invoke(train.main, [*common, "--channels-last=1", "--duration=0.000016", "--tick=0.008"])
+    assert config["fast_paths"] == dict(channels_last=True, compile=False, tf32=True, retain_memory=False)
+    run = CliRunner().invoke(train.main, [*common, "--channels-last=1", "--bf16=1", "--duration=0.000016",
+                                          "--tick=0.008"])
     assert run.exit_code == 0, run.output
     log = (tmp_path / "log.txt").read_text()
-    assert "Fast paths: sdpa+channels_last+fused_adam" in log
+    assert "Fast paths: sdpa+channels_last+fused_adam+retain_memory+bf16\n" in log
     ema = load_network_pkl(str(tmp_path / "network-snapshot-000000.pkl"))["ema"]
     assert all(p.is_contiguous() for p in ema.parameters())
 
