@@ -148,7 +148,7 @@ def newest(pattern: str) -> str:
 @click.option("--outdir", default="quickstart-out", show_default=True, metavar="DIR",
               help="Where everything goes (must not hold an earlier quickstart run)")
 @click.option("--preset", type=click.Choice(["auto", *PRESETS]), default="auto", show_default=True,
-              help="Job size: cpu (13-15 min on 2 cores), gpu (4 min on an H200; bf16 from Ampere on), smoke (a "
+              help="Job size: cpu (12-15 min on 2 cores), gpu (4 min on an H200; bf16 from Ampere on), smoke (a "
               "minute or two; for CI)")
 @click.option("--device", default=None, metavar="DEV", help="Passed to every stage, e.g. cpu  [default: auto]")
 @click.option("--kimg", type=click.FloatRange(min=0, min_open=True), default=None, metavar="KIMG",
