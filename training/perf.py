@@ -137,7 +137,7 @@ def set_tf32(enabled: bool) -> None:
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_RETAINED_TOP_BYTES = 2 ** 31 - 1  # The largest int: free memory at the heap's top is never given back.
+_RETAINED_TOP_BYTES = 2 ** 31 - 1  # The largest int: up to 2 GB free at the heap's top stay in the process.
 
 
 def retain_freed_memory() -> bool:
@@ -150,14 +150,13 @@ def retain_freed_memory() -> bool:
     Inception batch of 25. Values are unchanged; the process's resident memory stays at its peak instead of
     shrinking. Returns False where the C library has no ``mallopt`` (not glibc) and nothing changed.
     """
+    if platform.libc_ver()[0] != "glibc":
+        return False  # macOS has no mallopt; musl's accepts these and ignores them.
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if platform.libc_ver()[0] != "glibc":
-        return False  # musl and others accept mallopt and ignore it.
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _RETAINED_TOP_BYTES))
 
 
