@@ -142,7 +142,7 @@ _RETAINED_TOP_BYTES = 2 ** 31 - 1  # The largest int: up to 2 GB free at the hea
 
 def retain_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory in the process for reuse: every block comes from the heap (no
-    per-allocation mmap) and the heap is never trimmed. Process-wide and for the rest of the process.
+    per-allocation mmap) and the heap is not trimmed (up to 2 GB free). For the whole process, for good.
 
     By default glibc serves large blocks (activations of a few MB) with fresh mmaps, or trims them off the heap
     when freed, so each new activation tensor page-faults and is zeroed by the kernel page by page: 13,000-15,000
