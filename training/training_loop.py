@@ -182,8 +182,8 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
     ddp = net
     if dist.get_world_size() > 1:  # Broadcasts rank 0's initial weights; averages gradients in backward.
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-    precision = ("fp16" if getattr(net, "use_fp16", False) and device.type == "cuda"  # As Precond decides.
-                 else "bf16" if getattr(net, "use_bf16", False) else "fp32")
+    dtype = net.compute_dtype(torch.empty(0, device=device)) if hasattr(net, "compute_dtype") else torch.float32
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
     log.print(f"Fast paths: {fast.with_options(precision=precision).describe()}")
     state = TrainingState(net=net, ema=ema, optimizer=optimizer,
                           extra=dict(batch_size=batch_size, seed=seed, network_kwargs=_plain(network_kwargs)))
