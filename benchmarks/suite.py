@@ -14,6 +14,8 @@ Measured, per variant (images per second of wall-clock time):
 - fid: Inception pool3 features of uint8 images (resized to 299x299) with randomly initialised weights (speed
   does not depend on them); always float32, only channels_last/compile/TF32/retained memory apply, as FID must
   stay standard.
+- process settings: the process-wide switches (TF32, retained host memory) in effect in each measurement's
+  process, as the process reports them (``training.perf.process_settings``).
 - peak memory: the variant process's resident set size (sampled every 5 ms) and, on CUDA, allocated GPU memory.
 - error: the relative L2 error of the variant's denoiser output D(x; sigma) against the first variant's, on
   fixed inputs at sigma from 0.002 to 80, with every weight random (the zero-initialised output layers would
@@ -41,7 +43,7 @@ from torch_utils.misc import randomize_parameters
 from training.loss import EDMLoss
 from training.networks import EDMPrecond
 from training.perf import FastPaths, apply_process_settings, as_memory_format, maybe_compile, parse_variant, \
-    prepare_network
+    prepare_network, process_settings
 from training.sampling import generate_images
 from training.training_loop import build_optimizer, ema_beta, sanitize_gradients, update_ema
 
@@ -84,6 +86,7 @@ class Result:
     peak_gpu_gb: float = 0.0
     denoiser_output: torch.Tensor | None = None     # D on the check inputs (float64, CPU)
     denoiser_rel_error: float | None = None         # against the first variant's
+    process_settings: dict = field(default_factory=dict)  # measurement -> its process's process-wide switches
 
     def add_peak_memory(self, rss_gb: float, gpu_gb: float) -> None:
         self.peak_rss_gb, self.peak_gpu_gb = max(self.peak_rss_gb, rss_gb), max(self.peak_gpu_gb, gpu_gb)
@@ -99,7 +102,7 @@ class Result:
         return dict(variant=self.variant, fast_paths=self.fast.describe(), **rates,
                     train_s_per_kimg=1000 / train if train else None, seconds=self.seconds,
                     warmup_seconds=self.warmup_seconds, peak_rss_gb=self.peak_rss_gb, peak_gpu_gb=self.peak_gpu_gb,
-                    denoiser_rel_error=self.denoiser_rel_error)
+                    denoiser_rel_error=self.denoiser_rel_error, process_settings=self.process_settings)
 
 
 def device_name(device: torch.device) -> str:
@@ -287,7 +290,7 @@ def _variant_process(conn, variant: str, settings: Settings, threads: int) -> No
             warmup_seconds = time.perf_counter() - start
             output = bench.denoiser_output()
         conn.send(dict(images=bench.images, warmup_seconds=warmup_seconds, peak=(memory.rss_gb, memory.gpu_gb),
-                       denoiser_output=None if output is None else output.numpy()))
+                       process_settings=process_settings(), denoiser_output=None if output is None else output.numpy()))
         while conn.recv() == "round":
             seconds = {}
             with PeakMemory(device) as memory:
@@ -374,6 +377,7 @@ def run_benchmark(variants: list[str], settings: Settings, progress: Callable[[s
                 result.images.update(reply["images"])
                 result.warmup_seconds += reply["warmup_seconds"]
                 result.add_peak_memory(*reply["peak"])
+                result.process_settings[m] = reply["process_settings"]
                 if result.denoiser_output is None and reply["denoiser_output"] is not None:
                     result.denoiser_output = torch.from_numpy(reply["denoiser_output"])
             times = [[] for _ in results]

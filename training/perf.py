@@ -135,9 +135,18 @@ def set_tf32(enabled: bool) -> None:
         torch.backends.cudnn.allow_tf32 = enabled
 
 
+def tf32_enabled() -> bool:
+    """Whether TF32 is on for CUDA matmuls (as ``set_tf32`` left it; it sets convolutions alike)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _RETAINED_TOP_BYTES = 2 ** 31 - 1  # The largest int: up to 2 GB free at the heap's top stay in the process.
+_retaining_freed_memory = False  # Set once retain_freed_memory succeeded; glibc has no call to read it back.
 
 
 def retain_freed_memory() -> bool:
@@ -157,7 +166,10 @@ def retain_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _RETAINED_TOP_BYTES))
+    retained = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _RETAINED_TOP_BYTES))
+    global _retaining_freed_memory
+    _retaining_freed_memory = _retaining_freed_memory or retained
+    return retained
 
 
 def apply_process_settings(fast: FastPaths) -> None:
@@ -166,6 +178,12 @@ def apply_process_settings(fast: FastPaths) -> None:
     set_tf32(fast.tf32)
     if fast.retain_memory:
         retain_freed_memory()
+
+
+def process_settings() -> dict:
+    """The process-wide switches in effect in this process (what ``apply_process_settings`` left):
+    ``{'tf32': bool, 'retain_memory': bool}``."""
+    return dict(tf32=tf32_enabled(), retain_memory=_retaining_freed_memory)
 
 
 def prepare_network(net: torch.nn.Module, fast: FastPaths, precision: bool = True) -> torch.nn.Module:
