@@ -15,7 +15,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from dnnlib.util import atomic_write_bytes
-from training.training_loop import TrainingConfigError, check_network_fits_dataset, training_loop
+from training.training_loop import TrainingConfigError, check_network_fits_dataset, data_loader_kwargs, training_loop
 from training.training_state import STATE_PATTERN, StateFileError, newest_state_file, read_state_file
 
 ARCHITECTURES = {
@@ -53,8 +53,7 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
     c.dataset_kwargs = dnnlib.EasyDict(class_name="training.dataset.ImageFolderDataset", path=opts.data,
                                        use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache,
                                        resolution=dataset_obj.resolution, max_size=len(dataset_obj))
-    c.data_loader_kwargs = dnnlib.EasyDict(num_workers=opts.workers, prefetch_factor=2,
-                                           pin_memory=dist.get_device().type == "cuda")
+    c.data_loader_kwargs = dnnlib.EasyDict(data_loader_kwargs(dist.get_device(), opts.workers))
     network_class, loss_class = PRECONDITIONERS[opts.precond]
     c.network_kwargs = dnnlib.EasyDict(class_name=network_class, **ARCHITECTURES[opts.arch])
     c.loss_kwargs = dnnlib.EasyDict(class_name=loss_class)

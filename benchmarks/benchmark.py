@@ -1,5 +1,5 @@
-"""Benchmark the fast paths side by side: training, sampling (NFE 35), denoiser and FID-feature throughput,
-peak memory. A thin command line over benchmarks/suite.py; see README.md, section Performance.
+"""Benchmark the fast paths side by side: training, sampling (NFE 35), denoiser, FID-feature and data-loading
+throughput, peak memory. A thin command line over benchmarks/suite.py; see README.md, section Performance.
 
 Examples:
 
@@ -52,11 +52,16 @@ def _csv(ctx, param, value: str) -> list[str]:
               default=8, show_default=True)
 @click.option("--rounds", help="Timed rounds (the median is reported)", metavar="INT", type=click.IntRange(min=1),
               default=3, show_default=True)
+@click.option("--data", help="Dataset ZIP or folder for the data measurement  [default: random images]",
+              metavar="ZIP|DIR")
+@click.option("--workers", help="DataLoader processes for the data measurement (train.py --workers)", metavar="INT",
+              type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--threads", help="CPU threads for PyTorch  [default: PyTorch's]", metavar="INT",
               type=click.IntRange(min=1))
 @click.option("--out", help="Write the results as JSON here", metavar="JSON")
-def main(config, device, batch, variants, measure, num_steps, fid_batch, rounds, threads, out):
-    """Measure training, sampling and FID-feature throughput and peak memory of fast-path variants."""
+def main(config, device, batch, variants, measure, num_steps, fid_batch, rounds, data, workers, threads, out):
+    """Measure training, sampling, FID-feature and data-loading throughput and peak memory of fast-path
+    variants."""
     if threads is not None:
         torch.set_num_threads(threads)
     try:
@@ -64,7 +69,7 @@ def main(config, device, batch, variants, measure, num_steps, fid_batch, rounds,
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
     settings = Settings(config=config, device=str(device), batch=batch, num_steps=num_steps, fid_batch=fid_batch,
-                        rounds=rounds, measurements=tuple(measure))
+                        rounds=rounds, measurements=tuple(measure), data=data, workers=workers)
     try:
         report = run_benchmark(variants, settings, progress=lambda line: click.echo(line, err=True))
     except (ValueError, RuntimeError) as e:

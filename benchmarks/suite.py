@@ -16,6 +16,11 @@ Measured, per variant (images per second of wall-clock time):
   stay standard.
 - process settings: the process-wide switches (TF32, retained host memory) in effect in each measurement's
   process, as the process reports them (``training.perf.process_settings``).
+- data: the training loop's data stream (``open_data_stream``: the dataset's PNGs decoded by ``workers``
+  DataLoader processes, in pinned memory on CUDA) with each batch copied to the device as the training step copies
+  it; a dataset given as ``data``, or random images of the config's shape. Measured once, in the first variant's
+  process (no fast path changes loading), without the dataset cache (every image decoded, as in the first epoch);
+  each timed call first takes the batches the workers had ready, so that the rate is the one they produce at.
 - peak memory: the variant process's resident set size (sampled every 5 ms) and, on CUDA, allocated GPU memory.
 - error: the relative L2 error of the variant's denoiser output D(x; sigma) against the first variant's, on
   fixed inputs at sigma from 0.002 to 80, with every weight random (the zero-initialised output layers would
@@ -25,21 +30,26 @@ Measured, per variant (images per second of wall-clock time):
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import multiprocessing
 import os
 import platform
 import statistics
+import tempfile
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import psutil
 import torch
 
 from torch_utils.misc import randomize_parameters
+from training.dataset import DATASET_JSON
+from training.dataset_tool_lib import DatasetWriter, archive_name, encode_png
 from training.loss import EDMLoss
 from training.networks import EDMPrecond
 from training.perf import FastPaths, apply_process_settings, as_memory_format, maybe_compile, parse_variant, \
@@ -59,7 +69,9 @@ CONFIGS = {
     "tiny": dict(resolution=16, channels=3, label_dim=10,
                  network=dict(DDPMPP, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])),
 }
-MEASUREMENTS = ("train", "forward", "sample", "fid")
+MEASUREMENTS = ("train", "forward", "sample", "fid", "data")
+DATA_BATCHES = 16        # Batches per timed call of the data measurement.
+RANDOM_DATASET_SIZE = 1024
 LOSS_SCALING_FP16 = 100  # As the official ImageNet fp16 config (--ls=100).
 
 
@@ -73,6 +85,8 @@ class Settings:
     rounds: int = 3
     measurements: tuple = MEASUREMENTS
     seed: int = 0
+    data: str | None = None             # Dataset ZIP or folder of the data measurement (None: random images).
+    workers: int = 1                    # DataLoader processes of the data measurement (train.py --workers).
 
 
 @dataclass
@@ -180,7 +194,7 @@ class VariantBench:
         self.variant, self.settings, self.device = variant, settings, device
         self.fast = parse_variant(variant, device)
         self.config = CONFIGS[settings.config]
-        self.calls: dict[str, Callable[[], None]] = {}
+        self.calls: dict[str, Callable[[], float | None]] = {}  # None: time the whole call; else its timed part
         self.images: dict[str, int] = {}
         generator = torch.Generator().manual_seed(settings.seed)
         res, ch, labels = self.config["resolution"], self.config["channels"], self.config["label_dim"]
@@ -274,6 +288,28 @@ class VariantBench:
 
         self.calls["fid"], self.images["fid"] = features, len(images)
 
+    def _setup_data(self) -> None:
+        from training.dataset import ImageFolderDataset
+        from training.training_loop import PREFETCH_BATCHES, data_loader_kwargs, open_data_stream
+
+        dataset = ImageFolderDataset(self.settings.data, use_labels=True, cache=False)
+        stream = open_data_stream(dataset, self.settings.seed, 0, self.settings.batch,
+                                  data_loader_kwargs(self.device, self.settings.workers))
+        ready = self.settings.workers * PREFETCH_BATCHES
+
+        def load() -> float:
+            for _ in range(ready):  # Made while the process waited; the timed batches are made while timed.
+                next(stream)
+            start = time.perf_counter()
+            for _ in range(DATA_BATCHES):
+                images, labels = next(stream)
+                images.to(self.device, non_blocking=True).to(torch.float32)
+                labels.to(self.device, non_blocking=True)
+            synchronize(self.device)
+            return time.perf_counter() - start
+
+        self.calls["data"], self.images["data"] = load, DATA_BATCHES * self.settings.batch
+
 
 def _variant_process(conn, variant: str, settings: Settings, threads: int) -> None:
     """One variant's worker process: applies its process-wide switches, builds and warms up its calls, reports,
@@ -296,8 +332,8 @@ def _variant_process(conn, variant: str, settings: Settings, threads: int) -> No
             with PeakMemory(device) as memory:
                 for m, call in bench.calls.items():
                     start = time.perf_counter()
-                    call()
-                    seconds[m] = time.perf_counter() - start
+                    timed = call()
+                    seconds[m] = time.perf_counter() - start if timed is None else timed
             conn.send(dict(seconds=seconds, peak=(memory.rss_gb, memory.gpu_gb)))
     except Exception as e:
         traceback.print_exc()
@@ -321,7 +357,8 @@ class VariantProcesses:
         """Start the variant's process; returns its warm-up report."""
         context = multiprocessing.get_context("spawn")  # Fork is unsafe once CUDA or OpenMP threads exist.
         conn, child_conn = context.Pipe()
-        process = context.Process(target=_variant_process, daemon=True,
+        # Not a daemon: the data measurement's DataLoader starts processes of its own.
+        process = context.Process(target=_variant_process, daemon=False,
                                   args=(child_conn, variant, self.settings, torch.get_num_threads()))
         process.start()
         child_conn.close()
@@ -353,6 +390,45 @@ class VariantProcesses:
                 process.kill()
 
 
+def write_random_dataset(path: str, config: dict, size: int, seed: int) -> str:
+    """A dataset ZIP of ``size`` uniformly random images (and class labels) of the config's shape, as
+    dataset_tool.py writes datasets; random pixels make PNGs about as large as real photos' at this size."""
+    rng = np.random.default_rng(seed)
+    res, channels, label_dim = config["resolution"], config["channels"], config["label_dim"]
+    writer = DatasetWriter(path)
+    labels = []
+    for i in range(size):
+        writer.add(archive_name(i), encode_png(rng.integers(0, 256, [res, res, channels], dtype=np.uint8)))
+        labels.append([archive_name(i), int(rng.integers(label_dim))])
+    writer.add(DATASET_JSON, json.dumps(dict(labels=labels if label_dim else None)).encode())
+    writer.commit()
+    return path
+
+
+def _measure(measurement: str, results: list[Result], settings: Settings, progress: Callable[[str], None]) -> None:
+    """Time one measurement for ``results``' variants, each in a process of its own, in side-by-side rounds."""
+    m = measurement
+    with VariantProcesses(dataclasses.replace(settings, measurements=(m,))) as processes:
+        for result in results:
+            progress(f"{m}: {result.variant}: building and warming up")
+            reply = processes.start(result.variant)
+            result.images.update(reply["images"])
+            result.warmup_seconds += reply["warmup_seconds"]
+            result.add_peak_memory(*reply["peak"])
+            result.process_settings[m] = reply["process_settings"]
+            if result.denoiser_output is None and reply["denoiser_output"] is not None:
+                result.denoiser_output = torch.from_numpy(reply["denoiser_output"])
+        times = [[] for _ in results]
+        for round_idx in range(settings.rounds):
+            progress(f"{m}: round {round_idx + 1}/{settings.rounds}")
+            for i, result in enumerate(results):
+                reply = processes.time_round(i)
+                times[i].append(reply["seconds"][m])
+                result.add_peak_memory(*reply["peak"])
+    for result, t in zip(results, times):
+        result.seconds[m] = statistics.median(t)
+
+
 def run_benchmark(variants: list[str], settings: Settings, progress: Callable[[str], None] = lambda s: None
                   ) -> dict:
     """Measure every variant (rounds of side-by-side timings, each variant in its own process); returns the
@@ -368,35 +444,33 @@ def run_benchmark(variants: list[str], settings: Settings, progress: Callable[[s
         if fast.precision == "fp16" and device.type != "cuda":
             raise ValueError(f"variant '{variant}': fp16 runs on CUDA only (Precond.use_fp16, as the official)")
 
+    if settings.data is not None and not os.path.exists(settings.data):
+        raise ValueError(f"data '{settings.data}': no such dataset ZIP or folder (make one with dataset_tool.py)")
+
     results = [Result(variant, parse_variant(variant, device)) for variant in variants]
-    for m in settings.measurements:
-        with VariantProcesses(dataclasses.replace(settings, measurements=(m,))) as processes:
-            for result in results:
-                progress(f"{m}: {result.variant}: building and warming up")
-                reply = processes.start(result.variant)
-                result.images.update(reply["images"])
-                result.warmup_seconds += reply["warmup_seconds"]
-                result.add_peak_memory(*reply["peak"])
-                result.process_settings[m] = reply["process_settings"]
-                if result.denoiser_output is None and reply["denoiser_output"] is not None:
-                    result.denoiser_output = torch.from_numpy(reply["denoiser_output"])
-            times = [[] for _ in results]
-            for round_idx in range(settings.rounds):
-                progress(f"{m}: round {round_idx + 1}/{settings.rounds}")
-                for i, result in enumerate(results):
-                    reply = processes.time_round(i)
-                    times[i].append(reply["seconds"][m])
-                    result.add_peak_memory(*reply["peak"])
-        for result, t in zip(results, times):
-            result.seconds[m] = statistics.median(t)
+    random_zip = None
+    with tempfile.TemporaryDirectory(prefix="edm-benchmark-") as tmp:
+        if "data" in settings.measurements and settings.data is None:
+            random_zip = write_random_dataset(os.path.join(tmp, "random.zip"), CONFIGS[settings.config],
+                                              RANDOM_DATASET_SIZE, settings.seed)
+            settings = dataclasses.replace(settings, data=random_zip)
+        for m in settings.measurements:
+            # No fast path changes data loading: it is measured in the first variant's process only.
+            _measure(m, results[:1] if m == "data" else results, settings, progress)
     if results[0].denoiser_output is not None:
         for result in results[1:]:
             result.denoiser_rel_error = relative_error(result.denoiser_output, results[0].denoiser_output)
+    data_loader = None
+    if "data" in settings.measurements:
+        data_loader = dict(img_per_s=results[0].images_per_second("data"), variant=results[0].variant,
+                           workers=settings.workers, pin_memory=device.type == "cuda", cache=False,
+                           dataset=f"{RANDOM_DATASET_SIZE} random images" if settings.data == random_zip
+                           else settings.data)
 
     return dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
                 config=settings.config, batch=settings.batch, num_steps=settings.num_steps,
                 nfe=2 * settings.num_steps - 1, fid_batch=settings.fid_batch, rounds=settings.rounds,
-                results=[r.as_dict() for r in results])
+                data_loader=data_loader, results=[r.as_dict() for r in results])
 
 
 def format_table(report: dict) -> str:
@@ -418,4 +492,17 @@ def format_table(report: dict) -> str:
                      rate(r, "sample"), rate(r, "forward"), rate(r, "fid"),
                      "-" if r["denoiser_rel_error"] is None else f"{r['denoiser_rel_error']:.1e}",
                      f"{r['peak_rss_gb']:.2f}", f"{r['peak_gpu_gb']:.2f}", f"{r['warmup_seconds']:.1f}"])
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + _data_loader_line(report)
+
+
+def _data_loader_line(report: dict) -> str:
+    loader = report.get("data_loader")
+    if not loader:
+        return ""
+    workers = f"{loader['workers']} worker" + ("" if loader["workers"] == 1 else "s")
+    line = (f"\n\nData loader: {loader['img_per_s']:.4g} img/s ({workers}, "
+            f"{'pinned' if loader['pin_memory'] else 'unpinned'}, no cache; {loader['dataset']})")
+    train = [r["train_img_per_s"] for r in report["results"] if r["train_img_per_s"]]
+    if train:
+        line += f", {loader['img_per_s'] / max(train):.1f}x the fastest training step above ({max(train):.3g} img/s)"
+    return line

@@ -251,9 +251,10 @@ def test_variants_parse_and_name_their_errors():
         parse_variant("default+turbo", "cpu")
 
 
-def test_benchmark_cli_writes_table_and_json(tmp_path, single_thread):
+def test_benchmark_cli_writes_table_and_json(tmp_path, single_thread, fashion_mnist_16_zip):
     """Two variants side by side; each measurement of each runs in a process of its own, so the default's retained
-    host memory (which glibc cannot switch off again) does not reach the reference+tf32 measured after it."""
+    host memory (which glibc cannot switch off again) does not reach the reference+tf32 measured after it. Data
+    loading, which no fast path changes, is measured once, with the first variant."""
     from click.testing import CliRunner
 
     from benchmarks.benchmark import main
@@ -261,7 +262,8 @@ def test_benchmark_cli_writes_table_and_json(tmp_path, single_thread):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["--device=cpu", "--config=tiny", "--batch=2", "--steps=2", "--fid-batch=1",
                                        "--rounds=1", "--variants=default+channels_last,reference+tf32",
-                                       "--measure=train,forward,sample", f"--out={out}"])
+                                       "--measure=train,forward,sample,data", f"--data={fashion_mnist_16_zip}",
+                                       "--workers=1", f"--out={out}"])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["results"]] == ["default+channels_last", "reference+tf32"]
@@ -272,11 +274,33 @@ def test_benchmark_cli_writes_table_and_json(tmp_path, single_thread):
     default, reference = report["results"]
     assert default["denoiser_rel_error"] is None and reference["denoiser_rel_error"] < 1e-5
     measurements = ["train", "forward", "sample"]
-    assert default["process_settings"] == {m: dict(tf32=False, retain_memory=True) for m in measurements}
+    assert default["process_settings"] == {m: dict(tf32=False, retain_memory=True) for m in [*measurements, "data"]}
     assert reference["process_settings"] == {m: dict(tf32=True, retain_memory=False) for m in measurements}
+    assert default["data_img_per_s"] > 0 and reference["data_img_per_s"] is None
+    assert report["data_loader"] == dict(img_per_s=default["data_img_per_s"], variant="default+channels_last",
+                                         workers=1, pin_memory=False, cache=False, dataset=fashion_mnist_16_zip)
+    assert "Data loader: " in result.output and "the fastest training step above" in result.output
     assert report["nfe"] == 3 and "| reference+tf32 |" in result.output
     bad = CliRunner().invoke(main, ["--device=cpu", "--config=tiny", "--variants=default+fp16", "--measure=forward"])
     assert bad.exit_code != 0 and "fp16 runs on CUDA only" in bad.output
+    missing = CliRunner().invoke(main, ["--device=cpu", "--config=tiny", "--measure=data", f"--data={tmp_path}/no.zip"])
+    assert missing.exit_code != 0 and "no.zip': no such dataset ZIP or folder" in missing.output
+
+
+def test_benchmark_random_dataset_reads_as_the_training_data(tmp_path):
+    """The data measurement's default dataset: random images of the config's shape with labels, in the format
+    dataset_tool.py writes, read by the training loop's dataset class."""
+    from benchmarks.suite import CONFIGS, write_random_dataset
+    from training.dataset import ImageFolderDataset
+
+    path = write_random_dataset(str(tmp_path / "random.zip"), CONFIGS["tiny"], size=20, seed=3)
+    dataset = ImageFolderDataset(path, use_labels=True)
+    assert len(dataset) == 20 and dataset.image_shape == [3, 16, 16] and dataset.label_dim == 10
+    images = np.stack([dataset[i][0] for i in range(20)])
+    labels = np.stack([dataset[i][1] for i in range(20)])
+    assert images.dtype == np.uint8 and 100 < images.mean() < 155 and images.std() > 60
+    assert (labels.sum(axis=1) == 1).all() and len(set(labels.argmax(axis=1))) > 3
+    assert os.listdir(tmp_path) == ["random.zip"]
 
 
 def test_train_cli_fast_path_options_reach_the_loop(fashion_mnist_8_zip, tmp_path):

@@ -100,6 +100,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(rank_seed)
 
 
+PREFETCH_BATCHES = 2  # Per DataLoader worker.
+
+
+def data_loader_kwargs(device: torch.device, workers: int) -> dict:
+    """DataLoader options of a training run: ``workers`` processes that each keep ``PREFETCH_BATCHES`` batches
+    ready, in pinned memory on CUDA (so the copy to the device runs asynchronously, ``non_blocking=True``)."""
+    return dict(num_workers=workers, prefetch_factor=PREFETCH_BATCHES, pin_memory=torch.device(device).type == "cuda")
+
+
 def open_data_stream(dataset_obj, seed: int, start: int, batch_gpu: int, loader_kwargs: dict) -> Iterator:
     """This rank's endless iterator of (uint8 images, labels) batches, from global stream position ``start``."""
     sampler = InfiniteSampler(dataset_obj, rank=dist.get_rank(), num_replicas=dist.get_world_size(), seed=seed,
