@@ -12,8 +12,8 @@ Measured, per variant (images per second of wall-clock time):
 - forward: one denoiser evaluation D(x; sigma) of a batch (eval mode, no gradients).
 - sample: ``generate_images`` with the EDM sampler, ``num_steps`` Heun steps (18 steps = NFE 35).
 - fid: Inception pool3 features of uint8 images (resized to 299x299) with randomly initialised weights (speed
-  does not depend on them); always float32, only channels_last/compile/TF32/retained memory apply, as FID must
-  stay standard.
+  does not depend on them), by the detector as fid.py runs it (float32, NHWC on the CPU, no TF32); of a variant's
+  switches only the retained host memory applies, as FID must stay standard.
 - process settings: the process-wide switches (TF32, retained host memory) in effect in each measurement's
   process, as the process reports them (``training.perf.process_settings``).
 - data: the training loop's data stream (``open_data_stream``: the dataset's PNGs decoded by ``workers``
@@ -273,11 +273,7 @@ class VariantBench:
         from metrics.inception import FIDDetector, InceptionV3
 
         torch.manual_seed(self.settings.seed)
-        fid_fast = FastPaths(sdpa=True, channels_last=self.fast.channels_last, compile=self.fast.compile,
-                             tf32=self.fast.tf32)
-        detector = FIDDetector(InceptionV3()).to(self.device)
-        detector.net = maybe_compile(detector.net.to(memory_format=torch.channels_last if fid_fast.channels_last
-                                                     else torch.contiguous_format), fid_fast)
+        detector = FIDDetector(InceptionV3()).to(self.device)  # As fid.py runs it; it picks its memory format.
         images = self.uint8_images[:self.settings.fid_batch]
         if images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)

@@ -281,18 +281,18 @@ def test_benchmark_cli_writes_table_and_json(tmp_path, single_thread, fashion_mn
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["--device=cpu", "--config=tiny", "--batch=2", "--steps=2", "--fid-batch=1",
                                        "--rounds=1", "--variants=default+channels_last,reference+tf32",
-                                       "--measure=train,forward,sample,data", f"--data={fashion_mnist_16_zip}",
+                                       "--measure=train,forward,sample,fid,data", f"--data={fashion_mnist_16_zip}",
                                        "--workers=1", f"--out={out}"])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["results"]] == ["default+channels_last", "reference+tf32"]
     for r in report["results"]:
         assert r["train_img_per_s"] > 0 and r["sample_img_per_s"] > 0 and r["forward_img_per_s"] > 0
-        assert r["fid_img_per_s"] is None and r["train_s_per_kimg"] == pytest.approx(1000 / r["train_img_per_s"])
+        assert r["fid_img_per_s"] > 0 and r["train_s_per_kimg"] == pytest.approx(1000 / r["train_img_per_s"])
         assert r["peak_rss_gb"] > 0.05
     default, reference = report["results"]
     assert default["denoiser_rel_error"] is None and reference["denoiser_rel_error"] < 1e-5
-    measurements = ["train", "forward", "sample"]
+    measurements = ["train", "forward", "sample", "fid"]
     assert default["process_settings"] == {m: dict(tf32=False, retain_memory=True) for m in [*measurements, "data"]}
     assert reference["process_settings"] == {m: dict(tf32=True, retain_memory=False) for m in measurements}
     assert default["data_img_per_s"] > 0 and reference["data_img_per_s"] is None
