@@ -48,6 +48,26 @@ TINY_SONG = dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2], 
 TINY_ADM = dict(model_type="DhariwalUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
 
 
+def random_tiny_net(fast=None, seed: int = 0) -> torch.nn.Module:
+    """A 16x16 DDPM++-style EDM network with attention (label_dim 4), every weight random (the zero-initialised
+    output layer would otherwise hide the U-Net behind c_skip x), prepared for the fast paths ``fast``
+    (default: ``training.perf.REFERENCE``)."""
+    from torch_utils.misc import randomize_parameters
+    from training.networks import EDMPrecond
+    from training.perf import REFERENCE, prepare_network
+
+    torch.manual_seed(seed)
+    net = EDMPrecond(img_resolution=16, img_channels=3, label_dim=4, dropout=0, **TINY_SONG)
+    return prepare_network(randomize_parameters(net, seed), REFERENCE if fast is None else fast)
+
+
+def tiny_inputs(n: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, sigma, labels) for ``random_tiny_net``: noisy images at sigma 0.05, 1 and 20."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn([n, 3, 16, 16], generator=g) * 2
+    return x, torch.tensor([0.05, 1.0, 20.0][:n]), torch.eye(4)[[0, 1, 3][:n]]
+
+
 @pytest.fixture
 def tiny_edm_net() -> torch.nn.Module:
     """A 16x16 conditional DDPM++-style EDM network, small enough for CPU tests."""

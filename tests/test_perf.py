@@ -16,12 +16,10 @@ import pytest
 import torch
 
 from benchmarks.suite import relative_error
-from conftest import TINY_SONG
-from torch_utils.misc import randomize_parameters
+from conftest import random_tiny_net, tiny_inputs
 from training.loss import EDMLoss
-from training.networks import EDMPrecond, self_attention
-from training.perf import (REFERENCE, FastPaths, as_memory_format, default_fast_paths, maybe_compile, parse_variant,
-                           prepare_network)
+from training.networks import self_attention
+from training.perf import REFERENCE, FastPaths, as_memory_format, default_fast_paths, maybe_compile, parse_variant
 from training.sampling import edm_sampler
 from training.training_loop import build_optimizer, update_ema
 
@@ -29,24 +27,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("single_thread")  # Small convolutions on a shared machine.
 
 
-def _random_net(fast: FastPaths = REFERENCE, seed: int = 0) -> torch.nn.Module:
-    """A 16x16 DDPM++-style EDM network with attention, every weight random (the zero-initialised output
-    layer would otherwise hide the U-Net behind c_skip x), prepared for ``fast``."""
-    torch.manual_seed(seed)
-    net = EDMPrecond(img_resolution=16, img_channels=3, label_dim=4, dropout=0, **TINY_SONG)
-    return prepare_network(randomize_parameters(net, seed), fast)
-
-
-def _inputs(n: int = 3):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn([n, 3, 16, 16], generator=g) * 2
-    return x, torch.tensor([0.05, 1.0, 20.0][:n]), torch.eye(4)[[0, 1, 3][:n]]
-
-
 def _outputs_and_grads(net: torch.nn.Module, fast: FastPaths, forward=None) -> tuple[torch.Tensor, dict]:
     """D(x; sigma) and the gradients of mean(D^2) for the parameters of ``net``, evaluated by ``forward``
     (default: ``net`` itself)."""
-    x, sigma, labels = _inputs()
+    x, sigma, labels = tiny_inputs()
     D = (net if forward is None else forward)(as_memory_format(x, fast), sigma, labels)
     D.square().mean().backward()
     return D.detach(), {name: p.grad.clone() for name, p in net.named_parameters()}
@@ -56,20 +40,20 @@ def _outputs_and_grads(net: torch.nn.Module, fast: FastPaths, forward=None) -> t
                                   REFERENCE.with_options(sdpa=True, channels_last=True)],
                          ids=["sdpa", "channels_last", "sdpa+channels_last"])
 def test_float32_fast_paths_keep_outputs_and_gradients(fast):
-    D_ref, grads_ref = _outputs_and_grads(_random_net(REFERENCE), REFERENCE)
-    D, grads = _outputs_and_grads(_random_net(fast), fast)
+    D_ref, grads_ref = _outputs_and_grads(random_tiny_net(REFERENCE), REFERENCE)
+    D, grads = _outputs_and_grads(random_tiny_net(fast), fast)
     assert relative_error(D, D_ref) < 1e-5
     for name in grads_ref:
         assert relative_error(grads[name], grads_ref[name]) < 1e-4, name
 
 
 def test_reduced_precision_stays_within_its_tolerance():
-    x, sigma, labels = _inputs()
+    x, sigma, labels = tiny_inputs()
     with torch.no_grad():
-        D_ref = _random_net(REFERENCE)(x, sigma, labels)
-        D_bf16 = _random_net(REFERENCE.with_options(precision="bf16"))(x, sigma, labels)
+        D_ref = random_tiny_net(REFERENCE)(x, sigma, labels)
+        D_bf16 = random_tiny_net(REFERENCE.with_options(precision="bf16"))(x, sigma, labels)
         # fp16 is CUDA-only in Precond (as the official); the U-Net itself runs in half on the CPU too.
-        net = _random_net(REFERENCE)
+        net = random_tiny_net(REFERENCE)
         c_skip, c_out, c_in, c_noise = net.coefficients(sigma.reshape(-1, 1, 1, 1))
         F_ref = net.model(c_in * x, c_noise.flatten(), labels)
         F_fp16 = net.model((c_in * x).half(), c_noise.flatten(), labels).float()
@@ -101,7 +85,7 @@ def test_sdpa_attention_runs_fused_and_keeps_nchw(dtype):
     assert out.is_contiguous()
     assert relative_error(out, self_attention(q, k, v, "einsum")) < (1e-6 if dtype == torch.float32 else 1e-2)
 
-    net = _random_net(default_fast_paths("cpu"))
+    net = random_tiny_net(default_fast_paths("cpu"))
     block = next(m for m in net.modules() if getattr(m, "num_heads", 0))
     x = torch.randn(2, block.in_channels, 8, 8)
     assert block(x, torch.randn(2, block.affine.in_features)).is_contiguous()
@@ -173,7 +157,7 @@ def test_fused_adam_matches_the_for_loop_adam():
 
 
 def test_multi_tensor_ema_is_bit_identical_to_the_official_loop():
-    ema, net = _random_net(seed=1), _random_net(seed=2)
+    ema, net = random_tiny_net(seed=1), random_tiny_net(seed=2)
     expected = [p_net.detach().lerp(p_ema, 0.93) for p_ema, p_net in zip(ema.parameters(), net.parameters())]
     update_ema(ema, net, 0.93)
     assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), expected))
@@ -184,11 +168,11 @@ def test_network_compiles_as_one_graph_with_the_same_outputs():
     'eager' backend checks the tracing, which is this code's part; inductor's kernels are checked below and
     by the benchmark (outputs within 1e-5 of eager on cifar10-ddpmpp-c32)."""
     fast = REFERENCE.with_options(sdpa=True, compile=True)
-    D_ref, grads_ref = _outputs_and_grads(_random_net(fast), fast)
-    net = _random_net(fast)
+    D_ref, grads_ref = _outputs_and_grads(random_tiny_net(fast), fast)
+    net = random_tiny_net(fast)
     compiled = maybe_compile(net, fast, backend="eager", fullgraph=True)
     assert compiled is not net and compiled.sigma_data == net.sigma_data  # Attributes pass through.
-    x, sigma, labels = _inputs()
+    x, sigma, labels = tiny_inputs()
     D = compiled(x, sigma, labels)
     D.square().mean().backward()
     assert relative_error(D.detach(), D_ref) < 1e-6
@@ -201,8 +185,8 @@ def test_network_compiled_by_inductor_keeps_float32_results(tmp_path, monkeypatc
     compilation; measured 7e-8 and 3e-6)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # Compiled here, not loaded from a cache.
     fast = REFERENCE.with_options(sdpa=True, compile=True)
-    D_ref, grads_ref = _outputs_and_grads(_random_net(fast), fast)
-    net = _random_net(fast)
+    D_ref, grads_ref = _outputs_and_grads(random_tiny_net(fast), fast)
+    net = random_tiny_net(fast)
     try:
         D, grads = _outputs_and_grads(net, fast, forward=maybe_compile(net, fast, fullgraph=True))
     finally:
@@ -231,8 +215,8 @@ def count_host_reads(monkeypatch):
 
 def test_sampler_loop_never_waits_for_the_device(count_host_reads):
     """The host reads nothing from the device inside the loop: the count does not grow with the steps."""
-    net = _random_net(default_fast_paths("cpu")).eval()
-    x, _, labels = _inputs(2)
+    net = random_tiny_net(default_fast_paths("cpu")).eval()
+    x, _, labels = tiny_inputs(2)
     counts = []
     with torch.no_grad():
         for steps in (3, 6):
@@ -246,9 +230,9 @@ def test_training_step_never_waits_for_the_device(count_host_reads):
     from training.training_loop import ema_beta, sanitize_gradients
 
     fast = default_fast_paths("cpu")
-    net, ema = _random_net(fast).train(), _random_net(fast).eval()
+    net, ema = random_tiny_net(fast).train(), random_tiny_net(fast).eval()
     optimizer = build_optimizer(dict(class_name="torch.optim.Adam", lr=1e-3), net.parameters(), fast)
-    x, _, labels = _inputs()
+    x, _, labels = tiny_inputs()
     for step in range(2):
         count_host_reads["n"] = 0
         optimizer.zero_grad(set_to_none=True)
