@@ -68,6 +68,26 @@ def tiny_inputs(n: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, torch.tensor([0.05, 1.0, 20.0][:n]), torch.eye(4)[[0, 1, 3][:n]]
 
 
+def tiny_training_run(run_dir: str, data: str, device: str, workers: int = 0):
+    """The training loop's own ``Run`` (data stream with ``workers`` loader processes, the device's default fast
+    paths, two accumulation rounds of 4 images) for a tiny conditional network on ``data``; step it with
+    ``training.training_loop.train_step``."""
+    import time
+
+    from training.training_loop import data_loader_kwargs, setup
+
+    device = torch.device(device)
+    return setup(run_dir=run_dir, dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path=data,
+                                                      use_labels=True, cache=True),
+                 data_loader_kwargs=data_loader_kwargs(device, workers),
+                 network_kwargs=dict(class_name="training.networks.EDMPrecond", dropout=0.1, **TINY_SONG),
+                 loss_kwargs=dict(class_name="training.loss.EDMLoss"),
+                 optimizer_kwargs=dict(class_name="torch.optim.Adam", lr=1e-3, betas=[0.9, 0.999], eps=1e-8),
+                 augment_kwargs=None, seed=0, batch_size=8, batch_gpu=4, resume_pkl=None, resume_state_dump=None,
+                 cudnn_benchmark=True, device=device, tensorboard=False, start_time=time.time(),
+                 options=dict(loss_scaling=1, lr_rampup_kimg=0.01, ema_halflife_kimg=0.5, ema_rampup_ratio=0.05))
+
+
 @pytest.fixture
 def tiny_edm_net() -> torch.nn.Module:
     """A 16x16 conditional DDPM++-style EDM network, small enough for CPU tests."""

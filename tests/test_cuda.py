@@ -10,14 +10,13 @@ wait for the device.
 from __future__ import annotations
 
 import os
-import time
 import warnings
 
 import pytest
 import torch
 
 from benchmarks.suite import relative_error
-from conftest import TINY_SONG, build_official_case, make_tiny_net, random_tiny_net, tiny_inputs
+from conftest import build_official_case, make_tiny_net, random_tiny_net, tiny_inputs, tiny_training_run
 from training.networks import self_attention
 from training.perf import as_memory_format, parse_variant, set_tf32
 from training.sampling import edm_sampler, generate_images
@@ -133,27 +132,10 @@ def _count_syncs(run) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def _tiny_training_run(run_dir: str, data: str):
-    """The training loop's own Run (pinned data stream, default fast paths, two accumulation rounds) for a tiny
-    conditional network, on DEVICE."""
-    from training.training_loop import data_loader_kwargs, setup
-
-    device = torch.device(DEVICE)
-    return setup(run_dir=run_dir, dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path=data,
-                                                      use_labels=True, cache=True),
-                 data_loader_kwargs=data_loader_kwargs(device, workers=1),
-                 network_kwargs=dict(class_name="training.networks.EDMPrecond", dropout=0.1, **TINY_SONG),
-                 loss_kwargs=dict(class_name="training.loss.EDMLoss"),
-                 optimizer_kwargs=dict(class_name="torch.optim.Adam", lr=1e-3, betas=[0.9, 0.999], eps=1e-8),
-                 augment_kwargs=None, seed=0, batch_size=8, batch_gpu=4, resume_pkl=None, resume_state_dump=None,
-                 cudnn_benchmark=True, device=device, tensorboard=False, start_time=time.time(),
-                 options=dict(loss_scaling=1, lr_rampup_kimg=0.01, ema_halflife_kimg=0.5, ema_rampup_ratio=0.05))
-
-
 def test_the_training_loop_steps_on_the_device(tmp_path, fashion_mnist_16_zip):
     from training.training_loop import train_step
 
-    run = _tiny_training_run(str(tmp_path), fashion_mnist_16_zip)
+    run = tiny_training_run(str(tmp_path), fashion_mnist_16_zip, DEVICE, workers=1)
     before = [p.detach().clone() for p in run.state.net.parameters()]
     for _ in range(3):
         train_step(run)
@@ -168,7 +150,7 @@ def test_the_training_step_never_waits_for_the_device(tmp_path, fashion_mnist_16
     synchronising CUDA call once the optimizer has its state."""
     from training.training_loop import train_step
 
-    run = _tiny_training_run(str(tmp_path), fashion_mnist_16_zip)
+    run = tiny_training_run(str(tmp_path), fashion_mnist_16_zip, DEVICE, workers=1)
     train_step(run)
     assert _count_syncs(lambda: [train_step(run) for _ in range(2)]) == 0
 

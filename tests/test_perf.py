@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from benchmarks.suite import relative_error
-from conftest import random_tiny_net, tiny_inputs
-from training.loss import EDMLoss
+from conftest import random_tiny_net, tiny_inputs, tiny_training_run
 from training.networks import self_attention
 from training.perf import REFERENCE, FastPaths, as_memory_format, default_fast_paths, maybe_compile, parse_variant
 from training.sampling import edm_sampler
@@ -226,20 +225,15 @@ def test_sampler_loop_never_waits_for_the_device(count_host_reads):
     assert counts[0] == counts[1] <= 2  # One copy of the noise levels to the host (.cpu, .tolist), before the loop.
 
 
-def test_training_step_never_waits_for_the_device(count_host_reads):
-    from training.training_loop import ema_beta, sanitize_gradients
+def test_training_step_never_waits_for_the_device(count_host_reads, tmp_path, fashion_mnist_16_zip):
+    """The loop's own train_step (data, loss, backward, gradient clean-up, fused Adam, EMA, statistics) reads
+    nothing from the device."""
+    from training.training_loop import train_step
 
-    fast = default_fast_paths("cpu")
-    net, ema = random_tiny_net(fast).train(), random_tiny_net(fast).eval()
-    optimizer = build_optimizer(dict(class_name="torch.optim.Adam", lr=1e-3), net.parameters(), fast)
-    x, _, labels = tiny_inputs()
-    for step in range(2):
+    run = tiny_training_run(str(tmp_path), fashion_mnist_16_zip, "cpu")
+    for _ in range(2):
         count_host_reads["n"] = 0
-        optimizer.zero_grad(set_to_none=True)
-        EDMLoss()(net, x, labels).sum().mul(1 / 3).backward()
-        sanitize_gradients(net)
-        optimizer.step()
-        update_ema(ema, net, ema_beta(1000 * (step + 1), 3, 0.5, 0.05))
+        train_step(run)
         assert count_host_reads["n"] == 0
 
 
