@@ -69,7 +69,7 @@ def test_a_seed_gives_the_same_image_in_any_batch_on_the_device():
     whole = generate_images(net, seeds, num_steps=4, S_churn=20).cpu()
     parts = torch.cat([generate_images(net, seeds[i:i + 2], num_steps=4, S_churn=20).cpu() for i in (0, 2, 4)])
     difference = (whole.int() - parts.int()).abs()
-    assert difference.max() <= 1 and (difference > 0).double().mean() < 1e-3
+    assert difference.max() <= 1 and (difference > 0).double().mean() < 1e-2
     assert len({tuple(image.flatten()[:16].tolist()) for image in whole}) == len(seeds)  # Seeds differ.
 
 
