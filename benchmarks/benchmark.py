@@ -39,7 +39,7 @@ def _csv(ctx, param, value: str) -> list[str]:
 @click.option("--config", help="Network to measure", type=click.Choice(list(CONFIGS)), default="cifar10-ddpmpp-c32",
               show_default=True)
 @click.option("--device", help="cpu, cuda, cuda:1, ...  [default: cuda if available]", metavar="DEVICE")
-@click.option("--batch", help="Images per training step, forward pass and sampler batch", metavar="INT",
+@click.option("--batch", help="Images per training step, forward pass, sampler batch and data batch", metavar="INT",
               type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--variants", help="Comma-separated fast-path variants: reference, default, and '+flag' additions "
               "(sdpa, channels_last, fused_adam, compile, tf32, bf16, fp16, no_<flag>)", metavar="LIST",
