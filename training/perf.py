@@ -9,8 +9,9 @@ rounding, so they are opt-in (``--bf16``, ``--fp16``, ``--tf32``), as in the off
 
 Tolerances, tested in tests/test_perf.py on tiny networks on the CPU (relative L2 error of the denoiser
 output against ``REFERENCE``): sdpa, channels_last: 1e-5 (float32 rounding); compile: 1e-6 for outputs, 1e-5
-for gradients (one graph, with the eager backend and with inductor's CPU kernels); fused Adam: weights within 1e-6 after 5 steps; EMA:
-bit-identical; retained host memory: allocation only, values untouched; bf16: 2e-2; fp16: 5e-3.
+for gradients (one graph, with the eager backend and with inductor's CPU kernels); fused Adam: weights within
+1e-6 after 5 steps; EMA: bit-identical; retained host memory: allocation only, values untouched; bf16: 2e-2;
+fp16: 5e-3. tests/test_cuda.py checks the same on a CUDA device, when there is one.
 """
 
 from __future__ import annotations
