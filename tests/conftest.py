@@ -68,6 +68,18 @@ def tiny_inputs(n: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, torch.tensor([0.05, 1.0, 20.0][:n]), torch.eye(4)[[0, 1, 3][:n]]
 
 
+def outputs_and_grads(net: torch.nn.Module, fast, forward=None, device: str = "cpu"
+                      ) -> tuple[torch.Tensor, dict]:
+    """D(x; sigma) on ``tiny_inputs`` moved to ``device`` and the gradients of mean(D^2) for the parameters of
+    ``net``, evaluated by ``forward`` (default: ``net`` itself) with the fast paths' memory format; on the CPU."""
+    from training.perf import as_memory_format
+
+    x, sigma, labels = (t.to(device) for t in tiny_inputs())
+    D = (net if forward is None else forward)(as_memory_format(x, fast), sigma, labels)
+    D.float().square().mean().backward()
+    return D.detach().cpu(), {name: p.grad.cpu().clone() for name, p in net.named_parameters()}
+
+
 def tiny_training_run(run_dir: str, data: str, device: str, workers: int = 0):
     """The training loop's own ``Run`` (data stream with ``workers`` loader processes, the device's default fast
     paths, two accumulation rounds of 4 images) for a tiny conditional network on ``data``; step it with

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from benchmarks.suite import relative_error
-from conftest import random_tiny_net, tiny_inputs, tiny_training_run
+from conftest import outputs_and_grads, random_tiny_net, tiny_inputs, tiny_training_run
 from training.networks import self_attention
-from training.perf import REFERENCE, FastPaths, as_memory_format, default_fast_paths, maybe_compile, parse_variant
+from training.perf import REFERENCE, default_fast_paths, maybe_compile, parse_variant
 from training.sampling import edm_sampler
 from training.training_loop import build_optimizer, update_ema
 
@@ -26,21 +26,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("single_thread")  # Small convolutions on a shared machine.
 
 
-def _outputs_and_grads(net: torch.nn.Module, fast: FastPaths, forward=None) -> tuple[torch.Tensor, dict]:
-    """D(x; sigma) and the gradients of mean(D^2) for the parameters of ``net``, evaluated by ``forward``
-    (default: ``net`` itself)."""
-    x, sigma, labels = tiny_inputs()
-    D = (net if forward is None else forward)(as_memory_format(x, fast), sigma, labels)
-    D.square().mean().backward()
-    return D.detach(), {name: p.grad.clone() for name, p in net.named_parameters()}
-
-
 @pytest.mark.parametrize("fast", [REFERENCE.with_options(sdpa=True), REFERENCE.with_options(channels_last=True),
                                   REFERENCE.with_options(sdpa=True, channels_last=True)],
                          ids=["sdpa", "channels_last", "sdpa+channels_last"])
 def test_float32_fast_paths_keep_outputs_and_gradients(fast):
-    D_ref, grads_ref = _outputs_and_grads(random_tiny_net(REFERENCE), REFERENCE)
-    D, grads = _outputs_and_grads(random_tiny_net(fast), fast)
+    D_ref, grads_ref = outputs_and_grads(random_tiny_net(REFERENCE), REFERENCE)
+    D, grads = outputs_and_grads(random_tiny_net(fast), fast)
     assert relative_error(D, D_ref) < 1e-5
     for name in grads_ref:
         assert relative_error(grads[name], grads_ref[name]) < 1e-4, name
@@ -167,7 +158,7 @@ def test_network_compiles_as_one_graph_with_the_same_outputs():
     'eager' backend checks the tracing, which is this code's part; inductor's kernels are checked below and
     by the benchmark (outputs within 1e-5 of eager on cifar10-ddpmpp-c32)."""
     fast = REFERENCE.with_options(sdpa=True, compile=True)
-    D_ref, grads_ref = _outputs_and_grads(random_tiny_net(fast), fast)
+    D_ref, grads_ref = outputs_and_grads(random_tiny_net(fast), fast)
     net = random_tiny_net(fast)
     compiled = maybe_compile(net, fast, backend="eager", fullgraph=True)
     assert compiled is not net and compiled.sigma_data == net.sigma_data  # Attributes pass through.
@@ -184,10 +175,10 @@ def test_network_compiled_by_inductor_keeps_float32_results(tmp_path, monkeypatc
     compilation; measured 7e-8 and 3e-6)."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # Compiled here, not loaded from a cache.
     fast = REFERENCE.with_options(sdpa=True, compile=True)
-    D_ref, grads_ref = _outputs_and_grads(random_tiny_net(fast), fast)
+    D_ref, grads_ref = outputs_and_grads(random_tiny_net(fast), fast)
     net = random_tiny_net(fast)
     try:
-        D, grads = _outputs_and_grads(net, fast, forward=maybe_compile(net, fast, fullgraph=True))
+        D, grads = outputs_and_grads(net, fast, forward=maybe_compile(net, fast, fullgraph=True))
     finally:
         torch._dynamo.reset()
     assert list(tmp_path.rglob("*.py")) and list(tmp_path.rglob("*.so"))  # Inductor wrote and built kernels.
