@@ -3,22 +3,23 @@
 The official release pickles every network, loss and augmentation object through the reduce function
 ``torch_utils.persistence._reconstruct_persistent_obj(meta)``, where ``meta`` carries the defining
 module's source text, the class name and the object's state (its ``__dict__``, which records the
-constructor call as ``_init_args`` / ``_init_kwargs``). We write the same format, so our snapshots have the
-official shape, and we read it without running ``module_src``: the object is rebuilt as *our* class of the
-same name, from its constructor call, and its tensors are loaded with ``strict=True``.
-"""
+constructor call as ``_init_args`` / ``_init_kwargs``). We write the same format, with a source text that
+the official loader can execute (one self-contained text per bundle of modules, see snapshot_source.py), so
+official tools open our snapshots with plain ``pickle.load``. We read the format without running
+``module_src``: the object is rebuilt as *our* class of the same name, from its constructor call, and its
+tensors are loaded with ``strict=True``."""
 
 from __future__ import annotations
 
 import copy
 import functools
 import importlib
-import inspect
-import sys
 from collections import OrderedDict
 from typing import Any, Callable, TypeVar
 
 import torch
+
+from torch_utils.snapshot_source import declare_bundle, module_source  # noqa: F401 (declare_bundle re-exported)
 
 _FORMAT_VERSION = 6
 _registry: dict[str, type] = {}
@@ -46,7 +47,7 @@ def persistent_class(cls: T) -> T:
         orig_init(self, *args, **kwargs)
 
     def __reduce__(self):
-        meta = dict(type="class", version=_FORMAT_VERSION, module_src=_module_source(type(self)),
+        meta = dict(type="class", version=_FORMAT_VERSION, module_src=module_source(type(self).__module__),
                     class_name=type(self).__name__, state=dict(self.__dict__))
         return _reconstruct_persistent_obj, (meta,)
 
@@ -62,11 +63,6 @@ def is_persistent(obj: Any) -> bool:
 def init_kwargs_of(obj: Any) -> dict:
     """The keyword arguments the object was constructed with (a deep copy)."""
     return copy.deepcopy(obj.__dict__.get("_init_kwargs", {}))
-
-
-@functools.lru_cache(maxsize=None)
-def _module_source(cls: type) -> str:
-    return inspect.getsource(sys.modules[cls.__module__])
 
 
 def registered_class(class_name: str) -> type:

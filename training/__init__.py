@@ -1,0 +1,9 @@
+"""EDM's training side: networks, preconditioning, losses, augmentation, datasets, samplers, the loop."""
+
+from torch_utils import persistence
+
+# Snapshots embed these modules' joined source for every network, loss and augmentation object, so that the
+# official EDM loader, which executes that text as one stand-alone module, finds every class they need
+# (torch_utils/snapshot_source.py). Order: a module may import only those before it.
+persistence.declare_bundle("training.networks.layers", "training.networks.unets", "training.networks.precond",
+                           "training.loss", "training.augment")
