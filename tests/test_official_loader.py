@@ -51,11 +51,12 @@ def make_snapshot_objects(arch: str, precond: str, seed: int):
 
 def make_job(path: str, net, seed: int, sample: bool) -> dict:
     g = torch.Generator().manual_seed(seed)
-    job = dict(snapshot=path, seed=seed, x=torch.randn([3, CHANNELS, RESOLUTION, RESOLUTION], generator=g) * 3,
-               sigma=torch.tensor([0.03, 0.9, 25.0]), labels=torch.eye(LABEL_DIM)[[0, 2, 3]],
+    shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    job = dict(snapshot=path, seed=seed, x=torch.randn([3, *shape], generator=g) * 3,
+               sigma=torch.tensor([0.03, 0.9, 25.0]), labels=torch.eye(net.label_dim)[[0, 2, 3]],
                augment_labels=torch.randn([3, net.model.map_augment.in_features], generator=g) * 0.5,
-               images=torch.rand([4, CHANNELS, RESOLUTION, RESOLUTION], generator=g) * 2 - 1,
-               loss_labels=torch.eye(LABEL_DIM)[[1, 1, 0, 3]])
+               images=torch.rand([4, *shape], generator=g) * 2 - 1,
+               loss_labels=torch.eye(net.label_dim)[[1, 1, 0, 3]])
     if sample:
         rng = SeedRNG([5, 6, 7])
         job.update(latents=draw_latents(net, rng), sample_labels=draw_class_labels(net, rng), num_steps=5)
@@ -69,11 +70,13 @@ def our_results(job: dict) -> dict:
     result = {}
     with torch.no_grad():
         result["D"] = net(job["x"], job["sigma"], job["labels"], augment_labels=job["augment_labels"])
+        result["F"] = net.model(job["x"], job["sigma"].log(), job["labels"], augment_labels=job["augment_labels"])
         if "latents" in job:
             result["images"] = edm_sampler(net, job["latents"], job["sample_labels"], num_steps=job["num_steps"])
     torch.manual_seed(job["seed"])
     result["augmented"], result["augment_labels_out"] = augment_pipe(job["images"])
     torch.manual_seed(job["seed"])
+    net.requires_grad_(True)
     loss = loss_fn(net=net, images=job["images"], labels=job["loss_labels"], augment_pipe=augment_pipe)
     loss.sum().backward()
     result["loss"] = loss.detach()
@@ -86,17 +89,41 @@ def run_official_style(tmp_path, jobs: list[dict]) -> list[dict]:
     root = tmp_path / "official"
     shutil.copytree(os.path.join(FIXTURES, "official_loader"), root)
     torch.save(jobs, root / "jobs.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | dict(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(root / "official_child.py"), "jobs.pt", "results.pt"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(root / "results.pt", weights_only=True)
 
 
+def train_tiny_snapshot(outdir, data: str) -> str:
+    """A network snapshot written by train.py (16 images of training, augmentation on)."""
+    import train
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(train.main, [f"--outdir={outdir}", f"--data={data}", "--cond=1", "--cbase=8",
+                                             "--cres=1,2", "--batch=16", "--seed=1", "--grid=0", "--workers=0",
+                                             "--augment=0.5", "--duration=0.000016"])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = os.listdir(outdir)
+    return os.path.join(outdir, run_dir, "network-snapshot-000000.pkl")
+
+
 @pytest.fixture(scope="module")
-def official_and_ours(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("snapshots")
-    jobs, expected = [], []
+def official_and_ours(tmp_path_factory, fashion_mnist_8_zip):
+    """(jobs, results in the official-style process, our results), first the train.py snapshot, then CASES."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # Tiny networks: one thread is faster on the test machine's two shared cores.
+    try:
+        yield _official_and_ours(tmp_path_factory.mktemp("snapshots"), fashion_mnist_8_zip)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _official_and_ours(tmp_path, fashion_mnist_8_zip):
+    train_snapshot = train_tiny_snapshot(tmp_path / "train", fashion_mnist_8_zip)
+    jobs = [make_job(train_snapshot, load_network_pkl(train_snapshot)["ema"], seed=99, sample=True)]
+    expected = [our_results(jobs[0])]
     for seed, (arch, precond) in enumerate(CASES):
         net, loss_fn, augment_pipe = make_snapshot_objects(arch, precond, seed)
         path = str(tmp_path / f"network-snapshot-{arch}-{precond}.pkl")
@@ -107,15 +134,28 @@ def official_and_ours(tmp_path_factory):
     return jobs, run_official_style(tmp_path, jobs), expected
 
 
+def test_train_py_snapshot_runs_and_samples_in_official_loader(official_and_ours):
+    """The snapshot train.py wrote (EMA network, EDMLoss, the training AugmentPipe) opens there; its network
+    computes our D (and its U-Net our F, which after 16 images is still small beside c_skip x) and Algorithm 1
+    there gives our sampler's images."""
+    job, theirs, ours = (entry[0] for entry in official_and_ours)
+    assert (theirs["net_class"], theirs["model_class"]) == ("EDMPrecond", "SongUNet")
+    torch.testing.assert_close(theirs["D"], ours["D"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(theirs["F"], ours["F"], rtol=1e-5, atol=1e-5 * ours["F"].abs().max().item())
+    torch.testing.assert_close(theirs["loss"], ours["loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(theirs["images"], ours["images"], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{a}-{p}" for a, p in CASES])
 def test_snapshot_runs_in_official_loader(official_and_ours, case):
-    jobs, theirs, ours = (entry[case] for entry in official_and_ours)
+    jobs, theirs, ours = (entry[case + 1] for entry in official_and_ours)
     arch, precond = CASES[case]
     assert theirs["net_class"] == PRECONDS[precond][0].__name__
     assert theirs["model_class"] == ARCHITECTURES[arch]["model_type"]
     # Same function in float32 on the CPU; the U-Net's output must matter (the weights are random).
     torch.testing.assert_close(theirs["D"], ours["D"], rtol=1e-6, atol=1e-6)
     assert (ours["D"] - jobs["x"]).abs().mean() > 1e-2
+    torch.testing.assert_close(theirs["F"], ours["F"], rtol=1e-5, atol=1e-5 * ours["F"].abs().max().item())
     for variant in ("D_deepcopy", "D_repickled"):
         torch.testing.assert_close(theirs[variant], ours["D"], rtol=1e-6, atol=1e-6)
     # The loss and the augmentation pipe run there and draw the same random numbers in the same order.
@@ -128,7 +168,7 @@ def test_snapshot_runs_in_official_loader(official_and_ours, case):
 @pytest.mark.parametrize("case", [CASES.index(c) for c in SAMPLED], ids=[f"{a}-{p}" for a, p in SAMPLED])
 def test_official_loader_samples_our_images(official_and_ours, case):
     """Algorithm 1 run on the network opened there gives our sampler's images (to float rounding; uint8 equal)."""
-    _, theirs, ours = (entry[case] for entry in official_and_ours)
+    _, theirs, ours = (entry[case + 1] for entry in official_and_ours)
     torch.testing.assert_close(theirs["images"], ours["images"], rtol=0, atol=1e-4)
     uint8 = lambda images: (images * 127.5 + 128).clip(0, 255).to(torch.uint8)  # noqa: E731
     assert (uint8(theirs["images"]).int() - uint8(ours["images"]).int()).abs().max() <= 1

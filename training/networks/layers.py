@@ -200,6 +200,23 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str 
     return out.to(dtype).contiguous()
 
 
+def _shortcut(in_channels: int, out_channels: int, resampling: dict, resample_proj: bool,
+              init: dict) -> Conv2d | None:
+    """The residual connection of a block: identity when shape is kept; else resampling, with a 1x1 projection
+    when the width changes or ``resample_proj`` asks for one."""
+    if in_channels == out_channels and not (resampling["up"] or resampling["down"]):
+        return None
+    kernel = 1 if resample_proj or in_channels != out_channels else 0
+    return Conv2d(in_channels, out_channels, kernel=kernel, **resampling, **init)
+
+
+def _attention_heads(attention: bool, num_heads: int | None, channels_per_head: int, channels: int) -> int:
+    """0 for a block without attention; else ``num_heads``, or as many heads of ``channels_per_head`` as fit."""
+    if not attention:
+        return 0
+    return num_heads if num_heads is not None else channels // channels_per_head
+
+
 @persistence.persistent_class
 class UNetBlock(torch.nn.Module):
     """Residual block of both U-Nets: GroupNorm-SiLU-Conv, noise-embedding modulation, GroupNorm-SiLU-Dropout-Conv,
@@ -219,49 +236,44 @@ class UNetBlock(torch.nn.Module):
         super().__init__()
         init = dict(init or {})
         init_zero = dict(init_weight=0) if init_zero is None else dict(init_zero)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.emb_channels = emb_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
-        self.dropout = dropout
-        self.skip_scale = skip_scale
-        self.adaptive_scale = adaptive_scale
+        resampling = dict(up=up, down=down, resample_filter=resample_filter)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
 
+        # Residual branch: conv0 changes width (and resolution), the embedding modulates, conv1 starts near zero.
         self.norm0 = GroupNorm(num_channels=in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, **resampling, **init)
         self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
         self.norm1 = GroupNorm(num_channels=out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
+        self.skip = _shortcut(in_channels, out_channels, resampling, resample_proj, init)
 
-        self.skip = None
-        if out_channels != in_channels or up or down:
-            kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, up=up, down=down,
-                               resample_filter=resample_filter, **init)
-
+        self.num_heads = _attention_heads(attention, num_heads, channels_per_head, out_channels)
         if self.num_heads:
             self.norm2 = GroupNorm(num_channels=out_channels, eps=eps)
-            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn is not None else init))
+            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init if init_attn is None else init_attn))
             self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        orig = x
-        x = self.conv0(F.silu(self.norm0(x)))
-        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
-        if self.adaptive_scale:
-            scale, shift = params.chunk(chunks=2, dim=1)
-            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
-        else:
-            x = F.silu(self.norm1(x.add_(params)))
-        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
-        x = x.add_(self.skip(orig) if self.skip is not None else orig)
-        x = x * self.skip_scale
+        shortcut = x if self.skip is None else self.skip(x)
+        h = self._condition(self.conv0(F.silu(self.norm0(x))), emb)
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        x = h.add_(shortcut) * self.skip_scale
+        return self._attend(x) if self.num_heads else x
 
-        if self.num_heads:
-            n, c, h, w = x.shape
-            # Channels are laid out as [head, channel, (q, k, v)], as in the official checkpoints.
-            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, h * w).unbind(2)
-            a = self_attention(q, k, v, self.attention_impl)
-            x = self.proj(a.reshape(n, c, h, w)).add_(x)
-            x = x * self.skip_scale
-        return x
+    def _condition(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The noise embedding enters here: ADM scales and shifts the normalized features (``adaptive_scale``),
+        DDPM++/NCSN++ add it before normalizing; SiLU after either."""
+        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(h.dtype)
+        if not self.adaptive_scale:
+            return F.silu(self.norm1(h.add_(params)))
+        scale, shift = params.chunk(chunks=2, dim=1)
+        return F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-head self-attention over positions, added to ``x`` and scaled like the residual sum."""
+        n, c, height, width = x.shape
+        # Channels are laid out as [head, channel, (q, k, v)], as in the official checkpoints.
+        qkv = self.qkv(self.norm2(x)).reshape(n * self.num_heads, c // self.num_heads, 3, height * width)
+        attended = self_attention(*qkv.unbind(2), impl=self.attention_impl).reshape(n, c, height, width)
+        return self.proj(attended).add_(x) * self.skip_scale

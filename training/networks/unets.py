@@ -17,6 +17,11 @@ from torch_utils import persistence
 from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
 
 
+# Initializations of DDPM++/NCSN++ (the official configs): Xavier everywhere, output layers scaled to start near zero.
+_XAVIER = dict(init_mode="xavier_uniform")
+_XAVIER_NEAR_ZERO = dict(init_mode="xavier_uniform", init_weight=1e-5)
+
+
 def _drop_labels(class_labels: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Classifier-free-guidance style label dropout: zero each image's label with probability p."""
     if training and p:
@@ -25,15 +30,94 @@ def _drop_labels(class_labels: torch.Tensor, p: float, training: bool) -> torch.
     return class_labels
 
 
-def _run_decoder_block(block: UNetBlock, x: torch.Tensor, emb: torch.Tensor, skips: list) -> torch.Tensor:
-    """Decoder blocks take the matching encoder activation concatenated to their input when their width asks for it."""
-    if x.shape[1] != block.in_channels:
-        x = torch.cat([x, skips.pop()], dim=1)
-    return block(x, emb)
+class _LevelUNet(torch.nn.Module):
+    """What DDPM++/NCSN++ and ADM share: resolution levels named '{res}x{res}', walked the same way.
+
+    Encoder, per level from the finest: an entry layer (the stem convolution at level 0, a downsampling block
+    below it), then ``num_blocks`` blocks. Decoder, per level from the coarsest: an entry (two blocks at the
+    bottom, an upsampling block above it), then ``num_blocks + 1`` blocks, each of which takes the
+    most recent unused encoder activation (every encoder output is kept, in order) concatenated to its
+    input. Subclasses add to each level an image path (``_add_image_input`` / ``_image_input``) and an output
+    head (``_add_output`` / ``_output``); the module names are those of the official checkpoints.
+    """
+
+    def _build_levels(self, img_resolution: int, in_channels: int, stem_channels: int, widths: Sequence[int],
+                      num_blocks: int, make_block, uses_attention, stem_init: dict) -> None:
+        """``make_block(cin, cout, **kwargs)`` makes a UNetBlock; ``uses_attention(part, res, index)`` with part
+        'enc' | 'dec' says whether a level's ``index``-th block has self-attention."""
+        self.level_names = [f"{img_resolution >> level}x{img_resolution >> level}" for level in range(len(widths))]
+        self.num_blocks = num_blocks
+        self.enc = torch.nn.ModuleDict()
+        self.dec = torch.nn.ModuleDict()
+        saved_widths = []  # Channels of each encoder output the decoder will concatenate, in order.
+        width, image_width = stem_channels, in_channels
+        for level, (name, level_width) in enumerate(zip(self.level_names, widths)):
+            res = img_resolution >> level
+            if level == 0:
+                self.enc[f"{name}_conv"] = Conv2d(in_channels, stem_channels, kernel=3, **stem_init)
+            else:
+                self.enc[f"{name}_down"] = make_block(width, width, down=True)
+                image_width = self._add_image_input(name, image_width, width)
+            saved_widths.append(width)
+            for index in range(num_blocks):
+                self.enc[f"{name}_block{index}"] = make_block(width, level_width,
+                                                              attention=uses_attention("enc", res, index))
+                width = level_width
+                saved_widths.append(width)
+        for level in reversed(range(len(widths))):
+            name, res = self.level_names[level], img_resolution >> level
+            if level == len(widths) - 1:
+                self.dec[f"{name}_in0"] = make_block(width, width, attention=True)
+                self.dec[f"{name}_in1"] = make_block(width, width)
+            else:
+                self.dec[f"{name}_up"] = make_block(width, width, up=True)
+            for index in range(num_blocks + 1):
+                self.dec[f"{name}_block{index}"] = make_block(width + saved_widths.pop(), widths[level],
+                                                              attention=uses_attention("dec", res, index))
+                width = widths[level]
+            self._add_output(level, name, width)
+
+    def _add_image_input(self, name: str, image_width: int, width: int) -> int:
+        return image_width
+
+    def _image_input(self, name: str, x: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, image
+
+    def _add_output(self, level: int, name: str, width: int) -> None:
+        raise NotImplementedError
+
+    def _output(self, level: int, name: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def _encode(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        image, saved = x, []
+        for level, name in enumerate(self.level_names):
+            if level == 0:
+                x = self.enc[f"{name}_conv"](x)
+            else:
+                x, image = self._image_input(name, self.enc[f"{name}_down"](x, emb), image)
+            saved.append(x)
+            for index in range(self.num_blocks):
+                x = self.enc[f"{name}_block{index}"](x, emb)
+                saved.append(x)
+        return x, saved
+
+    def _decode(self, x: torch.Tensor, emb: torch.Tensor, saved: list[torch.Tensor]) -> torch.Tensor:
+        out = None
+        for level in reversed(range(len(self.level_names))):
+            name = self.level_names[level]
+            if level == len(self.level_names) - 1:
+                x = self.dec[f"{name}_in1"](self.dec[f"{name}_in0"](x, emb), emb)
+            else:
+                x = self.dec[f"{name}_up"](x, emb)
+            for index in range(self.num_blocks + 1):
+                x = self.dec[f"{name}_block{index}"](torch.cat([x, saved.pop()], dim=1), emb)
+            out = self._output(level, name, x, out)
+        return out
 
 
 @persistence.persistent_class
-class SongUNet(torch.nn.Module):
+class SongUNet(_LevelUNet):
     """DDPM++ (``embedding_type='positional'``, ``encoder_type='standard'``) and NCSN++ (``'fourier'``,
     ``'residual'``, ``resample_filter=[1,3,3,1]``) architectures, with every option of the official code.
 
@@ -56,65 +140,73 @@ class SongUNet(torch.nn.Module):
             raise ValueError(f"decoder_type='{decoder_type}': expected 'standard' or 'skip'")
         super().__init__()
         self.label_dropout = label_dropout
+        self.encoder_type = encoder_type
+        self.decoder_type = decoder_type
+        self.out_channels = out_channels
+        self.resample_filter = list(resample_filter)
         emb_channels = model_channels * channel_mult_emb
         noise_channels = model_channels * channel_mult_noise
-        init = dict(init_mode="xavier_uniform")
-        init_zero = dict(init_mode="xavier_uniform", init_weight=1e-5)
-        init_attn = dict(init_mode="xavier_uniform", init_weight=np.sqrt(0.2))
-        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=np.sqrt(0.5), eps=1e-6,
-                            resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
-                            init=init, init_zero=init_zero, init_attn=init_attn)
 
         # Mapping of noise level, class label and augmentation label to the embedding.
         self.map_noise = (PositionalEmbedding(num_channels=noise_channels, endpoint=True) if embedding_type == "positional"
                           else FourierEmbedding(num_channels=noise_channels))
-        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
-        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
-        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
-        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        self.map_label = Linear(label_dim, noise_channels, **_XAVIER) if label_dim else None
+        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **_XAVIER) if augment_dim else None
+        self.map_layer0 = Linear(noise_channels, emb_channels, **_XAVIER)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **_XAVIER)
 
-        # Encoder.
-        self.enc = torch.nn.ModuleDict()
-        cout = in_channels
-        caux = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, model_channels
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, kernel=3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
-                if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(caux, caux, kernel=0, down=True, resample_filter=resample_filter)
-                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(caux, cout, kernel=1, **init)
-                if encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(caux, cout, kernel=3, down=True, resample_filter=resample_filter,
-                                                                   fused_resample=True, **init)
-                    caux = cout
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)
-        skip_channels = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
+        def make_block(cin: int, cout: int, **kwargs) -> UNetBlock:
+            return UNetBlock(cin, cout, emb_channels=emb_channels, num_heads=1, dropout=dropout,
+                             skip_scale=np.sqrt(0.5), eps=1e-6, resample_filter=resample_filter, resample_proj=True,
+                             adaptive_scale=False, init=_XAVIER, init_zero=_XAVIER_NEAR_ZERO,
+                             init_attn=dict(init_mode="xavier_uniform", init_weight=np.sqrt(0.2)), **kwargs)
 
-        # Decoder.
-        self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skip_channels.pop(), model_channels * mult
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block_kwargs)
-            if decoder_type == "skip" or level == 0:
-                if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, kernel=0, up=True,
-                                                             resample_filter=resample_filter)
-                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(num_channels=cout, eps=1e-6)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(cout, out_channels, kernel=3, **init_zero)
+        def uses_attention(part: str, res: int, index: int) -> bool:
+            # Decoder levels attend only in their last block.
+            return res in attn_resolutions and (part == "enc" or index == num_blocks)
+
+        self._build_levels(img_resolution, in_channels, model_channels, [model_channels * m for m in channel_mult],
+                           num_blocks, make_block, uses_attention, _XAVIER)
+
+    def _add_image_input(self, name: str, image_width: int, width: int) -> int:
+        """Progressive input (encoder 'skip' / 'residual'): the image, downsampled level by level, joins x."""
+        if self.encoder_type == "skip":
+            self.enc[f"{name}_aux_down"] = Conv2d(image_width, image_width, kernel=0, down=True,
+                                                  resample_filter=self.resample_filter)
+            self.enc[f"{name}_aux_skip"] = Conv2d(image_width, width, kernel=1, **_XAVIER)
+        elif self.encoder_type == "residual":
+            self.enc[f"{name}_aux_residual"] = Conv2d(image_width, width, kernel=3, down=True,
+                                                      resample_filter=self.resample_filter, fused_resample=True,
+                                                      **_XAVIER)
+            return width
+        return image_width
+
+    def _image_input(self, name: str, x: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.encoder_type == "skip":
+            image = self.enc[f"{name}_aux_down"](image)
+            return x + self.enc[f"{name}_aux_skip"](image), image
+        if self.encoder_type == "residual":
+            x = (x + self.enc[f"{name}_aux_residual"](image)) / np.sqrt(2)
+            return x, x
+        return x, image
+
+    def _add_output(self, level: int, name: str, width: int) -> None:
+        """Output head (GroupNorm-SiLU-Conv) at the finest level; with decoder 'skip' at every level, the coarser
+        outputs upsampled and summed (progressive output)."""
+        if self.decoder_type == "skip" or level == 0:
+            if self.decoder_type == "skip" and level < len(self.level_names) - 1:
+                self.dec[f"{name}_aux_up"] = Conv2d(self.out_channels, self.out_channels, kernel=0, up=True,
+                                                    resample_filter=self.resample_filter)
+            self.dec[f"{name}_aux_norm"] = GroupNorm(num_channels=width, eps=1e-6)
+            self.dec[f"{name}_aux_conv"] = Conv2d(width, self.out_channels, kernel=3, **_XAVIER_NEAR_ZERO)
+
+    def _output(self, level: int, name: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor | None:
+        if self.decoder_type != "skip" and level != 0:
+            return out
+        if out is not None:
+            out = self.dec[f"{name}_aux_up"](out)
+        head = self.dec[f"{name}_aux_conv"](F.silu(self.dec[f"{name}_aux_norm"](x)))
+        return head if out is None else head + out
 
     def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
               augment_labels: torch.Tensor | None) -> torch.Tensor:
@@ -131,37 +223,12 @@ class SongUNet(torch.nn.Module):
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.embed(noise_labels, class_labels, augment_labels)  # Kept in float32, as the official.
-
-        skips = []
-        aux = x
-        for name, block in self.enc.items():
-            if "aux_down" in name:
-                aux = block(aux)
-            elif "aux_skip" in name:
-                x = skips[-1] = x + block(aux)
-            elif "aux_residual" in name:
-                x = skips[-1] = aux = (x + block(aux)) / np.sqrt(2)
-            else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-                skips.append(x)
-
-        aux = None
-        tmp = None
-        for name, block in self.dec.items():
-            if "aux_up" in name:
-                aux = block(aux)
-            elif "aux_norm" in name:
-                tmp = block(x)
-            elif "aux_conv" in name:
-                tmp = block(F.silu(tmp))
-                aux = tmp if aux is None else tmp + aux
-            else:
-                x = _run_decoder_block(block, x, emb, skips)
-        return aux
+        x, saved = self._encode(x, emb)
+        return self._decode(x, emb, saved)
 
 
 @persistence.persistent_class
-class DhariwalUNet(torch.nn.Module):
+class DhariwalUNet(_LevelUNet):
     """ADM architecture (Dhariwal & Nichol 2021), as used for ImageNet-64 in the paper."""
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
@@ -173,7 +240,6 @@ class DhariwalUNet(torch.nn.Module):
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode="kaiming_uniform", init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
         init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
-        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
 
         self.map_noise = PositionalEmbedding(num_channels=model_channels)
         self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
@@ -182,33 +248,21 @@ class DhariwalUNet(torch.nn.Module):
         self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
                                  init_weight=np.sqrt(label_dim)) if label_dim else None)
 
-        self.enc = torch.nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, kernel=3, **init)
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block_kwargs)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)
-        skip_channels = [block.out_channels for block in self.enc.values()]
+        def make_block(cin: int, cout: int, **kwargs) -> UNetBlock:
+            return UNetBlock(cin, cout, emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init,
+                             init_zero=init_zero, **kwargs)
 
-        self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skip_channels.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)
-        self.out_norm = GroupNorm(num_channels=cout)
-        self.out_conv = Conv2d(cout, out_channels, kernel=3, **init_zero)
+        widths = [model_channels * m for m in channel_mult]
+        self._build_levels(img_resolution, in_channels, widths[0], widths, num_blocks, make_block,
+                           lambda part, res, index: res in attn_resolutions, init)
+        self.out_norm = GroupNorm(num_channels=widths[0])
+        self.out_conv = Conv2d(widths[0], out_channels, kernel=3, **init_zero)
+
+    def _add_output(self, level: int, name: str, width: int) -> None:
+        pass  # One output head, after the decoder (out_norm, out_conv).
+
+    def _output(self, level: int, name: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor | None:
+        return self.out_conv(F.silu(self.out_norm(x))) if level == 0 else None
 
     def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
               augment_labels: torch.Tensor | None) -> torch.Tensor:
@@ -223,10 +277,5 @@ class DhariwalUNet(torch.nn.Module):
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.embed(noise_labels, class_labels, augment_labels)  # Kept in float32, as the official.
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
-        for block in self.dec.values():
-            x = _run_decoder_block(block, x, emb, skips)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        x, saved = self._encode(x, emb)
+        return self._decode(x, emb, saved)
