@@ -42,7 +42,7 @@ class Preset:
     resolution: int = 32  # 32: padded as the official dataset tool does; 28: the native Fashion-MNIST size.
 
 
-# cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (README, "Quickstart"); duration is in Mimg as in
+# cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (docs/quickstart-notes.md); duration is in Mimg as in
 # train.py. The cpu preset makes no sample grids while training (10 s each there); the job's grid is generate.py's.
 PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=500, num_ref=1500, train_args=(

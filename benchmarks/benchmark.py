@@ -1,5 +1,6 @@
 """Benchmark the fast paths side by side: training, sampling (NFE 35), denoiser, FID-feature and data-loading
-throughput, peak memory. A thin command line over benchmarks/suite.py; see README.md, section Performance.
+throughput, peak memory. A thin command line over benchmarks/suite.py; see README.md, section Performance, and
+docs/performance.md.
 
 Examples:
 
