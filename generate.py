@@ -36,36 +36,36 @@ def _seeds(ctx, param, value):
 @click.option("--network", "network", help="Network pickle or safetensors export (path or URL)", metavar="PATH|URL",
               required=True)
 @click.option("--outdir", help="Where to save the images, one {seed:06d}.png each", metavar="DIR")
-@click.option("--seeds", help="Random seeds, e.g. 1,2,5-10", metavar="LIST", default="0-63", show_default=True,
+@click.option("--seeds", help="Seeds, one image each: a list and/or ranges, e.g. 0-63 or 1,2,5-10", metavar="LIST", default="0-63", show_default=True,
               callback=_seeds)
 @click.option("--subdirs", help="Save in subfolders of 1000 seeds", is_flag=True)
-@click.option("--class", "class_idx", help="Class label  [default: random]", metavar="INT",
+@click.option("--class", "class_idx", help="Class of every image  [default: drawn per seed]", metavar="INT",
               type=click.IntRange(min=0), default=None)
-@click.option("--batch", "max_batch_size", help="Maximum batch size per process", metavar="INT",
+@click.option("--batch", "max_batch_size", help="Images per batch on each process, at most", metavar="INT",
               type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--grid", help="Also save all images as one grid PNG", metavar="PNG")
 @click.option("--device", help="cpu, cuda, cuda:1, ...  [default: cuda if available]", metavar="DEVICE")
-@click.option("--steps", "num_steps", help="Number of sampling steps", metavar="INT", type=click.IntRange(min=2),
+@click.option("--steps", "num_steps", help="Time steps N of the sampler (NFE 2N-1 with Heun)", metavar="INT", type=click.IntRange(min=2),
               default=18, show_default=True)
-@click.option("--sigma_min", help="Lowest noise level  [default: varies]", metavar="FLOAT",
+@click.option("--sigma_min", help="Smallest sigma of the time steps  [default: the discretization's]", metavar="FLOAT",
               type=click.FloatRange(min=0, min_open=True))
-@click.option("--sigma_max", help="Highest noise level  [default: varies]", metavar="FLOAT",
+@click.option("--sigma_max", help="Largest sigma of the time steps  [default: the discretization's]", metavar="FLOAT",
               type=click.FloatRange(min=0, min_open=True))
-@click.option("--rho", help="Time step exponent", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True),
+@click.option("--rho", help="rho of the EDM time steps (Eq. 5)", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True),
               default=7, show_default=True)
-@click.option("--S_churn", "S_churn", help="Stochasticity strength", metavar="FLOAT", type=click.FloatRange(min=0),
+@click.option("--S_churn", "S_churn", help="Churn S_churn of Algorithm 2 (0: deterministic)", metavar="FLOAT", type=click.FloatRange(min=0),
               default=0, show_default=True)
-@click.option("--S_min", "S_min", help="Stoch. min noise level", metavar="FLOAT", type=click.FloatRange(min=0),
+@click.option("--S_min", "S_min", help="Churn only where sigma >= S_min", metavar="FLOAT", type=click.FloatRange(min=0),
               default=0, show_default=True)
-@click.option("--S_max", "S_max", help="Stoch. max noise level", metavar="FLOAT", type=click.FloatRange(min=0),
+@click.option("--S_max", "S_max", help="Churn only where sigma <= S_max", metavar="FLOAT", type=click.FloatRange(min=0),
               default="inf", show_default=True)
-@click.option("--S_noise", "S_noise", help="Stoch. noise inflation", metavar="FLOAT", type=float, default=1,
+@click.option("--S_noise", "S_noise", help="S_noise: scale of the noise churn adds", metavar="FLOAT", type=float, default=1,
               show_default=True)
-@click.option("--solver", help="Ablate ODE solver", type=click.Choice(["euler", "heun"]))
-@click.option("--disc", "discretization", help="Ablate time step discretization {t_i}",
+@click.option("--solver", help="Table 1 ablation: ODE solver", type=click.Choice(["euler", "heun"]))
+@click.option("--disc", "discretization", help="Table 1 ablation: time steps {t_i}",
               type=click.Choice(["vp", "ve", "iddpm", "edm"]))
-@click.option("--schedule", help="Ablate noise schedule sigma(t)", type=click.Choice(["vp", "ve", "linear"]))
-@click.option("--scaling", help="Ablate signal scaling s(t)", type=click.Choice(["vp", "none"]))
+@click.option("--schedule", help="Table 1 ablation: sigma(t)", type=click.Choice(["vp", "ve", "linear"]))
+@click.option("--scaling", help="Table 1 ablation: s(t)", type=click.Choice(["vp", "none"]))
 @click.option("--precision", help="Run the U-Net in this precision  [default: the network's own]",
               type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option("--channels-last", "channels_last", help="NHWC memory format  [default: per device]", metavar="BOOL",

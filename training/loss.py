@@ -39,9 +39,7 @@ class VPLoss(DenoisingLoss):
     """Table 1 'VP': sigma = sigma_VP(t), t ~ U(epsilon_t, 1); lambda = 1/sigma^2."""
 
     def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, epsilon_t: float = 1e-5):
-        self.beta_d = beta_d
-        self.beta_min = beta_min
-        self.epsilon_t = epsilon_t
+        self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
 
     def sample_sigma(self, shape, device):
         t = 1 + torch.rand(shape, device=device) * (self.epsilon_t - 1)
@@ -56,12 +54,10 @@ class VELoss(DenoisingLoss):
     """Table 1 'VE': ln(sigma) ~ U(ln sigma_min, ln sigma_max); lambda = 1/sigma^2."""
 
     def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100):
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
 
     def sample_sigma(self, shape, device):
-        u = torch.rand(shape, device=device)
-        return self.sigma_min * ((self.sigma_max / self.sigma_min) ** u)
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** torch.rand(shape, device=device)
 
     def weight(self, sigma):
         return 1 / sigma ** 2
@@ -73,9 +69,7 @@ class EDMLoss(DenoisingLoss):
     which is 1 / c_out^2, so the loss seen by F has unit weight at every sigma (Eq. 8)."""
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.sigma_data = sigma_data
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
 
     def sample_sigma(self, shape, device):
         return (torch.randn(shape, device=device) * self.P_std + self.P_mean).exp()

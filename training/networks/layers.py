@@ -16,17 +16,30 @@ import torch.nn.functional as F
 from torch_utils import persistence
 
 
+_FAN_VARIANCE = {"xavier": lambda fan_in, fan_out: (2, fan_in + fan_out), "kaiming": lambda fan_in, fan_out: (1, fan_in)}
+
+
 def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
-    """Random weights for the initialization schemes the official configs name."""
-    if mode == "xavier_uniform":
-        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
-    if mode == "xavier_normal":
-        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
-    if mode == "kaiming_uniform":
-        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
-    if mode == "kaiming_normal":
-        return math.sqrt(1 / fan_in) * torch.randn(*shape)
-    raise ValueError(f"init_mode='{mode}': expected xavier_uniform, xavier_normal, kaiming_uniform or kaiming_normal")
+    """Random weights of variance 2 / (fan_in + fan_out) ('xavier_*', Glorot & Bengio) or 1 / fan_in ('kaiming_*'),
+    drawn uniformly ('*_uniform': U(-a, a), whose variance is a^2 / 3) or from a Gaussian ('*_normal')."""
+    family, _, distribution = mode.partition("_")
+    if family not in _FAN_VARIANCE or distribution not in ("uniform", "normal"):
+        raise ValueError(f"init_mode='{mode}': expected xavier_uniform, xavier_normal, kaiming_uniform or "
+                         f"kaiming_normal")
+    numerator, denominator = _FAN_VARIANCE[family](fan_in, fan_out)
+    if distribution == "normal":
+        return math.sqrt(numerator / denominator) * torch.randn(*shape)
+    return math.sqrt(3 * numerator / denominator) * (torch.rand(*shape) * 2 - 1)
+
+
+def _initial_weight_and_bias(weight_shape: Sequence[int], with_bias: bool, init_mode: str, init_weight: float,
+                             init_bias: float, fan_in: int, fan_out: int):
+    """A layer's weight and (if asked for) bias [weight_shape[0]], drawn in that order from the same scheme and
+    scaled by ``init_weight`` / ``init_bias`` (0 gives layers that start as zero)."""
+    weight = torch.nn.Parameter(weight_init(weight_shape, init_mode, fan_in, fan_out) * init_weight)
+    if not with_bias:
+        return weight, None
+    return weight, torch.nn.Parameter(weight_init(weight_shape[:1], init_mode, fan_in, fan_out) * init_bias)
 
 
 @persistence.persistent_class
@@ -36,11 +49,9 @@ class Linear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, init_mode: str = "kaiming_normal",
                  init_weight: float = 1, init_bias: float = 0):
         super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
-        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
-        self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+        self.in_features, self.out_features = in_features, out_features
+        self.weight, self.bias = _initial_weight_and_bias([out_features, in_features], bias, init_mode, init_weight,
+                                                          init_bias, fan_in=in_features, fan_out=out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -67,12 +78,29 @@ def resample(x: torch.Tensor, f: torch.Tensor, up: bool, padding: int) -> torch.
     return x.to(dtype)
 
 
+def conv_steps(kernel: int, filter_taps: int, up: bool, down: bool, fused: bool) -> list[tuple[str, int]]:
+    """What ``Conv2d`` does, in order, as ('up' | 'down' | 'conv', padding) steps.
+
+    Plain: resample (padded to keep the image centred), then convolve. Fused (NCSN++'s residual encoder path):
+    the convolution runs at the higher resolution and the two paddings are traded so that together they pad
+    once, which is how those networks were trained.
+    """
+    conv_pad = kernel // 2
+    filter_pad = (filter_taps - 1) // 2 if up or down else 0
+    if fused and kernel and up:
+        return [("up", max(filter_pad - conv_pad, 0)), ("conv", max(conv_pad - filter_pad, 0))]
+    if fused and kernel and down:
+        return [("conv", conv_pad + filter_pad), ("down", 0)]
+    resampling = [("up", filter_pad)] if up else [("down", filter_pad)] if down else []
+    return resampling + ([("conv", conv_pad)] if kernel else [])
+
+
 @persistence.persistent_class
 class Conv2d(torch.nn.Module):
     """Convolution with optional 2x FIR up- or downsampling before it.
 
     ``kernel=0`` gives a pure resampling layer with no weights. ``fused_resample`` merges the resampling
-    into the convolution's padding/stride (used by NCSN++'s residual encoder path).
+    into the convolution's padding/stride (used by NCSN++'s residual encoder path); see ``conv_steps``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False,
@@ -81,53 +109,37 @@ class Conv2d(torch.nn.Module):
         if up and down:
             raise ValueError("Conv2d: up and down are mutually exclusive")
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.up = up
-        self.down = down
-        self.fused_resample = fused_resample
-        fans = dict(mode=init_mode, fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
-        self.weight = (torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight)
-                       if kernel else None)
-        self.bias = (torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias)
-                     if kernel and bias else None)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.steps = conv_steps(kernel, len(resample_filter), up, down, fused_resample)
+        self.weight, self.bias = None, None
+        if kernel:
+            taps = kernel * kernel
+            self.weight, self.bias = _initial_weight_and_bias(
+                [out_channels, in_channels, kernel, kernel], bias, init_mode, init_weight, init_bias,
+                fan_in=in_channels * taps, fan_out=out_channels * taps)
         self.register_buffer("resample_filter", make_resample_filter(resample_filter) if up or down else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.to(x.dtype) if self.weight is not None else None
-        b = self.bias.to(x.dtype) if self.bias is not None else None
-        f = self.resample_filter
-        w_pad = w.shape[-1] // 2 if w is not None else 0
-        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
-
-        if self.fused_resample and self.up and w is not None:
-            x = resample(x, f, up=True, padding=max(f_pad - w_pad, 0))
-            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
-        elif self.fused_resample and self.down and w is not None:
-            x = F.conv2d(x, w, padding=w_pad + f_pad)
-            x = resample(x, f, up=False, padding=0)
-        else:
-            if self.up:
-                x = resample(x, f, up=True, padding=f_pad)
-            if self.down:
-                x = resample(x, f, up=False, padding=f_pad)
-            if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
-        if b is not None:
-            x = x.add_(b.reshape(1, -1, 1, 1))
+        for step, padding in self.steps:
+            if step == "conv":
+                x = F.conv2d(x, self.weight.to(x.dtype), padding=padding)
+            else:
+                x = resample(x, self.resample_filter, up=step == "up", padding=padding)
+        if self.bias is not None:
+            x = x.add_(self.bias.to(x.dtype).reshape(1, -1, 1, 1))
         return x
 
 
 @persistence.persistent_class
 class GroupNorm(torch.nn.Module):
-    """Group normalization with at least ``min_channels_per_group`` channels in each group."""
+    """Group normalization with at least ``min_channels_per_group`` channels in each group; learned per-channel
+    scale (``weight``, starts at 1) and shift (``bias``, starts at 0)."""
 
     def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-5):
         super().__init__()
-        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
-        self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(num_channels))
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
+        self.num_groups, self.eps = min(num_groups, num_channels // min_channels_per_group), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         nhwc_on_cpu = x.device.type == "cpu" and not x.is_contiguous() and x.is_contiguous(
@@ -139,22 +151,29 @@ class GroupNorm(torch.nn.Module):
         return y.contiguous(memory_format=torch.channels_last) if nhwc_on_cpu else y
 
 
+def _cos_sin(angles: torch.Tensor) -> torch.Tensor:
+    """[N, K] angles -> [N, 2K] features [cos, sin]."""
+    return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+def geometric_frequencies(count: int, max_positions: float, endpoint: bool, device=None) -> torch.Tensor:
+    """``count`` frequencies from 1 down to 1 / max_positions, geometrically spaced (Vaswani et al. 2017);
+    with ``endpoint`` the last one is exactly 1 / max_positions."""
+    exponents = torch.arange(count, dtype=torch.float32, device=device) / (count - 1 if endpoint else count)
+    return (1 / max_positions) ** exponents
+
+
 @persistence.persistent_class
 class PositionalEmbedding(torch.nn.Module):
     """Transformer-style sinusoidal embedding of a scalar (the noise label): [cos(x f_i), sin(x f_i)]."""
 
     def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
         super().__init__()
-        self.num_channels = num_channels
-        self.max_positions = max_positions
-        self.endpoint = endpoint
+        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        half = self.num_channels // 2
-        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
-        freqs = (1 / self.max_positions) ** freqs
-        x = torch.outer(x, freqs.to(x.dtype))
-        return torch.cat([x.cos(), x.sin()], dim=1)
+        freqs = geometric_frequencies(self.num_channels // 2, self.max_positions, self.endpoint, x.device)
+        return _cos_sin(torch.outer(x, freqs.to(x.dtype)))
 
 
 @persistence.persistent_class
@@ -166,8 +185,7 @@ class FourierEmbedding(torch.nn.Module):
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.outer(x, (2 * np.pi * self.freqs).to(x.dtype))
-        return torch.cat([x.cos(), x.sin()], dim=1)
+        return _cos_sin(torch.outer(x, (2 * np.pi * self.freqs).to(x.dtype)))
 
 
 ATTENTION_IMPLS = ("sdpa", "einsum")

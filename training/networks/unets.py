@@ -20,6 +20,9 @@ from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbed
 # Initializations of DDPM++/NCSN++ (the official configs): Xavier everywhere, output layers scaled to start near zero.
 _XAVIER = dict(init_mode="xavier_uniform")
 _XAVIER_NEAR_ZERO = dict(init_mode="xavier_uniform", init_weight=1e-5)
+# Of ADM: uniform Kaiming scaled by sqrt(1/3) for weights and biases; output layers start at exactly zero.
+_KAIMING_THIRD = dict(init_mode="kaiming_uniform", init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
+_KAIMING_ZERO = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
 
 
 def _drop_labels(class_labels: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -238,25 +241,26 @@ class DhariwalUNet(_LevelUNet):
         super().__init__()
         self.label_dropout = label_dropout
         emb_channels = model_channels * channel_mult_emb
-        init = dict(init_mode="kaiming_uniform", init_weight=np.sqrt(1 / 3), init_bias=np.sqrt(1 / 3))
-        init_zero = dict(init_mode="kaiming_uniform", init_weight=0, init_bias=0)
-
+        # Embedding: positional noise features (+ augmentation labels, mapped from zero), a two-layer MLP, and the
+        # class embedding added after it.
         self.map_noise = PositionalEmbedding(num_channels=model_channels)
-        self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
-        self.map_layer0 = Linear(model_channels, emb_channels, **init)
-        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-        self.map_label = (Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
-                                 init_weight=np.sqrt(label_dim)) if label_dim else None)
+        self.map_augment = Linear(augment_dim, model_channels, bias=False, **_KAIMING_ZERO) if augment_dim else None
+        self.map_layer0, self.map_layer1 = (Linear(model_channels, emb_channels, **_KAIMING_THIRD),
+                                            Linear(emb_channels, emb_channels, **_KAIMING_THIRD))
+        self.map_label = None
+        if label_dim:
+            self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode="kaiming_normal",
+                                    init_weight=np.sqrt(label_dim))
 
         def make_block(cin: int, cout: int, **kwargs) -> UNetBlock:
-            return UNetBlock(cin, cout, emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init,
-                             init_zero=init_zero, **kwargs)
+            return UNetBlock(cin, cout, emb_channels=emb_channels, channels_per_head=64, dropout=dropout,
+                             init=_KAIMING_THIRD, init_zero=_KAIMING_ZERO, **kwargs)
 
         widths = [model_channels * m for m in channel_mult]
         self._build_levels(img_resolution, in_channels, widths[0], widths, num_blocks, make_block,
-                           lambda part, res, index: res in attn_resolutions, init)
+                           lambda part, res, index: res in attn_resolutions, _KAIMING_THIRD)
         self.out_norm = GroupNorm(num_channels=widths[0])
-        self.out_conv = Conv2d(widths[0], out_channels, kernel=3, **init_zero)
+        self.out_conv = Conv2d(widths[0], out_channels, kernel=3, **_KAIMING_ZERO)
 
     def _add_output(self, level: int, name: str, width: int) -> None:
         pass  # One output head, after the decoder (out_norm, out_conv).
