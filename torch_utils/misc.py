@@ -26,12 +26,8 @@ class InfiniteSampler(torch.utils.data.Sampler):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"InfiniteSampler: rank {rank} is outside 0..{num_replicas - 1}")
         super().__init__()
-        self.size = len(dataset)
-        self.rank = rank
-        self.num_replicas = num_replicas
-        self.shuffle = shuffle
-        self.seed = seed
-        self.start = start
+        self.size, self.shuffle, self.seed = len(dataset), shuffle, seed
+        self.rank, self.num_replicas, self.start = rank, num_replicas, start
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
