@@ -113,3 +113,34 @@ def test_pickles_in_the_official_format_and_round_trips():
     assert reduced[1][0]["class_name"] == "AugmentPipe" and reduced[1][0]["state"]["_init_kwargs"]["p"] == 0.12
     copy = pickle.loads(pickle.dumps(pipe))
     assert type(copy) is AugmentPipe and copy.__dict__ == pipe.__dict__
+
+
+def test_labels_replay_the_random_draws_in_their_fixed_order():
+    """Snapshots and resumed runs depend on the order of the draws: per transform, a mask (rand < p * multiplier)
+    before its values, except rotate_frac / translate_* / hue, whose values come first."""
+    N, p = 64, 0.5
+    images = torch.randn(N, 3, 8, 8)
+    torch.manual_seed(6)
+    _, labels = AugmentPipe(p=p, xflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1, hue=1)(images)
+    torch.manual_seed(6)
+    expected = []
+    mask = torch.rand([N, 1, 1, 1]) < p
+    expected.append(torch.where(mask, torch.randint(2, [N, 1, 1, 1]), 0).reshape(N))     # xflip
+    mask = torch.rand([N]) < p
+    expected.append(torch.where(mask, torch.randn([N]), 0))                               # scale
+    angle = (torch.rand([N]) * 2 - 1) * math.pi
+    angle = torch.where(torch.rand([N]) < p, angle, 0)                                    # rotate_frac
+    expected += [angle.cos() - 1, angle.sin()]
+    mask = torch.rand([N]) < p                                                            # aniso
+    w = torch.where(mask, torch.randn([N]), 0)
+    axis = (torch.rand([N]) * 2 - 1) * math.pi
+    axis = torch.where(mask & (torch.rand([N]) < 0.5), axis, 0)
+    expected += [w * axis.cos(), w * axis.sin()]
+    shift = torch.randn([2, N])
+    expected += list(torch.where(torch.rand([1, N]) < p, shift, 0))                       # translate_frac
+    angle = (torch.rand([N]) * 2 - 1) * math.pi
+    angle = torch.where(torch.rand([N]) < p, angle, 0)                                    # hue
+    expected += [angle.cos() - 1, angle.sin()]
+    expected = torch.stack([e.to(torch.float32) for e in expected], dim=1)
+    assert 0 < torch.count_nonzero(expected[:, 1]) < N
+    torch.testing.assert_close(labels, expected, rtol=0, atol=1e-6)

@@ -23,6 +23,7 @@ order of the constructor's arguments (see ``label_dim``).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -149,18 +150,195 @@ def apply_geometric(images: torch.Tensor, G_inv: torch.Tensor) -> torch.Tensor:
     return downsample2x(resampled)[:, :, r:r + H, r:r + W]
 
 
+def _color_rgb(pixels: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """[N, 3, P] pixels through the affine part of [N, 4, 4] matrices."""
+    return M[:, :3, :3] @ pixels + M[:, :3, 3:]
+
+
+def _color_gray(pixels: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """[N, 1, P] pixels read as (y, y, y); the result is the mean of the three transformed channels."""
+    mean_row = M[:, :3, :].mean(dim=1, keepdim=True)                 # [N, 1, 4]
+    gain, offset = mean_row[:, :, :3].sum(dim=2, keepdim=True), mean_row[:, :, 3:]
+    return pixels * gain + offset
+
+
+_COLOR_KERNELS = {3: _color_rgb, 1: _color_gray}  # By channel count.
+
+
 def apply_color(images: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """Apply [N, 4, 4] color matrices to RGB images; grayscale images get the luma-averaged effect."""
     N, C, H, W = images.shape
-    flat = images.reshape(N, C, H * W)
-    if C == 3:
-        flat = M[:, :3, :3] @ flat + M[:, :3, 3:]
-    elif C == 1:
-        M = M[:, :3, :].mean(dim=1, keepdim=True)
-        flat = flat * M[:, :, :3].sum(dim=2, keepdim=True) + M[:, :, 3:]
-    else:
+    kernel = _COLOR_KERNELS.get(C)
+    if kernel is None:
         raise ValueError(f"color augmentation needs RGB (3 channels) or grayscale (1 channel) images, got {C}")
-    return flat.reshape(N, C, H, W)
+    return kernel(images.reshape(N, C, H * W), M).reshape(N, C, H, W)
+
+
+# ----------------------------------------------------------------------------
+# Random draws. Every transform takes its numbers from one _Draws, in the order of the tables below; that order
+# is the order of torch's random stream, which outputs and labels depend on bit for bit.
+
+class _Draws:
+    """Random numbers for one batch of ``n`` images under augmentation probability ``p``."""
+
+    def __init__(self, p: float, n: int, device: torch.device):
+        self.p, self.n, self.device = p, n, device
+
+    def bernoulli(self, probability: float, shape: list) -> torch.Tensor:
+        return torch.rand(shape, device=self.device) < probability
+
+    def normal(self, shape: list) -> torch.Tensor:
+        return torch.randn(shape, device=self.device)
+
+    def integers(self, high: int, shape: list) -> torch.Tensor:
+        return torch.randint(high, shape, device=self.device)
+
+    def symmetric(self, shape: list, half_width: float | None = None) -> torch.Tensor:
+        """Uniform on [-1, 1), times ``half_width`` if given."""
+        u = torch.rand(shape, device=self.device) * 2 - 1
+        return u if half_width is None else u * half_width
+
+    def chosen(self, multiplier: float, shape: list) -> torch.Tensor:
+        """Which images get a transform: true with probability multiplier * p."""
+        return self.bernoulli(multiplier * self.p, shape)
+
+    def gated(self, multiplier: float, values: Callable[[], torch.Tensor], mask_shape: list,
+              values_first: bool = False) -> torch.Tensor:
+        """``values()`` for the chosen images, 0 (the identity's parameter) for the others. ``values_first``
+        says whether the values are drawn before the mask or after it."""
+        if values_first:
+            drawn = values()
+            mask = self.chosen(multiplier, mask_shape)
+        else:
+            mask = self.chosen(multiplier, mask_shape)
+            drawn = values()
+        return _keep(mask, drawn)
+
+
+def _keep(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, values, torch.zeros_like(values))
+
+
+# ----------------------------------------------------------------------------
+# The transforms. Blits take (pipe, draws, multiplier, images) and return (images, label entries); geometric
+# transforms take (pipe, draws, multiplier, H, W) and return (inverse [N, 3, 3] matrices, label entries); color
+# transforms take (pipe, draws, multiplier) and return ([N, 4, 4] matrices, label entries).
+
+def _flip(draws: _Draws, multiplier: float, images: torch.Tensor, dim: int):
+    per_image = [draws.n, 1, 1, 1]
+    flipped = draws.gated(multiplier, lambda: draws.integers(2, per_image), per_image)
+    return torch.where(flipped == 1, images.flip(dim), images), [flipped]
+
+
+def _xflip(pipe, draws, multiplier, images):
+    return _flip(draws, multiplier, images, dim=3)
+
+
+def _yflip(pipe, draws, multiplier, images):
+    return _flip(draws, multiplier, images, dim=2)
+
+
+def _rotate_int(pipe, draws, multiplier, images):
+    """A uniform number of quarter turns, as an x flip, a y flip and a transpose (in that order)."""
+    per_image = [draws.n, 1, 1, 1]
+    turns = draws.gated(multiplier, lambda: draws.integers(4, per_image), per_image)
+    flip_y = turns >= 2
+    transpose = turns % 2 == 1
+    flip_x = flip_y ^ transpose
+    steps = ((flip_x, lambda x: x.flip(3)), (flip_y, lambda x: x.flip(2)), (transpose, lambda x: x.transpose(2, 3)))
+    for mask, step in steps:
+        images = torch.where(mask, step(images), images)
+    return images, [flip_x, flip_y]
+
+
+def _translate_int(pipe, draws, multiplier, images):
+    """Whole-pixel shift, uniform up to ``translate_int_max`` of the size, per axis; labelled as that fraction."""
+    _, _, H, W = images.shape
+    shift = draws.gated(multiplier, lambda: draws.symmetric([2, draws.n, 1, 1, 1]), [1, draws.n, 1, 1, 1],
+                        values_first=True)
+    reach = (W * pipe.translate_int_max, H * pipe.translate_int_max)
+    pixels = [(fraction * extent).round().to(torch.int64) for fraction, extent in zip(shift, reach)]
+    return _translate_reflect(images, *pixels), [t / extent for t, extent in zip(pixels, reach)]
+
+
+def _scale(pipe, draws, multiplier, H, W):
+    """Isotropic scaling by 2^(scale_std * N(0, 1))."""
+    w = draws.gated(multiplier, lambda: draws.normal([draws.n]), [draws.n])
+    inverse = 1 / torch.exp2(w * pipe.scale_std)
+    return scale2d(inverse, inverse), [w]
+
+
+def _rotate_frac(pipe, draws, multiplier, H, W):
+    """Rotation by a uniform angle in [-pi, pi) * rotate_frac_max; labelled (cos - 1, sin)."""
+    angle = draws.gated(multiplier, lambda: draws.symmetric([draws.n], np.pi * pipe.rotate_frac_max), [draws.n],
+                        values_first=True)
+    return rotate2d(angle), [angle.cos() - 1, angle.sin()]
+
+
+def _aniso(pipe, draws, multiplier, H, W):
+    """Stretch by 2^(aniso_std * N(0, 1)) along an axis that is x, or with probability aniso_rotate_prob a
+    uniformly rotated one; labelled w * (cos, sin) of the axis angle."""
+    n = draws.n
+    mask = draws.chosen(multiplier, [n])
+    w = _keep(mask, draws.normal([n]))
+    axis = draws.symmetric([n], np.pi)
+    axis = _keep(mask & draws.bernoulli(pipe.aniso_rotate_prob, [n]), axis)
+    stretch = torch.exp2(w * pipe.aniso_std)
+    return rotate2d(-axis) @ scale2d(1 / stretch, stretch) @ rotate2d(axis), [w * axis.cos(), w * axis.sin()]
+
+
+def _translate_frac(pipe, draws, multiplier, H, W):
+    """Shift by N(0, translate_frac_std^2) of the size, per axis."""
+    t = draws.gated(multiplier, lambda: draws.normal([2, draws.n]), [1, draws.n], values_first=True)
+    return translate2d(-t[0] * (W * pipe.translate_frac_std), -t[1] * (H * pipe.translate_frac_std)), [t[0], t[1]]
+
+
+def _luma_axis(device) -> torch.Tensor:
+    return torch.tensor([1, 1, 1, 0], dtype=torch.float32, device=device) / np.sqrt(3)
+
+
+def _brightness(pipe, draws, multiplier):
+    """Add brightness_std * N(0, 1) to every channel."""
+    w = draws.gated(multiplier, lambda: draws.normal([draws.n]), [draws.n])
+    return translate3d(w * pipe.brightness_std), [w]
+
+
+def _contrast(pipe, draws, multiplier):
+    """Multiply every channel by 2^(contrast_std * N(0, 1))."""
+    w = draws.gated(multiplier, lambda: draws.normal([draws.n]), [draws.n])
+    return scale3d(torch.exp2(w * pipe.contrast_std)), [w]
+
+
+def _lumaflip(pipe, draws, multiplier):
+    """With probability 1/2, reflect the color through the plane orthogonal to the luma axis."""
+    w = draws.gated(multiplier, lambda: draws.integers(2, [draws.n]).float(), [draws.n])
+    luma = _luma_axis(draws.device)
+    return torch.eye(4, device=draws.device) - 2 * torch.outer(luma, luma) * w.reshape(draws.n, 1, 1), [w]
+
+
+def _hue(pipe, draws, multiplier):
+    """Rotation about the luma axis by a uniform angle in [-pi, pi) * hue_max; labelled (cos - 1, sin)."""
+    angle = draws.gated(multiplier, lambda: draws.symmetric([draws.n], np.pi * pipe.hue_max), [draws.n],
+                        values_first=True)
+    return rotate3d(_luma_axis(draws.device), angle), [angle.cos() - 1, angle.sin()]
+
+
+def _saturation(pipe, draws, multiplier):
+    """Scale the chroma (the part orthogonal to the luma axis) by 2^(saturation_std * N(0, 1))."""
+    w = draws.gated(multiplier, lambda: draws.normal([draws.n]), [draws.n])
+    luma = _luma_axis(draws.device)
+    along = torch.outer(luma, luma)
+    across = torch.eye(4, device=draws.device) - along
+    return along + across * torch.exp2(w * pipe.saturation_std).reshape(draws.n, 1, 1), [w]
+
+
+# name -> (label entries, transform), each table in the constructor's argument order.
+_PIXEL_BLITS = {"xflip": (1, _xflip), "yflip": (1, _yflip), "rotate_int": (2, _rotate_int),
+                "translate_int": (2, _translate_int)}
+_GEOMETRIC = {"scale": (1, _scale), "rotate_frac": (2, _rotate_frac), "aniso": (2, _aniso),
+              "translate_frac": (2, _translate_frac)}
+_COLOR = {"brightness": (1, _brightness), "contrast": (1, _contrast), "lumaflip": (1, _lumaflip),
+          "hue": (2, _hue), "saturation": (1, _saturation)}
 
 
 # ----------------------------------------------------------------------------
@@ -199,127 +377,47 @@ class AugmentPipe:
         self.brightness_std, self.contrast_std = float(brightness_std), float(contrast_std)
         self.hue_max, self.saturation_std = float(hue_max), float(saturation_std)
 
+    def _enabled(self, table: dict) -> list[tuple[float, Callable]]:
+        """(multiplier, transform) for the table's transforms that are switched on, in table order."""
+        return [(getattr(self, name), transform) for name, (_, transform) in table.items() if getattr(self, name) > 0]
+
     @property
     def label_dim(self) -> int:
         """Length of the label vector (9 for the official configs)."""
-        sizes = dict(xflip=1, yflip=1, rotate_int=2, translate_int=2, scale=1, rotate_frac=2, aniso=2,
-                     translate_frac=2, brightness=1, contrast=1, lumaflip=1, hue=2, saturation=1)
-        return sum(size for name, size in sizes.items() if getattr(self, name) > 0)
-
-    def _chosen(self, multiplier: float, shape, device) -> torch.Tensor:
-        """Which images get a transform: a boolean mask, true with probability multiplier * p."""
-        return torch.rand(shape, device=device) < multiplier * self.p
+        return sum(entries for table in (_PIXEL_BLITS, _GEOMETRIC, _COLOR)
+                   for name, (entries, _) in table.items() if getattr(self, name) > 0)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         N, C, H, W = images.shape
+        draws = _Draws(self.p, N, images.device)
         labels: list[torch.Tensor] = []
-        images = self._blit(images, labels)
-        G_inv = self._geometry(N, H, W, images.device, labels)
+        for multiplier, blit in self._enabled(_PIXEL_BLITS):
+            images, entries = blit(self, draws, multiplier, images)
+            labels += entries
+        # Inverse geometric matrices compose with later transforms on the right, color ones on the left.
+        G_inv = self._product(_GEOMETRIC, lambda t, m: t(self, draws, m, H, W), labels, later_on_right=True)
         if G_inv is not None:
             images = _apply_where_not_identity(apply_geometric, images, G_inv)
-        M = self._color(N, images.device, labels)
+        M = self._product(_COLOR, lambda t, m: t(self, draws, m), labels, later_on_right=False)
         if M is not None:
             images = _apply_where_not_identity(apply_color, images, M)
-        labels = [v.to(torch.float32).reshape(N, -1) for v in labels]
-        return images, torch.cat(labels, dim=1) if labels else torch.zeros([N, 0], device=images.device)
+        if not labels:
+            return images, torch.zeros([N, 0], device=images.device)
+        return images, torch.cat([entry.to(torch.float32).reshape(N, -1) for entry in labels], dim=1)
 
-    def _blit(self, images: torch.Tensor, labels: list) -> torch.Tensor:
-        """Exact pixel moves: x/y flips, 90-degree rotations, integer translations with reflection."""
-        N, C, H, W = images.shape
-        dev = images.device
-        shape = [N, 1, 1, 1]
-        zero = torch.zeros(shape, dtype=torch.int64, device=dev)
-        if self.xflip > 0:
-            w = torch.where(self._chosen(self.xflip, shape, dev), torch.randint(2, shape, device=dev), zero)
-            images = torch.where(w == 1, images.flip(3), images)
-            labels.append(w)
-        if self.yflip > 0:
-            w = torch.where(self._chosen(self.yflip, shape, dev), torch.randint(2, shape, device=dev), zero)
-            images = torch.where(w == 1, images.flip(2), images)
-            labels.append(w)
-        if self.rotate_int > 0:
-            w = torch.where(self._chosen(self.rotate_int, shape, dev), torch.randint(4, shape, device=dev), zero)
-            images = torch.where((w == 1) | (w == 2), images.flip(3), images)
-            images = torch.where((w == 2) | (w == 3), images.flip(2), images)
-            images = torch.where((w == 1) | (w == 3), images.transpose(2, 3), images)
-            labels += [(w == 1) | (w == 2), (w == 2) | (w == 3)]
-        if self.translate_int > 0:
-            w = torch.rand([2, N, 1, 1, 1], device=dev) * 2 - 1
-            w = torch.where(self._chosen(self.translate_int, [1, N, 1, 1, 1], dev), w, torch.zeros_like(w))
-            tx = (w[0] * (W * self.translate_int_max)).round().to(torch.int64)
-            ty = (w[1] * (H * self.translate_int_max)).round().to(torch.int64)
-            images = _translate_reflect(images, tx, ty)
-            labels += [tx / (W * self.translate_int_max), ty / (H * self.translate_int_max)]
-        return images
-
-    def _geometry(self, N: int, H: int, W: int, dev, labels: list) -> torch.Tensor | None:
-        """The product of the inverse transforms, [N, 3, 3], or None when no geometric transform is on."""
-        G_inv = None
-
-        def then(M_inv):
-            nonlocal G_inv
-            G_inv = M_inv if G_inv is None else G_inv @ M_inv
-
-        zeros = torch.zeros([N], device=dev)
-        if self.scale > 0:
-            w = torch.where(self._chosen(self.scale, [N], dev), torch.randn([N], device=dev), zeros)
-            s = torch.exp2(w * self.scale_std)
-            then(scale2d(1 / s, 1 / s))
-            labels.append(w)
-        if self.rotate_frac > 0:
-            w = (torch.rand([N], device=dev) * 2 - 1) * (np.pi * self.rotate_frac_max)
-            w = torch.where(self._chosen(self.rotate_frac, [N], dev), w, zeros)
-            then(rotate2d(w))
-            labels += [w.cos() - 1, w.sin()]
-        if self.aniso > 0:
-            chosen = self._chosen(self.aniso, [N], dev)
-            w = torch.where(chosen, torch.randn([N], device=dev), zeros)
-            r = (torch.rand([N], device=dev) * 2 - 1) * np.pi
-            r = torch.where(chosen & (torch.rand([N], device=dev) < self.aniso_rotate_prob), r, zeros)
-            s = torch.exp2(w * self.aniso_std)
-            then(rotate2d(-r) @ scale2d(1 / s, s) @ rotate2d(r))
-            labels += [w * r.cos(), w * r.sin()]
-        if self.translate_frac > 0:
-            w = torch.randn([2, N], device=dev)
-            w = torch.where(self._chosen(self.translate_frac, [1, N], dev), w, torch.zeros_like(w))
-            then(translate2d(-w[0] * (W * self.translate_frac_std), -w[1] * (H * self.translate_frac_std)))
-            labels += [w[0], w[1]]
-        return G_inv
-
-    def _color(self, N: int, dev, labels: list) -> torch.Tensor | None:
-        """The product of the color transforms, [N, 4, 4], or None when no color transform is on."""
-        M = None
-
-        def then(T):
-            nonlocal M
-            M = T if M is None else T @ M
-
-        zeros = torch.zeros([N], device=dev)
-        luma = torch.tensor([1, 1, 1, 0], dtype=torch.float32, device=dev) / np.sqrt(3)
-        luma_outer = torch.outer(luma, luma)
-        eye = torch.eye(4, device=dev)
-        if self.brightness > 0:
-            w = torch.where(self._chosen(self.brightness, [N], dev), torch.randn([N], device=dev), zeros)
-            then(translate3d(w * self.brightness_std))
-            labels.append(w)
-        if self.contrast > 0:
-            w = torch.where(self._chosen(self.contrast, [N], dev), torch.randn([N], device=dev), zeros)
-            then(scale3d(torch.exp2(w * self.contrast_std)))
-            labels.append(w)
-        if self.lumaflip > 0:
-            w = torch.where(self._chosen(self.lumaflip, [N], dev), torch.randint(2, [N], device=dev).float(), zeros)
-            then(eye - 2 * luma_outer * w.reshape(N, 1, 1))
-            labels.append(w)
-        if self.hue > 0:
-            w = (torch.rand([N], device=dev) * 2 - 1) * (np.pi * self.hue_max)
-            w = torch.where(self._chosen(self.hue, [N], dev), w, zeros)
-            then(rotate3d(luma, w))
-            labels += [w.cos() - 1, w.sin()]
-        if self.saturation > 0:
-            w = torch.where(self._chosen(self.saturation, [N], dev), torch.randn([N], device=dev), zeros)
-            then(luma_outer + (eye - luma_outer) * torch.exp2(w * self.saturation_std).reshape(N, 1, 1))
-            labels.append(w)
-        return M
+    def _product(self, table: dict, run: Callable, labels: list,
+                 later_on_right: bool) -> torch.Tensor | None:
+        """The product of the enabled transforms' matrices (None if none is enabled); their label entries are
+        appended to ``labels``."""
+        product = None
+        for multiplier, transform in self._enabled(table):
+            matrix, entries = run(transform, multiplier)
+            labels += entries
+            if product is None:
+                product = matrix
+            else:
+                product = product @ matrix if later_on_right else matrix @ product
+        return product
 
 
 def _apply_where_not_identity(apply, images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
