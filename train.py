@@ -34,6 +34,9 @@ PRECONDITIONERS = {  # --precond: (network, loss), Table 1.
 # The official augmentation setting (--augment=p): every geometric transform, x-flips always drawn.
 AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 AUGMENT_DIM = 9
+# Options that replace an architecture setting when given: (option, network keyword), in this order.
+NETWORK_OVERRIDES = (("cbase", "model_channels"), ("cres", "channel_mult"), ("blocks", "num_blocks"),
+                     ("attn", "attn_resolutions"))
 # The switches of training.perf.FastPaths that train.py exposes.
 FAST_PATH_OPTIONS = ("sdpa", "channels_last", "fused_adam", "compile", "tf32", "retain_memory")
 
@@ -47,6 +50,26 @@ def parse_int_list(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def network_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
+    """network_kwargs: the --precond network with the --arch settings, then the options that override them."""
+    config = dnnlib.EasyDict(class_name=PRECONDITIONERS[opts.precond][0], **ARCHITECTURES[opts.arch])
+    config.update((keyword, opts[option]) for option, keyword in NETWORK_OVERRIDES if opts[option] is not None)
+    if opts.augment:  # The network is told which augmentation each image had.
+        config.augment_dim = AUGMENT_DIM
+    config.dropout = opts.dropout
+    config.use_fp16 = opts.fp16
+    if opts.bf16:
+        config.use_bf16 = True
+    return config
+
+
+def augment_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict | None:
+    """augment_kwargs for --augment, or None when it is 0 (no augmentation)."""
+    if not opts.augment:
+        return None
+    return dnnlib.EasyDict(class_name="training.augment.AugmentPipe", p=opts.augment, **AUGMENT_TRANSFORMS)
+
+
 def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
     """The training_loop() keyword arguments for these command-line options."""
     c = dnnlib.EasyDict()
@@ -54,25 +77,12 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
                                        use_labels=opts.cond, xflip=opts.xflip, cache=opts.cache,
                                        resolution=dataset_obj.resolution, max_size=len(dataset_obj))
     c.data_loader_kwargs = dnnlib.EasyDict(data_loader_kwargs(dist.get_device(), opts.workers))
-    network_class, loss_class = PRECONDITIONERS[opts.precond]
-    c.network_kwargs = dnnlib.EasyDict(class_name=network_class, **ARCHITECTURES[opts.arch])
-    c.loss_kwargs = dnnlib.EasyDict(class_name=loss_class)
+    c.network_kwargs = network_config(opts)
+    c.loss_kwargs = dnnlib.EasyDict(class_name=PRECONDITIONERS[opts.precond][1])
     c.optimizer_kwargs = dnnlib.EasyDict(class_name="torch.optim.Adam", lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
-    if opts.cbase is not None:
-        c.network_kwargs.model_channels = opts.cbase
-    if opts.cres is not None:
-        c.network_kwargs.channel_mult = opts.cres
-    if opts.blocks is not None:
-        c.network_kwargs.num_blocks = opts.blocks
-    if opts.attn is not None:
-        c.network_kwargs.attn_resolutions = opts.attn
-    if opts.augment:
-        c.augment_kwargs = dnnlib.EasyDict(class_name="training.augment.AugmentPipe", p=opts.augment,
-                                           **AUGMENT_TRANSFORMS)
-        c.network_kwargs.augment_dim = AUGMENT_DIM
-    c.network_kwargs.update(dropout=opts.dropout, use_fp16=opts.fp16)
-    if opts.bf16:
-        c.network_kwargs.use_bf16 = True
+    augment = augment_config(opts)
+    if augment is not None:
+        c.augment_kwargs = augment
 
     c.total_kimg = opts.duration * 1000
     if opts.max_minutes is not None:

@@ -14,19 +14,23 @@ from typing import Any, BinaryIO, Iterator
 
 
 class EasyDict(dict):
-    """A dict whose keys can also be read and written as attributes (``cfg.lr`` == ``cfg['lr']``)."""
+    """A dict whose keys can also be read and written as attributes (``cfg.lr`` == ``cfg['lr']``).
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    Writing or deleting an attribute writes or deletes the key (deleting a missing one raises KeyError). Reading
+    falls back to the keys only after ordinary lookup fails, so dict methods win over keys of the same name, and a
+    missing key reads as AttributeError, which keeps ``getattr(d, name, default)``, copy and pickle working.
+    """
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        self[name] = value
+    def __setattr__(self, key: str, value: Any) -> None:
+        self.__setitem__(key, value)
 
-    def __delattr__(self, name: str) -> None:
-        del self[name]
+    def __delattr__(self, key: str) -> None:
+        self.__delitem__(key)
+
+    def __getattr__(self, key: str) -> Any:
+        if key not in self:
+            raise AttributeError(key)
+        return self[key]
 
 
 def get_obj_by_name(name: str) -> Any:

@@ -109,12 +109,16 @@ class FileStore:
         return f"{self.path}:{name}" if self.is_zip else os.path.join(self.path, name)
 
     def close(self) -> None:
-        if self._zipfile is not None:
-            self._zipfile.close()
-        self._zipfile = None
+        """Drop this process's ZIP handle; the next read opens the archive again."""
+        handle, self._zipfile = self._zipfile, None
+        if handle is not None:
+            handle.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__, _zipfile=None, _zipfile_pid=None)
+        # An open ZipFile cannot travel to another process: the receiver opens its own on first use.
+        state = self.__dict__.copy()
+        state.update(_zipfile=None, _zipfile_pid=None)
+        return state
 
 
 def iter_image_files(path: str) -> list[str]:
@@ -193,6 +197,36 @@ def parse_labels(text: str, image_names: list[str], where: str) -> np.ndarray | 
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Which raw images a dataset shows, in which order, and how labels look to the network.
+
+
+def kept_raw_indices(num_images: int, max_size: int | None, random_seed: int) -> np.ndarray:
+    """int64 indices of the raw images that ``max_size`` keeps, in file order.
+
+    All of them when ``max_size`` is None or not below ``num_images``; otherwise the first ``max_size`` of a
+    permutation drawn by ``np.random.RandomState(random_seed mod 2^31)``, sorted (the official selection).
+    """
+    indices = np.arange(num_images, dtype=np.int64)
+    if max_size is None or num_images <= max_size:
+        return indices
+    rng = np.random.RandomState(random_seed % 2 ** 31)
+    rng.shuffle(indices)
+    return np.sort(indices[:max_size])
+
+
+def with_mirrors(raw_indices: np.ndarray, xflip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(raw index, uint8 mirror flag) per dataset item; ``xflip`` appends every item again, flagged as mirrored."""
+    copies = 2 if xflip else 1
+    flags = np.repeat(np.arange(copies, dtype=np.uint8), raw_indices.size)
+    return np.tile(raw_indices, copies), flags
+
+
+def one_hot(class_index: int, num_classes: int) -> np.ndarray:
+    """float32 ``[num_classes]`` vector with a single 1 at ``class_index``."""
+    return (np.arange(num_classes) == class_index).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The dataset.
 
 
@@ -221,18 +255,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{path}: images are {self._raw_shape[3]}x{self._raw_shape[2]}, not the requested "
                                f"{resolution}x{resolution}; re-create the dataset with dataset_tool.py "
                                f"--resolution={resolution}x{resolution} or ask for resolution={self._raw_shape[2]}")
-        self._raw_labels = self._load_raw_labels() if use_labels else None
-        if self._raw_labels is None:
-            self._raw_labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32)
+        num_images = len(self._image_fnames)
+        labels = self._load_raw_labels() if use_labels else None
+        # Without labels every image has an empty float32 label vector.
+        self._raw_labels = np.zeros([num_images, 0], dtype=np.float32) if labels is None else labels
+        self._raw_idx, self._xflip = with_mirrors(kept_raw_indices(num_images, max_size, random_seed), xflip)
 
-        self._raw_idx = np.arange(self._raw_shape[0], dtype=np.int64)
-        if max_size is not None and self._raw_idx.size > max_size:
-            np.random.RandomState(random_seed % (1 << 31)).shuffle(self._raw_idx)
-            self._raw_idx = np.sort(self._raw_idx[:max_size])
-        self._xflip = np.zeros(self._raw_idx.size, dtype=np.uint8)
-        if xflip:
-            self._raw_idx = np.tile(self._raw_idx, 2)
-            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+    # Images are uint8 [C, H, W], all of the first image's shape.
+
+    @property
+    def resolution(self) -> int:
+        _count, _channels, height, width = self._raw_shape
+        if width != height:
+            raise DatasetError(f"{self._path}: images are {width}x{height}, not square; re-create the dataset "
+                               f"with dataset_tool.py --resolution=NxN or --transform=center-crop")
+        return height
+
+    num_channels = property(lambda self: self._raw_shape[1], doc="C: 1 (grayscale) or 3 (color) (int).")
+    image_shape = property(lambda self: self._raw_shape[1:], doc="``[C, H, W]`` of every image (list of int).")
 
     # Reading.
 
@@ -246,75 +286,54 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         text = self._store.read_bytes(DATASET_JSON).decode("utf-8", errors="replace")
         return parse_labels(text, self._image_fnames, where)
 
-    def _checked_image(self, raw_idx: int) -> np.ndarray:
+    def _raw_image(self, raw_idx: int) -> np.ndarray:
+        """Image ``raw_idx`` (uint8 CHW), checked against the first image's shape; kept in memory with ``cache``."""
+        if raw_idx in self._cached_images:
+            return self._cached_images[raw_idx]
         image = self._load_raw_image(raw_idx)
         if list(image.shape) != self.image_shape:
             fname = self._store.location(self._image_fnames[raw_idx])
             raise DatasetError(f"{fname}: image is {list(image.shape)} (C, H, W) but the dataset's first image is "
                                f"{self.image_shape}; re-create the dataset with dataset_tool.py --resolution=WxH")
+        if self._cache:
+            self._cached_images[raw_idx] = image
         return image
 
     def __len__(self) -> int:
-        return int(self._raw_idx.size)
+        return len(self._raw_idx)
 
     def __getitem__(self, idx: int) -> tuple[np.ndarray, np.ndarray]:
-        raw_idx = int(self._raw_idx[idx])
-        image = self._cached_images.get(raw_idx)
-        if image is None:
-            image = self._checked_image(raw_idx)
-            if self._cache:
-                self._cached_images[raw_idx] = image
-        if self._xflip[idx]:
-            image = image[:, :, ::-1]
-        return image.copy(), self.get_label(idx)
+        """(uint8 CHW image, float32 label) of item ``idx``; a fresh array each call, mirrored for flip items."""
+        image = self._raw_image(int(self._raw_idx[idx]))
+        mirrored = bool(self._xflip[idx])
+        pixels = image[:, :, ::-1] if mirrored else image
+        return pixels.copy(), self.get_label(idx)
 
     def get_label(self, idx: int) -> np.ndarray:
-        label = self._raw_labels[self._raw_idx[idx]]
-        if label.dtype == np.int64:
-            onehot = np.zeros(self.label_shape, dtype=np.float32)
-            onehot[label] = 1
-            return onehot
-        return label.copy()
+        """Label of item ``idx`` as the network sees it: class indices become one-hot vectors."""
+        raw_label = self._raw_labels[self._raw_idx[idx]]
+        return one_hot(raw_label, self.label_dim) if self.has_onehot_labels else raw_label.copy()
 
-    def get_details(self, idx: int) -> dict[str, Any]:
-        return dict(raw_idx=int(self._raw_idx[idx]), xflip=bool(self._xflip[idx]),
-                    raw_label=self._raw_labels[self._raw_idx[idx]].copy())
-
-    def close(self) -> None:
-        self._store.close()
-
-    # Shapes.
-
-    @property
-    def image_shape(self) -> list[int]:
-        return list(self._raw_shape[1:])
-
-    @property
-    def num_channels(self) -> int:
-        return self.image_shape[0]
-
-    @property
-    def resolution(self) -> int:
-        channels, height, width = self.image_shape
-        if height != width:
-            raise DatasetError(f"{self._path}: images are {width}x{height}, not square; re-create the dataset "
-                               f"with dataset_tool.py --resolution=NxN or --transform=center-crop")
-        return height
-
-    @property
-    def label_shape(self) -> list[int]:
-        if self._raw_labels.dtype == np.int64:
-            return [int(self._raw_labels.max()) + 1 if self._raw_labels.size else 0]
-        return list(self._raw_labels.shape[1:])
-
-    @property
-    def label_dim(self) -> int:
-        return self.label_shape[0]
-
-    @property
-    def has_labels(self) -> bool:
-        return any(dim != 0 for dim in self.label_shape)
+    # Labels are [label_dim] vectors; label_dim is 0 when the dataset has none or use_labels is off.
 
     @property
     def has_onehot_labels(self) -> bool:
+        """Class-index labels (handed out one-hot) rather than float vectors or none."""
         return self._raw_labels.dtype == np.int64
+
+    def _label_width(self) -> int:
+        if not self.has_onehot_labels:
+            (width,) = self._raw_labels.shape[1:]
+            return width
+        return int(self._raw_labels.max()) + 1 if len(self._raw_labels) else 0
+
+    label_dim = property(_label_width, doc="Length of every label vector (int).")
+    label_shape = property(lambda self: [self._label_width()], doc="``[label_dim]`` (list of int).")
+    has_labels = property(lambda self: self._label_width() > 0, doc="Whether labels are non-empty (bool).")
+
+    def get_details(self, idx: int) -> dict[str, Any]:
+        raw_idx = int(self._raw_idx[idx])
+        return dict(raw_idx=raw_idx, xflip=bool(self._xflip[idx]), raw_label=self._raw_labels[raw_idx].copy())
+
+    def close(self) -> None:
+        self._store.close()

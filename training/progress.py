@@ -16,16 +16,21 @@ from torch_utils import distributed as dist
 from dnnlib.util import atomic_write_bytes
 
 
+# Units of a shown duration, largest first: (suffix, length in seconds).
+TIME_UNITS = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
 def format_time(seconds: float) -> str:
-    """'42s', '3m 05s', '2h 03m 05s', '1d 02h 03m'."""
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s"
-    return f"{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m"
+    """'42s', '3m 05s', '2h 03m 05s', '1d 02h 03m': whole seconds shown in at most three units, starting at the
+    largest unit that is at least 1 (seconds below a minute, negatives included); later units are two digits."""
+    total = int(round(seconds))
+    first = next((i for i, (_, length) in enumerate(TIME_UNITS) if total >= length), len(TIME_UNITS) - 1)
+    shown = TIME_UNITS[first:first + 3]
+    (lead_suffix, lead_length), rest = shown[0], shown[1:]
+    parts = [f"{total // lead_length}{lead_suffix}"]
+    for (_, outer), (suffix, length) in zip(shown, rest):
+        parts.append(f"{total // length % (outer // length):02d}{suffix}")
+    return " ".join(parts)
 
 
 class RunLog:

@@ -349,24 +349,26 @@ class SeedRNG:
         self.device = torch.device(device)
         self.generators = [torch.Generator(self.device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
 
-    def _check(self, size) -> list[int]:
-        size = list(size)
-        if not size or size[0] != len(self.generators):
-            raise ValueError(f"first dimension {size[0] if size else None} != number of seeds {len(self.generators)}")
-        return size
+    def _per_seed(self, size, draw: Callable[[list[int], torch.Generator], torch.Tensor]) -> torch.Tensor:
+        """``draw(one image's shape, generator)`` for every seed, stacked; ``size[0]`` must be the seed count."""
+        batch, *item_shape = list(size) or [None]
+        if batch != len(self.generators):
+            raise ValueError(f"first dimension {batch} != number of seeds {len(self.generators)}")
+        return torch.stack([draw(item_shape, generator) for generator in self.generators])
 
     def randn(self, size, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-        size = self._check(size)
-        return torch.stack([torch.randn(size[1:], generator=g, dtype=dtype, device=device or self.device)
-                            for g in self.generators])
+        """Unit Gaussian noise of shape ``size``, row i from seed i."""
+        on = device or self.device
+        return self._per_seed(size, lambda shape, gen: torch.randn(shape, generator=gen, dtype=dtype, device=on))
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """``randn`` with the shape, dtype and device of ``x``."""
         return self.randn(x.shape, dtype=x.dtype, device=x.device)
 
     def randint(self, high: int, size, device: torch.device | str | None = None) -> torch.Tensor:
-        size = self._check(size)
-        return torch.stack([torch.randint(high, size=size[1:], generator=g, device=device or self.device)
-                            for g in self.generators])
+        """Integers in [0, high) of shape ``size``, row i from seed i."""
+        on = device or self.device
+        return self._per_seed(size, lambda shape, gen: torch.randint(high, size=shape, generator=gen, device=on))
 
 
 def draw_latents(net, rng: SeedRNG) -> torch.Tensor:

@@ -301,29 +301,58 @@ class Tick:
     first: bool = False                  # The first tick of a launch ends after one step (as the official).
 
 
+# The status line: (label, stat name, format of the shown value) per field, in the order shown. Each field is
+# also reported as that stat; the total time is shown through format_time.
+STATUS_FIELDS = (
+    ("tick", "Progress/tick", "<5d"),
+    ("kimg", "Progress/kimg", "<9.3f"),
+    ("time", "Timing/total_sec", "<12s"),
+    ("sec/tick", "Timing/sec_per_tick", "<7.1f"),
+    ("sec/kimg", "Timing/sec_per_kimg", "<7.2f"),
+    ("maintenance", "Timing/maintenance_sec", "<6.1f"),
+    ("cpumem", "Resources/cpu_mem_gb", "<6.2f"),
+    ("gpumem", "Resources/peak_gpu_mem_gb", "<6.2f"),
+    ("reserved", "Resources/peak_gpu_mem_reserved_gb", "<6.2f"),
+)
+
+
+def tick_measurements(run: Run, tick: Tick) -> dict[str, float]:
+    """The numbers of the status line, by stat name, measured now (GPU peaks since the last reset)."""
+    now = time.time()
+    gib = 2 ** 30
+    on_cuda = run.device.type == "cuda"
+    tick_sec = now - tick.start_time
+    return {
+        "Progress/tick": run.state.cur_tick,
+        "Progress/kimg": run.state.cur_nimg / 1e3,
+        "Timing/total_sec": now - run.start_time,
+        "Timing/sec_per_tick": tick_sec,
+        "Timing/sec_per_kimg": tick_sec / max(run.state.cur_nimg - tick.start_nimg, 1) * 1e3,
+        "Timing/maintenance_sec": tick.maintenance_sec,
+        "Resources/cpu_mem_gb": psutil.Process(os.getpid()).memory_info().rss / gib,
+        "Resources/peak_gpu_mem_gb": torch.cuda.max_memory_allocated(run.device) / gib if on_cuda else 0.0,
+        "Resources/peak_gpu_mem_reserved_gb": torch.cuda.max_memory_reserved(run.device) / gib if on_cuda else 0.0,
+    }
+
+
+def status_line(values: dict[str, float]) -> str:
+    """``tick 3     kimg 1.536     time 2m 05s ...`` from ``tick_measurements``."""
+    shown = dict(values)
+    shown["Timing/total_sec"] = format_time(values["Timing/total_sec"])
+    return " ".join(f"{label} {shown[stat]:{spec}}" for label, stat, spec in STATUS_FIELDS)
+
+
 def report_progress(run: Run, tick: Tick) -> None:
     """The status line (rank 0) and the same numbers in the stats."""
-    state, r0 = run.state, run.stats.report0
-    now = time.time()
-    images = max(state.cur_nimg - tick.start_nimg, 1)
-    cuda = run.device.type == "cuda"
-    peak = torch.cuda.max_memory_allocated(run.device) / 2 ** 30 if cuda else 0.0
-    reserved = torch.cuda.max_memory_reserved(run.device) / 2 ** 30 if cuda else 0.0
-    total_sec = now - run.start_time
-    fields = [f"tick {r0('Progress/tick', state.cur_tick):<5d}",
-              f"kimg {r0('Progress/kimg', state.cur_nimg / 1e3):<9.3f}",
-              f"time {format_time(r0('Timing/total_sec', total_sec)):<12s}",
-              f"sec/tick {r0('Timing/sec_per_tick', now - tick.start_time):<7.1f}",
-              f"sec/kimg {r0('Timing/sec_per_kimg', (now - tick.start_time) / images * 1e3):<7.2f}",
-              f"maintenance {r0('Timing/maintenance_sec', tick.maintenance_sec):<6.1f}",
-              f"cpumem {r0('Resources/cpu_mem_gb', psutil.Process(os.getpid()).memory_info().rss / 2 ** 30):<6.2f}",
-              f"gpumem {r0('Resources/peak_gpu_mem_gb', peak):<6.2f}",
-              f"reserved {r0('Resources/peak_gpu_mem_reserved_gb', reserved):<6.2f}"]
-    r0("Timing/total_hours", total_sec / 3600)
-    r0("Timing/total_days", total_sec / 86400)
-    if cuda:
+    values = tick_measurements(run, tick)
+    for _label, stat, _spec in STATUS_FIELDS:
+        run.stats.report0(stat, values[stat])
+    total_sec = values["Timing/total_sec"]
+    run.stats.report0("Timing/total_hours", total_sec / 3600)
+    run.stats.report0("Timing/total_days", total_sec / 86400)
+    if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    run.log.print(" ".join(fields))
+    run.log.print(status_line(values))
 
 
 def save_snapshot(run: Run) -> str:
