@@ -170,48 +170,60 @@ def shared_from_rank0(value):
 
 @click.command()
 # Main options.
-@click.option("--outdir", help="Where to save the results", metavar="DIR", type=str, required=True)
-@click.option("--data", help="Path to the dataset", metavar="ZIP|DIR", type=str, required=True)
-@click.option("--cond", help="Train class-conditional model", metavar="BOOL", type=bool, default=False, show_default=True)
-@click.option("--arch", help="Network architecture", type=click.Choice(list(ARCHITECTURES)), default="ddpmpp",
+@click.option("--outdir", help="Folder for the run directories", metavar="DIR", type=str, required=True)
+@click.option("--data", help="Training images: a dataset ZIP or folder (dataset_tool.py)",
+              metavar="ZIP|DIR", type=str, required=True)
+@click.option("--cond", help="Condition on the dataset's class labels",
+              metavar="BOOL", type=bool, default=False, show_default=True)
+@click.option("--arch", help="U-Net: DDPM++, NCSN++ or ADM", type=click.Choice(list(ARCHITECTURES)), default="ddpmpp",
               show_default=True)
-@click.option("--precond", help="Preconditioning & loss function", type=click.Choice(list(PRECONDITIONERS)),
+@click.option("--precond", help="Table 2 column: preconditioning with its matching loss",
+              type=click.Choice(list(PRECONDITIONERS)),
               default="edm", show_default=True)
 # Hyperparameters.
-@click.option("--duration", help="Training duration", metavar="MIMG", type=click.FloatRange(min=0, min_open=True),
+@click.option("--duration", help="Stop after this many million training images",
+              metavar="MIMG", type=click.FloatRange(min=0, min_open=True),
               default=200, show_default=True)
 @click.option("--max-minutes", help="Also stop, with a final snapshot, after this much wall-clock time",
               metavar="MIN", type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option("--batch", help="Total batch size", metavar="INT", type=click.IntRange(min=1), default=512,
+@click.option("--batch", help="Images per optimizer step, over all processes",
+              metavar="INT", type=click.IntRange(min=1), default=512,
               show_default=True)
 @click.option("--batch-gpu", help="Limit batch size per GPU (gradient accumulation)", metavar="INT",
               type=click.IntRange(min=1))
-@click.option("--cbase", help="Channel multiplier  [default: varies]", metavar="INT", type=click.IntRange(min=1))
-@click.option("--cres", help="Channels per resolution  [default: varies]", metavar="LIST", callback=parse_int_list)
+@click.option("--cbase", help="model_channels  [default: per architecture]", metavar="INT", type=click.IntRange(min=1))
+@click.option("--cres", help="channel_mult, one per level, e.g. 2,2,2  [default: per architecture]",
+              metavar="LIST", callback=parse_int_list)
 @click.option("--blocks", help="Residual blocks per resolution  [default: 4 ddpmpp/ncsnpp, 3 adm]", metavar="INT",
               type=click.IntRange(min=1))
 @click.option("--attn", help="Resolutions with self-attention, e.g. 16 or 32,16,8  [default: varies]", metavar="LIST",
               callback=parse_int_list)
-@click.option("--lr", help="Learning rate", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", help="Adam learning rate after the ramp-up",
+              metavar="FLOAT", type=click.FloatRange(min=0, min_open=True),
               default=10e-4, show_default=True)
 @click.option("--lr-rampup", help="Learning-rate ramp-up", metavar="KIMG", type=click.FloatRange(min=0),
               default=10000, show_default=True)
-@click.option("--ema", help="EMA half-life", metavar="MIMG", type=click.FloatRange(min=0), default=0.5,
+@click.option("--ema", help="Half-life of the EMA weights, in million images",
+              metavar="MIMG", type=click.FloatRange(min=0), default=0.5,
               show_default=True)
 @click.option("--ema-rampup", help="EMA ramp-up ratio, 0 = none", metavar="FLOAT", type=click.FloatRange(min=0),
               default=0.05, show_default=True)
-@click.option("--dropout", help="Dropout probability", metavar="FLOAT", type=click.FloatRange(min=0, max=1),
+@click.option("--dropout", help="Dropout in the U-Net blocks", metavar="FLOAT", type=click.FloatRange(min=0, max=1),
               default=0.13, show_default=True)
-@click.option("--augment", help="Augment probability", metavar="FLOAT", type=click.FloatRange(min=0, max=1),
+@click.option("--augment", help="Non-leaking augmentation probability p, 0 = off",
+              metavar="FLOAT", type=click.FloatRange(min=0, max=1),
               default=0.12, show_default=True)
-@click.option("--xflip", help="Enable dataset x-flips", metavar="BOOL", type=bool, default=False, show_default=True)
+@click.option("--xflip", help="Also show every image mirrored (doubles the dataset)",
+              metavar="BOOL", type=bool, default=False, show_default=True)
 # Performance-related.
 @click.option("--fp16", help="Enable mixed-precision training (CUDA)", metavar="BOOL", type=bool, default=False,
               show_default=True)
 @click.option("--bf16", help="Run the U-Net in bfloat16", metavar="BOOL", type=bool, default=False, show_default=True)
-@click.option("--ls", help="Loss scaling", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=1,
+@click.option("--ls", help="Multiply the loss by this before backward (fp16)",
+              metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=1,
               show_default=True)
-@click.option("--sdpa", help="Fused attention (else the explicit einsum softmax)  [default: per device]", metavar="BOOL",
+@click.option("--sdpa", help="Fused attention (else the explicit einsum softmax)  [default: per device]",
+              metavar="BOOL",
               type=bool)
 @click.option("--channels-last", "channels_last", help="NHWC memory format  [default: per device]", metavar="BOOL",
               type=bool)
@@ -219,30 +231,36 @@ def shared_from_rank0(value):
 @click.option("--compile", "compile", help="torch.compile the network  [default: per device]", metavar="BOOL",
               type=bool)
 @click.option("--tf32", help="TF32 matmuls/convolutions on Ampere+ GPUs  [default: off]", metavar="BOOL", type=bool)
-@click.option("--retain-memory", "retain_memory", help="Keep freed host memory for reuse (glibc)  [default: per device]",
+@click.option("--retain-memory", "retain_memory",
+              help="Keep freed host memory for reuse (glibc)  [default: per device]",
               metavar="BOOL", type=bool)
-@click.option("--bench", help="Enable cuDNN benchmarking", metavar="BOOL", type=bool, default=True, show_default=True)
-@click.option("--cache", help="Cache dataset in CPU memory", metavar="BOOL", type=bool, default=True,
+@click.option("--bench", help="Let cuDNN time its convolution algorithms",
+              metavar="BOOL", type=bool, default=True, show_default=True)
+@click.option("--cache", help="Keep decoded images in memory after first use", metavar="BOOL", type=bool, default=True,
               show_default=True)
 @click.option("--workers", help="DataLoader worker processes (0 = load in the training process)", metavar="INT",
               type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--device", help="cuda, cuda:N or cpu  [default: CUDA if available]", metavar="DEV", type=str)
 # I/O-related.
-@click.option("--desc", help="String to include in result dir name", metavar="STR", type=str)
-@click.option("--nosubdir", help="Do not create a subdirectory for results", is_flag=True)
-@click.option("--tick", help="How often to print progress", metavar="KIMG", type=click.FloatRange(min=0, min_open=True),
+@click.option("--desc", help="Extra text for the run directory's name", metavar="STR", type=str)
+@click.option("--nosubdir", help="Write straight into --outdir, no NNNNN-... subfolder", is_flag=True)
+@click.option("--tick", help="Print a status line every this many thousand images",
+              metavar="KIMG", type=click.FloatRange(min=0, min_open=True),
               default=50, show_default=True)
-@click.option("--snap", help="How often to save snapshots", metavar="TICKS", type=click.IntRange(min=1), default=50,
+@click.option("--snap", help="Write a network snapshot every this many ticks",
+              metavar="TICKS", type=click.IntRange(min=1), default=50,
               show_default=True)
-@click.option("--dump", help="How often to dump state", metavar="TICKS", type=click.IntRange(min=1), default=500,
+@click.option("--dump", help="Write a training state every this many ticks",
+              metavar="TICKS", type=click.IntRange(min=1), default=500,
               show_default=True)
 @click.option("--grid", help="Images in the sample grid saved with each snapshot, 0 = none", metavar="INT",
               type=click.IntRange(min=0), default=64, show_default=True)
-@click.option("--seed", help="Random seed  [default: random]", metavar="INT", type=int)
-@click.option("--transfer", help="Transfer learning from network pickle", metavar="PKL|URL", type=str)
+@click.option("--seed", help="Seed of the whole run  [default: drawn at random]", metavar="INT", type=int)
+@click.option("--transfer", help="Start from the weights of this network snapshot (new optimizer and counters)",
+              metavar="PKL|URL", type=str)
 @click.option("--resume", help="Resume from previous training state, or 'auto' for the newest in --outdir",
               metavar="PT|auto", type=str)
-@click.option("-n", "--dry-run", help="Print training options and exit", is_flag=True)
+@click.option("-n", "--dry-run", help="Show the resolved options and the run directory, train nothing", is_flag=True)
 def main(**kwargs):
     """Train diffusion-based generative models as in the EDM paper.
 
