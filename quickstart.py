@@ -138,10 +138,13 @@ def trained_kimg(run_dir: str) -> float:
 
 
 def newest(pattern: str) -> str:
-    paths = sorted(glob.glob(pattern))
+    """The file matching ``pattern`` that is furthest into training (by its kimg label)."""
+    from training.training_state import labelled_nimg
+
+    paths = [path for path in glob.glob(pattern) if labelled_nimg(path) is not None]
     if not paths:
         raise click.ClickException(f"expected a file matching {pattern}, found none")
-    return paths[-1]
+    return max(paths, key=labelled_nimg)
 
 
 @click.command()

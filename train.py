@@ -16,7 +16,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from dnnlib.util import atomic_write_bytes
 from training.training_loop import TrainingConfigError, check_network_fits_dataset, data_loader_kwargs, training_loop
-from training.training_state import STATE_PATTERN, StateFileError, newest_state_file, read_state_file
+from training.training_state import StateFileError, labelled_nimg, newest_state_file, read_state_file
 
 ARCHITECTURES = {
     "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
@@ -139,8 +139,7 @@ def pick_run_dir(opts: dnnlib.EasyDict, desc: str) -> tuple[str, str | None]:
                                                      if re.fullmatch(rf"\d+-{re.escape(desc)}", name)]
         states = [state for state in map(newest_state_file, candidates) if state is not None]
         if states:
-            newest = max(states, key=lambda p: (int(STATE_PATTERN.fullmatch(os.path.basename(p)).group(1)),
-                                                os.path.getmtime(p)))
+            newest = max(states, key=lambda p: (labelled_nimg(p), os.path.getmtime(p)))
             return os.path.dirname(newest), newest
     resume = opts.resume if opts.resume not in (None, "auto") else None
     if opts.nosubdir:

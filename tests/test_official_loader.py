@@ -106,7 +106,7 @@ def train_tiny_snapshot(outdir, data: str) -> str:
                                              "--augment=0.5", "--duration=0.000016"])
     assert result.exit_code == 0, result.output
     (run_dir,) = os.listdir(outdir)
-    return os.path.join(outdir, run_dir, "network-snapshot-000000.pkl")
+    return os.path.join(outdir, run_dir, "network-snapshot-000000.016.pkl")
 
 
 @pytest.fixture(scope="module")

@@ -311,7 +311,7 @@ def test_train_cli_fast_path_options_reach_the_loop(fashion_mnist_8_zip, tmp_pat
     assert run.exit_code == 0, run.output
     log = (tmp_path / "log.txt").read_text()
     assert "Fast paths: sdpa+channels_last+fused_adam+retain_memory+bf16\n" in log
-    ema = load_network_pkl(str(tmp_path / "network-snapshot-000000.pkl"))["ema"]
+    ema = load_network_pkl(str(tmp_path / "network-snapshot-000000.016.pkl"))["ema"]
     assert all(p.is_contiguous() for p in ema.parameters())
 
 

@@ -132,11 +132,15 @@ def test_resume_auto_continues_the_newest_run_in_place(fashion_mnist_8_zip, tmp_
     kimg = [s["Progress/kimg"]["mean"] for s in read_stats(os.path.join(tmp_path, run_dir))]
     assert kimg == pytest.approx([0.016, 0.032, 0.048, 0.064])
 
-    snapshot = os.path.join(tmp_path, run_dir, "network-snapshot-000000.pkl")
+    snapshots = sorted(f for f in os.listdir(os.path.join(tmp_path, run_dir)) if f.startswith("network-snapshot-"))
+    # Ticks of 0.016 kimg: the first tick's snapshot and both runs' final ones, none overwriting another.
+    assert snapshots == ["network-snapshot-000000.016.pkl", "network-snapshot-000000.032.pkl",
+                         "network-snapshot-000000.064.pkl"]
+    snapshot = os.path.join(tmp_path, run_dir, snapshots[-1])
     transfer = invoke(f"--outdir={tmp_path / 'transfer'}", f"--data={fashion_mnist_8_zip}", *TINY, "--workers=0",
                       "--duration=0.000016", f"--transfer={snapshot}")
     assert transfer.exit_code == 0, transfer.output
-    count = len(read_state_file(os.path.join(tmp_path, run_dir, "training-state-000000.pt"))["net"])
+    count = len(read_state_file(os.path.join(tmp_path, run_dir, "training-state-000000.064.pt"))["net"])
     assert f"Transferred {count} of {count} tensors" in transfer.output
 
 
@@ -165,15 +169,15 @@ def test_torchrun_two_processes_train_snapshot_and_resume(fashion_mnist_8_zip, t
     assert stats[0]["Loss/loss"]["num"] == 16 * 8 * 8  # Per pixel, over both processes.
     kimg = [s["Progress/kimg"]["mean"] for s in stats]
     assert kimg == sorted(kimg) and kimg[-1] == pytest.approx(0.128)
-    with open(os.path.join(run_dir, "network-snapshot-000000.pkl"), "rb") as f:
+    with open(os.path.join(run_dir, "network-snapshot-000000.128.pkl"), "rb") as f:
         snapshot = pickle.load(f)
     assert isinstance(snapshot["ema"], EDMPrecond) and isinstance(snapshot["augment_pipe"], AugmentPipe)
     assert snapshot["dataset_kwargs"]["path"] == fashion_mnist_8_zip and snapshot["ema"].label_dim == 10
-    state_file = os.path.join(run_dir, "training-state-000000.pt")
+    state_file = os.path.join(run_dir, "training-state-000000.128.pt")
     state = read_state_file(state_file)
     assert state["cur_nimg"] == 128 and state["world_size"] == 2 and len(state["rng_states"]) == 2
     assert os.path.isfile(os.path.join(run_dir, "log.txt"))
-    grid = PIL.Image.open(os.path.join(run_dir, "samples-000000.png"))
+    grid = PIL.Image.open(os.path.join(run_dir, "samples-000000.016.png"))
     assert grid.size == (16, 16) and grid.mode == "L"  # 4 grayscale 8x8 samples, 2x2.
     assert os.path.isfile(os.path.join(run_dir, "samples-data.png"))
 

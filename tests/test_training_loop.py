@@ -18,7 +18,8 @@ import torch
 from torch_utils.misc import InfiniteSampler
 from torch_utils.training_stats import StatsCollector
 from training.training_loop import batch_split, ema_beta, learning_rate, sanitize_gradients, training_loop
-from training.training_state import atomic_torch_save, newest_state_file, read_state_file
+from training.training_state import (atomic_torch_save, kimg_label, labelled_nimg, newest_state_file,
+                                     read_state_file)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUGMENT = dict(class_name="training.augment.AugmentPipe", p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
@@ -162,6 +163,14 @@ def test_state_writes_are_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["training-state-000001.pt"]
 
 
+def test_file_labels_are_whole_kimg_as_officially_else_unique_per_image_count():
+    assert [kimg_label(n) for n in (0, 71_000, 224, 1_000_224)] == ["000000", "000071", "000000.224", "001000.224"]
+    assert len({kimg_label(n) for n in range(0, 5000, 8)}) == 625  # Ticks of 8 images never share a name.
+    assert labelled_nimg("network-snapshot-000000.224.pkl") == 224
+    assert labelled_nimg("/runs/x/training-state-000071.pt") == 71_000
+    assert labelled_nimg("samples-001000.224.png") == 1_000_224 and labelled_nimg("samples-data.png") is None
+
+
 # ----------------------------------------------------------------------------
 # Whole runs, in this process.
 
@@ -188,7 +197,13 @@ def test_resumed_run_reaches_the_same_weights_bit_exactly(fashion_mnist_16_zip, 
     assert not torch.equal(a["net"]["model.enc.16x16_conv.weight"],
                            read_state_file(state_file)["net"]["model.enc.16x16_conv.weight"])
 
-    assert {"samples-data.png", "samples-000000.png"} <= set(os.listdir(straight["run_dir"]))
+    # Ticks of 0.032 kimg: every snapshot, grid and state keeps its own file (named to the image).
+    kimgs = ["000000.016", "000000.080", "000000.128"]
+    files = set(os.listdir(straight["run_dir"]))
+    assert {f"network-snapshot-{k}.pkl" for k in kimgs} | {f"samples-{k}.png" for k in kimgs} <= files
+    assert sorted(f for f in files if f.startswith("training-state-")) == [
+        "training-state-000000.080.pt", "training-state-000000.128.pt"]
+    assert "samples-data.png" in files
     assert "samples-data.png" not in os.listdir(second["run_dir"])  # Only a fresh run shows the data.
     stats = [json.loads(line) for line in open(os.path.join(second["run_dir"], "stats.jsonl"))]
     assert stats[0]["Progress/kimg"]["mean"] == pytest.approx(0.080)  # Continues the count.
@@ -241,8 +256,8 @@ def test_time_limit_ends_the_run_with_a_final_snapshot(fashion_mnist_16_zip, tmp
     config = tiny_config(fashion_mnist_16_zip, str(tmp_path), total_kimg=10, max_minutes=1e-6)
     state = training_loop(**config)
     assert state.cur_nimg == 16  # The deadline had passed by the first step: one step, then the end.
-    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("network-snapshot-"))[-1] == \
-        "network-snapshot-000000.pkl"  # The final snapshot, at 0.016 kimg.
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("network-snapshot-")) == [
+        "network-snapshot-000000.016.pkl"]  # The final snapshot, at 0.016 kimg.
     out = capsys.readouterr().out
     assert "Time limit of 1e-06 min reached at 0.016 kimg" in out and "Done: 0.016 kimg" in out
 
@@ -294,4 +309,5 @@ def test_time_limit_stops_every_process_at_the_same_step(fashion_mnist_16_zip, t
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     assert "Time limit of 1e-06 min reached at 0.032 kimg" in result.stdout  # Step 1 late, agreed at step 2.
     snapshots = sorted(f for f in os.listdir(tmp_path) if f.startswith("network-snapshot-"))
-    assert snapshots == ["network-snapshot-000000.pkl"] and os.path.exists(tmp_path / "final-net.pt")
+    assert snapshots == ["network-snapshot-000000.016.pkl", "network-snapshot-000000.032.pkl"]  # First tick, end.
+    assert os.path.exists(tmp_path / "final-net.pt")

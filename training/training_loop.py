@@ -30,7 +30,8 @@ from training.checkpoint import save_network_pkl
 from training.perf import FastPaths, adam_kwargs, apply_process_settings, as_memory_format, default_fast_paths, \
     maybe_compile, prepare_network
 from training.progress import RunLog, format_time, save_image_grid
-from training.training_state import TrainingState, capture_rng_state, restore_rank_rng, restore_rng_state
+from training.training_state import (TrainingState, capture_rng_state, kimg_label, restore_rank_rng,
+                                     restore_rng_state)
 
 
 class TrainingConfigError(ValueError):
@@ -356,15 +357,15 @@ def report_progress(run: Run, tick: Tick) -> None:
 
 
 def save_snapshot(run: Run) -> str:
-    """``network-snapshot-KKKKKK.pkl`` in the official format, plus a sample grid from the EMA."""
-    kimg = run.state.cur_nimg // 1000
-    path = os.path.join(run.run_dir, f"network-snapshot-{kimg:06d}.pkl")
+    """``network-snapshot-KKKKKK.pkl`` in the official format (see ``kimg_label``), plus a sample grid from the EMA."""
+    kimg = kimg_label(run.state.cur_nimg)
+    path = os.path.join(run.run_dir, f"network-snapshot-{kimg}.pkl")
     if dist.is_main():
         ema = clone_module(run.state.ema, device="cpu").eval().requires_grad_(False)
         save_network_pkl(path, dict(ema=ema, loss_fn=run.loss_fn, augment_pipe=run.augment_pipe,
                                     dataset_kwargs=run.dataset_kwargs))
         if run.options["grid_images"]:
-            save_sample_grid(run, os.path.join(run.run_dir, f"samples-{kimg:06d}.png"))
+            save_sample_grid(run, os.path.join(run.run_dir, f"samples-{kimg}.png"))
     return path
 
 
@@ -391,7 +392,7 @@ def save_sample_grid(run: Run, path: str) -> None:
 
 
 def save_state(run: Run) -> str:
-    path = os.path.join(run.run_dir, f"training-state-{run.state.cur_nimg // 1000:06d}.pt")
+    path = os.path.join(run.run_dir, f"training-state-{kimg_label(run.state.cur_nimg)}.pt")
     run.state.save(path, run.device)
     return path
 

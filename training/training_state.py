@@ -26,7 +26,22 @@ from torch_utils import distributed as dist
 
 FORMAT = "edm-training-state"
 VERSION = 1
-STATE_PATTERN = re.compile(r"training-state-(\d+)\.pt")
+STATE_PATTERN = re.compile(r"training-state-(\d+)(?:\.(\d{3}))?\.pt")
+_KIMG_LABEL = re.compile(r"-(\d{6,})(?:\.(\d{3}))?\.[a-z]+")
+
+
+def kimg_label(nimg: int) -> str:
+    """How snapshot, sample-grid and state files name a point of training: a whole kimg as six digits, the
+    official 'KKKKKK'; otherwise the images past it as three decimals ('000000.224' is 0.224 kimg), so that
+    fractional ticks never overwrite each other's files."""
+    whole, rest = divmod(int(nimg), 1000)
+    return f"{whole:06d}" if rest == 0 else f"{whole:06d}.{rest:03d}"
+
+
+def labelled_nimg(path: str) -> int | None:
+    """The image count a file's ``kimg_label`` names (``network-snapshot-000000.224.pkl`` -> 224), or None."""
+    match = _KIMG_LABEL.search(os.path.basename(path))
+    return None if match is None else int(match.group(1)) * 1000 + int(match.group(2) or 0)
 
 
 class StateFileError(ValueError):
@@ -162,10 +177,9 @@ def atomic_torch_save(obj: Any, path: str) -> None:
 
 
 def newest_state_file(run_dir: str) -> str | None:
-    """The training-state file with the highest kimg in ``run_dir`` (ties: the most recently written)."""
+    """The training-state file with the most images in ``run_dir`` (ties: the most recently written)."""
     candidates = [p for p in glob.glob(os.path.join(run_dir, "training-state-*.pt"))
                   if STATE_PATTERN.fullmatch(os.path.basename(p))]
     if not candidates:
         return None
-    return max(candidates, key=lambda p: (int(STATE_PATTERN.fullmatch(os.path.basename(p)).group(1)),
-                                          os.path.getmtime(p)))
+    return max(candidates, key=lambda p: (labelled_nimg(p), os.path.getmtime(p)))
