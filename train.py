@@ -268,9 +268,10 @@ def main(**kwargs):
     torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
         --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
     \b
-    # Smoke test on a laptop CPU
-    python train.py --outdir=runs --data=datasets/fashion-mnist-32x32.zip --cbase=16 --cres=1,2 \\
-        --batch=16 --duration=0.001 --tick=0.2
+    # A few minutes on a laptop CPU (dataset_tool.py makes the ZIP from data/fashion-mnist/)
+    python train.py --outdir=training-runs --data=datasets/fashion-mnist-t10k-32x32.zip --cond=1 \\
+        --cbase=32 --cres=1,2,2 --batch=32 --lr=1e-3 --lr-rampup=1 --dropout=0 --augment=0 \\
+        --duration=0.01 --tick=1 --snap=5 --grid=16
     """
     try:
         train(dnnlib.EasyDict(kwargs))
@@ -280,6 +281,16 @@ def main(**kwargs):
         raise e if isinstance(e, click.ClickException) else click.ClickException(str(e)) from None
     finally:
         dist.shutdown()
+
+
+def config_warnings(c: dnnlib.EasyDict) -> list[str]:
+    """Settings that run but defeat the run's purpose."""
+    warnings = []
+    if c.total_kimg < c.lr_rampup_kimg:
+        reached = c.total_kimg / c.lr_rampup_kimg
+        warnings.append(f"the run ends at {c.total_kimg:g} kimg, during the {c.lr_rampup_kimg:g}-kimg learning-rate "
+                        f"ramp-up: the learning rate only reaches {reached:.2g} x --lr; shorten it with --lr-rampup")
+    return warnings
 
 
 def train(opts: dnnlib.EasyDict) -> None:
@@ -306,6 +317,8 @@ def train(opts: dnnlib.EasyDict) -> None:
 
     dist.print0(json.dumps(c, indent=2))
     dist.print0(f"Output directory: {run_dir}" + (f" (resuming {resume})" if resume else ""))
+    for warning in config_warnings(c):
+        dist.print0(f"Warning: {warning}")
     if opts.dry_run:
         dist.print0("Dry run; exiting.")
         return

@@ -111,6 +111,17 @@ def test_dry_run_prints_the_official_config_and_run_dir(fashion_mnist_8_zip, tmp
     assert "max_minutes" not in config  # No time limit unless asked for.
 
 
+def test_a_run_that_ends_inside_its_learning_rate_ramp_up_is_warned_about(fashion_mnist_8_zip, tmp_path):
+    """10 kimg against the official 10,000-kimg ramp-up: the learning rate ends at 10/10000 of --lr."""
+    common = [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--duration=0.01", "--dry-run"]
+    warned = invoke(*common)
+    assert warned.exit_code == 0, warned.output
+    assert ("Warning: the run ends at 10 kimg, during the 10000-kimg learning-rate ramp-up: the learning rate only "
+            "reaches 0.001 x --lr") in warned.output
+    quiet = invoke(*common, "--lr-rampup=1")
+    assert quiet.exit_code == 0 and "Warning" not in quiet.output
+
+
 def test_blocks_and_attention_resolutions(fashion_mnist_8_zip, tmp_path):
     result = invoke(f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--cbase=16", "--cres=1,2",
                     "--blocks=2", "--attn=4", "--max-minutes=8.5", "--dry-run")
