@@ -268,10 +268,10 @@ def main(**kwargs):
     torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
         --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp
     \b
-    # A few minutes on a laptop CPU (dataset_tool.py makes the ZIP from data/fashion-mnist/)
+    # About five minutes on two CPU cores (dataset_tool.py makes the ZIP from data/fashion-mnist/)
     python train.py --outdir=training-runs --data=datasets/fashion-mnist-t10k-32x32.zip --cond=1 \\
         --cbase=32 --cres=1,2,2 --batch=32 --lr=1e-3 --lr-rampup=1 --dropout=0 --augment=0 \\
-        --duration=0.01 --tick=1 --snap=5 --grid=16
+        --duration=0.005 --tick=1 --snap=5 --grid=16
     """
     try:
         train(dnnlib.EasyDict(kwargs))
