@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import sys
 import zipfile
@@ -15,6 +16,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from dnnlib.util import atomic_write_bytes
+from training.checkpoint import load_network_pkl
 from training.training_loop import TrainingConfigError, check_network_fits_dataset, data_loader_kwargs, training_loop
 from training.training_state import StateFileError, labelled_nimg, newest_state_file, read_state_file
 
@@ -283,6 +285,17 @@ def main(**kwargs):
         dist.shutdown()
 
 
+def check_transfer_file(path: str) -> None:
+    """Open the --transfer network before anything is written, so that a missing, foreign or unsafe file is one
+    error line and leaves no run directory behind (the training loop opens it again to copy its tensors)."""
+    try:
+        load_network_pkl(path)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason
+        raise click.ClickException(f"--transfer={path}: {reason}") from None
+
+
 def config_warnings(c: dnnlib.EasyDict) -> list[str]:
     """Settings that run but defeat the run's purpose."""
     warnings = []
@@ -304,6 +317,8 @@ def train(opts: dnnlib.EasyDict) -> None:
         raise click.ClickException("--fp16 and --bf16 cannot be used together")
     if opts.resume not in (None, "auto"):
         read_state_file(opts.resume)  # Fails early, with the reason, on a missing or foreign file.
+    if opts.transfer is not None:
+        check_transfer_file(opts.transfer)
 
     dataset_obj = open_dataset(opts)
     c = build_config(opts, dataset_obj)

@@ -82,6 +82,21 @@ def test_unreadable_resume_file(fashion_mnist_8_zip, tmp_path):
     assert_one_error_line(result, "training-state-000001.pt", "unreadable")
 
 
+def test_missing_or_hostile_transfer_file_is_one_line_and_writes_nothing(fashion_mnist_8_zip, tmp_path):
+    class Hostile:
+        def __reduce__(self):
+            return os.system, ("echo this must never run",)
+
+    hostile = tmp_path / "hostile.pkl"
+    hostile.write_bytes(pickle.dumps(dict(ema=Hostile())))
+    outdir = tmp_path / "runs"
+    missing = invoke(f"--outdir={outdir}", f"--data={fashion_mnist_8_zip}", *TINY, f"--transfer={tmp_path / 'no.pkl'}")
+    assert_one_error_line(missing, "--transfer=", "no.pkl: no such file")
+    refused = invoke(f"--outdir={outdir}", f"--data={fashion_mnist_8_zip}", *TINY, f"--transfer={hostile}")
+    assert_one_error_line(refused, "--transfer=", "refusing to load", "system")
+    assert not outdir.exists()  # No run directory, no run number used up.
+
+
 def test_transfer_and_resume_together(fashion_mnist_8_zip, tmp_path):
     result = invoke(f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--transfer=a.pkl", "--resume=auto")
     assert_one_error_line(result, "--transfer and --resume")
