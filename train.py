@@ -17,6 +17,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from dnnlib.util import atomic_write_bytes
 from training.checkpoint import load_network_pkl
+from training.perf import check_precision
 from training.training_loop import TrainingConfigError, check_network_fits_dataset, data_loader_kwargs, training_loop
 from training.training_state import StateFileError, labelled_nimg, newest_state_file, read_state_file
 
@@ -315,6 +316,11 @@ def train(opts: dnnlib.EasyDict) -> None:
         raise click.ClickException("--transfer and --resume cannot be used together")
     if opts.fp16 and opts.bf16:
         raise click.ClickException("--fp16 and --bf16 cannot be used together")
+    if opts.fp16:
+        try:
+            check_precision("fp16", dist.get_device())
+        except ValueError as e:
+            raise click.ClickException(f"--fp16=1: {e}") from None
     if opts.resume not in (None, "auto"):
         read_state_file(opts.resume)  # Fails early, with the reason, on a missing or foreign file.
     if opts.transfer is not None:

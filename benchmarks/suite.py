@@ -52,8 +52,8 @@ from training.dataset import DATASET_JSON
 from training.dataset_tool_lib import DatasetWriter, archive_name, encode_png
 from training.loss import EDMLoss
 from training.networks import EDMPrecond
-from training.perf import FastPaths, apply_process_settings, as_memory_format, maybe_compile, parse_variant, \
-    prepare_network, process_settings
+from training.perf import FastPaths, apply_process_settings, as_memory_format, check_precision, maybe_compile, \
+    parse_variant, prepare_network, process_settings
 from training.sampling import generate_images
 from training.training_loop import build_optimizer, ema_beta, sanitize_gradients, update_ema
 
@@ -437,8 +437,10 @@ def run_benchmark(variants: list[str], settings: Settings, progress: Callable[[s
     device = torch.device(settings.device)
     for variant in variants:  # Fail on a bad name before any work.
         fast = parse_variant(variant, device)
-        if fast.precision == "fp16" and device.type != "cuda":
-            raise ValueError(f"variant '{variant}': fp16 runs on CUDA only (Precond.use_fp16, as the official)")
+        try:
+            check_precision(fast.precision, device)
+        except ValueError as e:
+            raise ValueError(f"variant '{variant}': {e}") from None
 
     if settings.data is not None and not os.path.exists(settings.data):
         raise ValueError(f"data '{settings.data}': no such dataset ZIP or folder (make one with dataset_tool.py)")

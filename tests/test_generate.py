@@ -80,6 +80,14 @@ def test_bad_options_get_one_clear_line(network_pkl, tmp_path, args, message):
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
+def test_fp16_on_a_cpu_is_refused_not_silently_float32(network_pkl, tmp_path):
+    result = _run("--network", network_pkl, "--outdir", str(tmp_path / "out"), "--seeds", "0", "--device", "cpu",
+                  "--precision", "fp16")
+    assert result.exit_code != 0
+    assert "--precision=fp16: fp16 runs only on CUDA devices, and this run is on cpu" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_nothing_to_write_is_an_error(network_pkl):
     result = _run("--network", network_pkl)
     assert result.exit_code != 0 and "give --outdir and/or --grid" in result.output

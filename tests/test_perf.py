@@ -270,7 +270,7 @@ def test_benchmark_cli_writes_table_and_json(tmp_path, single_thread, fashion_mn
     assert "Data loader: " in result.output and "the fastest training step above" in result.output
     assert report["nfe"] == 3 and "| reference+tf32 |" in result.output
     bad = CliRunner().invoke(main, ["--device=cpu", "--config=tiny", "--variants=default+fp16", "--measure=forward"])
-    assert bad.exit_code != 0 and "fp16 runs on CUDA only" in bad.output
+    assert bad.exit_code != 0 and "fp16 runs only on CUDA devices" in bad.output
     missing = CliRunner().invoke(main, ["--device=cpu", "--config=tiny", "--measure=data", f"--data={tmp_path}/no.zip"])
     assert missing.exit_code != 0 and "no.zip': no such dataset ZIP or folder" in missing.output
 

@@ -97,6 +97,13 @@ def test_missing_or_hostile_transfer_file_is_one_line_and_writes_nothing(fashion
     assert not outdir.exists()  # No run directory, no run number used up.
 
 
+def test_fp16_on_a_cpu_is_refused_not_silently_float32(fashion_mnist_8_zip, tmp_path):
+    result = invoke(f"--outdir={tmp_path / 'runs'}", f"--data={fashion_mnist_8_zip}", *TINY, "--device=cpu",
+                    "--fp16=1")
+    assert_one_error_line(result, "--fp16=1: fp16 runs only on CUDA devices", "use bf16")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_transfer_and_resume_together(fashion_mnist_8_zip, tmp_path):
     result = invoke(f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--transfer=a.pkl", "--resume=auto")
     assert_one_error_line(result, "--transfer and --resume")

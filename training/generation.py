@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 import dnnlib
 from torch_utils import distributed
 from training.checkpoint import load_network
-from training.perf import apply_process_settings, default_fast_paths, maybe_compile, prepare_network
+from training.perf import (apply_process_settings, check_precision, default_fast_paths, maybe_compile,
+                           prepare_network)
 from training.sampling import ABLATION_OPTIONS, generate_images
 
 
@@ -132,6 +133,10 @@ def generate_to_files(options: GenerateOptions) -> dict:
         device = distributed.init(options.device)
     except RuntimeError as e:
         raise ValueError(str(e)) from None
+    try:
+        check_precision(options.precision, device)
+    except ValueError as e:
+        raise ValueError(f"--precision={options.precision}: {e}") from None
     net = _load_network_once_per_node(options.network, device)
     check_network_options(net, options)
     net = prepare_for_sampling(net, options, device)

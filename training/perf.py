@@ -80,6 +80,14 @@ def default_fast_paths(device: torch.device | str) -> FastPaths:
     return FastPaths(sdpa=True, channels_last=False, fused_adam=True, compile=False, retain_memory=True)
 
 
+def check_precision(precision: str, device: torch.device | str) -> None:
+    """fp16 runs the U-Net in float16 only on CUDA devices (as the official code; PyTorch's CPU float16
+    convolutions are slow); asked for elsewhere, refuse instead of silently running float32."""
+    device_type = torch.device(device).type
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError(f"fp16 runs only on CUDA devices, and this run is on {device_type}: use bf16 (or fp32) there")
+
+
 def parse_variant(spec: str, device: torch.device | str) -> FastPaths:
     """'reference', 'default', or either followed by '+flag' parts: e.g. 'default+bf16', 'reference+sdpa',
     'channels_last+compile' (a bare flag list starts from the reference). 'no_<flag>' switches one off."""
