@@ -224,3 +224,35 @@ def test_load_from_url_is_cached(tmp_path, monkeypatch):
         assert torch.equal(_outputs(load_network(url)), _outputs(net))
     finally:
         server.shutdown()
+
+
+def test_readme_python_example_runs_as_written_on_this_device(tmp_path, monkeypatch):
+    """The README's 'From Python' block, verbatim: the bare pretrained name becomes its official URL (served here
+    from a local stand-in network) and the device is whatever this machine has."""
+    import re
+
+    import dnnlib
+    from conftest import REPO_ROOT
+    from training.checkpoint import PRETRAINED_URL, resolve_network_path
+
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        readme = f.read()
+    block = re.search(r"From Python, the same images:\n\n```python\n(.*?)```", readme, re.S).group(1)
+    stand_in = str(tmp_path / "stand-in.pkl")
+    save_network_pkl(stand_in, dict(ema=make_tiny_net(label_dim=10, resolution=32), loss_fn=None, augment_pipe=None,
+                                    dataset_kwargs={}))
+    requested = []
+
+    def serve_locally(url, return_filename=False, **kwargs):
+        requested.append(url)
+        return stand_in if return_filename else open(stand_in, "rb")
+
+    monkeypatch.setattr(dnnlib.util, "open_url", serve_locally)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert requested == [PRETRAINED_URL + "edm-cifar10-32x32-cond-vp.pkl"]
+    assert namespace["images"].shape == (16, 3, 32, 32) and namespace["images"].dtype == torch.uint8
+    assert resolve_network_path("baseline-cifar10-32x32-uncond-vp.pkl") == \
+        PRETRAINED_URL + "baseline/baseline-cifar10-32x32-uncond-vp.pkl"
+    assert resolve_network_path(stand_in) == stand_in and resolve_network_path("my-net.pkl") == "my-net.pkl"

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pickle
+import re
 import warnings
 from typing import Any, BinaryIO, Callable
 
@@ -160,14 +161,29 @@ def _file_kind(head: bytes) -> str:
     return "unknown"
 
 
+PRETRAINED_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+_PRETRAINED_NAME = re.compile(r"(?:baseline/)?(?:edm|baseline)-[a-z0-9]+-\d+x\d+-(?:cond|uncond)-(?:vp|ve|adm)\.pkl")
+
+
+def resolve_network_path(path_or_url: str) -> str:
+    """A local file or URL as given; the bare name of an official pretrained network that is not a local file
+    (``edm-cifar10-32x32-cond-vp.pkl``, ``baseline-cifar10-32x32-uncond-vp.pkl``) as its official URL."""
+    if os.path.exists(path_or_url) or dnnlib.util.is_url(path_or_url) or not _PRETRAINED_NAME.fullmatch(path_or_url):
+        return path_or_url
+    name = path_or_url
+    if name.startswith("baseline-"):
+        name = f"baseline/{name}"
+    return PRETRAINED_URL + name
+
+
 def load_network_pkl(path_or_url: str, device: torch.device | str | None = None) -> dict:
     """Load a snapshot dict ``{'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}`` from a network pickle
-    (ours or the official release's) or a safetensors export, given a path or an http(s) URL (downloaded
-    once to a cache, see ``dnnlib.util.open_url``). Modules are moved to ``device`` (default: left on the CPU).
+    (ours or the official release's) or a safetensors export, given a path, an http(s) URL (downloaded
+    once to a cache, see ``dnnlib.util.open_url``) or the bare name of an official pretrained network. Modules are moved to ``device`` (default: left on the CPU).
 
     Safe by design: nothing in the file is executed (see :class:`SafeUnpickler`).
     """
-    filename = dnnlib.util.open_url(path_or_url, return_filename=True)
+    filename = dnnlib.util.open_url(resolve_network_path(path_or_url), return_filename=True)
     with open(filename, "rb") as f:
         kind = _file_kind(f.read(16))
         f.seek(0)
