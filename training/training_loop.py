@@ -299,7 +299,8 @@ class Tick:
     start_nimg: int
     start_time: float
     maintenance_sec: float               # Time spent between the previous tick's end and this tick's start.
-    first: bool = False                  # The first tick of a launch ends after one step (as the official).
+    first: bool = False                  # Tick 0 of a run ends after one step (as the official); a resumed run
+                                         # continues the tick schedule instead.
 
 
 # The status line: (label, stat name, format of the shown value) per field, in the order shown. Each field is
@@ -515,7 +516,7 @@ def training_loop(
                   f"({dist.get_world_size()} processes on {run.device.type}, batch {batch_size} = "
                   f"{run.batch_gpu} x {run.accumulation_rounds} rounds x {dist.get_world_size()})")
     tick = Tick(start_nimg=state.cur_nimg, start_time=time.time(), maintenance_sec=time.time() - start_time,
-                first=True)
+                first=state.cur_tick == 0)
     try:
         while True:
             train_step(run)
