@@ -80,6 +80,20 @@ def test_bad_options_get_one_clear_line(network_pkl, tmp_path, args, message):
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
+def test_progress_counts_every_process_share():
+    """Under torchrun the main process's bar advances by whole rounds: over all rounds it counts every seed once,
+    and each process's batches are exactly its share."""
+    from training.generation import sampling_rounds, seed_batches
+
+    seeds = list(range(1003))
+    for world_size in (1, 2, 3, 8):
+        rounds = sampling_rounds(seeds, max_batch_size=64, world_size=world_size)
+        assert all(len(round_batches) == world_size for round_batches in rounds)
+        assert sum(len(batch) for round_batches in rounds for batch in round_batches) == len(seeds)
+        for rank in range(world_size):
+            assert [r[rank] for r in rounds] == seed_batches(seeds, 64, world_size)[rank::world_size]
+
+
 def test_fp16_on_a_cpu_is_refused_not_silently_float32(network_pkl, tmp_path):
     result = _run("--network", network_pkl, "--outdir", str(tmp_path / "out"), "--seeds", "0", "--device", "cpu",
                   "--precision", "fp16")
@@ -119,6 +133,8 @@ def test_two_processes_write_the_same_files_as_one(network_pkl, tmp_path):
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout and result.stdout.count("Generated 5 images") == 1
+    bar = [part for part in re.split(r"[\r\n]", result.stderr) if part.startswith("Generating")]
+    assert bar and "5/5" in bar[-1]  # The main process's bar counts both processes' images.
     expected = generate_images(make_tiny_net(label_dim=4), seeds, **SAMPLER_KWARGS)
     for seed, image in zip(seeds, expected):
         assert torch.equal(_read_png(tmp_path / "out" / f"{seed:06d}.png"), image)

@@ -96,6 +96,14 @@ def _load_network_once_per_node(network: str, device: torch.device) -> torch.nn.
     return net
 
 
+def sampling_rounds(seeds: list[int], max_batch_size: int, world_size: int) -> list[list[list[int]]]:
+    """``seed_batches`` grouped into rounds: in round i, process r samples batch r of the round. After its own
+    batch of a round the main process counts the whole round's images, so its progress bar shows all processes'
+    progress (the processes move in step, each with a nearly equal batch)."""
+    batches = seed_batches(seeds, max_batch_size, world_size)
+    return [batches[i:i + world_size] for i in range(0, len(batches), world_size)]
+
+
 def check_options(options: GenerateOptions) -> None:
     """Raise ValueError naming the option for inputs that cannot work, before any work starts."""
     if not options.outdir and not options.grid:
@@ -142,19 +150,22 @@ def generate_to_files(options: GenerateOptions) -> dict:
     net = prepare_for_sampling(net, options, device)
     sampler_kwargs = {k: v for k, v in options.sampler_kwargs.items() if v is not None}
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    my_batches = [b for b in seed_batches(options.seeds, options.max_batch_size, world_size)[rank::world_size] if b]
+    rounds = sampling_rounds(options.seeds, options.max_batch_size, world_size)
 
     start = time.time()
     kept = []  # (seeds, images) for the grid
-    with tqdm(total=sum(map(len, my_batches)), unit="img", desc="Generating", disable=not distributed.is_main()) as bar:
-        for batch in my_batches:
+    with tqdm(total=len(options.seeds), unit="img", desc="Generating", disable=not distributed.is_main()) as bar:
+        for round_batches in rounds:
+            batch = round_batches[rank]
+            if not batch:
+                continue
             images = generate_images(net, batch, class_idx=options.class_idx, device=device, **sampler_kwargs).cpu()
             if options.outdir:
                 for seed, image in zip(batch, images):
                     save_png(image_path(options.outdir, seed, options.subdirs), image)
             if options.grid:
                 kept.append((batch, images))
-            bar.update(len(batch))
+            bar.update(sum(map(len, round_batches)))
     if options.grid:
         by_seed = {}
         for part in _all_gather_objects(kept):
