@@ -20,6 +20,31 @@ class RecordingZeroNet(torch.nn.Module):
         return torch.zeros_like(x)
 
 
+# Table 1's loss weights, written out independently of training/loss.py.
+TABLE1_WEIGHT = {
+    "VPLoss": lambda sigma: 1 / sigma ** 2,
+    "VELoss": lambda sigma: 1 / sigma ** 2,
+    "EDMLoss": lambda sigma: (sigma ** 2 + 0.5 ** 2) / (sigma * 0.5) ** 2,
+}
+
+
+@pytest.mark.parametrize("loss_fn", [VPLoss(), VELoss(), EDMLoss()], ids=lambda f: type(f).__name__)
+def test_weights_are_table_1(loss_fn):
+    sigma = torch.logspace(-3, 2, 41, dtype=torch.float64)
+    torch.testing.assert_close(loss_fn.weight(sigma), TABLE1_WEIGHT[type(loss_fn).__name__](sigma), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("loss_fn", [VPLoss(), VELoss(), EDMLoss()], ids=lambda f: type(f).__name__)
+def test_noise_added_to_each_image_has_std_sigma(loss_fn):
+    """n = (noisy input - y) is zero-mean Gaussian with std sigma for each image, whatever sigma it drew."""
+    torch.manual_seed(1)
+    net = RecordingZeroNet()
+    images = torch.rand(8, 3, 64, 64) * 2 - 1
+    loss_fn(net=net, images=images)
+    unit = ((net.x - images) / net.sigma).double().flatten(1)  # [8, 12288], should be N(0, 1) per image
+    assert unit.std(dim=1).sub(1).abs().max() < 0.03 and unit.mean(dim=1).abs().max() < 0.03
+
+
 def test_edm_effective_weight_is_one():
     """Eq. 8: lambda(sigma) c_out(sigma)^2 = 1 for EDM at every sigma."""
     loss = EDMLoss()
@@ -49,8 +74,10 @@ def test_ve_sigma_is_log_uniform():
 
 def test_vp_sigma_follows_uniform_t():
     torch.manual_seed(0)
-    sigma = VPLoss().sample_sigma([200_000, 1, 1, 1], torch.device("cpu"))
-    t = vp_sigma_inv(sigma.double(), 19.9, 0.1)
+    sigma = VPLoss().sample_sigma([200_000, 1, 1, 1], torch.device("cpu")).double()
+    # Table 1's VP sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), inverted here by the quadratic formula.
+    t = ((0.1 ** 2 + 2 * 19.9 * (sigma ** 2 + 1).log()).sqrt() - 0.1) / 19.9
+    torch.testing.assert_close(t, vp_sigma_inv(sigma, 19.9, 0.1))
     assert t.min() >= 1e-5 - 1e-6 and t.max() <= 1 + 1e-6
     assert t.mean().item() == pytest.approx((1 + 1e-5) / 2, abs=0.01)
 
@@ -64,7 +91,7 @@ def test_loss_is_weighted_squared_error(loss_fn):
     labels = torch.eye(10)[:6]
     loss = loss_fn(net=net, images=images, labels=labels)
     assert loss.shape == images.shape
-    torch.testing.assert_close(loss, loss_fn.weight(net.sigma) * images ** 2)
+    torch.testing.assert_close(loss, TABLE1_WEIGHT[type(loss_fn).__name__](net.sigma) * images ** 2)
     assert net.class_labels is labels and net.kwargs == {"augment_labels": None}
     assert net.sigma.shape == (6, 1, 1, 1)
 
