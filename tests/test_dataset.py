@@ -115,6 +115,24 @@ def test_cache_returns_same_pixels(tmp_path):
     np.testing.assert_array_equal(ds[2][0], first[:, :, ::-1])
 
 
+@pytest.mark.parametrize("max_size", [None, 5])
+def test_cached_pixels_are_the_written_images_with_subsets_and_flips(tmp_path, max_size):
+    """Every item, read twice (the second time from the cache), is the image that was written for its raw index
+    (mirrored for the flipped copies), also when max_size picks a subset out of order."""
+    images = random_images(9)
+    write_dataset(str(tmp_path), images, list(range(9)))
+    ds = ImageFolderDataset(str(tmp_path), use_labels=True, cache=True, xflip=True, max_size=max_size,
+                            random_seed=3)
+    for _ in range(2):
+        for idx in range(len(ds)):
+            image, label = ds[idx]
+            raw_idx = int(label.argmax())  # Image i was written with label i.
+            assert ds.get_details(idx)["raw_idx"] == raw_idx
+            expected = images[raw_idx].transpose(2, 0, 1)
+            np.testing.assert_array_equal(image, expected[:, :, ::-1] if idx >= len(ds) // 2 else expected)
+    assert len(ds) == 2 * (max_size or 9)
+
+
 def test_zip_dataset_in_dataloader_workers_and_pickle(tmp_path):
     images = random_images(12)
     path = str(tmp_path / "ds.zip")
