@@ -249,11 +249,19 @@ def test_gradient_accumulation_matches_one_full_batch(one_process_reference, fas
 def test_sigterm_saves_a_state_and_stops_cleanly(fashion_mnist_16_zip, tmp_path, single_thread, capsys):
     config = tiny_config(fashion_mnist_16_zip, str(tmp_path), total_kimg=10, state_dump_ticks=None,
                          loss_kwargs=dict(class_name="distributed_worker.SigtermAtCall", at=3))
-    state = training_loop(**config)
+
+    def previous_handler(signum, frame):
+        raise AssertionError("the loop's own handler must take SIGTERM while it runs")
+
+    original = signal.signal(signal.SIGTERM, previous_handler)
+    try:
+        state = training_loop(**config)
+        assert signal.getsignal(signal.SIGTERM) is previous_handler  # Exactly the handler from before the loop.
+    finally:
+        signal.signal(signal.SIGTERM, original)
     assert state.cur_nimg == 3 * 16
     assert read_state_file(newest_state_file(str(tmp_path)))["cur_nimg"] == 48
     assert "Stop requested (SIGTERM)" in capsys.readouterr().out
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 
 def test_time_limit_ends_the_run_with_a_final_snapshot(fashion_mnist_16_zip, tmp_path, single_thread, capsys):
