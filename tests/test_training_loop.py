@@ -323,3 +323,27 @@ def test_time_limit_stops_every_process_at_the_same_step(fashion_mnist_16_zip, t
     snapshots = sorted(f for f in os.listdir(tmp_path) if f.startswith("network-snapshot-"))
     assert snapshots == ["network-snapshot-000000.016.pkl", "network-snapshot-000000.032.pkl"]  # First tick, end.
     assert os.path.exists(tmp_path / "final-net.pt")
+
+
+def test_each_step_ramps_the_learning_rate_and_moves_the_ema_by_the_formulas(fashion_mnist_16_zip, tmp_path,
+                                                                           single_thread):
+    """The loop's own train_step, 4 steps of 8 images: the learning rate is lr * min(n / ramp-up images, 1) for the
+    n images seen before the step, and the EMA is beta * ema + (1 - beta) * net with beta = 0.5^(batch / half-life)
+    (half-life 16 images here, no EMA ramp-up), applied to the weights recorded after each step."""
+    from conftest import tiny_training_run
+    from training.training_loop import train_step
+
+    run = tiny_training_run(str(tmp_path), fashion_mnist_16_zip, "cpu")
+    run.options.update(ema_halflife_kimg=0.016, ema_rampup_ratio=None)  # beta = 0.5^(8/16), far from 0 and 1.
+    state, base_lr, batch = run.state, 1e-3, 8
+    ema = [p.detach().clone() for p in state.ema.parameters()]
+    for _ in range(4):
+        seen = state.cur_nimg
+        train_step(run)
+        assert state.cur_nimg == seen + batch
+        assert state.optimizer.param_groups[0]["lr"] == pytest.approx(base_lr * min(seen / 10, 1))  # Ramp: 10 images.
+        beta = 0.5 ** (batch / 16)
+        ema = [beta * e + (1 - beta) * p.detach() for e, p in zip(ema, state.net.parameters())]
+        for expected, actual in zip(ema, state.ema.parameters()):
+            torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+    assert not all(torch.equal(e, p) for e, p in zip(state.ema.parameters(), state.net.parameters()))
