@@ -264,3 +264,41 @@ def test_iddpm_steps_are_network_levels_in_range():
     # The ends are the extreme levels inside the range; the steps are evenly spaced in index.
     inside = levels[(levels >= 0.002) & (levels <= 81)]
     torch.testing.assert_close(steps[[0, -1]], inside[[0, -1]], rtol=1e-4, atol=0)
+
+
+def test_ve_time_steps_are_table_1_geometric():
+    """Table 1, VE: sigma_i = sqrt(sigma_max^2 (sigma_min^2 / sigma_max^2)^(i / (N - 1))), written out here."""
+    N, sigma_min, sigma_max = 12, 0.02, 100.0
+    i = np.arange(N)
+    expected = np.sqrt(sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** (i / (N - 1)))
+    np.testing.assert_allclose(sampling.ve_sigma_steps(N, sigma_min, sigma_max).double().numpy(), expected, rtol=1e-6)
+
+
+def test_vp_time_steps_are_table_1_with_the_schedule_spanning_the_range():
+    """Table 1, VP: t_i = 1 + i/(N-1) (epsilon_s - 1), sigma_i = sqrt(exp(beta_d t_i^2 / 2 + beta_min t_i) - 1), with
+    beta_d, beta_min solved here (2x2 linear system) so that sigma(1) = sigma_max and sigma(epsilon_s) = sigma_min."""
+    N, sigma_min, sigma_max, eps = 10, 0.01, 50.0, 1e-3
+    # beta_d t^2 / 2 + beta_min t = ln(sigma^2 + 1) at t = 1 and t = eps.
+    beta_d, beta_min = np.linalg.solve([[0.5, 1.0], [0.5 * eps ** 2, eps]],
+                                       [np.log(sigma_max ** 2 + 1), np.log(sigma_min ** 2 + 1)])
+    t = 1 + np.arange(N) / (N - 1) * (eps - 1)
+    expected = np.sqrt(np.exp(0.5 * beta_d * t ** 2 + beta_min * t) - 1)
+    actual = sampling.vp_sigma_steps(N, sigma_min, sigma_max, epsilon_s=eps).double().numpy()
+    np.testing.assert_allclose(actual, expected, rtol=1e-5)
+    assert actual[0] == pytest.approx(sigma_max, rel=1e-5) and actual[-1] == pytest.approx(sigma_min, rel=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.75, 2.0])
+def test_generalised_second_order_step_for_alpha_other_than_one(alpha):
+    """Appendix D.2's step with its second evaluation at t + alpha h: exact for dx/dt = t (any alpha), and a local
+    error that falls 8x per halving of h (third order) for dx/dt = x t, x(t) = x0 exp((t^2 - t0^2) / 2)."""
+    x0, t0 = torch.tensor(1.3, dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64)
+    for h in (0.5, 0.1):
+        step = sampling.heun_step(lambda x, t: t.expand_as(x), x0, t0, t0 + h, alpha=alpha)
+        assert step.item() == pytest.approx(x0.item() + ((t0 + h) ** 2 - t0 ** 2).item() / 2, rel=1e-12)
+    errors = []
+    for h in (0.1, 0.05, 0.025):
+        t1 = t0 + h
+        step = sampling.heun_step(lambda x, t: x * t, x0, t0, t1, alpha=alpha)
+        errors.append(abs(step - x0 * torch.exp((t1 ** 2 - t0 ** 2) / 2)).item())
+    assert all(6 < a / b < 10 for a, b in zip(errors, errors[1:])), errors
