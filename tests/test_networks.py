@@ -28,6 +28,21 @@ def test_reproduces_official_outputs(official_vectors, case_name):
     torch.testing.assert_close(D, case["D"], rtol=1e-5, atol=1e-5 * case["D"].abs().max().item())
 
 
+@pytest.mark.parametrize("case_name", ["EDMPrecond-NCSN++-cond", "EDMPrecond-SongUNet-skip-skip"])
+def test_reproduces_official_songunet_variants(case_name):
+    """NCSN++ (Fourier embedding, residual progressive input, [1,3,3,1] filters) and the skip encoder/decoder
+    paths against outputs the official networks.py computed once (tests/fixtures/official-songunet-vectors.pt,
+    random weights, 16x16, attention at 8x8)."""
+    import os
+
+    from conftest import FIXTURES
+    case = torch.load(os.path.join(FIXTURES, "official-songunet-vectors.pt"), weights_only=True)[case_name]
+    net = build_official_case(case)
+    with torch.no_grad():
+        D = net(case["x"], case["sigma"], case["class_labels"], **case["model_kwargs"])
+    torch.testing.assert_close(D, case["D"], rtol=1e-5, atol=1e-5 * case["D"].abs().max().item())
+
+
 @pytest.mark.parametrize("config", [
     "cifar10-32x32-cond-vp (DDPM++, EDMPrecond)",
     "cifar10-32x32-uncond-ve (NCSN++, EDMPrecond)",
