@@ -111,18 +111,22 @@ def test_retained_memory_stops_the_page_faults_of_reallocated_tensors():
     assert not REFERENCE.retain_memory
 
 
-def test_fp16_loss_scaling_keeps_small_gradients():
-    """Gradients below fp16's range vanish without loss scaling and come back (unscaled) with it."""
-    torch.manual_seed(0)
-    w = torch.randn(64, dtype=torch.float16, requires_grad=True)
-    x = torch.randn(64, dtype=torch.float16)
-    tiny = 1e-8  # d(tiny * sum(w x))/dw = tiny x, below fp16's smallest subnormal (6e-8).
-    (w * x).sum().mul(tiny).backward()
-    assert not w.grad.any()
-    w.grad = None
-    scale = 2.0 ** 16
-    (w * x).sum().mul(tiny * scale).backward()
-    assert relative_error(w.grad.float() / scale, tiny * x.float()) < 1e-3
+def test_loss_scaling_multiplies_the_loops_gradients(fashion_mnist_16_zip, tmp_path, single_thread):
+    """The loop's accumulate_gradients with --ls=s gives s times the gradients of --ls=1 on the same batch and noise
+    (as the official: the loss is scaled and Adam, invariant to the scale, undoes it), so gradients that fp16 would
+    flush to zero are lifted into its range."""
+    from training.training_loop import accumulate_gradients
+
+    grads = {}
+    for scale in (1.0, 1024.0):
+        run = tiny_training_run(str(tmp_path / f"ls{scale:g}"), fashion_mnist_16_zip, "cpu")
+        run.options["loss_scaling"] = scale
+        torch.manual_seed(7)  # The same sigma, noise and dropout draws in both runs.
+        accumulate_gradients(run)
+        grads[scale] = [p.grad.clone() for p in run.state.net.parameters()]
+    for plain, scaled in zip(grads[1.0], grads[1024.0]):
+        torch.testing.assert_close(scaled, 1024 * plain, rtol=1e-4, atol=1e-6 * 1024 * plain.abs().max().item())
+    assert any(g.abs().max() > 0 for g in grads[1.0])
 
 
 def test_fused_adam_matches_the_for_loop_adam():
