@@ -211,3 +211,18 @@ def test_fid_on_fashion_mnist_is_small_for_halves_and_grows_with_damage(fid_dete
         fids = [fid_of_features(fid_detector(b).numpy(), features_a) for b in [half_b, *noised]]
     # With 20 images a side FID carries a large small-sample bias; the damage must still dominate it.
     assert fids[0] < 0.75 * fids[1] and fids[1] < fids[2]
+
+
+def test_num_reaches_fid_py_under_torchrun_as_the_readme_writes_it(tmp_path):
+    """torchrun's parser takes a bare --num for its own --numa-binding; with '--' before the script, as the README
+    writes it, --num reaches fid.py, which parses it and goes on to report the missing reference file."""
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        assert "torchrun --standalone --nproc_per_node=8 -- fid.py calc" in f.read()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--",
+               os.path.join(REPO_ROOT, "fid.py"), "calc", f"--images={tmp_path / 'missing'}", "--ref=ref.npz",
+               "--num=10"]
+    result = subprocess.run(command, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "ambiguous option" not in output and "No such option" not in output
+    assert "Error: ref.npz: cannot read reference statistics" in output, output[-2000:]
