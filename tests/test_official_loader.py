@@ -206,7 +206,7 @@ def test_bundle_refuses_what_the_official_loader_cannot_run(tmp_path, monkeypatc
         snapshot_source.joined_source(("bundlepkg.a", "bundlepkg.b"))
     with pytest.raises(ValueError, match=r"top-level names with two meanings: np"):
         snapshot_source.joined_source(("bundlepkg.a", "bundlepkg.c"))
-    with pytest.raises(ValueError, match=r"must be a top-level 'from bundlepkg.a import name' of a module listed before"):
+    with pytest.raises(ValueError, match=r"must be a top-level 'from bundlepkg.a import name' of a module listed"):
         snapshot_source.joined_source(("bundlepkg.d", "bundlepkg.a"))
     text = snapshot_source.joined_source(("bundlepkg.a", "bundlepkg.d"))
     namespace: dict = {}

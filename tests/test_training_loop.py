@@ -347,3 +347,49 @@ def test_each_step_ramps_the_learning_rate_and_moves_the_ema_by_the_formulas(fas
         for expected, actual in zip(ema, state.ema.parameters()):
             torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
     assert not all(torch.equal(e, p) for e, p in zip(state.ema.parameters(), state.net.parameters()))
+
+
+def test_transfer_copies_the_snapshot_values_and_names_what_it_kept(tmp_path):
+    """--transfer: every tensor of matching name and shape gets the snapshot's EMA values exactly (network and
+    EMA); the others keep their initialisation and are listed with the reason."""
+    from torch_utils.misc import randomize_parameters
+    from training.checkpoint import save_network_pkl
+    from training.networks import EDMPrecond
+    from training.training_loop import transfer_weights
+
+    def build(label_dim: int, augment_dim: int, seed: int) -> EDMPrecond:
+        torch.manual_seed(seed)
+        net = EDMPrecond(img_resolution=16, img_channels=3, label_dim=label_dim, augment_dim=augment_dim,
+                         model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                         attn_resolutions=[])
+        return randomize_parameters(net, seed)
+
+    source = build(label_dim=5, augment_dim=0, seed=1)
+    path = str(tmp_path / "network-snapshot-000001.pkl")
+    save_network_pkl(path, dict(ema=source, loss_fn=None, augment_pipe=None, dataset_kwargs={}))
+    net, ema = build(label_dim=10, augment_dim=9, seed=2), build(label_dim=10, augment_dim=9, seed=3)
+    before = {name: t.clone() for name, t in net.state_dict().items()}
+
+    class Log:
+        def __init__(self):
+            self.lines = []
+
+        def print(self, line):
+            self.lines.append(line)
+
+    log = Log()
+    transfer_weights(path, net, ema, log)
+    kept = {"model.map_label.weight", "model.map_augment.weight"}
+    theirs = source.state_dict()
+    for module in (net, ema):
+        for name, tensor in module.state_dict().items():
+            if name not in kept:
+                assert torch.equal(tensor, theirs[name]), name
+    for name in kept:
+        assert torch.equal(net.state_dict()[name], before[name])
+    total = len(net.state_dict())
+    assert f"Transferred {total - 2} of {total} tensors" in log.lines
+    (note,) = [line for line in log.lines if line.startswith("Kept the new initialisation")]
+    assert "model.map_label.weight (shape [16, 5] there, [16, 10] here)" in note
+    assert note.startswith("Kept the new initialisation of 2:")
+    assert "model.map_augment.weight (not in the snapshot)" in note

@@ -179,7 +179,8 @@ def resolve_network_path(path_or_url: str) -> str:
 def load_network_pkl(path_or_url: str, device: torch.device | str | None = None) -> dict:
     """Load a snapshot dict ``{'ema', 'loss_fn', 'augment_pipe', 'dataset_kwargs'}`` from a network pickle
     (ours or the official release's) or a safetensors export, given a path, an http(s) URL (downloaded
-    once to a cache, see ``dnnlib.util.open_url``) or the bare name of an official pretrained network. Modules are moved to ``device`` (default: left on the CPU).
+    once to a cache, see ``dnnlib.util.open_url``) or the bare name of an official pretrained network. Modules
+    are moved to ``device`` (default: left on the CPU).
 
     Safe by design: nothing in the file is executed (see :class:`SafeUnpickler`).
     """

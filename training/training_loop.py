@@ -150,6 +150,23 @@ def transfer_weights(resume_pkl: str, net: torch.nn.Module, ema: torch.nn.Module
     copied = copy_params_and_buffers(source, net)
     copy_params_and_buffers(source, ema)
     log.print(f"Transferred {len(copied)} of {len(net.state_dict())} tensors")
+    skipped = untransferred(source, net, copied)
+    if skipped:
+        log.print(f"Kept the new initialisation of {len(skipped)}: " + "; ".join(skipped))
+
+
+def untransferred(source: torch.nn.Module, net: torch.nn.Module, copied: list[str]) -> list[str]:
+    """'name (why)' for each parameter or buffer of ``net`` that was not copied from ``source``."""
+    theirs = dict(source.named_parameters()) | dict(source.named_buffers())
+    reasons = []
+    for name, tensor in list(net.named_parameters()) + list(net.named_buffers()):
+        if name in copied:
+            continue
+        if name not in theirs:
+            reasons.append(f"{name} (not in the snapshot)")
+        else:
+            reasons.append(f"{name} (shape {list(theirs[name].shape)} there, {list(tensor.shape)} here)")
+    return reasons
 
 
 def load_state(state: TrainingState, path: str, log: RunLog, device: torch.device) -> dict:

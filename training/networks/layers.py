@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch_utils import persistence
 
 
-_FAN_VARIANCE = {"xavier": lambda fan_in, fan_out: (2, fan_in + fan_out), "kaiming": lambda fan_in, fan_out: (1, fan_in)}
+# (numerator, denominator) of each family's weight variance.
+_FAN_VARIANCE = {"xavier": lambda fan_in, fan_out: (2, fan_in + fan_out),
+                 "kaiming": lambda fan_in, fan_out: (1, fan_in)}
 
 
 def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
