@@ -223,15 +223,20 @@ def one_process_reference(fashion_mnist_16_zip, tmp_path_factory):
     torch.set_num_threads(1)
     initial = training_loop(**split_invariant_config(fashion_mnist_16_zip, str(tmp_path_factory.mktemp("init")),
                                                      total_kimg=0.001)).net.state_dict()
-    final = training_loop(**split_invariant_config(fashion_mnist_16_zip,
-                                                   str(tmp_path_factory.mktemp("reference")))).net.state_dict()
+    reference_dir = str(tmp_path_factory.mktemp("reference"))
+    final = training_loop(**split_invariant_config(fashion_mnist_16_zip, reference_dir)).net.state_dict()
     torch.set_num_threads(threads)
-    return initial, final
+    return initial, final, reference_dir
 
 
-def assert_same_updates(weights: dict, reference: tuple[dict, dict]) -> None:
+def read_stats(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "stats.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_same_updates(weights: dict, reference: tuple[dict, dict, str]) -> None:
     """Each tensor's change from the initial weights agrees with the reference's to float rounding."""
-    initial, final = reference
+    initial, final, _ = reference
     moved = 0
     for name in final:
         expected, got = final[name] - initial[name], weights[name] - initial[name]
@@ -306,6 +311,13 @@ def test_two_nodes_match_one_process(one_process_reference, fashion_mnist_16_zip
     assert "2 processes on cpu" in "".join(outputs)
     assert_same_updates(torch.load(os.path.join(str(tmp_path), "final-net.pt"), weights_only=True),
                         one_process_reference)
+    # The per-tick loss statistics gathered from both processes are those of the one process: count, mean, std.
+    ours, reference = read_stats(str(tmp_path)), read_stats(one_process_reference[2])
+    assert len(ours) == len(reference) >= 2
+    for tick, expected in zip(ours, reference):
+        assert tick["Loss/loss"]["num"] == expected["Loss/loss"]["num"] > 0
+        for key in ("mean", "std"):
+            assert tick["Loss/loss"][key] == pytest.approx(expected["Loss/loss"][key], rel=1e-4)
 
 
 def test_time_limit_stops_every_process_at_the_same_step(fashion_mnist_16_zip, tmp_path):
