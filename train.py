@@ -180,17 +180,14 @@ def shared_from_rank0(value):
 @click.option("--arch", help="U-Net: DDPM++, NCSN++ or ADM", type=click.Choice(list(ARCHITECTURES)), default="ddpmpp",
               show_default=True)
 @click.option("--precond", help="Table 2 column: preconditioning with its matching loss",
-              type=click.Choice(list(PRECONDITIONERS)),
-              default="edm", show_default=True)
+              type=click.Choice(list(PRECONDITIONERS)), default="edm", show_default=True)
 # Hyperparameters.
 @click.option("--duration", help="Stop after this many million training images",
-              metavar="MIMG", type=click.FloatRange(min=0, min_open=True),
-              default=200, show_default=True)
+              metavar="MIMG", type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
 @click.option("--max-minutes", help="Also stop, with a final snapshot, after this much wall-clock time",
               metavar="MIN", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option("--batch", help="Images per optimizer step, over all processes",
-              metavar="INT", type=click.IntRange(min=1), default=512,
-              show_default=True)
+              metavar="INT", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--batch-gpu", help="Limit batch size per GPU (gradient accumulation)", metavar="INT",
               type=click.IntRange(min=1))
 @click.option("--cbase", help="model_channels  [default: per architecture]", metavar="INT", type=click.IntRange(min=1))
@@ -225,8 +222,7 @@ def shared_from_rank0(value):
               metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=1,
               show_default=True)
 @click.option("--sdpa", help="Fused attention (else the explicit einsum softmax)  [default: per device]",
-              metavar="BOOL",
-              type=bool)
+              metavar="BOOL", type=bool)
 @click.option("--channels-last", "channels_last", help="NHWC memory format  [default: per device]", metavar="BOOL",
               type=bool)
 @click.option("--fused-adam", "fused_adam", help="Fused Adam kernel  [default: per device]", metavar="BOOL", type=bool)

@@ -92,6 +92,17 @@ class _LevelUNet(torch.nn.Module):
     def _output(self, level: int, name: str, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
+              augment_labels: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
+                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """F(x; noise label): embedding (kept in float32, as the official), encoder, decoder."""
+        emb = self.embed(noise_labels, class_labels, augment_labels)
+        x, saved = self._encode(x, emb)
+        return self._decode(x, emb, saved)
+
     def _encode(self, x: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         image, saved = x, []
         for level, name in enumerate(self.level_names):
@@ -223,12 +234,6 @@ class SongUNet(_LevelUNet):
         emb = F.silu(self.map_layer0(emb))
         return F.silu(self.map_layer1(emb))
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(noise_labels, class_labels, augment_labels)  # Kept in float32, as the official.
-        x, saved = self._encode(x, emb)
-        return self._decode(x, emb, saved)
-
 
 @persistence.persistent_class
 class DhariwalUNet(_LevelUNet):
@@ -277,9 +282,3 @@ class DhariwalUNet(_LevelUNet):
         if self.map_label is not None:
             emb = emb + self.map_label(_drop_labels(class_labels, self.label_dropout, self.training))
         return F.silu(emb)
-
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
-                augment_labels: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(noise_labels, class_labels, augment_labels)  # Kept in float32, as the official.
-        x, saved = self._encode(x, emb)
-        return self._decode(x, emb, saved)
