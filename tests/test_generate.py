@@ -139,3 +139,13 @@ def test_two_processes_write_the_same_files_as_one(network_pkl, tmp_path):
     for seed, image in zip(seeds, expected):
         assert torch.equal(_read_png(tmp_path / "out" / f"{seed:06d}.png"), image)
     assert torch.equal(_read_png(tmp_path / "grid.png"), image_grid(expected))
+
+
+def test_grid_is_laid_out_row_by_row_with_ceil_sqrt_columns():
+    """Five 2x3 images, image i filled with i + 1: 3 columns (ceil sqrt 5), 2 rows, the last cell black."""
+    images = (torch.arange(1, 6, dtype=torch.uint8).reshape(5, 1, 1, 1) * torch.ones(5, 1, 2, 3, dtype=torch.uint8))
+    grid = image_grid(images)
+    assert grid.shape == (1, 4, 9)
+    cells = grid[0, ::2, ::3]  # One pixel per cell.
+    assert cells.tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert torch.equal(grid[0, 2:4, 3:6], torch.full([2, 3], 5, dtype=torch.uint8))

@@ -112,9 +112,9 @@ def test_retained_memory_stops_the_page_faults_of_reallocated_tensors():
 
 
 def test_loss_scaling_multiplies_the_loops_gradients(fashion_mnist_16_zip, tmp_path, single_thread):
-    """The loop's accumulate_gradients with --ls=s gives s times the gradients of --ls=1 on the same batch and noise
-    (as the official: the loss is scaled and Adam, invariant to the scale, undoes it), so gradients that fp16 would
-    flush to zero are lifted into its range."""
+    """The loop's accumulate_gradients gives the gradient of the batch-mean loss, and with --ls=s s times that on
+    the same batch and noise (as the official: the loss is scaled and Adam, invariant to the scale, undoes it), so
+    gradients that fp16 would flush to zero are lifted into its range."""
     from training.training_loop import accumulate_gradients
 
     grads = {}
@@ -127,6 +127,20 @@ def test_loss_scaling_multiplies_the_loops_gradients(fashion_mnist_16_zip, tmp_p
     for plain, scaled in zip(grads[1.0], grads[1024.0]):
         torch.testing.assert_close(scaled, 1024 * plain, rtol=1e-4, atol=1e-6 * 1024 * plain.abs().max().item())
     assert any(g.abs().max() > 0 for g in grads[1.0])
+
+    # Independently: the gradient of the loss summed over the 8 images (two rounds of 4) divided by 8, the mean
+    # over the batch (Adam hides a wrong constant factor from every training test, so it is pinned here).
+    run = tiny_training_run(str(tmp_path / "by-hand"), fashion_mnist_16_zip, "cpu")
+    torch.manual_seed(7)
+    total = 0
+    for _ in range(run.accumulation_rounds):
+        images, labels = next(run.data)
+        images = images.to(torch.float32) / 127.5 - 1
+        total = total + run.loss_fn(net=run.state.net, images=images, labels=labels).sum()
+    by_hand = torch.autograd.grad(total / run.batch_size, list(run.state.net.parameters()))
+    assert run.accumulation_rounds == 2 and run.batch_size == 8
+    for loop, expected in zip(grads[1.0], by_hand):
+        torch.testing.assert_close(loop, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
 
 
 def test_fused_adam_matches_the_for_loop_adam():
