@@ -1,0 +1,343 @@
+"""Deliberate bugs the test suite must catch: a mutation check of our own.
+
+Each ``Mutation`` is one small edit to one source file (``old`` -> ``new``, ``old`` occurring exactly once) and
+the tests that must fail with it. ``python tests/mutations.py`` copies the repository's files into scratch
+folders (one per job), applies the mutations one at a time, runs each one's tests there, and prints every
+mutation the tests did not catch (a *survivor*). It exits with status 1 if any survived or could not run.
+
+    python tests/mutations.py                 # all of them, 2 jobs
+    python tests/mutations.py -k loss -k ema  # those whose name contains 'loss' or 'ema'
+    python tests/mutations.py --list
+
+``tests/test_mutations.py`` (in the normal suite) checks that every ``old`` text still occurs exactly once, so the
+list cannot go stale silently, and runs the check end to end on one caught and one harmless edit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str                 # Relative to the repository root.
+    old: str                  # Text that must occur exactly once in the file.
+    new: str
+    tests: tuple[str, ...]    # pytest node ids or files; at least one test among them must fail.
+
+
+def _m(name: str, path: str, old: str, new: str, *tests: str) -> Mutation:
+    return Mutation(name, path, old, new, tuple(tests))
+
+
+LOSS, LOOP, AUG, DATA = "training/loss.py", "training/training_loop.py", "training/augment.py", "training/dataset.py"
+SAMPLING, GEN, CKPT = "training/sampling.py", "training/generation.py", "training/checkpoint.py"
+UNETS, PRECOND, STATE = "training/networks/unets.py", "training/networks/precond.py", "training/training_state.py"
+FRECHET, INCEPTION = "metrics/frechet.py", "metrics/inception.py"
+
+# The training-loop tests that run in seconds (not the multi-process ones), and the loss-scaling test of test_perf.
+LOOP_TESTS = tuple(f"tests/test_training_loop.py::test_{name}" for name in (
+    "learning_rate_ramps_linearly_then_stays", "ema_beta_has_the_requested_half_life_in_images",
+    "nonfinite_gradients_are_counted_and_replaced", "gradient_clean_up_matches_nan_to_num_per_tensor",
+    "file_labels_are_whole_kimg_as_officially_else_unique_per_image_count",
+    "resumed_run_reaches_the_same_weights_bit_exactly", "gradient_accumulation_matches_one_full_batch",
+    "sigterm_saves_a_state_and_stops_cleanly", "time_limit_ends_the_run_with_a_final_snapshot",
+    "each_step_ramps_the_learning_rate_and_moves_the_ema_by_the_formulas",
+    "transfer_copies_the_snapshot_values_and_names_what_it_kept"))
+LOSS_SCALING_TEST = "tests/test_perf.py::test_loss_scaling_multiplies_the_loops_gradients"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # --- The bugs issue 17 found unnoticed.
+    _m("loss: noise std sigma^2 instead of sigma", LOSS,
+       "n = torch.randn_like(y) * sigma\n        D_yn", "n = torch.randn_like(y) * sigma ** 2\n        D_yn",
+       "tests/test_loss.py"),
+    _m("loss: VE weight 1/sigma instead of 1/sigma^2", LOSS,
+       "torch.rand(shape, device=device)\n\n    def weight(self, sigma):\n        return 1 / sigma ** 2",
+       "torch.rand(shape, device=device)\n\n    def weight(self, sigma):\n        return 1 / sigma",
+       "tests/test_loss.py"),
+    _m("unets: NCSN++ residual encoder without / sqrt(2)", UNETS,
+       'x = (x + self.enc[f"{name}_aux_residual"](image)) / np.sqrt(2)',
+       'x = (x + self.enc[f"{name}_aux_residual"](image))', "tests/test_networks.py"),
+    _m("dataset: image cache keyed by position instead of raw index", DATA,
+       "self._cached_images[raw_idx] = image", "self._cached_images[len(self._cached_images)] = image",
+       "tests/test_dataset.py"),
+    _m("loop: EMA never updated", LOOP,
+       "    update_ema(state.ema, state.net, ema_beta(",
+       "    (lambda *args: None)(state.ema, state.net, ema_beta(", *LOOP_TESTS),
+    _m("loop: SIGTERM handler not restored", LOOP,
+       "            signal.signal(signal.SIGTERM, self._previous)",
+       "            signal.signal(signal.SIGTERM, signal.SIG_DFL)", *LOOP_TESTS),
+    # --- Losses.
+    _m("loss: EDM weight without sigma_data^2 in the numerator", LOSS,
+       "return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2",
+       "return sigma ** 2 / (sigma * self.sigma_data) ** 2", "tests/test_loss.py"),
+    _m("loss: EDM ln(sigma) drawn with P_std and P_mean swapped", LOSS,
+       "torch.randn(shape, device=device) * self.P_std + self.P_mean",
+       "torch.randn(shape, device=device) * self.P_mean + self.P_std", "tests/test_loss.py"),
+    _m("loss: VP t drawn from U(0, 1) instead of U(epsilon_t, 1)", LOSS,
+       "t = 1 + torch.rand(shape, device=device) * (self.epsilon_t - 1)",
+       "t = 1 - torch.rand(shape, device=device)", "tests/test_loss.py"),
+    _m("loss: augmentation labels not passed to the network", LOSS,
+       "D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)",
+       "D_yn = net(y + n, sigma, labels, augment_labels=None)", "tests/test_loss.py"),
+    # --- The training loop and the EMA.
+    _m("loop: learning rate not ramped up", LOOP,
+       "return base_lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)", "return base_lr",
+       *LOOP_TESTS),
+    _m("EMA: half-life ramp-up ignored", LOOP,
+       "halflife_nimg = min(halflife_nimg, cur_nimg * ema_rampup_ratio)", "halflife_nimg = halflife_nimg",
+       *LOOP_TESTS),
+    _m("EMA: beta from the half-life in kimg instead of images", LOOP,
+       "return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))",
+       "return 0.5 ** (batch_size / max(halflife_nimg / 1000, 1e-8))", *LOOP_TESTS),
+    _m("EMA: lerp towards the EMA instead of the network", LOOP,
+       "torch._foreach_lerp(net_params, ema_params, beta)", "torch._foreach_lerp(ema_params, net_params, beta)",
+       *LOOP_TESTS),
+    _m("loop: gradients not divided by the per-rank batch", LOOP,
+       "loss.sum().mul(loss_scaling / per_rank).backward()", "loss.sum().mul(loss_scaling).backward()",
+       *LOOP_TESTS, LOSS_SCALING_TEST),
+    _m("loop: loss scaling not applied", LOOP,
+       "loss.sum().mul(loss_scaling / per_rank).backward()", "loss.sum().mul(1 / per_rank).backward()",
+       LOSS_SCALING_TEST),
+    _m("loop: NaN gradients kept", LOOP,
+       "torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)", "pass", *LOOP_TESTS),
+    _m("loop: a resumed run ends its first tick after one step", LOOP,
+       "first=state.cur_tick == 0", "first=True", *LOOP_TESTS),
+    _m("state: fractional kimg names collide", STATE,
+       'return f"{whole:06d}" if rest == 0 else f"{whole:06d}.{rest:03d}"', 'return f"{whole:06d}"',
+       *LOOP_TESTS),
+    # --- Augmentation.
+    _m("augment: rotation matrix turns the other way", AUG,
+       "return _stack_matrix([[c, -s, 0], [s, c, 0], [0, 0, 1]], theta)",
+       "return _stack_matrix([[c, s, 0], [-s, c, 0], [0, 0, 1]], theta)", "tests/test_augment.py"),
+    _m("augment: yflip label entry before xflip", AUG,
+       '_PIXEL_BLITS = {"xflip": (1, _xflip), "yflip": (1, _yflip),',
+       '_PIXEL_BLITS = {"yflip": (1, _yflip), "xflip": (1, _xflip),', "tests/test_augment.py"),
+    _m("augment: lumaflip projects instead of reflecting", AUG,
+       "torch.eye(4, device=draws.device) - 2 * torch.outer(luma, luma)",
+       "torch.eye(4, device=draws.device) - torch.outer(luma, luma)", "tests/test_augment.py"),
+    _m("augment: saturation scales the luma instead of the chroma", AUG,
+       "return along + across * torch.exp2(", "return across + along * torch.exp2(", "tests/test_augment.py"),
+    _m("augment: hue rotates the other way", AUG,
+       "return rotate3d(_luma_axis(draws.device), angle)", "return rotate3d(_luma_axis(draws.device), -angle)",
+       "tests/test_augment.py"),
+    _m("augment: contrast 2^(std w) becomes e^(std w)", AUG,
+       "return scale3d(torch.exp2(w * pipe.contrast_std)), [w]", "return scale3d(torch.exp(w * pipe.contrast_std)), [w]",
+       "tests/test_augment.py"),
+    _m("augment: grayscale color sums the channels instead of averaging", AUG,
+       "mean_row = M[:, :3, :].mean(dim=1, keepdim=True)", "mean_row = M[:, :3, :].sum(dim=1, keepdim=True)",
+       "tests/test_augment.py"),
+    _m("augment: fractional translation label sign flipped", AUG,
+       "[t[0], t[1]]\n", "[-t[0], -t[1]]\n", "tests/test_augment.py"),
+    _m("augment: quarter turns transpose before flipping", AUG,
+       "steps = ((flip_x, lambda x: x.flip(3)), (flip_y, lambda x: x.flip(2)), (transpose, lambda x: x.transpose(2, 3)))",
+       "steps = ((transpose, lambda x: x.transpose(2, 3)), (flip_x, lambda x: x.flip(3)), (flip_y, lambda x: x.flip(2)))",
+       "tests/test_augment.py"),
+    # --- Datasets.
+    _m("dataset: mirrored items not mirrored", DATA,
+       "pixels = image[:, :, ::-1] if mirrored else image", "pixels = image", "tests/test_dataset.py"),
+    _m("dataset: mirrored along the wrong axis", DATA,
+       "pixels = image[:, :, ::-1] if mirrored else image", "pixels = image[:, ::-1, :] if mirrored else image",
+       "tests/test_dataset.py"),
+    _m("dataset: max_size subset ignores the seed", DATA,
+       "kept_raw_indices(num_images, max_size, random_seed)", "kept_raw_indices(num_images, max_size, 0)",
+       "tests/test_dataset.py"),
+    # --- Samplers.
+    _m("sampler: Heun averages with weights 1 and 0", SAMPLING,
+       "return x + h * ((1 - 1 / (2 * alpha)) * d + 1 / (2 * alpha) * d_prime)", "return x + h * d_prime",
+       "tests/test_sampling.py"),
+    _m("sampler: Eq. 5 with rho and 1/rho swapped", SAMPLING,
+       "max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)",
+       "max_inv_rho, min_inv_rho = sigma_max ** rho, sigma_min ** rho", "tests/test_sampling.py"),
+    _m("sampler: churn gamma not capped at sqrt(2) - 1", SAMPLING,
+       "return min(self.S_churn / num_steps, np.sqrt(2) - 1) if", "return self.S_churn / num_steps if",
+       "tests/test_sampling.py"),
+    _m("sampler: churn ignores S_noise", SAMPLING,
+       "added_std * flow.s(t_hat) * self.S_noise * noise", "added_std * flow.s(t_hat) * noise",
+       "tests/test_sampling.py"),
+    _m("sampler: last step Heun instead of Euler", SAMPLING,
+       "x = (step if i < num_steps - 1 else euler_step)(dx_dt, x_hat, t_hat, t_next)",
+       "x = step(dx_dt, x_hat, t_hat, t_next)", "tests/test_sampling.py"),
+    _m("sampler: VP scaling derivative sign", SAMPLING,
+       "return -schedule.sigma(t) * schedule.sigma_deriv(t) * (s(t) ** 3)",
+       "return schedule.sigma(t) * schedule.sigma_deriv(t) * (s(t) ** 3)", "tests/test_sampling.py"),
+    _m("sampler: VE steps arithmetic in t instead of geometric", SAMPLING,
+       "t = sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** _step_ramp(num_steps, device)",
+       "t = sigma_max ** 2 + (sigma_min ** 2 - sigma_max ** 2) * _step_ramp(num_steps, device)",
+       "tests/test_sampling.py"),
+    # --- Networks and preconditioning.
+    _m("precond: VE c_noise log(sigma) instead of log(sigma / 2)", PRECOND,
+       "c_noise = (0.5 * sigma).log()", "c_noise = sigma.log()", "tests/test_precond.py"),
+    # --- Metrics.
+    _m("FID: trace term without the factor 2", FRECHET,
+       "- 2 * np.sum(np.sqrt(inner))", "- np.sum(np.sqrt(inner))", "tests/test_frechet.py"),
+    _m("FID: biased covariance", FRECHET,
+       "sigma = centered.T @ centered / (features.shape[0] - 1)", "sigma = centered.T @ centered / features.shape[0]",
+       "tests/test_frechet.py"),
+    _m("Inception: inputs scaled to [0, 2] instead of [-1, 1]", INCEPTION,
+       "return (resize_tf1_bilinear(x) - 128) / 128", "return resize_tf1_bilinear(x) / 128",
+       "tests/test_inception.py"),
+    # --- Checkpoints.
+    _m("checkpoint: the unpickler resolves any global", CKPT,
+       "    def find_class(self, module: str, name: str) -> Any:\n",
+       "    def find_class(self, module: str, name: str) -> Any:\n"
+       "        return pickle.Unpickler.find_class(self, module, name)\n", "tests/test_checkpoint.py"),
+    _m("checkpoint: storages unpickled without restriction", CKPT,
+       '("torch.storage", "_load_from_bytes"): _load_storage_from_bytes',
+       '("torch.storage", "_load_from_bytes"): torch.storage._load_from_bytes', "tests/test_checkpoint.py"),
+    # --- Generation.
+    _m("generation: class labels drawn before the latents", SAMPLING,
+       "return rng.randn([len(rng.generators), net.img_channels, net.img_resolution, net.img_resolution])",
+       "rng.randint(2, size=[len(rng.generators)])\n"
+       "    return rng.randn([len(rng.generators), net.img_channels, net.img_resolution, net.img_resolution])",
+       "tests/test_sampling.py", "tests/test_generate.py"),
+    _m("generation: one generator for the whole batch", SAMPLING,
+       "self.generators = [torch.Generator(self.device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]",
+       "self.generators = [torch.Generator(self.device).manual_seed(int(seeds[0]) % (1 << 32))] * len(seeds)",
+       "tests/test_sampling.py", "tests/test_generate.py"),
+    _m("generation: grid laid out column by column", GEN,
+       "return padded.reshape(gh, gw, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, gh * h, gw * w)",
+       "return padded.reshape(gw, gh, c, h, w).permute(2, 1, 3, 0, 4).reshape(c, gh * h, gw * w)",
+       "tests/test_generate.py"),
+    _m("generation: seeds split into too few batches under several processes", GEN,
+       "num_batches = math.ceil(len(seeds) / (max_batch_size * world_size)) * world_size",
+       "num_batches = math.ceil(len(seeds) / max_batch_size)", "tests/test_generate.py"),
+)
+
+
+# ----------------------------------------------------------------------------
+# The runner.
+
+def repository_files(root: str = REPO) -> list[str]:
+    """The files git would give a clean clone plus untracked ones not ignored (new work in progress)."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
+                         check=True, capture_output=True).stdout
+    return [name for name in out.decode().split("\0") if name and os.path.isfile(os.path.join(root, name))]
+
+
+def copy_repository(destination: str, root: str = REPO) -> None:
+    for name in repository_files(root):
+        target = os.path.join(destination, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(root, name), target)
+
+
+def check_applies(mutation: Mutation, root: str = REPO) -> str | None:
+    """Why the mutation cannot be applied to the files under ``root`` (None if it can)."""
+    path = os.path.join(root, mutation.path)
+    if not os.path.isfile(path):
+        return f"{mutation.path} does not exist"
+    count = open(path, encoding="utf-8").read().count(mutation.old)
+    if count != 1:
+        return f"its text occurs {count} times in {mutation.path} (must be exactly once)"
+    if mutation.old == mutation.new:
+        return "it changes nothing"
+    for test in mutation.tests:
+        if not os.path.exists(os.path.join(root, test.split("::")[0])):
+            return f"test {test} does not exist"
+    return None
+
+
+@dataclass
+class Outcome:
+    mutation: Mutation
+    verdict: str              # 'caught', 'SURVIVED' or 'ERROR'
+    seconds: float
+    detail: str = ""
+
+
+def run_one(mutation: Mutation, workdir: str, timeout: float) -> Outcome:
+    """Apply one mutation inside ``workdir`` (a copy of the repository), run its tests, undo it."""
+    start = time.time()
+    problem = check_applies(mutation, workdir)
+    if problem:
+        return Outcome(mutation, "ERROR", 0.0, problem)
+    path = os.path.join(workdir, mutation.path)
+    original = open(path, encoding="utf-8").read()
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(original.replace(mutation.old, mutation.new))
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutation.tests]
+        try:
+            result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Outcome(mutation, "ERROR", time.time() - start, f"tests ran past {timeout:.0f} s")
+    finally:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(original)
+    seconds = time.time() - start
+    if result.returncode == 1:  # pytest: some test failed.
+        failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+        return Outcome(mutation, "caught", seconds, failed[0][7:] if failed else "")
+    if result.returncode == 0:
+        return Outcome(mutation, "SURVIVED", seconds, "all its tests passed")
+    tail = (result.stdout + result.stderr).strip().splitlines()[-1:] or [""]
+    return Outcome(mutation, "ERROR", seconds, f"pytest exit status {result.returncode}: {tail[0]}")
+
+
+def run_mutations(mutations: list[Mutation], jobs: int = 2, timeout: float = 600, root: str = REPO,
+                  report=None) -> list[Outcome]:
+    """Run every mutation in a scratch copy of ``root``, ``jobs`` at a time; ``report`` gets one line each."""
+    report = report or (lambda line: print(line, flush=True))
+    with tempfile.TemporaryDirectory(prefix="mutations-") as scratch:
+        workdirs: queue.Queue = queue.Queue()
+        for j in range(max(1, min(jobs, len(mutations)))):
+            workdir = os.path.join(scratch, f"job{j}")
+            copy_repository(workdir, root)
+            workdirs.put(workdir)
+
+        def job(mutation: Mutation) -> Outcome:
+            workdir = workdirs.get()
+            try:
+                outcome = run_one(mutation, workdir, timeout)
+            finally:
+                workdirs.put(workdir)
+            report(f"{outcome.verdict:8s} {outcome.seconds:5.0f} s  {mutation.name}"
+                   + (f"  [{outcome.detail}]" if outcome.detail else ""))
+            return outcome
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workdirs.qsize()) as pool:
+            return list(pool.map(job, mutations))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Apply each deliberate bug and check that its tests catch it.")
+    parser.add_argument("-k", dest="patterns", action="append", default=[],
+                        help="only mutations whose name contains this text (repeatable)")
+    parser.add_argument("--jobs", type=int, default=2, help="mutations tested at once (default 2)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per mutation (default 600)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.patterns or any(p in m.name for p in args.patterns)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}  ({m.path}; {', '.join(m.tests)})")
+        return 0
+    if not chosen:
+        print(f"no mutation matches {args.patterns}", file=sys.stderr)
+        return 2
+    start = time.time()
+    outcomes = run_mutations(chosen, jobs=args.jobs, timeout=args.timeout)
+    survivors = [o for o in outcomes if o.verdict != "caught"]
+    for o in survivors:
+        print(f"not caught: {o.mutation.name} ({o.verdict}: {o.detail})")
+    print(f"{len(outcomes) - len(survivors)} of {len(outcomes)} mutations caught, {len(survivors)} not, "
+          f"in {time.time() - start:.0f} s")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
