@@ -22,6 +22,11 @@ import torch
 from torch_utils.snapshot_source import declare_bundle, module_source  # noqa: F401 (declare_bundle re-exported)
 
 _FORMAT_VERSION = 6
+# Our class for each persistent class name. A pickle names a class only by its bare name, so each name may
+# mean one class. The official EDM (``training.networks``, ``training.loss``, ``training.augment``) and EDM2
+# (``training.networks_edm2``: Precond, UNet, Block, MPConv, MPFourier; ``training.training_loop.EDM2Loss``)
+# releases use disjoint names, and so do we: our EDM preconditioners' shared base class, also named ``Precond``,
+# is not persistent (only its subclasses are pickled), so 'Precond' means EDM2's.
 _registry: dict[str, type] = {}
 
 # Modules whose classes official pickles name; imported on demand when a class name is not yet known.

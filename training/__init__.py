@@ -7,3 +7,6 @@ from torch_utils import persistence
 # (torch_utils/snapshot_source.py). Order: a module may import only those before it.
 persistence.declare_bundle("training.networks.layers", "training.networks.unets", "training.networks.precond",
                            "training.loss", "training.augment")
+# EDM2's network is a bundle of its own: its class names (Precond, UNet, ...) are the official EDM2 ones, and
+# 'Precond' is also the name of the EDM preconditioners' base class above.
+persistence.declare_bundle("training.networks.edm2")

@@ -93,6 +93,20 @@ def _numpy_scalar_constructor() -> Callable:
     return scalar
 
 
+def _reconstruct_ndarray(subtype: Any, shape: Any, dtype: Any) -> Any:
+    """numpy's unpickling constructor of arrays (an empty array that the pickle then fills with its data), for
+    plain ``numpy.ndarray`` only. Official EDM2 snapshots need it: their latent encoder keeps its scale and bias
+    as float32 arrays."""
+    import numpy as np
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    if subtype is not np.ndarray:
+        raise UnsafePickleError(f"refusing to load: a numpy array of type {subtype!r}, not numpy.ndarray")
+    return _reconstruct(subtype, shape, dtype)
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     import collections
 
@@ -114,6 +128,9 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("torch", "Size"): torch.Size,
         ("torch", "device"): torch.device,
         ("numpy", "dtype"): np.dtype,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct_ndarray,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct_ndarray,
         ("numpy.core.multiarray", "scalar"): scalar,
         ("numpy._core.multiarray", "scalar"): scalar,
         ("dnnlib", "EasyDict"): dnnlib.EasyDict,
@@ -215,6 +232,17 @@ def load_network_pkl(path_or_url: str, device: torch.device | str | None = None)
 def load_network(path_or_url: str, device: torch.device | str | None = None) -> torch.nn.Module:
     """The network to sample from (the snapshot's 'ema'), in eval mode, on ``device`` (default: the CPU)."""
     return load_network_pkl(path_or_url, device=device)["ema"].eval()
+
+
+def is_latent_snapshot(snapshot: dict) -> bool:
+    """Whether a loaded snapshot's network works on latents rather than pixels: an official EDM2 latent model
+    (img512 presets), whose ``encoder`` is the Stable Diffusion VAE (``StabilityVAEEncoder``). Snapshots
+    without an encoder (EDM, ours) and those with ``StandardRGBEncoder`` work on pixels."""
+    encoder = snapshot.get("encoder")
+    if encoder is None:
+        return False
+    name = encoder.class_name if isinstance(encoder, UnresolvedObject) else type(encoder).__name__
+    return name != "StandardRGBEncoder"
 
 
 def _json_default(value: Any) -> Any:
