@@ -76,3 +76,26 @@ class EDMLoss(DenoisingLoss):
 
     def weight(self, sigma):
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+
+
+@persistence.persistent_class
+class EDM2Loss(EDMLoss):
+    """EDM2 (Karras et al., CVPR 2024, Eq. 21): EDM's p_train and lambda(sigma) (defaults P_mean = -0.4,
+    P_std = 1.0), with the per-image loss weighted by a learned uncertainty u(sigma) that the network returns as
+    ``logvar``:
+
+        loss = lambda(sigma) / exp(u(sigma)) * ||D(y + n; sigma) - y||^2 + u(sigma),
+
+    per pixel (u broadcast), so the network's own estimate of its error evens out the loss over sigma."""
+
+    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5):
+        super().__init__(P_mean=P_mean, P_std=P_std, sigma_data=sigma_data)
+
+    def __call__(self, net, images: torch.Tensor, labels: torch.Tensor | None = None, augment_pipe=None) -> torch.Tensor:
+        sigma = self.sample_sigma([images.shape[0], 1, 1, 1], images.device)
+        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        n = torch.randn_like(y) * sigma
+        # The EDM2 networks take no augmentation labels; they are passed only when there are some.
+        extra = {} if augment_labels is None else dict(augment_labels=augment_labels)
+        D_yn, logvar = net(y + n, sigma, labels, return_logvar=True, **extra)
+        return self.weight(sigma) / logvar.exp() * ((D_yn - y) ** 2) + logvar

@@ -1,0 +1,91 @@
+"""Reconstruct post-hoc EMA networks (EDM2, Karras et al. 2024, Section 3) from the raw EMA snapshots of a
+training run: any sigma_rel, as of the time of any snapshot.
+
+Examples:
+
+    # sigma_rel 0.050, 0.075, ..., 0.250 at the latest snapshot of a run, reading the snapshots 2 times
+    python reconstruct_phema.py --indir=training-runs/00000-edm2 --outdir=phema --outstd=0.050,0.075,...,0.250
+
+    # sigma_rel 0.130 as of the snapshot at 2147 kimg, from the official release's raw snapshots
+    python reconstruct_phema.py --indir=raw-snapshots/edm2-img512-xs --outdir=phema --outstd=0.13 --outkimg=2147
+
+Inputs are the files PREFIX-KKKKKKK-S.SSS.pkl (KKKKKKK = thousands of images, S.SSS = sigma_rel; our training
+loop's are network-snapshot-*, the official release's are named after the model); outputs are
+phema-KKKKKKK-S.SSS.pkl in the format of the latest input. The options are the official script's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+
+import click
+
+from training.phema import PHEMA_PREFIX, SIGMA_REL_MAX, reconstruct
+
+
+def parse_sigma_rel_list(text: str) -> list[float]:
+    """'0.05,0.1' -> [0.05, 0.1]; '...' continues the step of the two values before it up to the value after it:
+    '0.010,0.015,...,0.030' -> [0.010, 0.015, 0.020, 0.025, 0.030]. Sorted, without repeats."""
+    tokens = [token.strip() for token in text.split(",") if token.strip()]
+    values: list[float] = []
+    for i, token in enumerate(tokens):
+        if token != "...":
+            try:
+                values.append(float(token))
+            except ValueError:
+                raise ValueError(f"'{token}' is not a number") from None
+            continue
+        if len(values) < 2 or tokens[i - 1] == "..." or i + 1 >= len(tokens) or tokens[i + 1] == "...":
+            raise ValueError("'...' needs two numbers before it and one after it")
+        step, last = values[-1] - values[-2], float(tokens[i + 1])
+        count = (last - values[-1]) / step if step else -1
+        if count < 1 - 1e-4 or abs(count - round(count)) > 1e-4:
+            raise ValueError(f"'{values[-2]:g},{values[-1]:g},...,{last:g}' is not an evenly spaced range")
+        values += [values[-1] + step * k for k in range(1, round(count))]  # The last one is the next token.
+    values = sorted({round(v, 12) for v in values})
+    if not values or not all(0 < v <= SIGMA_REL_MAX for v in values):
+        raise ValueError(f"each sigma_rel must lie in (0, {SIGMA_REL_MAX:.4f}]")
+    return values
+
+
+def _sigma_rels(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_sigma_rel_list(value)
+    except ValueError as e:
+        raise click.BadParameter(f"{e} (got '{value}')") from None
+
+
+@click.command()
+@click.option("--indir", help="Folder of raw EMA snapshots PREFIX-KKKKKKK-S.SSS.pkl", metavar="DIR", required=True)
+@click.option("--inprefix", help="Only inputs with this prefix  [default: any but --outprefix]", metavar="STR")
+@click.option("--instd", help="Only inputs of these sigma_rel  [default: all]", metavar="LIST", callback=_sigma_rels)
+@click.option("--outdir", help="Where to write the reconstructions", metavar="DIR", required=True)
+@click.option("--outprefix", help="Prefix of the output files", metavar="STR", default=PHEMA_PREFIX, show_default=True)
+@click.option("--outstd", help="sigma_rel of each output: a list, '...' for a range (0.05,0.10,...,0.25)",
+              metavar="LIST", required=True, callback=_sigma_rels)
+@click.option("--outkimg", help="Reconstruct as of the snapshot at this time  [default: the latest]", metavar="KIMG",
+              type=click.IntRange(min=1))
+@click.option("--skip", "skip_existing", help="Leave outputs that already exist as they are", is_flag=True)
+@click.option("--batch", help="Outputs made per pass over the inputs (each pass reads every input once)",
+              metavar="INT", type=click.IntRange(min=1), default=8, show_default=True)
+def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip_existing, batch):
+    """Post-hoc EMA: least-squares combinations of the tracked power-function EMAs (Appendix C)."""
+    try:
+        summary = reconstruct(indir=indir, outdir=outdir, outstd=outstd, outkimg=outkimg, batch=batch,
+                              inprefix=inprefix, instd=instd, outprefix=outprefix, skip_existing=skip_existing)
+    except (ValueError, OSError, pickle.UnpicklingError) as e:
+        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    stds = ", ".join(f"{std:.3f}" for std in summary["outstd"])
+    passes = math.ceil(len(summary["paths"]) / batch)
+    skipped = f", {len(summary['skipped'])} left as they were" if summary["skipped"] else ""
+    click.echo(f"Reconstructed {len(summary['paths'])} network(s) (sigma_rel {stds} at {summary['out_nimg'] // 1000} "
+               f"kimg{skipped}) from {len(summary['inputs'])} snapshots, {passes} pass(es), in "
+               f"{summary['seconds']:.1f} s -> {os.path.join(outdir, '')}")
+
+
+if __name__ == "__main__":
+    main()
