@@ -28,12 +28,76 @@ ARCHITECTURES = {
     "ncsnpp": dict(model_type="SongUNet", embedding_type="fourier", encoder_type="residual", decoder_type="standard",
                    channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
     "adm": dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4]),
+    # EDM2's magnitude-preserving U-Net (config G) with its own preconditioner and loss (see EDM2 below).
+    "edm2": dict(model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8]),
 }
 PRECONDITIONERS = {  # --precond: (network, loss), Table 1.
     "vp": ("training.networks.VPPrecond", "training.loss.VPLoss"),
     "ve": ("training.networks.VEPrecond", "training.loss.VELoss"),
     "edm": ("training.networks.EDMPrecond", "training.loss.EDMLoss"),
 }
+EDM2_NETWORK, EDM2_LOSS = "training.networks.edm2.Precond", "training.loss.EDM2Loss"
+
+# Defaults of the options that depend on the architecture: EDM's (Table 2, config F) and EDM2's (its img64
+# presets: P_mean, P_std, lr, decay; no augmentation or dropout; one power-function EMA per sigma_rel).
+EDM_DEFAULTS = dict(duration=200, batch=512, lr=10e-4, lr_rampup=10000, lr_decay=0, dropout=0.13, augment=0.12)
+EDM2_DEFAULTS = dict(duration=1024 * 2 ** 20 / 1e6, batch=2048, lr=0.0100, lr_rampup=10000, lr_decay=35000, dropout=0,
+                     augment=0, p_mean=-0.8, p_std=1.6, ema_std=[0.050, 0.100])
+
+
+def _edm2_preset(mimg_shift: int, channels: int, lr: float, decay: int, dropout: float, p_mean: float,
+                 p_std: float) -> dict:
+    return dict(arch="edm2", duration=(mimg_shift << 20) / 1e6, batch=2048, cbase=channels, lr=lr, lr_decay=decay,
+                dropout=dropout, p_mean=p_mean, p_std=p_std)
+
+
+# The official EDM2 presets (train_edm2.py of the EDM2 release): duration in Mi images, channels, ref. lr, decay
+# (batches), dropout, P_mean, P_std. The img512 ones train on Stable Diffusion VAE latents.
+PRESETS = {
+    **{f"edm2-img512-{size}": _edm2_preset(mi, ch, lr, 70000, dropout, -0.4, 1.0) for size, mi, ch, lr, dropout in (
+        ("xxs", 2048, 64, 0.0170, 0.00), ("xs", 2048, 128, 0.0120, 0.00), ("s", 2048, 192, 0.0100, 0.00),
+        ("m", 2048, 256, 0.0090, 0.10), ("l", 1792, 320, 0.0080, 0.10), ("xl", 1280, 384, 0.0070, 0.10),
+        ("xxl", 896, 448, 0.0065, 0.10))},
+    **{f"edm2-img64-{size}": _edm2_preset(mi, ch, lr, 35000, dropout, -0.8, 1.6) for size, mi, ch, lr, dropout in (
+        ("xs", 1024, 128, 0.0120, 0.00), ("s", 1024, 192, 0.0100, 0.00), ("m", 2048, 256, 0.0090, 0.10),
+        ("l", 1024, 320, 0.0080, 0.10), ("xl", 640, 384, 0.0070, 0.10))},
+}
+LATENT_PRESETS = tuple(name for name in PRESETS if name.startswith("edm2-img512-"))
+
+
+def resolve_defaults(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
+    """The options with --preset and the architecture's defaults filled in where not given on the command line
+    (given options always win)."""
+    opts = dnnlib.EasyDict(opts)
+    if opts.get("preset"):
+        for key, value in PRESETS[opts.preset].items():
+            if opts.get(key) is None:
+                opts[key] = value
+    if opts.get("arch") is None:
+        opts.arch = "ddpmpp"
+    defaults = EDM2_DEFAULTS if opts.arch == "edm2" else EDM_DEFAULTS
+    for key, value in defaults.items():
+        if opts.get(key) is None:
+            opts[key] = value
+    return opts
+
+
+def check_edm2_options(opts: dnnlib.EasyDict) -> None:
+    """What EDM2's network cannot do, as one line each."""
+    if opts.arch != "edm2":
+        return
+    if opts.precond != "edm":
+        raise click.ClickException(f"--precond={opts.precond}: --arch=edm2 has its own preconditioning (EDM's Table 1 "
+                                   f"column with sigma_data = 0.5); leave --precond at edm")
+    if opts.augment:
+        raise click.ClickException(f"--augment={opts.augment}: EDM2's network takes no augmentation labels; use "
+                                   f"--augment=0 with --arch=edm2")
+    if opts.preset in LATENT_PRESETS:
+        raise click.ClickException(f"--preset={opts.preset}: a latent-diffusion preset (Stable Diffusion VAE "
+                                   f"latents); this code trains on pixels only: use an edm2-img64-* preset or "
+                                   f"--arch=edm2")
+
+
 # The official augmentation setting (--augment=p): every geometric transform, x-flips always drawn.
 AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 AUGMENT_DIM = 9
@@ -53,9 +117,25 @@ def parse_int_list(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def parse_float_list(ctx, param, value):
+    """'0.050,0.100' -> [0.05, 0.1]; 'none' -> [] (switch off what a preset turned on)."""
+    if value is None:
+        return None
+    if value.strip().lower() == "none":
+        return []
+    try:
+        values = [float(item) for item in value.split(",") if item.strip()]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of numbers") from None
+    if not values:
+        raise click.BadParameter("give at least one number, or 'none'")
+    return values
+
+
 def network_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     """network_kwargs: the --precond network with the --arch settings, then the options that override them."""
-    config = dnnlib.EasyDict(class_name=PRECONDITIONERS[opts.precond][0], **ARCHITECTURES[opts.arch])
+    class_name = EDM2_NETWORK if opts.arch == "edm2" else PRECONDITIONERS[opts.precond][0]
+    config = dnnlib.EasyDict(class_name=class_name, **ARCHITECTURES[opts.arch])
     config.update((keyword, opts[option]) for option, keyword in NETWORK_OVERRIDES if opts[option] is not None)
     if opts.augment:  # The network is told which augmentation each image had.
         config.augment_dim = AUGMENT_DIM
@@ -81,8 +161,9 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
                                        resolution=dataset_obj.resolution, max_size=len(dataset_obj))
     c.data_loader_kwargs = dnnlib.EasyDict(data_loader_kwargs(dist.get_device(), opts.workers))
     c.network_kwargs = network_config(opts)
-    c.loss_kwargs = dnnlib.EasyDict(class_name=PRECONDITIONERS[opts.precond][1])
-    c.optimizer_kwargs = dnnlib.EasyDict(class_name="torch.optim.Adam", lr=opts.lr, betas=[0.9, 0.999], eps=1e-8)
+    c.loss_kwargs = loss_config(opts)
+    betas = [0.9, 0.99] if opts.arch == "edm2" else [0.9, 0.999]  # EDM2's Adam (its Appendix D.2).
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name="torch.optim.Adam", lr=opts.lr, betas=betas, eps=1e-8)
     augment = augment_config(opts)
     if augment is not None:
         c.augment_kwargs = augment
@@ -93,6 +174,12 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
     c.ema_halflife_kimg = opts.ema * 1000
     c.ema_rampup_ratio = opts.ema_rampup if opts.ema_rampup > 0 else None
     c.lr_rampup_kimg = opts.lr_rampup
+    if opts.lr_decay:
+        c.lr_decay_batches = opts.lr_decay
+    if opts.ema_std:
+        c.ema_stds = list(opts.ema_std)
+    if opts.label_dropout:
+        c.label_dropout = opts.label_dropout
     c.update(batch_size=opts.batch, batch_gpu=opts.batch_gpu, loss_scaling=opts.ls, cudnn_benchmark=opts.bench)
     c.fast_paths = {name: opts[name] for name in FAST_PATH_OPTIONS if opts[name] is not None}
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, grid_images=opts.grid)
@@ -101,6 +188,20 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
     return c
+
+
+def loss_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
+    """loss_kwargs: the --precond column's loss, or EDM2's uncertainty-weighted one; log-normal p_train from
+    --p-mean/--p-std where the loss has one (EDM, EDM2)."""
+    class_name = EDM2_LOSS if opts.arch == "edm2" else PRECONDITIONERS[opts.precond][1]
+    config = dnnlib.EasyDict(class_name=class_name)
+    if class_name in (EDM2_LOSS, PRECONDITIONERS["edm"][1]):
+        config.update((key, opts[option]) for option, key in (("p_mean", "P_mean"), ("p_std", "P_std"))
+                      if opts[option] is not None)
+    elif opts.p_mean is not None or opts.p_std is not None:
+        raise click.ClickException(f"--p-mean/--p-std: the {opts.precond.upper()} loss draws sigma from its own "
+                                   f"p_train (Table 1); they apply to --precond=edm and --arch=edm2")
+    return config
 
 
 def shared_random_seed() -> int:
@@ -177,17 +278,19 @@ def shared_from_rank0(value):
               metavar="ZIP|DIR", type=str, required=True)
 @click.option("--cond", help="Condition on the dataset's class labels",
               metavar="BOOL", type=bool, default=False, show_default=True)
-@click.option("--arch", help="U-Net: DDPM++, NCSN++ or ADM", type=click.Choice(list(ARCHITECTURES)), default="ddpmpp",
-              show_default=True)
+@click.option("--arch", help="U-Net: DDPM++, NCSN++, ADM or EDM2's magnitude-preserving one  [default: ddpmpp]",
+              type=click.Choice(list(ARCHITECTURES)))
+@click.option("--preset", help="An official EDM2 configuration (sets --arch=edm2 and its hyperparameters; options "
+              "given explicitly win)", type=click.Choice(list(PRESETS)))
 @click.option("--precond", help="Table 2 column: preconditioning with its matching loss",
               type=click.Choice(list(PRECONDITIONERS)), default="edm", show_default=True)
 # Hyperparameters.
-@click.option("--duration", help="Stop after this many million training images",
-              metavar="MIMG", type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
+@click.option("--duration", help="Stop after this many million training images  [default: 200; edm2 1073.7]",
+              metavar="MIMG", type=click.FloatRange(min=0, min_open=True))
 @click.option("--max-minutes", help="Also stop, with a final snapshot, after this much wall-clock time",
               metavar="MIN", type=click.FloatRange(min=0, min_open=True), default=None)
-@click.option("--batch", help="Images per optimizer step, over all processes",
-              metavar="INT", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--batch", help="Images per optimizer step, over all processes  [default: 512; edm2 2048]",
+              metavar="INT", type=click.IntRange(min=1))
 @click.option("--batch-gpu", help="Limit batch size per GPU (gradient accumulation)", metavar="INT",
               type=click.IntRange(min=1))
 @click.option("--cbase", help="model_channels  [default: per architecture]", metavar="INT", type=click.IntRange(min=1))
@@ -197,21 +300,30 @@ def shared_from_rank0(value):
               type=click.IntRange(min=1))
 @click.option("--attn", help="Resolutions with self-attention, e.g. 16 or 32,16,8  [default: varies]", metavar="LIST",
               callback=parse_int_list)
-@click.option("--lr", help="Adam learning rate after the ramp-up",
-              metavar="FLOAT", type=click.FloatRange(min=0, min_open=True),
-              default=10e-4, show_default=True)
-@click.option("--lr-rampup", help="Learning-rate ramp-up", metavar="KIMG", type=click.FloatRange(min=0),
-              default=10000, show_default=True)
+@click.option("--lr", help="Adam learning rate after the ramp-up  [default: 0.001; edm2 0.01]",
+              metavar="FLOAT", type=click.FloatRange(min=0, min_open=True))
+@click.option("--lr-rampup", help="Learning-rate ramp-up  [default: 10000]", metavar="KIMG",
+              type=click.FloatRange(min=0))
+@click.option("--lr-decay", help="EDM2's decay: lr / sqrt(max(steps / this, 1)), 0 = constant  [default: 0; "
+              "edm2 35000]", metavar="BATCHES", type=click.FloatRange(min=0))
 @click.option("--ema", help="Half-life of the EMA weights, in million images",
               metavar="MIMG", type=click.FloatRange(min=0), default=0.5,
               show_default=True)
 @click.option("--ema-rampup", help="EMA ramp-up ratio, 0 = none", metavar="FLOAT", type=click.FloatRange(min=0),
               default=0.05, show_default=True)
-@click.option("--dropout", help="Dropout in the U-Net blocks", metavar="FLOAT", type=click.FloatRange(min=0, max=1),
-              default=0.13, show_default=True)
-@click.option("--augment", help="Non-leaking augmentation probability p, 0 = off",
-              metavar="FLOAT", type=click.FloatRange(min=0, max=1),
-              default=0.12, show_default=True)
+@click.option("--ema-std", help="Also track a power-function EMA per relative std (EDM2's post-hoc EMA; any --arch), "
+              "e.g. 0.050,0.100; 'none' = off  [default: none; edm2 0.050,0.100]", metavar="LIST",
+              callback=parse_float_list)
+@click.option("--dropout", help="Dropout in the U-Net blocks  [default: 0.13; edm2 0]", metavar="FLOAT",
+              type=click.FloatRange(min=0, max=1))
+@click.option("--label-dropout", help="Train this fraction of images without their label (classifier-free guidance)",
+              metavar="FLOAT", type=click.FloatRange(min=0, max=1), default=0, show_default=True)
+@click.option("--p-mean", help="Mean of ln(sigma) in training  [default: -1.2; edm2 -0.8]", metavar="FLOAT",
+              type=float)
+@click.option("--p-std", help="Std of ln(sigma) in training  [default: 1.2; edm2 1.6]", metavar="FLOAT",
+              type=click.FloatRange(min=0, min_open=True))
+@click.option("--augment", help="Non-leaking augmentation probability p, 0 = off  [default: 0.12; edm2 0]",
+              metavar="FLOAT", type=click.FloatRange(min=0, max=1))
 @click.option("--xflip", help="Also show every image mirrored (doubles the dataset)",
               metavar="BOOL", type=bool, default=False, show_default=True)
 # Performance-related.
@@ -273,7 +385,7 @@ def main(**kwargs):
         --duration=0.005 --tick=1 --snap=5 --grid=16
     """
     try:
-        train(dnnlib.EasyDict(kwargs))
+        train(resolve_defaults(dnnlib.EasyDict(kwargs)))
     except (click.ClickException, TrainingConfigError, StateFileError) as e:
         if not dist.is_main():  # Rank 0 reports it; the others just stop.
             sys.exit(1)
@@ -308,6 +420,13 @@ def train(opts: dnnlib.EasyDict) -> None:
         dist.init(opts.device)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
+    check_edm2_options(opts)
+    if opts.ema_std:
+        from training.phema import sigma_rel_to_gamma
+        try:
+            sigma_rel_to_gamma(opts.ema_std)
+        except ValueError as e:
+            raise click.ClickException(f"--ema-std={','.join(f'{s:g}' for s in opts.ema_std)}: {e}") from None
     if opts.transfer is not None and opts.resume is not None:
         raise click.ClickException("--transfer and --resume cannot be used together")
     if opts.fp16 and opts.bf16:

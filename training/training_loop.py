@@ -29,6 +29,8 @@ from torch_utils.training_stats import StatsCollector
 from training.checkpoint import save_network_pkl
 from training.perf import FastPaths, adam_kwargs, apply_process_settings, as_memory_format, default_fast_paths, \
     maybe_compile, prepare_network
+from training.lr_schedule import edm2_learning_rate
+from training.phema import PowerFunctionEMA, snapshot_name
 from training.progress import RunLog, format_time, save_image_grid
 from training.training_state import (TrainingState, capture_rng_state, kimg_label, restore_rank_rng,
                                      restore_rng_state)
@@ -214,6 +216,8 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
     log.print(f"Fast paths: {fast.with_options(precision=precision).describe()}")
     state = TrainingState(net=net, ema=ema, optimizer=optimizer,
                           extra=dict(batch_size=batch_size, seed=seed, network_kwargs=_plain(network_kwargs)))
+    if options.get("ema_stds"):
+        state.phema = PowerFunctionEMA(net, options["ema_stds"])
 
     if resume_pkl is not None:
         transfer_weights(resume_pkl, net, ema, log)
@@ -242,8 +246,14 @@ def _plain(value):
 # ----------------------------------------------------------------------------
 # One optimizer step.
 
-def learning_rate(base_lr: float, cur_nimg: int, lr_rampup_kimg: float) -> float:
-    """Linear ramp-up from 0 to ``base_lr`` over the first ``lr_rampup_kimg`` thousand images."""
+def learning_rate(base_lr: float, cur_nimg: int, lr_rampup_kimg: float, batch_size: int = 1,
+                  lr_decay_batches: float = 0) -> float:
+    """EDM: linear ramp-up from 0 to ``base_lr`` over the first ``lr_rampup_kimg`` thousand images, then constant.
+    With ``lr_decay_batches`` > 0, EDM2's schedule (its Section 2, Eq. 69 of the arXiv version): the ramped rate
+    divided by sqrt(max(t / lr_decay_batches, 1)), t = optimizer steps so far."""
+    if lr_decay_batches > 0:
+        return edm2_learning_rate(cur_nimg, batch_size, ref_lr=base_lr, ref_batches=lr_decay_batches,
+                                  rampup_Mimg=lr_rampup_kimg / 1000)
     return base_lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
 
 
@@ -268,11 +278,20 @@ def accumulate_gradients(run: Run) -> None:
         with sync:
             images, labels = next(run.data)
             images = images.to(run.device, non_blocking=True).to(torch.float32) / 127.5 - 1
-            labels = labels.to(run.device, non_blocking=True)
+            labels = drop_labels(labels.to(run.device, non_blocking=True), run.options["label_dropout"])
             loss = run.loss_fn(net=run.forward, images=as_memory_format(images, run.fast), labels=labels,
                                augment_pipe=run.augment_pipe)
             run.stats.report("Loss/loss", loss)
             loss.sum().mul(loss_scaling / per_rank).backward()
+
+
+def drop_labels(labels: torch.Tensor, probability: float) -> torch.Tensor:
+    """Label dropout for classifier-free guidance: each image's class vector is zeroed (the network's
+    'unconditional' input) with ``probability``. No random draw at all when the probability is 0."""
+    if probability <= 0 or labels.ndim != 2 or labels.shape[1] == 0:
+        return labels
+    keep = torch.rand([labels.shape[0], 1], device=labels.device) >= probability
+    return labels * keep.to(labels.dtype)
 
 
 def sanitize_gradients(net: torch.nn.Module) -> torch.Tensor:
@@ -300,12 +319,15 @@ def train_step(run: Run) -> None:
     state.optimizer.zero_grad(set_to_none=True)
     accumulate_gradients(run)
     for group in state.optimizer.param_groups:
-        group["lr"] = learning_rate(run.optimizer_lr, state.cur_nimg, opts["lr_rampup_kimg"])
+        group["lr"] = learning_rate(run.optimizer_lr, state.cur_nimg, opts["lr_rampup_kimg"], run.batch_size,
+                                    opts["lr_decay_batches"])
     run.stats.report0("Loss/nonfinite_grads", sanitize_gradients(state.net))
     state.optimizer.step()
     update_ema(state.ema, state.net, ema_beta(state.cur_nimg, run.batch_size, opts["ema_halflife_kimg"],
                                               opts["ema_rampup_ratio"]))
     state.cur_nimg += run.batch_size
+    if state.phema is not None:
+        state.phema.update(state.cur_nimg, run.batch_size)
 
 
 # ----------------------------------------------------------------------------
@@ -375,13 +397,20 @@ def report_progress(run: Run, tick: Tick) -> None:
 
 
 def save_snapshot(run: Run) -> str:
-    """``network-snapshot-KKKKKK.pkl`` in the official format (see ``kimg_label``), plus a sample grid from the EMA."""
+    """``network-snapshot-KKKKKK.pkl`` in the official format (see ``kimg_label``), plus a sample grid from the EMA;
+    with power-function EMAs also one ``network-snapshot-KKKKKKK-S.SSS.pkl`` per sigma_rel, the official EDM2
+    names that ``reconstruct_phema.py`` reads (see ``training.phema.snapshot_name``)."""
     kimg = kimg_label(run.state.cur_nimg)
     path = os.path.join(run.run_dir, f"network-snapshot-{kimg}.pkl")
     if dist.is_main():
-        ema = clone_module(run.state.ema, device="cpu").eval().requires_grad_(False)
-        save_network_pkl(path, dict(ema=ema, loss_fn=run.loss_fn, augment_pipe=run.augment_pipe,
-                                    dataset_kwargs=run.dataset_kwargs))
+        emas = {path: run.state.ema}
+        if run.state.phema is not None:
+            emas.update((os.path.join(run.run_dir, snapshot_name(run.state.cur_nimg, std)), module)
+                        for std, module in run.state.phema.emas.items())
+        for ema_path, module in emas.items():
+            ema = clone_module(module, device="cpu").eval().requires_grad_(False)
+            save_network_pkl(ema_path, dict(ema=ema, loss_fn=run.loss_fn, augment_pipe=run.augment_pipe,
+                                             dataset_kwargs=run.dataset_kwargs))
         if run.options["grid_images"]:
             save_sample_grid(run, os.path.join(run.run_dir, f"samples-{kimg}.png"))
     return path
@@ -514,12 +543,16 @@ def training_loop(
     tensorboard: bool = True,           # TensorBoard scalars when the package is installed.
     fast_paths: dict | None = None,     # training.perf.FastPaths switches; None or missing = the device's defaults.
     max_minutes: float | None = None,   # Also end (with a final snapshot) after this much wall-clock time.
+    lr_decay_batches: float = 0,        # EDM2: lr / sqrt(max(steps / this, 1)) after the ramp-up; 0 = constant.
+    ema_stds: list[float] | None = None,  # EDM2: sigma_rel of the power-function EMAs to track; None = none.
+    label_dropout: float = 0,           # Probability of training an image without its label (for guidance).
 ) -> TrainingState:
     """Train until ``total_kimg`` thousand images have been seen, ``max_minutes`` have passed since the call
     (setup included), or SIGTERM; returns the final state."""
     options = dict(loss_scaling=loss_scaling, lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
                    ema_rampup_ratio=ema_rampup_ratio, snapshot_ticks=snapshot_ticks,
-                   state_dump_ticks=state_dump_ticks, grid_images=grid_images, grid_steps=grid_steps)
+                   state_dump_ticks=state_dump_ticks, grid_images=grid_images, grid_steps=grid_steps,
+                   lr_decay_batches=lr_decay_batches, ema_stds=list(ema_stds or []), label_dropout=label_dropout)
     start_time = time.time()
     run = setup(run_dir, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs,
                 augment_kwargs, seed, batch_size, batch_gpu, resume_pkl, resume_state_dump, cudnn_benchmark,

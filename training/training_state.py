@@ -102,6 +102,7 @@ class TrainingState:
     cur_nimg: int = 0
     cur_tick: int = 0
     extra: dict = field(default_factory=dict)  # Plain data recorded for checks on resume (batch size, ...).
+    phema: Any = None  # training.phema.PowerFunctionEMA when the run tracks power-function EMAs (--ema-std).
 
     @property
     def data_position(self) -> int:
@@ -116,6 +117,8 @@ class TrainingState:
                     optimizer_state=self.optimizer.state_dict(), cur_nimg=int(self.cur_nimg),
                     cur_tick=int(self.cur_tick), data_position=int(self.data_position),
                     rng_states=rng_states, world_size=dist.get_world_size(), **self.extra)
+        if self.phema is not None:
+            data["phema"] = _cpu_phema(self.phema.state_dict())
         atomic_torch_save(data, path)
 
     def load(self, path: str, device: torch.device) -> dict[str, Any]:
@@ -130,13 +133,32 @@ class TrainingState:
                                      f"(same --arch/--cbase/--cres/--cond/--augment as the original run?): "
                                      f"{str(e).strip().splitlines()[0]}") from None
         self.optimizer.load_state_dict(data["optimizer_state"])
+        self._load_phema(path, data.get("phema"))
         self.cur_nimg = int(data["cur_nimg"])
         self.cur_tick = int(data["cur_tick"])
         return data
 
 
+    def _load_phema(self, path: str, saved: dict | None) -> None:
+        tracked = None if self.phema is None else list(self.phema.stds)
+        written = None if saved is None else [float(std) for std in saved["stds"]]
+        if tracked != written:
+            raise StateFileError(f"{path}: the state tracks power-function EMAs with sigma_rel {written or 'none'}, "
+                                 f"these options {tracked or 'none'}; resume with the original run's --ema-std")
+        if saved is not None:
+            try:
+                self.phema.load_state_dict(saved)
+            except RuntimeError as e:
+                raise StateFileError(f"{path}: its power-function EMAs do not fit the network built from these "
+                                     f"options: {str(e).strip().splitlines()[0]}") from None
+
+
 def _cpu(state_dict: dict) -> dict:
     return {name: tensor.detach().cpu() for name, tensor in state_dict.items()}
+
+
+def _cpu_phema(state: dict) -> dict:
+    return dict(stds=[float(std) for std in state["stds"]], emas=[_cpu(ema) for ema in state["emas"]])
 
 
 def restore_rank_rng(data: dict[str, Any], device: torch.device) -> bool:

@@ -304,14 +304,15 @@ class Precond(torch.nn.Module):
     ``net(x, sigma, class_labels=None, force_fp32=False, return_logvar=False)``: x [N, C, H, W], sigma a scalar
     or [N], class_labels [N, label_dim] one-hot (None: zeros). Returns D(x; sigma) in float32, and with
     ``return_logvar`` also u(sigma) [N, 1, 1, 1]. The U-Net runs in float16 when ``use_fp16`` is set and x is on
-    a CUDA device (unless ``force_fp32``), else in float32.
+    a CUDA device, in bfloat16 when ``use_bf16`` is set (ours, not official; any device), else in float32;
+    ``force_fp32`` overrides both.
     """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool = True,
-                 sigma_data: float = 0.5, logvar_channels: int = 128, **unet_kwargs):
+                 sigma_data: float = 0.5, logvar_channels: int = 128, use_bf16: bool = False, **unet_kwargs):
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.use_fp16, self.sigma_data = use_fp16, sigma_data
+        self.use_fp16, self.use_bf16, self.sigma_data = use_fp16, use_bf16, sigma_data
         self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
                          **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
@@ -327,6 +328,13 @@ class Precond(torch.nn.Module):
         """u(sigma) [N, 1, 1, 1] of Eq. 21 for c_noise [N]."""
         return self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
 
+    def compute_dtype(self, x: torch.Tensor, force_fp32: bool = False) -> torch.dtype:
+        if force_fp32:
+            return torch.float32
+        if self.use_fp16 and x.device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if getattr(self, "use_bf16", False) else torch.float32
+
     def label_batch(self, class_labels: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
         """One-hot labels as float32 [N, label_dim] (zeros [1, label_dim] when none are given), None if
         unconditional."""
@@ -340,9 +348,8 @@ class Precond(torch.nn.Module):
                 return_logvar: bool = False):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
-        fp16 = self.use_fp16 and not force_fp32 and x.device.type == "cuda"
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F_x = self.unet((c_in * x).to(torch.float16 if fp16 else torch.float32), c_noise,
+        F_x = self.unet((c_in * x).to(self.compute_dtype(x, force_fp32)), c_noise,
                         self.label_batch(class_labels, x.device))
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         return (D_x, self.logvar(c_noise)) if return_logvar else D_x
