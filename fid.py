@@ -22,7 +22,7 @@ from torch_utils import distributed as dist
 
 
 @contextlib.contextmanager
-def _user_errors():
+def user_errors():
     """Turn the library's errors about bad input into one-line messages."""
     from metrics.detector import DetectorError
     from metrics.reference import ReferenceFileError
@@ -32,7 +32,9 @@ def _user_errors():
         raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
 
 
-def _common_options(fn):
+def common_options(fn):
+    """The options every FID command shares (here and in ema_sweep.py): batch, workers, detector, preprocessing,
+    device."""
     for option in reversed([
         click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True,
                      help="Images per batch per process"),
@@ -48,14 +50,19 @@ def _common_options(fn):
     return fn
 
 
-def _setup(device: str | None, detector: str | None, preprocess: str):
-    from metrics.detector import load_detector
+def _init_device(device: str | None):
     from training.perf import apply_process_settings, default_fast_paths
     try:
         device = dist.init(device)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
     apply_process_settings(default_fast_paths(device))  # Retained host memory on the CPU; TF32 stays off.
+    return device
+
+
+def _setup(device: str | None, detector: str | None, preprocess: str):
+    from metrics.detector import load_detector
+    device = _init_device(device)
     return device, load_detector(detector, device=device, preprocess_mode=preprocess)
 
 
@@ -77,23 +84,13 @@ def _dataset_features(dataset, detector, device, batch: int, workers: int):
     return features
 
 
-def _generated_features(network: str, seeds: list[int], class_idx: int | None, sampler_kwargs: dict,
-                        detector, device, batch: int):
+def _generated_features(net, seeds: list[int], class_idx: int | None, sampler_kwargs: dict, detector, device,
+                        batch: int):
     """Features of a network's samples, made in memory exactly as generate.py makes its PNGs."""
-    from metrics.features import compute_features, generated_batches
-    from training.checkpoint import load_network
-    from training.sampling import generate_images
-    if not dist.is_main():
-        dist.barrier()  # The main process downloads a URL into the cache first.
-    net = load_network(network, device=device)
-    if dist.is_main():
-        dist.barrier()
-    sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
-    generate = lambda batch_seeds: generate_images(net, batch_seeds, class_idx=class_idx, device=device,  # noqa: E731
-                                                   **sampler_kwargs)
+    from training.generation import generated_features
     start = time.time()
-    features = compute_features(detector, generated_batches(generate, seeds), len(seeds), batch, device,
-                                desc="Generating and measuring")
+    features = generated_features(net, seeds, detector, device, batch, class_idx=class_idx,
+                                  sampler_kwargs=sampler_kwargs)
     dist.print0(_throughput(len(seeds), start))
     return features
 
@@ -112,12 +109,12 @@ def main():
 @click.option("--data", required=True, metavar="ZIP|DIR", help="Dataset of reference images")
 @click.option("--dest", required=True, metavar="NPZ", help="Where to write the statistics")
 @click.option("--features", "keep_features", is_flag=True, help="Also store the features (needed for KID)")
-@_common_options
+@common_options
 def ref(data, dest, keep_features, batch, workers, detector, preprocess, device):
     """Compute reference statistics (mu, sigma) of a dataset, in the official format."""
     from metrics.evaluate import reference_from_features
     from metrics.reference import save_reference
-    with _user_errors():
+    with user_errors():
         dataset = _open_dataset(data)
         device, net = _setup(device, detector, preprocess)
         features = _dataset_features(dataset, net, device, batch, workers)
@@ -142,7 +139,7 @@ def _is_statistics_file(path: str) -> bool:
 @click.option("--num", type=click.IntRange(min=2), default=50000, show_default=True, help="Number of images")
 @click.option("--seed", type=int, default=0, show_default=True, help="Picks the subset when there are more images")
 @click.option("--metrics", "metric_names", default="fid", show_default=True, help="Comma-separated: fid, kid")
-@_common_options
+@common_options
 def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, batch, workers, detector, preprocess,
          device, **sampler_kwargs):
     """Compute FID (and KID) of images, or of a network's samples, against reference statistics.
@@ -150,9 +147,11 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, b
     With --network, the sampler options are generate.py's, and the images are those generate.py would
     write for the same seeds, never written to disk.
     """
+    from metrics.detector import load_detector
     from metrics.evaluate import cached_dataset_reference, compute_metrics, detector_settings, parse_metrics
     from metrics.reference import load_reference
-    with _user_errors():
+    from training.generation import load_network_once_per_node
+    with user_errors():
         metrics = parse_metrics(metric_names)
         if (images is None) == (network is None):
             raise click.ClickException("give either --images=DIR|ZIP or --network=PKL (with --seeds)")
@@ -164,7 +163,10 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, b
             raise click.ClickException(f"--ref={ref_path}: KID needs the reference's features; pass the dataset "
                                        "as --ref, or make the file with `fid.py ref --features`")
         dataset = _open_dataset(images, max_size=num, seed=seed, min_size=num) if images is not None else None
-        device, net = _setup(device, detector, preprocess)
+        device = _init_device(device)
+        # The network before the detector: a snapshot that cannot be sampled stops the run before any other work.
+        sampled = load_network_once_per_node(network, device) if network is not None else None
+        net = load_detector(detector, device=device, preprocess_mode=preprocess)
         if ref is None:
             ref_dataset = _open_dataset(ref_path)
             ref = cached_dataset_reference(ref_path, lambda: _dataset_features(ref_dataset, net, device, batch, workers),
@@ -172,21 +174,22 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, b
         if dataset is not None:
             features = _dataset_features(dataset, net, device, batch, workers)
         else:
-            features = _generated_features(network, seed_list, class_idx, sampler_kwargs, net, device, batch)
+            features = _generated_features(sampled, seed_list, class_idx, sampler_kwargs, net, device, batch)
         results = compute_metrics(features, ref, metrics)
     _print_results(results)
     dist.shutdown()
 
 
-def _add_sampler_options(command: click.Command) -> None:
-    """Give ``calc`` generate.py's sampler options, the same definitions, so the two cannot drift apart."""
+def add_sampler_options(command: click.Command) -> None:
+    """Give a command (``calc``, ema_sweep.py's) generate.py's sampler options, the same definitions, so that they
+    cannot drift apart."""
     import generate
     sampler_options = {"num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
                        "solver", "discretization", "schedule", "scaling"}
     command.params.extend(p for p in generate.main.params if p.name in sampler_options)
 
 
-_add_sampler_options(calc)
+add_sampler_options(calc)
 
 
 def _print_results(results: dict[str, float]) -> None:

@@ -1,4 +1,6 @@
-"""Sampling to image files: the library behind ``generate.py``.
+"""Sampling to image files, or to FID detector features in memory: the library behind ``generate.py`` and
+``fid.py calc --network``. Both load networks through ``load_network_once_per_node``, which refuses latent-space
+snapshots (EDM2's img512 models: there is no VAE decoder here).
 
 Seeds are split into batches and the batches shared among processes (``torchrun``); since each image
 depends only on its seed (see ``training.sampling.generate_images``), the files are the same for any
@@ -20,8 +22,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import dnnlib
+from metrics.features import compute_features, generated_batches
 from torch_utils import distributed
-from training.checkpoint import load_network
+from training.checkpoint import is_latent_snapshot, load_network_pkl
 from training.perf import (apply_process_settings, check_precision, default_fast_paths, maybe_compile,
                            prepare_network)
 from training.sampling import ABLATION_OPTIONS, generate_images
@@ -86,14 +89,49 @@ def _all_gather_objects(obj) -> list:
     return gathered
 
 
-def _load_network_once_per_node(network: str, device: torch.device) -> torch.nn.Module:
-    """Rank 0 loads first (downloading a URL into the cache), the others then read the cached copy."""
+def check_pixel_snapshot(snapshot: dict, source: str) -> None:
+    """Refuse, in one line naming ``source``, a snapshot whose network samples Stable Diffusion VAE latents
+    (EDM2's img512 models): without the VAE's decoder its samples are not images."""
+    if is_latent_snapshot(snapshot):
+        raise ValueError(f"{source}: an EDM2 latent-diffusion network (Stable Diffusion VAE latents); decoding "
+                         f"latents to pixels is not supported")
+
+
+def load_sampling_network(network: str, device: torch.device | str | None = None) -> torch.nn.Module:
+    """The network of a snapshot (path, URL or official name) to sample images from, in eval mode on ``device``;
+    latent-space snapshots are refused (``check_pixel_snapshot``)."""
+    snapshot = load_network_pkl(network)
+    check_pixel_snapshot(snapshot, network)
+    return snapshot["ema"].to(device or "cpu").eval()
+
+
+def load_network_once_per_node(network: str, device: torch.device) -> torch.nn.Module:
+    """``load_sampling_network``, rank 0 first (downloading a URL into the cache), the others then reading the
+    cached copy. Every process calls it."""
     if not distributed.is_main():
         distributed.barrier()
-    net = load_network(network, device=device)
-    if distributed.is_main():
-        distributed.barrier()
+    try:
+        net = load_sampling_network(network, device=device)
+    finally:
+        if distributed.is_main():
+            distributed.barrier()
     return net
+
+
+def generated_features(net: torch.nn.Module, seeds: list[int], detector, device: torch.device | str,
+                       batch_size: int = 64, class_idx: int | None = None, sampler_kwargs: dict | None = None,
+                       progress: bool = True, desc: str = "Generating and measuring") -> np.ndarray:
+    """Detector features [len(seeds), 2048] float32 of the images ``generate_to_files`` writes for ``seeds`` with
+    these sampler options (None: the default), made in memory and never written: each image depends only on its
+    seed, so the features are the PNGs' for any batch size. Under torchrun each process samples its share of
+    every global batch (``metrics.features.compute_features``); all processes return all features."""
+    sampler_kwargs = {k: v for k, v in (sampler_kwargs or {}).items() if v is not None}
+
+    def generate(batch_seeds: list[int]) -> torch.Tensor:
+        return generate_images(net, batch_seeds, class_idx=class_idx, device=device, **sampler_kwargs)
+
+    return compute_features(detector, generated_batches(generate, seeds), len(seeds), batch_size, device,
+                            progress=progress, desc=desc)
 
 
 def sampling_rounds(seeds: list[int], max_batch_size: int, world_size: int) -> list[list[list[int]]]:
@@ -145,7 +183,7 @@ def generate_to_files(options: GenerateOptions) -> dict:
         check_precision(options.precision, device)
     except ValueError as e:
         raise ValueError(f"--precision={options.precision}: {e}") from None
-    net = _load_network_once_per_node(options.network, device)
+    net = load_network_once_per_node(options.network, device)
     check_network_options(net, options)
     net = prepare_for_sampling(net, options, device)
     sampler_kwargs = {k: v for k, v in options.sampler_kwargs.items() if v is not None}

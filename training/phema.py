@@ -22,7 +22,7 @@ import os
 import pickle
 import re
 import time
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -222,19 +222,20 @@ def list_snapshots(indir: str, prefix: str | None = None, exclude_prefix: str | 
 # ----------------------------------------------------------------------------
 # Reconstruction from a folder of snapshots.
 
-def reconstruct(indir: str, outdir: str, outstd: Sequence[float], outkimg: int | None = None, batch: int = 8,
-                inprefix: str | None = None, instd: Sequence[float] | None = None, outprefix: str = PHEMA_PREFIX,
-                skip_existing: bool = False, progress: bool = True) -> dict:
-    """Write ``PHEMA-KKKKKKK-S.SSS.pkl`` (prefix ``outprefix``) to ``outdir`` for each sigma_rel in ``outstd``,
-    as of the snapshot time ``outkimg`` (default: the latest), from the snapshots in ``indir`` up to then (those
-    named by ``list_snapshots(indir, inprefix, outprefix, instd)``). With ``skip_existing``, outputs already in
-    ``outdir`` are left as they are.
+class PosthocPlan(NamedTuple):
+    """What a post-hoc reconstruction reads and makes: see ``plan_reconstruction``."""
+    inputs: list[tuple[str, SnapshotName]]  # The snapshots averaged, sorted by time, then sigma_rel.
+    out_nimg: int                           # The time of the outputs, in images.
+    outstd: list[float]                     # Their sigma_rel, ascending, without repeats.
+    coefficients: np.ndarray                # [inputs, outputs] weights (solve_posthoc_coefficients).
 
-    Each output's float parameters and buffers are the coefficient-weighted sums of the inputs' (Appendix C;
-    accumulated in float32 or wider, stored in the network's dtype); its other buffers and the rest of its
-    snapshot dict (keys, loss, encoder, dataset_kwargs, as pickled) are the latest input's. Every input is read
-    once per ``batch`` outputs. Returns a summary: paths written, inputs used, coefficients, seconds."""
-    start = time.time()
+
+def plan_reconstruction(indir: str, outstd: Sequence[float], outkimg: int | None = None, inprefix: str | None = None,
+                        instd: Sequence[float] | None = None, outprefix: str = PHEMA_PREFIX) -> PosthocPlan:
+    """The inputs and weights of each sigma_rel in ``outstd`` as of the snapshot time ``outkimg`` (default: the
+    latest), from the snapshots in ``indir`` up to then (those named by ``list_snapshots(indir, inprefix,
+    outprefix, instd)``), solved as in Algorithm 3. Reads no network; raises ValueError with one line when the
+    folder, the time or a sigma_rel cannot work."""
     if not os.path.isdir(indir):
         raise ValueError(f"{indir}: no such folder")
     inputs = list_snapshots(indir, prefix=inprefix, exclude_prefix=outprefix, sigma_rels=instd)
@@ -255,23 +256,55 @@ def reconstruct(indir: str, outdir: str, outstd: Sequence[float], outkimg: int |
         raise ValueError("no sigma_rel to reconstruct")
     coefficients = solve_posthoc_coefficients([name.nimg for _, name in inputs],
                                               [name.sigma_rel for _, name in inputs], out_nimg, outstd)
-    out_paths = [os.path.join(outdir, snapshot_name(out_nimg, std, outprefix)) for std in outstd]
-    todo = [j for j, path in enumerate(out_paths) if not (skip_existing and os.path.isfile(path))]
-    batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
-    template = _load_verbatim(inputs[-1][0]) if todo else None
-    if todo:
-        os.makedirs(outdir, exist_ok=True)
-    with tqdm(total=len(batches) * len(inputs), unit="pkl", desc="Reconstructing", disable=not progress) as bar:
+    return PosthocPlan(inputs, out_nimg, outstd, coefficients)
+
+
+def reconstructed_networks(plan: PosthocPlan, outputs: Sequence[int] | None = None, batch: int = 8,
+                           progress: bool = True) -> Iterator[tuple[float, torch.nn.Module]]:
+    """(sigma_rel, network) for each output of ``plan`` (indices into ``plan.outstd``; default: all), in memory:
+    the network is the latest input's with its float parameters and buffers set to the coefficient-weighted sums
+    of the inputs' (Appendix C; accumulated in float32 or wider, stored in the network's dtype), its other
+    buffers as they are there. Every input is read once per ``batch`` outputs.
+
+    The networks of one batch are one module whose tensors each step overwrites: use (or copy) each before
+    asking for the next."""
+    outputs = list(range(len(plan.outstd))) if outputs is None else list(outputs)
+    batches = [outputs[i:i + batch] for i in range(0, len(outputs), batch)]
+    with tqdm(total=len(batches) * len(plan.inputs), unit="pkl", desc="Reconstructing", disable=not progress) as bar:
         for columns in batches:
-            sums, net = _weighted_sums([path for path, _ in inputs], coefficients[:, columns], bar)
+            sums, net = _weighted_sums([path for path, _ in plan.inputs], plan.coefficients[:, columns], bar)
             for column, weighted in zip(columns, sums):
                 _load_floats(net, weighted)
-                data = copy.copy(template)
-                data["ema"] = net
-                atomic_write_bytes(out_paths[column], pickle.dumps(data, protocol=4))
+                yield plan.outstd[column], net
+
+
+def reconstruct(indir: str, outdir: str, outstd: Sequence[float], outkimg: int | None = None, batch: int = 8,
+                inprefix: str | None = None, instd: Sequence[float] | None = None, outprefix: str = PHEMA_PREFIX,
+                skip_existing: bool = False, progress: bool = True) -> dict:
+    """Write ``PHEMA-KKKKKKK-S.SSS.pkl`` (prefix ``outprefix``) to ``outdir`` for each sigma_rel in ``outstd``,
+    as of the snapshot time ``outkimg`` (default: the latest), from the snapshots in ``indir`` up to then (those
+    named by ``list_snapshots(indir, inprefix, outprefix, instd)``). With ``skip_existing``, outputs already in
+    ``outdir`` are left as they are.
+
+    Each output's network is that of ``reconstructed_networks``; the rest of its snapshot dict (keys, loss,
+    encoder, dataset_kwargs, as pickled) is the latest input's. Every input is read once per ``batch`` outputs.
+    Returns a summary: paths written, inputs used, coefficients, seconds."""
+    start = time.time()
+    plan = plan_reconstruction(indir, outstd, outkimg, inprefix, instd, outprefix)
+    out_paths = [os.path.join(outdir, snapshot_name(plan.out_nimg, std, outprefix)) for std in plan.outstd]
+    todo = [j for j, path in enumerate(out_paths) if not (skip_existing and os.path.isfile(path))]
+    template = None
+    if todo:
+        template = _load_verbatim(plan.inputs[-1][0])
+        os.makedirs(outdir, exist_ok=True)
+    networks = reconstructed_networks(plan, todo, batch, progress)
+    for column, (_, net) in zip(todo, networks):
+        data = copy.copy(template)
+        data["ema"] = net
+        atomic_write_bytes(out_paths[column], pickle.dumps(data, protocol=4))
     return dict(paths=[out_paths[j] for j in todo], skipped=[p for j, p in enumerate(out_paths) if j not in todo],
-                out_nimg=out_nimg, outstd=outstd, inputs=[path for path, _ in inputs], coefficients=coefficients,
-                seconds=time.time() - start)
+                out_nimg=plan.out_nimg, outstd=plan.outstd, inputs=[path for path, _ in plan.inputs],
+                coefficients=plan.coefficients, seconds=time.time() - start)
 
 
 @torch.no_grad()
