@@ -12,6 +12,7 @@ last line printed is the FID alone.
 from __future__ import annotations
 
 import contextlib
+import io
 import pickle
 import time
 
@@ -124,6 +125,21 @@ def ref(data, dest, keep_features, batch, workers, detector, preprocess, device)
     dist.shutdown()
 
 
+def _guidance_weights(ctx, param, value):
+    try:
+        weights = dnnlib.util.parse_float_list(value)
+    except ValueError as e:
+        raise click.BadParameter(f"{e} (got '{value}')") from None
+    if not weights:
+        raise click.BadParameter("give at least one weight")
+    return weights
+
+
+def _parse_interval(value):
+    from generate import parse_interval
+    return parse_interval(value)
+
+
 def _is_statistics_file(path: str) -> bool:
     return dnnlib.util.is_url(path) or path.lower().endswith(".npz")
 
@@ -139,9 +155,16 @@ def _is_statistics_file(path: str) -> bool:
 @click.option("--num", type=click.IntRange(min=2), default=50000, show_default=True, help="Number of images")
 @click.option("--seed", type=int, default=0, show_default=True, help="Picks the subset when there are more images")
 @click.option("--metrics", "metric_names", default="fid", show_default=True, help="Comma-separated: fid, kid")
+@click.option("--gnet", metavar="PKL|URL|uncond", help="With --network: guiding network (as generate.py's --gnet)")
+@click.option("--guidance", metavar="LIST", default="1", show_default=True, callback=_guidance_weights,
+              help="With --network: guidance weight w, or several to sweep, e.g. 1.0,1.2,...,3.0")
+@click.option("--guidance-interval", "guidance_interval", metavar="LO,HI", help="Guide only for sigma in [LO, HI]",
+              callback=lambda ctx, param, value: _parse_interval(value))
+@click.option("--plot", metavar="PNG", default="fid-vs-guidance.png", show_default=True,
+              help="With several --guidance values: where to plot FID against w")
 @common_options
-def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, batch, workers, detector, preprocess,
-         device, **sampler_kwargs):
+def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, gnet, guidance, guidance_interval,
+         plot, batch, workers, detector, preprocess, device, **sampler_kwargs):
     """Compute FID (and KID) of images, or of a network's samples, against reference statistics.
 
     With --network, the sampler options are generate.py's, and the images are those generate.py would
@@ -150,9 +173,12 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, b
     from metrics.detector import load_detector
     from metrics.evaluate import cached_dataset_reference, compute_metrics, detector_settings, parse_metrics
     from metrics.reference import load_reference
-    from training.generation import load_network_once_per_node
+    from training.generation import GenerateOptions, load_guide, load_network_once_per_node
+    from training.sampling import guided
     with user_errors():
         metrics = parse_metrics(metric_names)
+        if network is None and (gnet is not None or guidance != [1.0]):
+            raise click.ClickException("--gnet and --guidance go with --network")
         if (images is None) == (network is None):
             raise click.ClickException("give either --images=DIR|ZIP or --network=PKL (with --seeds)")
         if seeds is not None and network is None:
@@ -172,12 +198,50 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, b
             ref = cached_dataset_reference(ref_path, lambda: _dataset_features(ref_dataset, net, device, batch, workers),
                                            detector_settings(net), keep_features="kid" in metrics)
         if dataset is not None:
-            features = _dataset_features(dataset, net, device, batch, workers)
+            results = compute_metrics(_dataset_features(dataset, net, device, batch, workers), ref, metrics)
         else:
-            features = _generated_features(sampled, seed_list, class_idx, sampler_kwargs, net, device, batch)
-        results = compute_metrics(features, ref, metrics)
+            guide = load_guide(GenerateOptions(network=network, seeds=seed_list, gnet=gnet,
+                                               guidance=max(guidance, key=lambda w: w != 1)), sampled, device)
+            per_weight = {}
+            for w in guidance:
+                denoiser = guided(sampled, guide, w, guidance_interval)
+                features = _generated_features(denoiser, seed_list, class_idx, sampler_kwargs, net, device, batch)
+                per_weight[w] = compute_metrics(features, ref, metrics)
+                if len(guidance) > 1:
+                    dist.print0(f"guidance {w:g}: " + ", ".join(f"{k.upper()} {v:g}" for k, v in per_weight[w].items()))
+            if len(guidance) > 1:
+                _report_guidance_sweep(per_weight, plot, len(seed_list))
+                dist.shutdown()
+                return
+            results = per_weight[guidance[0]]
     _print_results(results)
     dist.shutdown()
+
+
+def _report_guidance_sweep(per_weight: dict[float, dict[str, float]], plot: str, num_images: int) -> None:
+    """The FID of each guidance weight as a table, the best one, and a plot of FID against w (main process)."""
+    fids = {w: r["fid"] for w, r in per_weight.items() if "fid" in r}
+    if not fids or not dist.is_main():
+        return
+    best = min(fids, key=fids.get)
+    print("\n  guidance       FID\n" + "\n".join(f"  {w:8g}  {fid:8.3f}{'  <- best' if w == best else ''}"
+                                              for w, fid in fids.items()))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ax.plot(list(fids), list(fids.values()), "o-", markersize=4)
+    ax.plot([best], [fids[best]], "*", color="tab:red", markersize=14, label=f"best: w {best:g}, FID {fids[best]:.3f}")
+    ax.set_xlabel("guidance weight w")
+    ax.set_ylabel(f"FID ({num_images} images)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    dnnlib.util.atomic_write_bytes(plot, buffer.getvalue())
+    print(f"Best guidance {best:g} (FID {fids[best]:.3f}) of {len(fids)}; plot in {plot}")
 
 
 def add_sampler_options(command: click.Command) -> None:

@@ -32,6 +32,19 @@ def _seeds(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
+def parse_interval(value: str | None) -> tuple[float, float] | None:
+    """'LO,HI' -> (lo, hi) with 0 <= lo < hi."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"'{value}': expected two numbers LO,HI") from None
+    if not 0 <= lo < hi:
+        raise click.BadParameter(f"'{value}': expected 0 <= LO < HI")
+    return lo, hi
+
+
 @click.command()
 @click.option("--network", "network", help="Network pickle or safetensors export (path or URL)", metavar="PATH|URL",
               required=True)
@@ -66,20 +79,27 @@ def _seeds(ctx, param, value):
               type=click.Choice(["vp", "ve", "iddpm", "edm"]))
 @click.option("--schedule", help="Table 1 ablation: sigma(t)", type=click.Choice(["vp", "ve", "linear"]))
 @click.option("--scaling", help="Table 1 ablation: s(t)", type=click.Choice(["vp", "none"]))
+@click.option("--gnet", help="Guiding network: a smaller or shorter-trained one (autoguidance), or 'uncond' for "
+              "classifier-free guidance (the network without its label)", metavar="PATH|URL|uncond")
+@click.option("--guidance", help="Guidance weight w: D_g + w (D - D_g); 1 = none", metavar="FLOAT", type=float,
+              default=1, show_default=True)
+@click.option("--guidance-interval", "guidance_interval", help="Guide only for sigma in this range, e.g. 0.28,2.9",
+              metavar="LO,HI", callback=lambda ctx, param, value: parse_interval(value))
 @click.option("--precision", help="Run the U-Net in this precision  [default: the network's own]",
               type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option("--channels-last", "channels_last", help="NHWC memory format  [default: per device]", metavar="BOOL",
               type=bool)
 @click.option("--compile", "compile", help="torch.compile the network  [default: off]", metavar="BOOL", type=bool)
 @click.option("--tf32", help="TF32 on Ampere+ GPUs  [default: off]", metavar="BOOL", type=bool)
-def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, precision, channels_last, compile,
-         tf32, **sampler_kwargs):
+def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, gnet, guidance, guidance_interval,
+         precision, channels_last, compile, tf32, **sampler_kwargs):
     """Generate images with the EDM samplers (Algorithms 1 and 2, or any Table 1 combination)."""
     fast_paths = {k: v for k, v in dict(channels_last=channels_last, compile=compile, tf32=tf32).items()
                   if v is not None}
     options = GenerateOptions(network=network, seeds=seeds, outdir=outdir, subdirs=subdirs, grid=grid,
                               class_idx=class_idx, max_batch_size=max_batch_size, device=device,
-                              sampler_kwargs=sampler_kwargs, fast_paths=fast_paths, precision=precision)
+                              sampler_kwargs=sampler_kwargs, fast_paths=fast_paths, precision=precision, gnet=gnet,
+                              guidance=guidance, guidance_interval=guidance_interval)
     try:
         summary = generate_to_files(options)
         where = " and ".join(p for p in (outdir and f"{outdir}/", grid) if p)

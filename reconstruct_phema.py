@@ -22,29 +22,14 @@ import pickle
 
 import click
 
+from dnnlib.util import parse_float_list
 from training.phema import PHEMA_PREFIX, SIGMA_REL_MAX, reconstruct
 
 
 def parse_sigma_rel_list(text: str) -> list[float]:
-    """'0.05,0.1' -> [0.05, 0.1]; '...' continues the step of the two values before it up to the value after it:
-    '0.010,0.015,...,0.030' -> [0.010, 0.015, 0.020, 0.025, 0.030]. Sorted, without repeats."""
-    tokens = [token.strip() for token in text.split(",") if token.strip()]
-    values: list[float] = []
-    for i, token in enumerate(tokens):
-        if token != "...":
-            try:
-                values.append(float(token))
-            except ValueError:
-                raise ValueError(f"'{token}' is not a number") from None
-            continue
-        if len(values) < 2 or tokens[i - 1] == "..." or i + 1 >= len(tokens) or tokens[i + 1] == "...":
-            raise ValueError("'...' needs two numbers before it and one after it")
-        step, last = values[-1] - values[-2], float(tokens[i + 1])
-        count = (last - values[-1]) / step if step else -1
-        if count < 1 - 1e-4 or abs(count - round(count)) > 1e-4:
-            raise ValueError(f"'{values[-2]:g},{values[-1]:g},...,{last:g}' is not an evenly spaced range")
-        values += [values[-1] + step * k for k in range(1, round(count))]  # The last one is the next token.
-    values = sorted({round(v, 12) for v in values})
+    """'0.05,0.1' -> [0.05, 0.1], '0.010,0.015,...,0.030' -> [0.010, 0.015, 0.020, 0.025, 0.030]
+    (``dnnlib.util.parse_float_list``), each in (0, 0.3003]."""
+    values = parse_float_list(text)
     if not values or not all(0 < v <= SIGMA_REL_MAX for v in values):
         raise ValueError(f"each sigma_rel must lie in (0, {SIGMA_REL_MAX:.4f}]")
     return values

@@ -200,6 +200,28 @@ def open_url(
 # ----------------------------------------------------------------------------
 # Command-line helpers.
 
+def parse_float_list(text: str) -> list[float]:
+    """'0.05,0.1' -> [0.05, 0.1]; '...' continues the step of the two values before it up to the value after it:
+    '0.010,0.015,...,0.030' -> [0.010, 0.015, 0.020, 0.025, 0.030]. Sorted, without repeats."""
+    tokens = [token.strip() for token in text.split(",") if token.strip()]
+    values: list[float] = []
+    for i, token in enumerate(tokens):
+        if token != "...":
+            try:
+                values.append(float(token))
+            except ValueError:
+                raise ValueError(f"'{token}' is not a number") from None
+            continue
+        if len(values) < 2 or tokens[i - 1] == "..." or i + 1 >= len(tokens) or tokens[i + 1] == "...":
+            raise ValueError("'...' needs two numbers before it and one after it")
+        step, last = values[-1] - values[-2], float(tokens[i + 1])
+        count = (last - values[-1]) / step if step else -1
+        if count < 1 - 1e-4 or abs(count - round(count)) > 1e-4:
+            raise ValueError(f"'{values[-2]:g},{values[-1]:g},...,{last:g}' is not an evenly spaced range")
+        values += [values[-1] + step * k for k in range(1, round(count))]  # The last one is the next token.
+    return sorted({round(v, 12) for v in values})
+
+
 def parse_int_list(text: str | list | tuple) -> list[int]:
     """Parse '0-63', '1,5,9-12' or a list into a list of ints (ranges are inclusive)."""
     if isinstance(text, (list, tuple)):

@@ -3,6 +3,8 @@ the unguided sampler, the noise-level interval, and classifier-free guidance on 
 
 import os
 
+from click.testing import CliRunner
+
 import pytest
 import torch
 
@@ -127,3 +129,95 @@ def test_classifier_free_guidance_pulls_samples_toward_the_class_mean():
         spread[w] = (x - 2.0).pow(2).mean().sqrt().item()
     assert spread[1.0] == pytest.approx(0.5, rel=0.15)  # w = 1 samples the class itself: std s = 0.5.
     assert spread[4.0] < spread[2.0] < spread[1.0]
+
+
+# ----------------------------------------------------------------------------
+# The command lines: generate.py --gnet/--guidance/--guidance-interval and fid.py calc's guidance sweep.
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory):
+    from training.checkpoint import save_network_pkl
+    root = tmp_path_factory.mktemp("guided")
+    paths = {}
+    for name, net in (("net", make_tiny_net(label_dim=4)), ("gnet", make_tiny_net(label_dim=4, seed=1)),
+                      ("unconditional", make_tiny_net(label_dim=0)),
+                      ("small", make_tiny_net(label_dim=4, resolution=4))):
+        paths[name] = str(root / f"{name}.pkl")
+        save_network_pkl(paths[name], dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs={}))
+    return paths
+
+
+def run_generate(*args):
+    from generate import main
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def read_png(path) -> torch.Tensor:
+    import numpy as np
+    import PIL.Image
+    return torch.from_numpy(np.array(PIL.Image.open(path))).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("gnet, extra", [("gnet", []), ("uncond", []), ("gnet", ["--guidance-interval=0.5,5"])])
+def test_generate_cli_writes_the_guided_images(snapshots, tmp_path, gnet, extra):
+    guide = UNCONDITIONAL if gnet == "uncond" else make_tiny_net(label_dim=4, seed=1)
+    interval = (0.5, 5.0) if extra else None
+    result = run_generate(f"--network={snapshots['net']}", f"--gnet={snapshots.get(gnet, gnet)}", "--guidance=2.5",
+                          f"--outdir={tmp_path}", "--seeds=3-5", "--steps=5", "--device=cpu", *extra)
+    assert result.exit_code == 0, result.output
+    expected = generate_images(guided(make_tiny_net(label_dim=4), guide, 2.5, interval), [3, 4, 5], num_steps=5)
+    for seed, image in zip([3, 4, 5], expected):
+        assert torch.equal(read_png(tmp_path / f"{seed:06d}.png"), image)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--guidance=2"], "--guidance=2 needs a guiding network"),
+    (["--gnet=uncond", "--guidance=2", "NET=unconditional"], "--gnet=uncond: "),
+    (["--gnet=GNET=small", "--guidance=2"], "makes 3-channel 4x4 images, the network 3-channel 8x8"),
+    (["--guidance-interval=5,1"], "expected 0 <= LO < HI"),
+])
+def test_generate_cli_guidance_errors_are_one_line(snapshots, tmp_path, args, message):
+    network = snapshots["net"]
+    resolved = []
+    for arg in args:
+        if arg.startswith("NET="):
+            network = snapshots[arg[4:]]
+        else:
+            resolved.append(arg.replace("GNET=small", snapshots["small"]))
+    result = run_generate(f"--network={network}", f"--outdir={tmp_path / 'out'}", "--seeds=0", "--steps=3", *resolved)
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_fid_guidance_sweep_prints_each_weight_and_plots(snapshots, tmp_path, fid_detector, monkeypatch):
+    """FID against a zero reference is |mu|^2 + Tr(sigma) of the samples' features (test_fid.py's closed form),
+    computed here from generate_images on the guided denoiser. The CLI's Frechet distance is that closed form
+    too (the general one costs 2048x2048 eigendecompositions, tested in test_frechet.py)."""
+    import numpy as np
+    import metrics.evaluate
+    from fid import main as fid_main
+    from metrics.frechet import feature_statistics
+    from metrics.reference import save_reference
+
+    def frechet_to_zero(mu1, sigma1, mu2, sigma2):
+        assert not np.any(mu2) and not np.any(sigma2)
+        return float(np.sum(mu1 ** 2) + np.trace(sigma1))
+    monkeypatch.setattr(metrics.evaluate, "frechet_distance", frechet_to_zero)
+
+    ref = str(tmp_path / "zero.npz")
+    save_reference(ref, dict(mu=np.zeros(2048), sigma=np.zeros([2048, 2048])))
+    plot = tmp_path / "sweep.png"
+    result = CliRunner().invoke(fid_main, ["calc", f"--network={snapshots['net']}", f"--gnet={snapshots['gnet']}",
+                                           "--guidance=1,2,...,3", "--seeds=0-3", f"--ref={ref}", "--steps=4",
+                                           "--batch=4", f"--plot={plot}", "--device=cpu"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = {float(line.split()[1].rstrip(":")): float(line.split()[-1]) for line in result.output.splitlines()
+               if line.startswith("guidance ")}
+    assert sorted(printed) == [1.0, 2.0, 3.0] and "<- best" in result.output
+    net, gnet = make_tiny_net(label_dim=4), make_tiny_net(label_dim=4, seed=1)
+    for w in (1.0, 3.0):
+        with torch.no_grad():
+            features = fid_detector(generate_images(guided(net, gnet, w), [0, 1, 2, 3], num_steps=4)).numpy()
+        mu, sigma = feature_statistics(features)
+        assert printed[w] == pytest.approx(np.sum(mu ** 2) + np.trace(sigma), rel=1e-5)

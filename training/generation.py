@@ -27,7 +27,7 @@ from torch_utils import distributed
 from training.checkpoint import is_latent_snapshot, load_network_pkl
 from training.perf import (apply_process_settings, check_precision, default_fast_paths, maybe_compile,
                            prepare_network)
-from training.sampling import ABLATION_OPTIONS, generate_images
+from training.sampling import ABLATION_OPTIONS, UNCONDITIONAL, generate_images, guided
 
 
 @dataclass
@@ -43,6 +43,9 @@ class GenerateOptions:
     sampler_kwargs: dict = field(default_factory=dict)  # edm_sampler / ablation_sampler options; None = default
     fast_paths: dict = field(default_factory=dict)      # training.perf.FastPaths switches; missing = device default
     precision: str | None = None        # 'fp32' | 'bf16' | 'fp16' for the U-Net; None = the network's own
+    gnet: str | None = None             # guiding network (path or URL), or 'uncond' for classifier-free guidance
+    guidance: float = 1                 # w of D_g + w (D - D_g); 1 = no guidance (the guide is never called)
+    guidance_interval: tuple[float, float] | None = None  # guide only for sigma in [lo, hi]
 
 
 def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
@@ -118,6 +121,38 @@ def load_network_once_per_node(network: str, device: torch.device) -> torch.nn.M
     return net
 
 
+def load_guide(options: GenerateOptions, net: torch.nn.Module, device: torch.device):
+    """The guiding denoiser of ``options.gnet`` (None without one; ``UNCONDITIONAL`` for 'uncond'), with the same
+    fast paths as the network, checked to produce images of the network's shape. Every process calls it."""
+    if options.gnet is None:
+        if options.guidance != 1:
+            raise ValueError(f"--guidance={options.guidance:g} needs a guiding network: --gnet=PKL (autoguidance) "
+                             f"or --gnet={UNCONDITIONAL} (classifier-free guidance of a network trained with label "
+                             f"dropout)")
+        return None
+    if options.gnet == UNCONDITIONAL:
+        if not getattr(net, "label_dim", 0):
+            raise ValueError(f"--gnet={UNCONDITIONAL}: {options.network} is unconditional; classifier-free guidance "
+                             f"needs a class-conditional network")
+        return UNCONDITIONAL
+    guide = prepare_for_sampling(load_network_once_per_node(options.gnet, device), options, device)
+    ours = (net.img_channels, net.img_resolution)
+    theirs = (getattr(guide, "img_channels", None), getattr(guide, "img_resolution", None))
+    if theirs != ours:
+        raise ValueError(f"--gnet={options.gnet}: makes {theirs[0]}-channel {theirs[1]}x{theirs[1]} images, the "
+                         f"network {ours[0]}-channel {ours[1]}x{ours[1]}")
+    if getattr(guide, "label_dim", 0) != getattr(net, "label_dim", 0):
+        raise ValueError(f"--gnet={options.gnet}: has {getattr(guide, 'label_dim', 0)} classes, the network "
+                         f"{getattr(net, 'label_dim', 0)}")
+    return guide
+
+
+def sampling_denoiser(options: GenerateOptions, net: torch.nn.Module, device: torch.device):
+    """The denoiser the samplers get: ``net``, guided by ``options.gnet`` with weight ``options.guidance`` (in
+    ``options.guidance_interval``) when asked."""
+    return guided(net, load_guide(options, net, device), options.guidance, options.guidance_interval)
+
+
 def generated_features(net: torch.nn.Module, seeds: list[int], detector, device: torch.device | str,
                        batch_size: int = 64, class_idx: int | None = None, sampler_kwargs: dict | None = None,
                        progress: bool = True, desc: str = "Generating and measuring") -> np.ndarray:
@@ -185,7 +220,7 @@ def generate_to_files(options: GenerateOptions) -> dict:
         raise ValueError(f"--precision={options.precision}: {e}") from None
     net = load_network_once_per_node(options.network, device)
     check_network_options(net, options)
-    net = prepare_for_sampling(net, options, device)
+    net = sampling_denoiser(options, prepare_for_sampling(net, options, device), device)
     sampler_kwargs = {k: v for k, v in options.sampler_kwargs.items() if v is not None}
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     rounds = sampling_rounds(options.seeds, options.max_batch_size, world_size)
