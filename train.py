@@ -187,6 +187,9 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
     if opts.transfer is not None:
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
+    metrics = metrics_config(opts)
+    if metrics is not None:
+        c.metrics_kwargs = metrics
     return c
 
 
@@ -365,6 +368,14 @@ def shared_from_rank0(value):
               show_default=True)
 @click.option("--grid", help="Images in the sample grid saved with each snapshot, 0 = none", metavar="INT",
               type=click.IntRange(min=0), default=64, show_default=True)
+@click.option("--metrics", help="Measure these during training (EMA networks, in memory): fid, kid  [default: none]",
+              metavar="LIST", type=str, callback=lambda ctx, param, value: _parse_metrics(value))
+@click.option("--metrics-num", "metrics_num", help="Images (seeds 0..N-1) per in-training evaluation",
+              metavar="INT", type=click.IntRange(min=2), default=10000, show_default=True)
+@click.option("--metrics-every", "metrics_every", help="Evaluate every this many ticks  [default: with each snapshot]",
+              metavar="TICKS", type=click.IntRange(min=1))
+@click.option("--metrics-steps", "metrics_steps", help="EDM sampler steps for the in-training metrics",
+              metavar="INT", type=click.IntRange(min=1), default=18, show_default=True)
 @click.option("--seed", help="Seed of the whole run  [default: drawn at random]", metavar="INT", type=int)
 @click.option("--transfer", help="Start from the weights of this network snapshot (new optimizer and counters)",
               metavar="PKL|URL", type=str)
@@ -392,6 +403,24 @@ def main(**kwargs):
         raise e if isinstance(e, click.ClickException) else click.ClickException(str(e)) from None
     finally:
         dist.shutdown()
+
+
+def _parse_metrics(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    from metrics.evaluate import parse_metrics
+    try:
+        return parse_metrics(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def metrics_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict | None:
+    """metrics_kwargs (training.monitor.MetricsOptions) for --metrics, or None when no metrics are asked for."""
+    if not opts.metrics:
+        return None
+    return dnnlib.EasyDict(metrics=list(opts.metrics), num_images=opts.metrics_num, every_ticks=opts.metrics_every,
+                           num_steps=opts.metrics_steps)
 
 
 def check_transfer_file(path: str) -> None:

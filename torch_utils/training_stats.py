@@ -35,6 +35,12 @@ class StatsCollector:
         self._accumulate(name, value)
         return value
 
+    def report_moments(self, name: str, moments: torch.Tensor) -> None:
+        """Add precomputed (count, sum, sum of squares) [3] under ``name``: values summed elsewhere on the device,
+        e.g. per bucket, without selecting them on the host."""
+        self._accumulate(name, None)
+        self._moments[name] += moments.detach().to(self.device, torch.float64)
+
     def report0(self, name: str, value):
         """Like ``report``, but only rank 0's value counts (for values that are the same everywhere)."""
         self._accumulate(name, value if dist.is_main() else None)

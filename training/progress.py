@@ -73,6 +73,21 @@ class RunLog:
                     self.tensorboard.add_scalar(name, value["mean"], global_step=global_step, walltime=timestamp)
             self.tensorboard.flush()
 
+    def write_metrics(self, records: list[dict]) -> None:
+        """Append one JSON line per record (kimg, metric, value, network, ...) to ``metrics.jsonl``; the values go
+        to TensorBoard as ``Metrics/fid-ema``, ``Metrics/kid-ema-0.050``, ... at kimg."""
+        if not self.active or not records:
+            return
+        timestamp = time.time()
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            for record in records:
+                f.write(json.dumps(dict(record, timestamp=timestamp)) + "\n")
+        if self.tensorboard is not None:
+            for record in records:
+                self.tensorboard.add_scalar(f"Metrics/{record['metric']}-{record['network']}", record["value"],
+                                            global_step=int(round(record["kimg"] * 1000)), walltime=timestamp)
+            self.tensorboard.flush()
+
     def close(self) -> None:
         if self.active:
             self._log.close()

@@ -30,6 +30,7 @@ from training.checkpoint import save_network_pkl
 from training.perf import FastPaths, adam_kwargs, apply_process_settings, as_memory_format, default_fast_paths, \
     maybe_compile, prepare_network
 from training.lr_schedule import edm2_learning_rate
+from training.monitor import InTrainingMetrics, LossBySigma, MetricsOptions, SigmaRecorder, network_label
 from training.phema import PowerFunctionEMA, snapshot_name
 from training.progress import RunLog, format_time, save_image_grid
 from training.training_state import (TrainingState, capture_rng_state, kimg_label, restore_rank_rng,
@@ -63,6 +64,8 @@ class Run:
     stats: StatsCollector
     options: dict                        # The remaining hyperparameters of training_loop().
     start_time: float
+    loss_by_sigma: LossBySigma | None = None
+    metrics: InTrainingMetrics | None = None  # FID/KID during training (--metrics); None = off.
 
 
 # ----------------------------------------------------------------------------
@@ -183,8 +186,10 @@ def load_state(state: TrainingState, path: str, log: RunLog, device: torch.devic
 def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_kwargs: dict, loss_kwargs: dict,
           optimizer_kwargs: dict, augment_kwargs: dict | None, seed: int, batch_size: int, batch_gpu: int | None,
           resume_pkl: str | None, resume_state_dump: str | None, cudnn_benchmark: bool, device,
-          tensorboard: bool, options: dict, start_time: float, fast_paths: dict | None = None) -> Run:
-    """Distributed setup, data, network, optimizer and (resumed) training state."""
+          tensorboard: bool, options: dict, start_time: float, fast_paths: dict | None = None,
+          metrics_kwargs: dict | None = None) -> Run:
+    """Distributed setup, data, network, optimizer, (resumed) training state and, with ``metrics_kwargs``, the
+    detector and reference statistics of the in-training metrics."""
     device = dist.init(device) if not isinstance(device, torch.device) else device
     fast = default_fast_paths(device).with_options(**(fast_paths or {}))
     torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -222,6 +227,7 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
     if resume_pkl is not None:
         transfer_weights(resume_pkl, net, ema, log)
     resume_data = load_state(state, resume_state_dump, log, device) if resume_state_dump is not None else None
+    metrics = setup_metrics(metrics_kwargs, dataset_kwargs, device, log)
     data = open_data_stream(dataset_obj, seed, state.data_position, batch_gpu, data_loader_kwargs)
     # Last: nothing after this may draw random numbers before the first step.
     if resume_data is not None and not restore_rank_rng(resume_data, device):
@@ -231,7 +237,28 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
                augment_pipe=augment_pipe, optimizer_lr=optimizer_kwargs["lr"], data=data, dataset_obj=dataset_obj,
                dataset_kwargs=_plain(dataset_kwargs), batch_size=batch_size, batch_gpu=batch_gpu,
                accumulation_rounds=rounds, run_dir=run_dir, log=log, stats=StatsCollector(device), options=options,
-               start_time=start_time)
+               start_time=start_time, loss_by_sigma=LossBySigma(device), metrics=metrics)
+
+
+def setup_metrics(metrics_kwargs: dict | None, dataset_kwargs: dict, device: torch.device,
+                  log: RunLog) -> InTrainingMetrics | None:
+    """The detector and the dataset's reference statistics (computed once, then cached), when metrics are asked
+    for; the training generators are left as they were (the reference's data loader draws a seed)."""
+    from metrics.detector import DetectorError
+    from metrics.reference import ReferenceFileError
+
+    if not metrics_kwargs or not metrics_kwargs.get("metrics"):
+        return None
+    options = MetricsOptions(**metrics_kwargs)
+    log.print(f"Loading the FID detector for in-training {', '.join(options.metrics).upper()} "
+              f"({options.num_images} images, {options.num_steps} steps)...")
+    rng = capture_rng_state(device)
+    try:
+        metrics = InTrainingMetrics(options, dataset_kwargs["path"], device, log)
+    except (DetectorError, ReferenceFileError) as e:
+        raise TrainingConfigError(f"--metrics: {str(e).splitlines()[0]}") from None
+    restore_rng_state(rng, device)
+    return metrics
 
 
 def _plain(value):
@@ -272,6 +299,7 @@ def accumulate_gradients(run: Run) -> None:
     ranks by DDP): the mean over the global batch, whatever the split."""
     per_rank = run.batch_gpu * run.accumulation_rounds
     loss_scaling = run.options["loss_scaling"]
+    net = SigmaRecorder(run.forward)  # The loss draws each image's sigma; the network call shows it.
     for round_idx in range(run.accumulation_rounds):
         last = round_idx == run.accumulation_rounds - 1
         sync = contextlib.nullcontext() if last or run.ddp is run.state.net else run.ddp.no_sync()
@@ -279,9 +307,11 @@ def accumulate_gradients(run: Run) -> None:
             images, labels = next(run.data)
             images = images.to(run.device, non_blocking=True).to(torch.float32) / 127.5 - 1
             labels = drop_labels(labels.to(run.device, non_blocking=True), run.options["label_dropout"])
-            loss = run.loss_fn(net=run.forward, images=as_memory_format(images, run.fast), labels=labels,
+            loss = run.loss_fn(net=net, images=as_memory_format(images, run.fast), labels=labels,
                                augment_pipe=run.augment_pipe)
             run.stats.report("Loss/loss", loss)
+            if run.loss_by_sigma is not None:
+                run.loss_by_sigma.report(run.stats, net.sigma, loss)
             loss.sum().mul(loss_scaling / per_rank).backward()
 
 
@@ -376,11 +406,21 @@ def tick_measurements(run: Run, tick: Tick) -> dict[str, float]:
     }
 
 
-def status_line(values: dict[str, float]) -> str:
-    """``tick 3     kimg 1.536     time 2m 05s ...`` from ``tick_measurements``."""
+def status_line(values: dict[str, float], latest_metrics: dict[str, float] | None = None) -> str:
+    """``tick 3     kimg 1.536     time 2m 05s ...`` from ``tick_measurements``, then the latest in-training
+    metrics of the EMA (``fid 12.34``) when there are some."""
     shown = dict(values)
     shown["Timing/total_sec"] = format_time(values["Timing/total_sec"])
-    return " ".join(f"{label} {shown[stat]:{spec}}" for label, stat, spec in STATUS_FIELDS)
+    fields = [f"{label} {shown[stat]:{spec}}" for label, stat, spec in STATUS_FIELDS]
+    fields += [f"{name} {value:<7.4g}" for name, value in (latest_metrics or {}).items()]
+    return " ".join(fields)
+
+
+def ema_halflife_kimg(cur_nimg: int, ema_halflife_kimg: float, ema_rampup_ratio: float | None) -> float:
+    """The EMA half-life in kimg that ``ema_beta`` uses at ``cur_nimg`` (ramped up to ``ema_halflife_kimg``)."""
+    if ema_rampup_ratio is None:
+        return ema_halflife_kimg
+    return min(ema_halflife_kimg, cur_nimg * ema_rampup_ratio / 1000)
 
 
 def report_progress(run: Run, tick: Tick) -> None:
@@ -391,9 +431,12 @@ def report_progress(run: Run, tick: Tick) -> None:
     total_sec = values["Timing/total_sec"]
     run.stats.report0("Timing/total_hours", total_sec / 3600)
     run.stats.report0("Timing/total_days", total_sec / 86400)
+    run.stats.report0("Progress/lr", run.state.optimizer.param_groups[0]["lr"])
+    run.stats.report0("Progress/ema_halflife_kimg", ema_halflife_kimg(
+        run.state.cur_nimg, run.options["ema_halflife_kimg"], run.options["ema_rampup_ratio"]))
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    run.log.print(status_line(values))
+    run.log.print(status_line(values, run.metrics.latest if run.metrics is not None else None))
 
 
 def save_snapshot(run: Run) -> str:
@@ -444,14 +487,33 @@ def save_state(run: Run) -> str:
     return path
 
 
+def evaluate_metrics(run: Run) -> None:
+    """FID/KID of the EMA and of each power-function EMA, in memory, for seeds 0..N-1 (all processes take part);
+    one line each in ``metrics.jsonl``, TensorBoard and the log."""
+    networks = {network_label(): run.state.ema}
+    if run.state.phema is not None:
+        networks.update((network_label(std), module) for std, module in run.state.phema.emas.items())
+    records = run.metrics.evaluate(networks, run.state.cur_nimg / 1e3)
+    run.log.write_metrics(records)
+    for r in records:
+        run.log.print(f"{r['metric'].upper()} {r['value']:g} ({r['network']}, {r['num_images']} images, "
+                      f"{r['seconds']:.1f} s)")
+
+
 def maintain(run: Run, tick: Tick, done: bool, stop_requested: bool) -> None:
-    """Once per tick: status line, snapshot and sample grid, stats, training state. Leaves the training
-    generators as they were, so that where ticks fall never changes the trained weights."""
+    """Once per tick: status line, snapshot and sample grid, metrics, stats, training state. Leaves the
+    training generators as they were, so that where ticks fall (and whether metrics are on) never changes the
+    trained weights."""
     opts, state = run.options, run.state
     report_progress(run, tick)
-    if opts["snapshot_ticks"] is not None and (done or state.cur_tick % opts["snapshot_ticks"] == 0):
+    snapshot = opts["snapshot_ticks"] is not None and (done or state.cur_tick % opts["snapshot_ticks"] == 0)
+    measure = run.metrics is not None and run.metrics.due(state.cur_tick, done, snapshot)
+    if snapshot or measure:
         rng = capture_rng_state(run.device)
-        save_snapshot(run)
+        if snapshot:
+            save_snapshot(run)
+        if measure:
+            evaluate_metrics(run)
         restore_rng_state(rng, run.device)
     dump = stop_requested or (opts["state_dump_ticks"] is not None
                               and (done or (state.cur_tick != 0 and state.cur_tick % opts["state_dump_ticks"] == 0)))
@@ -546,6 +608,7 @@ def training_loop(
     lr_decay_batches: float = 0,        # EDM2: lr / sqrt(max(steps / this, 1)) after the ramp-up; 0 = constant.
     ema_stds: list[float] | None = None,  # EDM2: sigma_rel of the power-function EMAs to track; None = none.
     label_dropout: float = 0,           # Probability of training an image without its label (for guidance).
+    metrics_kwargs: dict | None = None, # training.monitor.MetricsOptions: FID/KID during training; None = off.
 ) -> TrainingState:
     """Train until ``total_kimg`` thousand images have been seen, ``max_minutes`` have passed since the call
     (setup included), or SIGTERM; returns the final state."""
@@ -556,7 +619,7 @@ def training_loop(
     start_time = time.time()
     run = setup(run_dir, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs,
                 augment_kwargs, seed, batch_size, batch_gpu, resume_pkl, resume_state_dump, cudnn_benchmark,
-                device, tensorboard, options, start_time, fast_paths)
+                device, tensorboard, options, start_time, fast_paths, metrics_kwargs)
     state = run.state
     if state.cur_nimg == 0:
         save_data_grid(run)
