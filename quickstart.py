@@ -5,9 +5,11 @@
 
 Every stage runs one of the real command lines (dataset_tool.py, fid.py, train.py, generate.py) as a
 subprocess, exactly as a user would type it; this script only chooses their options and reports.
-The embedded 10,000 images are split in two halves: the first trains the model, and the reference statistics
-come from its first ``num_ref`` images; the second half is held out, and its first ``num_eval`` images give the
-real-data floor (real vs. real FID at the same image counts) printed beside the FID of ``num_eval`` samples.
+The embedded 10,000 images are split in two halves: the first trains the model, the second is held out. The
+reference statistics come from the first ``num_ref`` held-out images; the real-data floor (real vs. real FID at the
+same image counts, printed beside the FID of ``num_eval`` samples) is that of the next ``num_eval`` held-out images,
+or of the first ``num_eval`` training images where the held-out half has too few left (the gpu preset's 5,000 +
+5,000).
 """
 
 from __future__ import annotations
@@ -32,9 +34,8 @@ NUM_SOURCE_IMAGES = 10000
 class Preset:
     """Everything the job's size depends on."""
     train_images: int  # The first half of the embedded data (at most 5,000 keeps the second half held out).
-    num_eval: int  # Images in the generated set and in the held-out set of the floor.
-    num_ref: int  # Real images in the reference statistics. FID's small-sample bias falls with both counts, and a
-    # real image costs only its Inception pass while a sample also costs the sampler: about 2x num_eval is best.
+    num_eval: int  # Images in the generated set and in the real set of the floor.
+    num_ref: int  # Held-out real images in the reference statistics. FID's small-sample bias falls with both counts.
     train_args: tuple[str, ...]  # train.py options beyond the data and output folder.
     steps: int = 18  # EDM Heun steps (NFE = 2 * steps - 1).
     batch: int = 100  # generate.py and fid.py batch size.
@@ -45,7 +46,7 @@ class Preset:
 # cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (docs/quickstart-notes.md); duration is in Mimg as in
 # train.py. The cpu preset makes no sample grids while training (10 s each there); the job's grid is generate.py's.
 PRESETS = {
-    "cpu": Preset(train_images=5000, num_eval=500, num_ref=1500, train_args=(
+    "cpu": Preset(train_images=5000, num_eval=1000, num_ref=1000, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=32", "--cres=1,2,2", "--blocks=1", "--attn=",
         "--batch=32", "--lr=1e-3", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
         "--augment=0", "--bf16=1", "--duration=0.1", "--max-minutes=8.5", "--tick=5", "--snap=1000", "--dump=1000",
@@ -95,6 +96,7 @@ class Stage:
 
 
 BF16_ARGS = ("--bf16=1", "--precision=bf16")
+ARCH_NAMES = dict(ddpmpp="DDPM++", ncsnpp="NCSN++", adm="ADM")
 
 
 def cuda_lacks_bf16(device: str | None) -> bool:
@@ -103,6 +105,20 @@ def cuda_lacks_bf16(device: str | None) -> bool:
     if not torch.cuda.is_available() or (device is not None and not device.startswith("cuda")):
         return False
     return not torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def cpu_lacks_bf16(device: str | None, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the stages will run on a CPU without bfloat16 instructions (AVX-512 BF16 or AMX): there PyTorch
+    emulates bf16, about 30x slower than fp32 (measured on an AMD EPYC without AVX-512). Unknown (not Linux): True."""
+    import torch
+    if device is None and torch.cuda.is_available() or device is not None and not device.startswith("cpu"):
+        return False
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return True
+    return not {"avx512_bf16", "amx_bf16"} & set(flags)
 
 
 def adapt_preset(p: Preset, kimg: float | None, fp32: bool) -> Preset:
@@ -151,8 +167,8 @@ def newest(pattern: str) -> str:
 @click.option("--outdir", default="quickstart-out", show_default=True, metavar="DIR",
               help="Where everything goes (must not hold an earlier quickstart run)")
 @click.option("--preset", type=click.Choice(["auto", *PRESETS]), default="auto", show_default=True,
-              help="Job size: cpu (12-15 min on 2 cores), gpu (4 min on an H200; bf16 from Ampere on), smoke (a "
-              "minute or two; for CI)")
+              help="Job size: cpu (13-15 min on 2 cores with AVX-512 BF16; fp32 without it), gpu (4 min on an "
+              "H200; bf16 from Ampere on), smoke (a minute or two; for CI)")
 @click.option("--device", default=None, metavar="DEV", help="Passed to every stage, e.g. cpu  [default: auto]")
 @click.option("--kimg", type=click.FloatRange(min=0, min_open=True), default=None, metavar="KIMG",
               help="Train for exactly this many thousand images instead of the preset's duration (the cpu "
@@ -160,7 +176,7 @@ def newest(pattern: str) -> str:
 def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> None:
     """Train a small EDM model on the embedded Fashion-MNIST and report the FID of its samples."""
     preset_name = pick_preset(preset)
-    p = adapt_preset(PRESETS[preset_name], kimg, fp32=cuda_lacks_bf16(device))
+    p = adapt_preset(PRESETS[preset_name], kimg, fp32=cuda_lacks_bf16(device) or cpu_lacks_bf16(device))
     outdir = os.path.abspath(outdir)
     if os.path.exists(os.path.join(outdir, "summary.json")):
         raise click.ClickException(f"--outdir={outdir} already holds a quickstart run; remove it or pick another")
@@ -171,9 +187,11 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> No
     held_out_start = NUM_SOURCE_IMAGES // 2
     convert = lambda dest, *args: ["dataset_tool.py", f"--source={SOURCE}", f"--dest={path(dest)}",
                                    f"--resolution={p.resolution}x{p.resolution}", *args]
-    if max(p.train_images, n, m) > held_out_start or m > p.train_images:
+    if max(p.train_images, n, m) > held_out_start:
         raise click.ClickException(f"preset {preset_name}: train_images, num_eval and num_ref must be at most "
-                                   f"{held_out_start}, and num_ref at most train_images")
+                                   f"{held_out_start}")
+    # The floor's real images: held-out ones after the reference's where enough are left, else training images.
+    floor_start = held_out_start + m if held_out_start + m + n <= NUM_SOURCE_IMAGES else 0
     click.secho(f"Quickstart, preset '{preset_name}': train on {p.train_images} Fashion-MNIST images, "
                 f"evaluate FID of {n} samples against {m} real images; output in {outdir}", bold=True)
     start = time.time()
@@ -184,16 +202,20 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> No
             os.remove(path(name))  # Left by an interrupted run; dataset_tool.py refuses to overwrite.
     stage.run("Convert the training half of the embedded data",
               convert("train.zip", f"--max-images={p.train_images}"))
-    stage.run("Convert the reference images and the held-out images", convert("reference.zip", f"--max-images={m}"))
-    subprocess.run([sys.executable, *convert("held-out.zip", f"--first={held_out_start}", f"--max-images={n}")],
+    stage.run("Convert the held-out reference images and the floor's real images",
+              convert("reference.zip", f"--first={held_out_start}", f"--max-images={m}"))
+    subprocess.run([sys.executable, *convert("held-out.zip", f"--first={floor_start}", f"--max-images={n}")],
                    cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     stage.run("Reference statistics (Inception features of the reference images)", [
         "fid.py", "ref", f"--data={path('reference.zip')}", f"--dest={path('reference.npz')}",
         f"--batch={p.batch}", *device_args])
-    floor = fid_value(stage.run("Real-data floor: FID of the held-out images", [
+    floor = fid_value(stage.run("Real-data floor: FID of real images outside the reference", [
         "fid.py", "calc", f"--images={path('held-out.zip')}", f"--ref={path('reference.npz')}", f"--num={n}",
         f"--batch={p.batch}", *device_args]))
-    stage.run("Train a DDPM++ network with EDM preconditioning and loss", [
+    arch = next((a.split("=", 1)[1] for a in p.train_args if a.startswith("--arch=")), "ddpmpp")
+    network = "an EDM2 (magnitude-preserving) network with its loss" if arch == "edm2" else \
+        f"a {ARCH_NAMES.get(arch, arch)} network with EDM preconditioning and loss"
+    stage.run(f"Train {network}", [
         "train.py", f"--outdir={path('training')}", "--nosubdir", f"--data={path('train.zip')}", "--workers=0",
         *p.train_args, *device_args])
     snapshot = newest(path("training", "network-snapshot-*.pkl"))
@@ -216,7 +238,7 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> No
         json.dump(summary, f, indent=2)
     click.secho("\nSummary", bold=True)
     click.echo(f"  samples' FID        {fid:8.2f}   ({n} generated vs. {m} reference images)")
-    click.echo(f"  real-data floor     {floor:8.2f}   ({n} held-out real vs. the same {m} reference images)")
+    click.echo(f"  real-data floor     {floor:8.2f}   ({n} other real vs. the same {m} reference images)")
     click.echo(f"  training            {kimg_done:8.1f}   kimg")
     click.echo(f"  sample grid         {summary['grid']}")
     click.echo(f"  network snapshot    {snapshot}")

@@ -34,14 +34,15 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
     scripts = [line.split()[2] for line in commands]
     assert scripts == ["dataset_tool.py", "dataset_tool.py", "fid.py", "fid.py", "train.py", "generate.py", "fid.py"]
 
-    # Datasets: disjoint halves of the embedded data.
+    # Datasets: the training half, and from the held-out half the reference images and, after them, the floor's.
     from training.dataset import ImageFolderDataset
     train = ImageFolderDataset(str(outdir / "train.zip"))
     held_out = ImageFolderDataset(str(outdir / "held-out.zip"))
     reference = ImageFolderDataset(str(outdir / "reference.zip"))
     assert (len(train), len(held_out), len(reference), train.resolution) == (256, 16, 32, 28)
-    assert all(np.array_equal(reference[i][0], train[i][0]) for i in range(len(reference)))
-    assert not any(np.array_equal(held_out[0][0], train[i][0]) for i in range(len(train)))
+    assert not any(np.array_equal(reference[0][0], train[i][0]) for i in range(len(train)))
+    assert not any(np.array_equal(held_out[0][0], image) for image in [*(train[i][0] for i in range(len(train))),
+                                                                         *(reference[i][0] for i in range(32))])
 
     # Reference statistics in the official format.
     with np.load(outdir / "reference.npz") as ref:
@@ -85,3 +86,15 @@ def test_preset_duration_override_and_fp32_fallback():
     plain = adapt_preset(PRESETS["gpu"], kimg=None, fp32=True)
     assert "--bf16=1" not in plain.train_args and "--precision=bf16" not in plain.generate_args
     assert "--S_churn=40" in plain.generate_args and plain.train_args[-1] == "--seed=0"
+
+
+def test_bf16_dropped_on_cpus_without_bf16_instructions(tmp_path):
+    from quickstart import cpu_lacks_bf16
+
+    with_bf16, without = tmp_path / "with", tmp_path / "without"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert not cpu_lacks_bf16("cpu", cpuinfo=str(with_bf16))
+    assert cpu_lacks_bf16("cpu", cpuinfo=str(without))
+    assert cpu_lacks_bf16("cpu", cpuinfo=str(tmp_path / "missing"))  # Cannot tell: fp32.
+    assert not cpu_lacks_bf16("cuda", cpuinfo=str(without))  # GPUs are cuda_lacks_bf16's to judge.
