@@ -23,17 +23,8 @@ import click
 
 from dnnlib.util import parse_int_list
 from fid import add_sampler_options, common_options, user_errors
-from reconstruct_phema import parse_sigma_rel_list
+from reconstruct_phema import sigma_rel_list_option
 from torch_utils import distributed
-
-
-def _sigma_rels(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return parse_sigma_rel_list(value)
-    except ValueError as e:
-        raise click.BadParameter(f"{e} (got '{value}')") from None
 
 
 def _seeds(ctx, param, value):
@@ -51,12 +42,12 @@ def _seeds(ctx, param, value):
 @click.option("--ref", "ref_path", required=True, metavar="NPZ|URL|ZIP|DIR",
               help="Reference statistics, or a dataset (its statistics are cached by content hash)")
 @click.option("--outstd", help="sigma_rel to evaluate: a list, '...' for a range (0.010,0.020,...,0.250)",
-              metavar="LIST", required=True, callback=_sigma_rels)
+              metavar="LIST", required=True, callback=sigma_rel_list_option)
 @click.option("--outkimg", help="As of the snapshot at this time  [default: the latest]", metavar="KIMG",
               type=click.IntRange(min=1))
 @click.option("--inprefix", help="Only raw snapshots with this prefix  [default: any but phema]", metavar="STR")
 @click.option("--instd", help="Only raw snapshots of these sigma_rel  [default: all]", metavar="LIST",
-              callback=_sigma_rels)
+              callback=sigma_rel_list_option)
 @click.option("--num", type=click.IntRange(min=2), help="Images per sigma_rel, seeds 0..num-1  [default: 10000]")
 @click.option("--seeds", metavar="LIST", callback=_seeds, help="Or: these seeds, e.g. 0-49999, one image each")
 @click.option("--class", "class_idx", type=click.IntRange(min=0), default=None,

@@ -12,7 +12,6 @@ last line printed is the FID alone.
 from __future__ import annotations
 
 import contextlib
-import io
 import pickle
 import time
 
@@ -229,6 +228,8 @@ def _report_guidance_sweep(per_weight: dict[float, dict[str, float]], plot: str,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from training.progress import save_figure
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     ax.plot(list(fids), list(fids.values()), "o-", markersize=4)
     ax.plot([best], [fids[best]], "*", color="tab:red", markersize=14, label=f"best: w {best:g}, FID {fids[best]:.3f}")
@@ -237,10 +238,7 @@ def _report_guidance_sweep(per_weight: dict[float, dict[str, float]], plot: str,
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    dnnlib.util.atomic_write_bytes(plot, buffer.getvalue())
+    save_figure(fig, plot)
     print(f"Best guidance {best:g} (FID {fids[best]:.3f}) of {len(fids)}; plot in {plot}")
 
 

@@ -35,7 +35,8 @@ def parse_sigma_rel_list(text: str) -> list[float]:
     return values
 
 
-def _sigma_rels(ctx, param, value):
+def sigma_rel_list_option(ctx, param, value):
+    """click callback: a --outstd/--instd list (``parse_sigma_rel_list``), None when not given."""
     if value is None:
         return None
     try:
@@ -47,11 +48,11 @@ def _sigma_rels(ctx, param, value):
 @click.command()
 @click.option("--indir", help="Folder of raw EMA snapshots PREFIX-KKKKKKK-S.SSS.pkl", metavar="DIR", required=True)
 @click.option("--inprefix", help="Only inputs with this prefix  [default: any but --outprefix]", metavar="STR")
-@click.option("--instd", help="Only inputs of these sigma_rel  [default: all]", metavar="LIST", callback=_sigma_rels)
+@click.option("--instd", help="Only inputs of these sigma_rel  [default: all]", metavar="LIST", callback=sigma_rel_list_option)
 @click.option("--outdir", help="Where to write the reconstructions", metavar="DIR", required=True)
 @click.option("--outprefix", help="Prefix of the output files", metavar="STR", default=PHEMA_PREFIX, show_default=True)
 @click.option("--outstd", help="sigma_rel of each output: a list, '...' for a range (0.05,0.10,...,0.25)",
-              metavar="LIST", required=True, callback=_sigma_rels)
+              metavar="LIST", required=True, callback=sigma_rel_list_option)
 @click.option("--outkimg", help="Reconstruct as of the snapshot at this time  [default: the latest]", metavar="KIMG",
               type=click.IntRange(min=1))
 @click.option("--skip", "skip_existing", help="Leave outputs that already exist as they are", is_flag=True)

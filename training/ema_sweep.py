@@ -12,7 +12,6 @@ among the processes and their features gathered on all; the main process compute
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 import dnnlib
 from torch_utils import distributed
 from training.phema import SIGMA_REL_MAX, PosthocPlan, plan_reconstruction, reconstruct, reconstructed_networks
+from training.progress import save_figure
 
 SWEEP_JSON, SWEEP_PNG = "ema-sweep.json", "ema-sweep.png"
 
@@ -247,11 +247,7 @@ def plot_sweep(result: dict, path: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    dnnlib.util.atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 def format_table(result: dict) -> str:

@@ -121,3 +121,14 @@ def save_image_grid(images: torch.Tensor | np.ndarray, path: str) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_figure(fig, path: str) -> None:
+    """Write a matplotlib figure as a PNG atomically (folders made as needed) and close it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
