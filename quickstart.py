@@ -195,7 +195,7 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> No
     click.secho(f"Quickstart, preset '{preset_name}': train on {p.train_images} Fashion-MNIST images, "
                 f"evaluate FID of {n} samples against {m} real images; output in {outdir}", bold=True)
     start = time.time()
-    stage = Stage(total=7, log_path=path("commands.txt"))
+    stage = Stage(total=8, log_path=path("commands.txt"))
 
     for name in ("train.zip", "reference.zip", "held-out.zip"):
         if os.path.exists(path(name)):
@@ -227,13 +227,15 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> No
     fid = fid_value(stage.run("FID of the generated images", [
         "fid.py", "calc", f"--images={path('samples')}", f"--ref={path('reference.npz')}", f"--num={n}",
         f"--batch={p.batch}", *device_args]))
+    stage.run("Dashboard of the training run (loss, loss by noise level, speed, samples)",
+              ["plot_run.py", path("training"), f"--out={path('dashboard.png')}"])
 
     total = time.time() - start
     summary = dict(preset=preset_name, fid=fid, real_data_floor=floor, num_eval=n, num_ref=m, kimg=kimg_done,
                    total_seconds=round(total, 1),
                    stages={title: round(seconds, 1) for title, seconds in stage.timings},
                    snapshot=snapshot, grid=path("samples-grid.png"), samples=path("samples"),
-                   training_run=path("training"), reference=path("reference.npz"))
+                   training_run=path("training"), dashboard=path("dashboard.png"), reference=path("reference.npz"))
     with open(path("summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     click.secho("\nSummary", bold=True)
@@ -243,6 +245,7 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> No
     click.echo(f"  sample grid         {summary['grid']}")
     click.echo(f"  network snapshot    {snapshot}")
     click.echo(f"  training log/stats  {path('training')}")
+    click.echo(f"  training dashboard  {path('dashboard.png')}")
     click.echo(f"  all numbers         {path('summary.json')}")
     click.echo(f"Finished in {total / 60:.1f} min.")
 

@@ -25,14 +25,15 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
     assert summary["preset"] == "smoke" and (summary["num_eval"], summary["num_ref"]) == (16, 32)
     assert math.isfinite(summary["fid"]) and summary["fid"] > 0
     assert math.isfinite(summary["real_data_floor"]) and summary["real_data_floor"] > 0
-    assert len(summary["stages"]) == 7
+    assert len(summary["stages"]) == 8
     assert "samples' FID" in result.stdout and "real-data floor" in result.stdout and "Finished in" in result.stdout
     assert "(16 generated vs. 32 reference images)" in result.stdout
 
     # The stages ran the real command lines, in order.
     commands = (outdir / "commands.txt").read_text().splitlines()
     scripts = [line.split()[2] for line in commands]
-    assert scripts == ["dataset_tool.py", "dataset_tool.py", "fid.py", "fid.py", "train.py", "generate.py", "fid.py"]
+    assert scripts == ["dataset_tool.py", "dataset_tool.py", "fid.py", "fid.py", "train.py", "generate.py", "fid.py",
+                       "plot_run.py"]
 
     # Datasets: the training half, and from the held-out half the reference images and, after them, the floor's.
     from training.dataset import ImageFolderDataset
@@ -61,6 +62,7 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
     samples = sorted(os.listdir(outdir / "samples"))
     assert samples == [f"{seed:06d}.png" for seed in range(16)]
     assert PIL.Image.open(outdir / "samples" / samples[0]).size == (28, 28)
+    assert PIL.Image.open(summary["dashboard"]).format == "PNG" and "training dashboard" in result.stdout
     grid = PIL.Image.open(summary["grid"])
     assert grid.size[0] >= 4 * 28 and grid.size[1] >= 4 * 28
 
