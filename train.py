@@ -45,9 +45,9 @@ EDM2_DEFAULTS = dict(duration=1024 * 2 ** 20 / 1e6, batch=2048, lr=0.0100, lr_ra
                      augment=0, p_mean=-0.8, p_std=1.6, ema_std=[0.050, 0.100])
 
 
-def _edm2_preset(mimg_shift: int, channels: int, lr: float, decay: int, dropout: float, p_mean: float,
+def _edm2_preset(mebi_images: int, channels: int, lr: float, decay: int, dropout: float, p_mean: float,
                  p_std: float) -> dict:
-    return dict(arch="edm2", duration=(mimg_shift << 20) / 1e6, batch=2048, cbase=channels, lr=lr, lr_decay=decay,
+    return dict(arch="edm2", duration=(mebi_images << 20) / 1e6, batch=2048, cbase=channels, lr=lr, lr_decay=decay,
                 dropout=dropout, p_mean=p_mean, p_std=p_std)
 
 
@@ -118,15 +118,16 @@ def parse_int_list(ctx, param, value):
 
 
 def parse_float_list(ctx, param, value):
-    """'0.050,0.100' -> [0.05, 0.1]; 'none' -> [] (switch off what a preset turned on)."""
+    """'0.050,0.100' -> [0.05, 0.1] (``dnnlib.util.parse_float_list``); 'none' -> [] (switch off what a preset
+    turned on)."""
     if value is None:
         return None
     if value.strip().lower() == "none":
         return []
     try:
-        values = [float(item) for item in value.split(",") if item.strip()]
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not a comma-separated list of numbers") from None
+        values = dnnlib.util.parse_float_list(value)
+    except ValueError as e:
+        raise click.BadParameter(f"{e} (got '{value}')") from None
     if not values:
         raise click.BadParameter("give at least one number, or 'none'")
     return values

@@ -414,7 +414,7 @@ class GuidedDenoiser:
     """
 
     def __init__(self, net, guide, weight: float, interval: tuple[float, float] | None = None):
-        if guide is UNCONDITIONAL or (isinstance(guide, str) and guide == UNCONDITIONAL):
+        if isinstance(guide, str) and guide == UNCONDITIONAL:
             if not getattr(net, "label_dim", 0):
                 raise ValueError("classifier-free guidance needs a class-conditional network (label_dim > 0); "
                                  "guide an unconditional one with another network (autoguidance)")
