@@ -84,6 +84,15 @@ def _dataset_features(dataset, detector, device, batch: int, workers: int):
     return features
 
 
+def _cached_dataset_features(path: str, dataset, seed: int, detector, device, batch: int, workers: int):
+    """The features of a dataset's images (the subset ``--num``/``--seed`` pick), cached by the dataset's content
+    like reference statistics, so that evaluating the same real images again (a real-data floor) is free."""
+    from metrics.evaluate import cached_dataset_reference, detector_settings
+    subset = [f"subset={len(dataset)},{seed}"]
+    return cached_dataset_reference(path, lambda: _dataset_features(dataset, detector, device, batch, workers),
+                                    detector_settings(detector) + subset, keep_features=True)["features"]
+
+
 def _generated_features(net, seeds: list[int], class_idx: int | None, sampler_kwargs: dict, detector, device,
                         batch: int):
     """Features of a network's samples, made in memory exactly as generate.py makes its PNGs."""
@@ -109,18 +118,21 @@ def main():
 @click.option("--data", required=True, metavar="ZIP|DIR", help="Dataset of reference images")
 @click.option("--dest", required=True, metavar="NPZ", help="Where to write the statistics")
 @click.option("--features", "keep_features", is_flag=True, help="Also store the features (needed for KID)")
+@click.option("--cache", type=bool, default=True, show_default=True, metavar="BOOL",
+              help="Reuse the statistics computed earlier for the same images, detector and preprocessing")
 @common_options
-def ref(data, dest, keep_features, batch, workers, detector, preprocess, device):
+def ref(data, dest, keep_features, cache, batch, workers, detector, preprocess, device):
     """Compute reference statistics (mu, sigma) of a dataset, in the official format."""
-    from metrics.evaluate import reference_from_features
+    from metrics.evaluate import cached_dataset_reference, detector_settings
     from metrics.reference import save_reference
     with user_errors():
         dataset = _open_dataset(data)
         device, net = _setup(device, detector, preprocess)
-        features = _dataset_features(dataset, net, device, batch, workers)
+        statistics = cached_dataset_reference(data, lambda: _dataset_features(dataset, net, device, batch, workers),
+                                              detector_settings(net), keep_features=keep_features, cache=cache)
         if dist.is_main():
-            save_reference(dest, reference_from_features(features, keep_features))
-            print(f"Saved reference statistics of {len(features)} images to {dest}")
+            save_reference(dest, statistics)
+            print(f"Saved reference statistics of {len(dataset)} images to {dest}")
     dist.shutdown()
 
 
@@ -197,7 +209,8 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
             ref = cached_dataset_reference(ref_path, lambda: _dataset_features(ref_dataset, net, device, batch, workers),
                                            detector_settings(net), keep_features="kid" in metrics)
         if dataset is not None:
-            results = compute_metrics(_dataset_features(dataset, net, device, batch, workers), ref, metrics)
+            results = compute_metrics(_cached_dataset_features(images, dataset, seed, net, device, batch, workers),
+                                      ref, metrics)
         else:
             guide = load_guide(GenerateOptions(network=network, seeds=seed_list, gnet=gnet,
                                                guidance=max(guidance, key=lambda w: w != 1)), sampled, device)
@@ -247,7 +260,7 @@ def add_sampler_options(command: click.Command) -> None:
     cannot drift apart."""
     import generate
     sampler_options = {"num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
-                       "solver", "discretization", "schedule", "scaling"}
+                       "solver", "discretization", "schedule", "scaling", "sampler", "nfe", "steps_schedule"}
     command.params.extend(p for p in generate.main.params if p.name in sampler_options)
 
 

@@ -11,7 +11,11 @@ Examples:
         --network https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl \\
         --steps 256 --S_churn 40 --S_min 0.05 --S_max 50 --S_noise 1.003
 
-Any of --solver/--disc/--schedule/--scaling switches to the ablation sampler (Table 1 combinations).
+    # A fast sampler of training/sampling.py's SAMPLERS: at most 20 network calls per image
+    python generate.py --network ... --outdir out --seeds 0-63 --sampler unipc_bh2 --nfe 20 --steps-schedule optimized
+
+Any of --solver/--disc/--schedule/--scaling switches to the ablation sampler (Table 1 combinations); any of
+--sampler/--nfe/--steps-schedule to a named sampler (docs/samplers.md). The two do not mix.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import click
 from dnnlib.util import parse_int_list
 from torch_utils import distributed
 from training.generation import GenerateOptions, generate_to_files
+from training.sampling import SAMPLERS, STEPS_SCHEDULES, sigma_steps
 
 
 def _seeds(ctx, param, value):
@@ -43,6 +48,18 @@ def parse_interval(value: str | None) -> tuple[float, float] | None:
     if not 0 <= lo < hi:
         raise click.BadParameter(f"'{value}': expected 0 <= LO < HI")
     return lo, hi
+
+
+def parse_steps_schedule(value: str | None) -> str | None:
+    """A name of STEPS_SCHEDULES, 'polyexponential:P' with a number P > 0."""
+    if value is None or value == "optimized":
+        return value
+    try:
+        sigma_steps(value, 3, 0.002, 80)
+    except ValueError:
+        raise click.BadParameter(f"'{value}': expected one of {', '.join(STEPS_SCHEDULES)} "
+                                 f"(polyexponential:P for an exponent P)") from None
+    return value
 
 
 @click.command()
@@ -79,6 +96,16 @@ def parse_interval(value: str | None) -> tuple[float, float] | None:
               type=click.Choice(["vp", "ve", "iddpm", "edm"]))
 @click.option("--schedule", help="Table 1 ablation: sigma(t)", type=click.Choice(["vp", "ve", "linear"]))
 @click.option("--scaling", help="Table 1 ablation: s(t)", type=click.Choice(["vp", "none"]))
+@click.option("--sampler", help="A named sampler of training/sampling.py (docs/samplers.md), e.g. unipc_bh2, "
+              "dpmpp_3m, ipndm; 'heun' and 'euler' are the paper's  [default: heun when --nfe or --steps-schedule "
+              "is given]", type=click.Choice(list(SAMPLERS)))
+@click.option("--nfe", help="With --sampler: network calls per image, at most  [default: 2*steps-1, the cost of "
+              "the paper's Heun with --steps]", metavar="INT", type=click.IntRange(min=1))
+@click.option("--steps-schedule", "steps_schedule", help="With --sampler: its noise levels, 'edm' (Eq. 5 with "
+              "--rho), 'loguniform', 'polyexponential[:P]' or 'optimized' (searched once per network and sampler, "
+              "on its own noise, not counted in --nfe)  [default: the sampler's]. Separate from --disc, the Table 1 "
+              "ablation's time steps, since --disc switches to the ablation sampler",
+              metavar="NAME", callback=lambda ctx, param, value: parse_steps_schedule(value))
 @click.option("--gnet", help="Guiding network: a smaller or shorter-trained one (autoguidance), or 'uncond' for "
               "classifier-free guidance (the network without its label)", metavar="PATH|URL|uncond")
 @click.option("--guidance", help="Guidance weight w: D_g + w (D - D_g); 1 = none", metavar="FLOAT", type=float,

@@ -98,10 +98,33 @@ def test_kid_against_a_dataset_reference_cached_by_content(folders, fid_detector
     assert len(set(picked)) == 4
     expected = kernel_inception_distance(folders["features"]["b"][picked], folders["features"]["a"])
     assert kid == pytest.approx(expected, rel=1e-3)
-    assert len(os.listdir(os.path.join(fid_cache_dir, "fid-refs"))) == 1
     cached = cached_dataset_reference(folders["a"], lambda: pytest.fail("statistics recomputed despite the cache"),
                                       detector_settings(fid_detector), keep_features=True)
     np.testing.assert_allclose(cached["features"], folders["features"]["a"], rtol=1e-4, atol=1e-5)
+
+
+def test_ref_and_real_images_are_read_from_the_cache_the_second_time(folders, tmp_path, monkeypatch):
+    """`fid.py ref` and `calc --images` keep what they computed, keyed by the images' content: a second run (the
+    quickstart's reference and real-data floor) computes no features and gives the same numbers; --cache=0
+    recomputes."""
+    import fid
+    first, second = tmp_path / "first.npz", tmp_path / "second.npz"
+    assert _fid_cli("ref", f"--data={folders['b']}", f"--dest={first}", "--batch=6", "--workers=0").exit_code == 0
+    calc = ["calc", f"--images={folders['a']}", f"--ref={first}", "--num=5", "--seed=1", "--batch=6", "--workers=0"]
+    result = _fid_cli(*calc)
+    assert result.exit_code == 0, result.output
+    monkeypatch.setattr(fid, "_dataset_features", lambda *args: pytest.fail("features recomputed despite the cache"))
+    assert _fid_cli("ref", f"--data={folders['b']}", f"--dest={second}", "--batch=6", "--workers=0").exit_code == 0
+    with np.load(first) as a, np.load(second) as b:
+        np.testing.assert_array_equal(a["sigma"], b["sigma"])
+        mu, _ = feature_statistics(folders["features"]["b"])
+        np.testing.assert_allclose(b["mu"], mu, rtol=1e-4, atol=1e-5)
+    again = _fid_cli(*calc)
+    assert again.output.strip().splitlines()[-1] == result.output.strip().splitlines()[-1]
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):  # Another subset is not the cached one.
+        _fid_cli(*calc[:-3], "--seed=2", *calc[-2:])
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):
+        _fid_cli("ref", f"--data={folders['b']}", f"--dest={second}", "--cache=0", "--workers=0")
 
 
 def test_two_processes_give_the_statistics_of_one(folders, ref_npz, fid_cache_dir, tmp_path):

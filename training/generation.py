@@ -27,7 +27,7 @@ from torch_utils import distributed
 from training.checkpoint import is_latent_snapshot, load_network_pkl
 from training.perf import (apply_process_settings, check_precision, default_fast_paths, maybe_compile,
                            prepare_network)
-from training.sampling import ABLATION_OPTIONS, UNCONDITIONAL, generate_images, guided
+from training.sampling import UNCONDITIONAL, check_sampler_options, describe_sampler, generate_images, guided
 
 
 @dataclass
@@ -40,7 +40,7 @@ class GenerateOptions:
     class_idx: int | None = None        # None: a random class per seed (conditional networks)
     max_batch_size: int = 64            # per process
     device: str | None = None           # None: picked automatically
-    sampler_kwargs: dict = field(default_factory=dict)  # edm_sampler / ablation_sampler options; None = default
+    sampler_kwargs: dict = field(default_factory=dict)  # options of training.sampling.run_sampler; None = default
     fast_paths: dict = field(default_factory=dict)      # training.perf.FastPaths switches; missing = device default
     precision: str | None = None        # 'fp32' | 'bf16' | 'fp16' for the U-Net; None = the network's own
     gnet: str | None = None             # guiding network (path or URL), or 'uncond' for classifier-free guidance
@@ -187,6 +187,7 @@ def check_options(options: GenerateOptions) -> None:
         raise ValueError(f"--seeds: seeds must be non-negative, got {min(options.seeds)}")
     if options.max_batch_size < 1:
         raise ValueError(f"--batch={options.max_batch_size}: must be at least 1")
+    check_sampler_options(options.sampler_kwargs)
 
 
 def check_network_options(net, options: GenerateOptions) -> None:
@@ -247,6 +248,6 @@ def generate_to_files(options: GenerateOptions) -> dict:
         if distributed.is_main():
             save_png(options.grid, image_grid(torch.stack([by_seed[seed] for seed in options.seeds])))
     distributed.barrier()
-    sampler = "ablation_sampler" if any(k in sampler_kwargs for k in ABLATION_OPTIONS) else "edm_sampler"
-    return dict(num_images=len(options.seeds), seconds=time.time() - start, sampler=sampler, world_size=world_size,
+    return dict(num_images=len(options.seeds), seconds=time.time() - start, sampler=describe_sampler(sampler_kwargs),
+                world_size=world_size,
                 device=str(device))

@@ -25,6 +25,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from training import solvers
+from training.solvers import Solver
+from training.step_schedules import (ScheduleCache, loguniform_sigma_steps, polyexponential_sigma_steps,
+                                     search_sigma_steps)
+
 RandnLike = Callable[[torch.Tensor], torch.Tensor]
 ABLATION_OPTIONS = ("solver", "discretization", "schedule", "scaling")
 
@@ -337,6 +342,188 @@ def _check_choice(option: str, value: str, choices) -> None:
         raise ValueError(f"{option}='{value}': expected one of {', '.join(choices)}")
 
 # ----------------------------------------------------------------------------
+# Samplers by name (``SAMPLERS``): a solver (``training.solvers``) on a time-step schedule, within a budget of
+# network calls. Each is called like ``edm_sampler`` plus ``nfe`` (at most that many calls of ``net``, each on the
+# whole batch) and ``steps_schedule``; latents are scaled by the first level, sigma_max, and the result is x at
+# sigma = 0.
+
+STEPS_SCHEDULES = ("edm", "loguniform", "polyexponential", "optimized")
+SEARCH_SEED, SEARCH_BATCH, SEARCH_REFERENCE_LEVELS, SEARCH_MAX_EVALS = 2024, 32, 512, 300
+OPTIMIZED_SCHEDULES = ScheduleCache()
+
+
+def sigma_steps(steps_schedule: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """The levels of a named schedule: 'edm' (Eq. 5 with ``rho``), 'loguniform', 'polyexponential' (exponent 2)
+    or 'polyexponential:P' (exponent P). 'optimized' depends on a network: see ``Sampler``."""
+    name, _, argument = steps_schedule.partition(":")
+    if name == "polyexponential":
+        return polyexponential_sigma_steps(num_steps, sigma_min, sigma_max, float(argument or 2), device=device)
+    if argument:
+        raise ValueError(f"steps_schedule='{steps_schedule}': only polyexponential takes a value (polyexponential:P)")
+    if name == "edm":
+        return edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=device)
+    if name == "loguniform":
+        return loguniform_sigma_steps(num_steps, sigma_min, sigma_max, device=device)
+    raise ValueError(f"steps_schedule='{steps_schedule}': expected one of {', '.join(STEPS_SCHEDULES)}")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """``solver`` on the levels of ``steps_schedule`` (its default). With ``paper_step`` (``euler_step`` or
+    ``heun_step``) it runs the paper's ``solve``, churn included: 'heun' on the 'edm' schedule with nfe = 2N - 1 is
+    ``edm_sampler`` with num_steps = N, bit for bit."""
+    solver: Solver
+    steps_schedule: str = "edm"
+    paper_step: Callable | None = None
+
+    def __call__(self, net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
+                 randn_like: RandnLike = torch.randn_like, nfe: int = 35,
+                 steps_schedule: str | torch.Tensor | None = None, sigma_min: float = 0.002, sigma_max: float = 80,
+                 rho: float = 7, S_churn: float = 0, S_min: float = 0, S_max: float = float("inf"),
+                 S_noise: float = 1) -> torch.Tensor:
+        """Sample with at most ``nfe`` calls of ``net``. ``steps_schedule``: a name of ``STEPS_SCHEDULES`` or a
+        decreasing tensor of levels (its length decides the calls). Returns float64 images [N, C, H, W]."""
+        name = self.name
+        churn = Churn(S_churn, S_min, S_max, S_noise)
+        if self.paper_step is None and churn != Churn(S_noise=S_noise):
+            raise ValueError(f"S_churn/S_min/S_max: churn (Algorithm 2) applies to the paper's samplers 'heun' and "
+                             f"'euler', not to '{name}'")
+        sigmas = self.levels(net, latents, nfe, steps_schedule, sigma_min, sigma_max, rho)
+        if self.paper_step is not None:
+            flow = ProbabilityFlow(linear_schedule(), no_scaling())
+            return solve(net, latents, class_labels, _append_zero(sigmas), flow, self.paper_step, churn, randn_like)
+
+        def denoise(x, sigma):
+            return net(x, sigma, class_labels).to(torch.float64)
+
+        return self.solver(denoise, latents.to(torch.float64) * sigmas[0], sigmas, randn_like)
+
+    @property
+    def name(self) -> str:
+        return next((name for name, sampler in SAMPLERS.items() if sampler is self), "sampler")
+
+    def levels(self, net, latents: torch.Tensor, nfe: int, steps_schedule: str | torch.Tensor | None,
+               sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+        """The noise levels at which ``net`` is called, snapped to its ``round_sigma``, float64 on the latents'
+        device; checks that they cost at most ``nfe`` calls."""
+        steps_schedule = self.steps_schedule if steps_schedule is None else steps_schedule
+        if isinstance(steps_schedule, torch.Tensor):
+            sigmas = steps_schedule.to(torch.float64)
+        else:
+            if nfe < self.solver.min_nfe:
+                raise ValueError(f"nfe={nfe}: '{self.name}' needs at least {self.solver.min_nfe} network calls")
+            sigma_min, sigma_max = _clip_to_network_range(net, sigma_min, sigma_max)
+            num_levels = self.solver.levels_for(nfe)
+            if steps_schedule == "optimized":
+                sigmas = self.optimized_levels(net, num_levels, sigma_min, sigma_max, rho)
+            else:
+                sigmas = sigma_steps(steps_schedule, num_levels, sigma_min, sigma_max, rho)
+        sigmas = _round_sigma(net, sigmas.to(latents.device))
+        if len(sigmas) < 2 or not bool(torch.all(sigmas[1:] < sigmas[:-1])) or float(sigmas[-1]) <= 0:
+            raise ValueError(f"steps_schedule: the noise levels must be positive and strictly decreasing "
+                             f"(after the network's rounding), got {sigmas.tolist()}")
+        if self.solver.calls_for(len(sigmas)) > nfe:
+            raise ValueError(f"nfe={nfe}: {len(sigmas)} noise levels cost '{self.name}' "
+                             f"{self.solver.calls_for(len(sigmas))} network calls")
+        return sigmas
+
+    def optimized_levels(self, net, num_levels: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+        """``search_sigma_steps`` for this sampler and ``net``, once per network and options (``OPTIMIZED_SCHEDULES``).
+        The search draws its own noise (and labels) from ``SEARCH_SEED``; its calls are not part of any ``nfe``."""
+        if self.solver.stochastic:
+            raise ValueError(f"steps_schedule='optimized': '{self.name}' draws noise; the search fits deterministic "
+                             f"samplers only")
+        key = (self, num_levels, sigma_min, sigma_max)
+        return OPTIMIZED_SCHEDULES.get(net, key, lambda: self._search(net, num_levels, sigma_min, sigma_max, rho))
+
+    @torch.no_grad()
+    def _search(self, net, num_levels: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+        parameters = net.parameters() if hasattr(net, "parameters") else ()
+        rng = SeedRNG(range(SEARCH_SEED, SEARCH_SEED + SEARCH_BATCH), next((p.device for p in parameters), "cpu"))
+        latents, labels = draw_latents(net, rng), draw_class_labels(net, rng)
+        reference_levels = loguniform_sigma_steps(SEARCH_REFERENCE_LEVELS, sigma_min, sigma_max)
+        reference = OPTIMIZED_SCHEDULES.get(  # One reference solve per network serves every sampler and budget.
+            net, ("reference", SEARCH_SEED, SEARCH_BATCH, SEARCH_REFERENCE_LEVELS, sigma_min, sigma_max),
+            lambda: SAMPLERS["unipc_bh2"](net, latents, labels, nfe=SEARCH_REFERENCE_LEVELS,
+                                          steps_schedule=reference_levels))
+
+        def error(sigmas: torch.Tensor) -> float:
+            x = self(net, latents, labels, nfe=self.solver.calls_for(len(sigmas)), steps_schedule=sigmas)
+            return float((x - reference).square().mean().sqrt())
+
+        starts = [sigma_steps(name, num_levels, sigma_min, sigma_max, rho) for name in ("edm", "polyexponential")]
+        return search_sigma_steps(error, num_levels, sigma_min, sigma_max, starts, max_evals=SEARCH_MAX_EVALS)
+
+
+SAMPLERS: dict[str, Sampler] = {
+    # The paper's (Algorithm 1): Euler and Heun on Eq. 5's steps.
+    "euler": Sampler(Solver(None, order=1), paper_step=euler_step),
+    "heun": Sampler(Solver(None, calls_per_step=2, order=2), paper_step=heun_step),
+    # Data prediction in lambda = -log(sigma): DPM-Solver++ (Lu et al. 2022b), UniPC (Zhao et al. 2023).
+    "dpmpp_2m": Sampler(Solver(solvers.dpmpp_2m, order=2)),
+    "dpmpp_3m": Sampler(Solver(solvers.exponential_multistep, order=3, kwargs=(("order", 3),))),
+    "dpmpp_4m": Sampler(Solver(solvers.exponential_multistep, order=4, kwargs=(("order", 4),))),
+    "dpmpp_2s": Sampler(Solver(solvers.dpmpp_2s, calls_per_step=2, order=2)),
+    "unipc_bh1": Sampler(Solver(solvers.unipc, order=4, kwargs=(("order", 3), ("variant", "bh1")))),
+    "unipc_bh2": Sampler(Solver(solvers.unipc, order=4, kwargs=(("order", 3), ("variant", "bh2")))),
+    # Adams-Bashforth on the EDM slopes (x - D) / sigma: iPNDM (Zhang & Chen 2023), LMS (variable steps).
+    # iPNDM's order is 4 in the interior, but its first-order start limits the global order (3 measured over
+    # 32-128 calls on equal steps from sigma = 2; asymptotically 2 unless the start is at sigma >> sigma_data).
+    "ipndm": Sampler(Solver(solvers.ipndm, order=3)),
+    "lms": Sampler(Solver(solvers.adams_sigma, order=4)),
+    # Stochastic: ancestral Euler, and the DPM-Solver++ SDEs (eta = 1).
+    "euler_ancestral": Sampler(Solver(solvers.euler_ancestral, order=1, stochastic=True)),
+    "dpmpp_2m_sde": Sampler(Solver(solvers.exponential_multistep, order=2, stochastic=True,
+                                   kwargs=(("order", 2), ("eta", 1.0)))),
+    "dpmpp_3m_sde": Sampler(Solver(solvers.exponential_multistep, order=3, stochastic=True,
+                                   kwargs=(("order", 3), ("eta", 1.0)))),
+}
+REGISTRY_OPTIONS = ("sampler", "nfe", "steps_schedule")
+
+
+def get_sampler(name: str) -> Sampler:
+    """``SAMPLERS[name]``, or a one-line error listing the choices."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler='{name}': expected one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def check_sampler_options(sampler_kwargs: dict) -> None:
+    """One-line ValueErrors, before any work: a named sampler mixed with the Table 1 ablation's options, or an
+    unknown sampler name."""
+    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    if not any(k in kwargs for k in REGISTRY_OPTIONS):
+        return
+    mixed = [k for k in ABLATION_OPTIONS + ("alpha", "epsilon_s", "C_1", "C_2", "M") if k in kwargs]
+    if mixed:
+        raise ValueError(f"{', '.join(mixed)}: options of the Table 1 ablation sampler, which does not mix with "
+                         f"the named samplers (sampler/nfe/steps_schedule)")
+    get_sampler(kwargs.get("sampler") or "heun")
+
+
+def registry_call(net, latents: torch.Tensor, class_labels: torch.Tensor | None, randn_like: RandnLike,
+                  sampler: str | None = None, nfe: int | None = None, num_steps: int | None = None,
+                  **options) -> torch.Tensor:
+    """``SAMPLERS[sampler]`` (default 'heun') with ``nfe`` calls at most; without ``nfe``, the budget of the paper's
+    Heun with ``num_steps`` steps, 2 num_steps - 1 (35 by default)."""
+    check_sampler_options(dict(options, sampler=sampler, nfe=nfe))
+    nfe = nfe if nfe is not None else 2 * (num_steps or 18) - 1
+    return get_sampler(sampler or "heun")(net, latents, class_labels, randn_like=randn_like, nfe=nfe, **options)
+
+
+def describe_sampler(sampler_kwargs: dict) -> str:
+    """What ``run_sampler`` runs with these options, for messages: 'edm_sampler', 'ablation_sampler' or
+    'NAME (NFE n, SCHEDULE steps)'."""
+    kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    if any(k in kwargs for k in REGISTRY_OPTIONS):
+        name = kwargs.get("sampler") or "heun"
+        nfe = kwargs.get("nfe") or 2 * kwargs.get("num_steps", 18) - 1
+        schedule = kwargs.get("steps_schedule") or get_sampler(name).steps_schedule
+        return f"{name} (NFE {nfe}, {schedule} steps)"
+    return "ablation_sampler" if any(k in kwargs for k in ABLATION_OPTIONS) else "edm_sampler"
+
+# ----------------------------------------------------------------------------
 # Seeds, latents and class labels as the official generate.py draws them.
 
 
@@ -464,9 +651,12 @@ def guided(net, guide=None, weight: float = 1, interval: tuple[float, float] | N
 
 def run_sampler(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
                 randn_like: RandnLike = torch.randn_like, **sampler_kwargs) -> torch.Tensor:
-    """``ablation_sampler`` when any of solver/discretization/schedule/scaling is given, else ``edm_sampler``.
+    """A named sampler of ``SAMPLERS`` when any of sampler/nfe/steps_schedule is given (``registry_call``), else
+    ``ablation_sampler`` when any of solver/discretization/schedule/scaling is given, else ``edm_sampler``.
     Options set to None are left at the sampler's default."""
     sampler_kwargs = {k: v for k, v in sampler_kwargs.items() if v is not None}
+    if any(k in sampler_kwargs for k in REGISTRY_OPTIONS):
+        return registry_call(net, latents, class_labels, randn_like, **sampler_kwargs)
     sampler = ablation_sampler if any(k in sampler_kwargs for k in ABLATION_OPTIONS) else edm_sampler
     return sampler(net, latents, class_labels, randn_like=randn_like, **sampler_kwargs)
 

@@ -1,0 +1,348 @@
+"""The named samplers (training.sampling.SAMPLERS, training.solvers, training.step_schedules): convergence orders
+on a Gaussian mixture with an exact answer, the NFE budget, the paper's samplers pinned bit for bit, the schedules'
+formulas and the command-line options."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from benchmarks.mixture import GaussianMixtureDenoiser, exact_end_points, relative_error
+from conftest import FIXTURES, make_tiny_net
+from training import sampling, solvers
+from training.sampling import SAMPLERS, SeedRNG, ablation_sampler, draw_class_labels, draw_latents, edm_sampler
+from training.step_schedules import loguniform_sigma_steps, polyexponential_sigma_steps
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+DETERMINISTIC = [name for name, sampler in SAMPLERS.items() if not sampler.solver.stochastic]
+STOCHASTIC = [name for name, sampler in SAMPLERS.items() if sampler.solver.stochastic]
+
+
+class CountingNet:
+    """A denoiser that counts its calls and remembers the inputs of each."""
+
+    def __init__(self, net):
+        self.net, self.calls, self.inputs = net, 0, []
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["net"], name)
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.calls += 1
+        self.inputs.append(x)
+        return self.net(x, sigma, class_labels)
+
+
+def small_mixture() -> GaussianMixtureDenoiser:
+    """Overlapping components in 4 dimensions: every end point is far from a basin boundary, so the error is in its
+    asymptotic regime from a few dozen calls on."""
+    return GaussianMixtureDenoiser(dim=4, num_components=3, mean_scale=0.5, std_range=(0.3, 0.6), shape=(1, 2, 2))
+
+
+def _latents(net, n: int = 8, seed: int = 0) -> torch.Tensor:
+    return torch.randn([n, *net.shape], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """(denoiser, latents, exact end points from sigma 80, exact end points from sigma 2)."""
+    net = small_mixture()
+    z = _latents(net)
+    return (net, z, exact_end_points(net, z, num_steps=768, sigma_end=1e-5),
+            exact_end_points(net, z, sigma_max=2, num_steps=512, sigma_end=1e-5))
+
+# ----------------------------------------------------------------------------
+# The paper's samplers, bit for bit.
+
+
+PINNED = {  # Outputs saved before the named samplers existed: tests/fixtures/sampler-pins.pt.
+    "edm-default-6": ("edm", dict(num_steps=6)),
+    "edm-churn": ("edm", dict(num_steps=5, S_churn=20, S_min=0.05, S_max=30, S_noise=1.007)),
+    "edm-rho3": ("edm", dict(num_steps=4, rho=3, sigma_min=0.01, sigma_max=50)),
+    "ablation-vp": ("ablation", dict(num_steps=5, solver="euler", discretization="vp", schedule="vp", scaling="vp")),
+    "ablation-ve": ("ablation", dict(num_steps=5, solver="euler", discretization="ve", schedule="ve", scaling="none")),
+    "ablation-iddpm": ("ablation", dict(num_steps=5, solver="euler", discretization="iddpm", schedule="linear",
+                                        scaling="none")),
+    "ablation-heun-vp-alpha": ("ablation", dict(num_steps=5, solver="heun", discretization="edm", schedule="vp",
+                                                scaling="vp", alpha=0.75, S_churn=10)),
+}
+
+
+def _pinned_inputs():
+    net = make_tiny_net(label_dim=4)
+    rng = SeedRNG([0, 1, 7])
+    return net, draw_latents(net, rng), draw_class_labels(net, rng), rng
+
+
+@pytest.mark.parametrize("case", list(PINNED))
+def test_paper_samplers_are_bit_identical_to_before(case):
+    pins = torch.load(os.path.join(FIXTURES, "sampler-pins.pt"), weights_only=True)
+    kind, kwargs = PINNED[case]
+    net, latents, labels, rng = _pinned_inputs()
+    with torch.no_grad():
+        images = (edm_sampler if kind == "edm" else ablation_sampler)(net, latents, labels, randn_like=rng.randn_like,
+                                                                      **kwargs)
+    assert torch.equal(images, pins[case])
+
+
+@pytest.mark.parametrize("churn", [dict(), dict(S_churn=20, S_min=0.05, S_max=30, S_noise=1.007)])
+def test_registry_heun_and_euler_are_the_papers(churn):
+    """'heun' with nfe = 2N - 1 is edm_sampler with N steps, 'euler' with nfe = N the ablation sampler's Euler on
+    Eq. 5's steps: bit for bit, churn included."""
+    net, latents, labels, _ = _pinned_inputs()
+    with torch.no_grad():
+        for name, nfe, reference in (("heun", 9, lambda rng: edm_sampler(net, latents, labels, rng.randn_like,
+                                                                         num_steps=5, **churn)),
+                                     ("euler", 5, lambda rng: ablation_sampler(net, latents, labels, rng.randn_like,
+                                                                               num_steps=5, solver="euler", **churn))):
+            ours = SAMPLERS[name](net, latents, labels, SeedRNG([0, 1, 7]).randn_like, nfe=nfe, **churn)
+            assert torch.equal(ours, reference(SeedRNG([0, 1, 7]))), name
+
+# ----------------------------------------------------------------------------
+# Convergence orders on the mixture.
+
+
+def _order_setup(name: str, nfe: int):
+    """(schedule, sigma_max) of the order measurement: log-uniform levels from 80 for the solvers in log(sigma), Eq. 5's
+    for LMS; equal steps in sigma from 2 (the last one to 0) for Euler, Heun and iPNDM, whose fixed Adams weights
+    assume equal steps."""
+    solver = SAMPLERS[name].solver
+    if name == "lms":
+        return "edm", 80
+    if name in ("euler", "heun", "ipndm"):
+        levels = solver.levels_for(nfe)
+        return torch.linspace(2, 2 / levels, levels, dtype=torch.float64), 2
+    return "loguniform", 80
+
+
+ORDER_NFES = {"euler": (16, 32, 64), "heun": (31, 63, 127), "dpmpp_2s": (31, 63, 127), "unipc_bh1": (32, 64, 128),
+              "unipc_bh2": (32, 64, 128), "ipndm": (32, 64, 128), "lms": (64, 128, 256)}
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_empirical_order_is_at_least_nominal(problem, name):
+    """Slope of log error against log NFE over a doubling range in the asymptotic regime >= the solver's order
+    (0.25 of slack: at finite NFE the slopes still approach the order from below or above)."""
+    net, z, exact_80, exact_2 = problem
+    nfes = ORDER_NFES.get(name, (16, 32, 64))
+    errors = []
+    for nfe in nfes:
+        schedule, sigma_max = _order_setup(name, nfe)
+        x = SAMPLERS[name](net, z, nfe=nfe, steps_schedule=schedule, sigma_max=sigma_max)
+        errors.append(relative_error(x, exact_80 if sigma_max == 80 else exact_2, net.data_scale))
+    slopes = -np.diff(np.log(errors)) / np.diff(np.log(nfes))
+    assert min(slopes) >= SAMPLERS[name].solver.order - 0.25, f"{name}: errors {errors}, slopes {slopes}"
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_stochastic_samplers_at_eta_0_are_their_ode_solvers(problem, name):
+    """With eta = 0 the SDE solvers draw no noise and converge with their order; with eta = 1 they keep the data's
+    distribution (checked on a Gaussian, where the marginals are known)."""
+    net, z, exact_80, _ = problem
+    solver = SAMPLERS[name].solver
+    errors = []
+    for nfe in (16, 32, 64):
+        sigmas = loguniform_sigma_steps(nfe, 0.002, 80)
+        x = solver(lambda x_, s: net(x_, s), z * 80, sigmas, lambda x_: pytest.fail("noise drawn at eta 0"), eta=0)
+        errors.append(relative_error(x, exact_80, net.data_scale))
+    slopes = -np.diff(np.log(errors)) / np.log(2)
+    assert min(slopes) >= solver.order - 0.15, f"{name}: errors {errors}, slopes {slopes}"
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_stochastic_samplers_keep_the_marginals(name):
+    """On Gaussian data, where D is exact, the samples' mean and variance approach the data's as NFE grows (the
+    variance within 10% at NFE 160)."""
+    gaussian = GaussianMixtureDenoiser(dim=4, num_components=1, mean_scale=0.5, std_range=(0.5, 0.5), shape=(1, 2, 2))
+    z = torch.randn([2000, 1, 2, 2], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    variance_errors = []
+    for nfe in (40, 160):
+        generator = torch.Generator().manual_seed(4)
+        x = SAMPLERS[name](gaussian, z, nfe=nfe, steps_schedule="loguniform",
+                           randn_like=lambda x_: torch.randn(x_.shape, generator=generator, dtype=x_.dtype))
+        centered = x.reshape(len(x), -1) - gaussian.means[0]
+        assert centered.mean(0).abs().max() < 0.04
+        variance_errors.append(abs(centered.var(0).mean().item() / 0.25 - 1))
+    assert variance_errors[1] < 0.1 and variance_errors[1] <= variance_errors[0] + 0.02, variance_errors
+
+
+# ----------------------------------------------------------------------------
+# The budget.
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("schedule", ["edm", "loguniform", "polyexponential"])
+def test_nfe_bounds_the_network_calls(name, schedule):
+    """nfe = N calls the network at most N times, each on the whole batch; a multistep solver uses all N."""
+    net = CountingNet(GaussianMixtureDenoiser(dim=4, num_components=3, shape=(1, 2, 2)))
+    z = _latents(net.net, 3)
+    for nfe in sorted({SAMPLERS[name].solver.min_nfe, 4, 7, 10}):
+        net.calls = 0
+        SAMPLERS[name](net, z, nfe=nfe, steps_schedule=schedule)
+        assert net.calls <= nfe and net.calls >= nfe - 1, (nfe, net.calls)
+        assert all(x.shape[0] == 3 for x in net.inputs)
+    with pytest.raises(ValueError, match=f"nfe=1: '{name}' needs at least {SAMPLERS[name].solver.min_nfe} network "
+                                         f"calls"):
+        SAMPLERS[name](net, z, nfe=1, steps_schedule=schedule)
+
+
+@pytest.mark.parametrize("name", ["unipc_bh2", "dpmpp_2s"])
+def test_optimized_steps_are_searched_once_on_their_own_noise(name, monkeypatch):
+    """The search runs once per network and budget, on noise of its own (never the latents being sampled), and is
+    not counted: every later call with nfe = N calls the network at most N times. It beats log-uniform steps."""
+    monkeypatch.setattr(sampling, "SEARCH_REFERENCE_LEVELS", 128)
+    monkeypatch.setattr(sampling, "SEARCH_MAX_EVALS", 60)
+    monkeypatch.setattr(sampling, "SEARCH_BATCH", 8)
+    mixture = small_mixture()
+    net = CountingNet(mixture)
+    z = _latents(mixture, 8, seed=5)
+    nfe = 9
+    x = SAMPLERS[name](net, z, nfe=nfe, steps_schedule="optimized")
+    assert net.calls > 10 * nfe  # The search, then the sampling.
+    sampled_inputs = net.inputs[-nfe:]
+    assert not any(torch.equal(x_in, z * 80) for x_in in net.inputs[:-nfe])
+    assert torch.equal(sampled_inputs[0], z * 80)
+    for _ in range(2):
+        net.calls = 0
+        again = SAMPLERS[name](net, z, nfe=nfe, steps_schedule="optimized")
+        assert net.calls <= nfe and torch.equal(again, x)
+    other = CountingNet(mixture)  # Another network object: searched anew.
+    SAMPLERS[name](other, z, nfe=nfe, steps_schedule="optimized")
+    assert other.calls > 10 * nfe
+    exact = exact_end_points(mixture, z, num_steps=256)
+    uniform = SAMPLERS[name](mixture, z, nfe=nfe, steps_schedule="loguniform")
+    assert relative_error(x, exact, mixture.data_scale) < 0.7 * relative_error(uniform, exact, mixture.data_scale)
+
+
+def test_guidance_works_with_the_named_samplers():
+    """A guided denoiser is a denoiser: D_g + w (D - D_g) with both mixtures' exact denoisers."""
+    from training.sampling import GuidedDenoiser
+    net, guide = small_mixture(), GaussianMixtureDenoiser(dim=4, num_components=3, seed=1, shape=(1, 2, 2))
+    z = _latents(net, 2)
+    guided = GuidedDenoiser(net, guide, 2.0)
+    x = SAMPLERS["unipc_bh2"](guided, z, nfe=8)
+
+    def by_hand(x_, sigma, class_labels=None):
+        return guide(x_, sigma) + 2.0 * (net(x_, sigma) - guide(x_, sigma))
+    torch.testing.assert_close(x, SAMPLERS["unipc_bh2"](by_hand, z, nfe=8), rtol=0, atol=1e-12)
+
+# ----------------------------------------------------------------------------
+# Formulas.
+
+
+def test_loguniform_and_polyexponential_steps():
+    n, lo, hi = 9, 0.002, 80.0
+    log_uniform = loguniform_sigma_steps(n, lo, hi)
+    assert log_uniform.dtype == torch.float64 and log_uniform[0] == hi
+    assert log_uniform[-1].item() == pytest.approx(lo, rel=1e-12)
+    steps = torch.diff(log_uniform.log())
+    torch.testing.assert_close(steps, torch.full_like(steps, math.log(lo / hi) / (n - 1)), rtol=1e-12, atol=0)
+    for rho in (1, 2, 3.5):
+        poly = polyexponential_sigma_steps(n, lo, hi, rho)
+        i = np.arange(n)
+        expected = np.exp(np.log(lo) + (1 - i / (n - 1)) ** rho * (np.log(hi) - np.log(lo)))
+        np.testing.assert_allclose(poly.numpy(), expected, rtol=1e-12)
+        assert poly[0].item() == pytest.approx(hi, rel=1e-12) and poly[-1].item() == pytest.approx(lo, rel=1e-12)
+    torch.testing.assert_close(polyexponential_sigma_steps(n, lo, hi, 1), log_uniform, rtol=1e-12, atol=0)
+    assert sampling.sigma_steps("polyexponential:3", 5, lo, hi).allclose(polyexponential_sigma_steps(5, lo, hi, 3))
+
+
+def test_exponential_weights_integrate_polynomials_exactly():
+    """w_j of DPM-Solver++(kM): for D(lambda) = lambda^m, m < k, sum_j w_j D(lambda_j) = integral e^-(lt - l) D."""
+    nodes, lambda_s, lambda_t = [-0.7, -0.3, 0.0], 0.0, 0.45
+    weights = solvers.exponential_weights(nodes, lambda_s, lambda_t)
+    fine = np.linspace(lambda_s, lambda_t, 200001)
+    for m in range(3):
+        exact = np.trapezoid(np.exp(-(lambda_t - fine)) * fine ** m, fine)
+        assert sum(w * node ** m for w, node in zip(weights, nodes)) == pytest.approx(exact, rel=1e-8, abs=1e-12)
+    # DPM-Solver++(2M)'s weights are these to second order: 1 - e^-h split with 1/(2r).
+    h = 0.45
+    assert sum(solvers.exponential_weights([-0.3, 0.0], 0.0, h)) == pytest.approx(-math.expm1(-h), rel=1e-12)
+
+
+def test_final_step_extrapolates_in_sigma_squared():
+    """D(sigma) = a + b sigma^2 along the trajectory: two points give x(0) = a exactly; one gives D(sigma_min)."""
+    a, b = torch.tensor(0.3, dtype=torch.float64), 2.0
+    sigmas = [0.05, 0.01]
+    values = [a + b * s ** 2 for s in sigmas]
+    assert solvers.final_denoised(sigmas, values, points=2).item() == pytest.approx(0.3, abs=1e-15)
+    assert solvers.final_denoised(sigmas, values, points=1).item() == pytest.approx(0.3 + b * 1e-4, abs=1e-15)
+
+# ----------------------------------------------------------------------------
+# Errors and the command lines.
+
+
+def test_bad_options_get_one_line_errors():
+    net = small_mixture()
+    z = _latents(net, 1)
+    with pytest.raises(ValueError, match=r"sampler='dpm\+\+': expected one of euler, heun, dpmpp_2m"):
+        sampling.run_sampler(net, z, sampler="dpm++", nfe=10)
+    with pytest.raises(ValueError, match="steps_schedule='cosine': expected one of edm, loguniform, polyexponential, "
+                                         "optimized"):
+        SAMPLERS["dpmpp_2m"](net, z, nfe=10, steps_schedule="cosine")
+    with pytest.raises(ValueError, match="churn .* not to 'unipc_bh2'"):
+        SAMPLERS["unipc_bh2"](net, z, nfe=10, S_churn=5)
+    with pytest.raises(ValueError, match="discretization: options of the Table 1 ablation sampler"):
+        sampling.run_sampler(net, z, sampler="dpmpp_2m", discretization="vp")
+    with pytest.raises(ValueError, match="'euler_ancestral' draws noise"):
+        SAMPLERS["euler_ancestral"](net, z, nfe=10, steps_schedule="optimized")
+
+
+@pytest.fixture(scope="module")
+def network_pkl(tmp_path_factory) -> str:
+    from training.checkpoint import save_network_pkl
+    path = str(tmp_path_factory.mktemp("net") / "network-snapshot-000000.pkl")
+    save_network_pkl(path, dict(ema=make_tiny_net(label_dim=4), loss_fn=None, augment_pipe=None, dataset_kwargs={}))
+    return path
+
+
+def test_generate_takes_sampler_nfe_and_steps_schedule(network_pkl, tmp_path):
+    import PIL.Image
+    from generate import main
+
+    from training.sampling import generate_images
+    args = ["--network", network_pkl, "--outdir", str(tmp_path), "--seeds", "0-2", "--sampler", "dpmpp_3m",
+            "--nfe", "6", "--steps-schedule", "polyexponential:1.5"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "with dpmpp_3m (NFE 6, polyexponential:1.5 steps)" in result.output
+    expected = generate_images(make_tiny_net(label_dim=4), [0, 1, 2], sampler="dpmpp_3m", nfe=6,
+                               steps_schedule="polyexponential:1.5")
+    for seed in range(3):
+        png = torch.from_numpy(np.array(PIL.Image.open(tmp_path / f"{seed:06d}.png"))).permute(2, 0, 1)
+        assert torch.equal(png, expected[seed])
+    # --nfe alone is the paper's Heun: the same images as --steps with 2 steps - 1 = nfe.
+    result = CliRunner().invoke(main, ["--network", network_pkl, "--outdir", str(tmp_path / "h"), "--seeds", "0",
+                                       "--nfe", "7"], catch_exceptions=False)
+    assert "with heun (NFE 7, edm steps)" in result.output
+    heun = generate_images(make_tiny_net(label_dim=4), [0], num_steps=4)
+    png = torch.from_numpy(np.array(PIL.Image.open(tmp_path / "h" / "000000.png"))).permute(2, 0, 1)
+    assert torch.equal(png, heun[0])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "dpm"], "Invalid value for '--sampler': 'dpm' is not one of 'euler', 'heun'"),
+    (["--steps-schedule", "cosine"], "Invalid value for '--steps-schedule': 'cosine': expected one of edm, "
+                                     "loguniform, polyexponential, optimized"),
+    (["--sampler", "unipc_bh2", "--disc", "vp"], "discretization: options of the Table 1 ablation sampler"),
+    (["--sampler", "dpmpp_2s", "--nfe", "2"], "nfe=2: 'dpmpp_2s' needs at least 3 network calls"),
+])
+def test_generate_bad_sampler_options_get_one_line(network_pkl, tmp_path, args, message):
+    from generate import main
+    result = CliRunner().invoke(main, ["--network", network_pkl, "--outdir", str(tmp_path / "out"), *args],
+                                catch_exceptions=False)
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert re.search(re.escape(message), result.output), result.output
+
+
+def test_fid_calc_and_ema_sweep_share_the_sampler_options():
+    import fid
+    names = {p.name for p in fid.calc.params}
+    assert {"sampler", "nfe", "steps_schedule"} <= names

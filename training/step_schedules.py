@@ -1,0 +1,130 @@
+"""Time-step schedules beyond Eq. 5, and schedules optimized for one network.
+
+A schedule is a decreasing tensor of N noise levels sigma_0 = sigma_max > ... > sigma_{N-1} (float64), the levels
+at which a solver calls the network; the step to sigma = 0 is the solver's own.
+
+- ``loguniform_sigma_steps``: equal steps in log(sigma), i.e. in lambda = -log(sigma), the variable of DPM-Solver
+  (Lu et al. 2022a, 'logSNR' steps).
+- ``polyexponential_sigma_steps``: log(sigma) = log(sigma_min) + (1 - i/(N-1))^rho (log(sigma_max) - log(sigma_min)),
+  denser near sigma_min for rho > 1; rho = 1 is log-uniform.
+- ``search_sigma_steps``: the steps that minimize one solver's end-point error on one network, found once by a
+  derivative-free search against a dense reference solve on the search's own noise (in the spirit of "Align Your
+  Steps", Sabour et al. 2024, and of the optimized-step searches of Xue et al. 2024, "DMN"), over a smooth warp of
+  log-uniform steps with a free last level. ``ScheduleCache`` keeps the result per network.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+def _ramp(num_steps: int, device) -> torch.Tensor:
+    if num_steps < 2:
+        raise ValueError(f"num_steps={num_steps}: at least 2 steps are needed")
+    return torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
+
+
+def loguniform_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float,
+                           device: torch.device | str | None = None) -> torch.Tensor:
+    """sigma_i = sigma_max (sigma_min / sigma_max)^(i/(N-1)): equal steps in lambda = -log(sigma)."""
+    return sigma_max * (sigma_min / sigma_max) ** _ramp(num_steps, device)
+
+
+def polyexponential_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 2,
+                                device: torch.device | str | None = None) -> torch.Tensor:
+    """log(sigma_i) = log(sigma_min) + (1 - i/(N-1))^rho (log(sigma_max) - log(sigma_min))."""
+    log_min, log_max = math.log(sigma_min), math.log(sigma_max)
+    return torch.exp(log_min + (1 - _ramp(num_steps, device)) ** rho * (log_max - log_min))
+
+# ----------------------------------------------------------------------------
+# Optimized steps.
+
+
+@dataclass(frozen=True)
+class WarpedSteps:
+    """Levels lambda_i = lambda_max + (lambda_end - lambda_max) W(i/(N-1)) with lambda = -log(sigma): W is the
+    normalized integral of a density exp(theta(u)), theta piecewise linear over ``len(theta)`` equally spaced knots
+    on [0, 1]; theta = 0 with sigma_end = sigma_min is log-uniform. Parameters: (theta_1..theta_K, log sigma_end);
+    theta_0 = 0 fixes the density's scale."""
+    num_steps: int
+    sigma_min: float
+    sigma_max: float
+    num_knots: int = 8
+
+    def sigmas(self, params: np.ndarray) -> torch.Tensor:
+        theta = np.concatenate([[0.0], np.clip(params[:-1], -8, 8)])
+        log_end = float(np.clip(params[-1], math.log(self.sigma_min), math.log(self.sigma_max) - 1))
+        fine = np.linspace(0, 1, 4097)
+        density = np.exp(np.interp(fine, np.linspace(0, 1, len(theta)), theta))
+        cumulative = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2)])
+        warp = np.interp(np.linspace(0, 1, self.num_steps), fine, cumulative / cumulative[-1])
+        log_sigma = math.log(self.sigma_max) + warp * (log_end - math.log(self.sigma_max))
+        return torch.as_tensor(np.exp(log_sigma), dtype=torch.float64)
+
+    def initial(self) -> np.ndarray:
+        return np.concatenate([np.zeros(self.num_knots - 1), [math.log(self.sigma_min)]])
+
+
+def search_sigma_steps(error: Callable[[torch.Tensor], float], num_steps: int, sigma_min: float, sigma_max: float,
+                       starts: list[torch.Tensor] = (), max_evals: int = 300, num_knots: int = 8) -> torch.Tensor:
+    """The ``num_steps`` levels from ``sigma_max`` down to at least ``sigma_min`` that minimize ``error(sigmas)``
+    (an end-point error of one solver on the search's noise), by Nelder-Mead over ``WarpedSteps``' parameters,
+    started from log-uniform steps and from the best of ``starts`` (fitted to the warp). Returns float64 levels,
+    sigmas[0] = sigma_max exactly."""
+    from scipy.optimize import minimize
+
+    warp = WarpedSteps(num_steps, sigma_min, sigma_max, num_knots)
+    best: dict = {}
+
+    def objective(params: np.ndarray) -> float:
+        sigmas = warp.sigmas(params)
+        value = error(sigmas)
+        value = math.log(value) if value > 0 and math.isfinite(value) else 1e3
+        if value < best.get("value", math.inf):
+            best.update(value=value, sigmas=sigmas)
+        return value
+
+    candidates = [warp.initial()] + [_fit_warp(warp, s) for s in starts]
+    start = min(candidates, key=objective)
+    dim = len(start)
+    simplex = np.stack([start] + [start + 0.5 * np.eye(dim)[k] for k in range(dim)])
+    minimize(objective, start, method="Nelder-Mead",
+             options=dict(maxfev=max_evals, initial_simplex=simplex, xatol=1e-3, fatol=1e-4))
+    sigmas = best["sigmas"].clone()
+    sigmas[0] = sigma_max
+    return sigmas
+
+
+def _fit_warp(warp: WarpedSteps, sigmas: torch.Tensor) -> np.ndarray:
+    """Warp parameters whose levels approximate ``sigmas``: theta from the log of the step density in lambda."""
+    lam = -np.log(sigmas.double().cpu().numpy())
+    steps = np.diff(lam)
+    u_mid = (np.arange(len(steps)) + 0.5) / len(steps)
+    theta = np.interp(np.linspace(0, 1, warp.num_knots), u_mid, -np.log(np.maximum(steps, 1e-12)))
+    return np.concatenate([theta[1:] - theta[0], [math.log(max(float(sigmas[-1]), warp.sigma_min))]])
+
+
+class ScheduleCache:
+    """Optimized schedules per network: a weak reference to the network object, then a key of the options
+    (sampler, number of levels, range). A network that cannot be weakly referenced gets no cache."""
+
+    def __init__(self):
+        self._by_net = weakref.WeakKeyDictionary()
+
+    def get(self, net, key, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        try:
+            table = self._by_net.setdefault(net, {})
+        except TypeError:
+            return compute()
+        if key not in table:
+            table[key] = compute()
+        return table[key]
+
+    def clear(self) -> None:
+        self._by_net = weakref.WeakKeyDictionary()
