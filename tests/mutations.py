@@ -46,6 +46,7 @@ LOSS, LOOP, AUG, DATA = "training/loss.py", "training/training_loop.py", "traini
 SAMPLING, GEN, CKPT = "training/sampling.py", "training/generation.py", "training/checkpoint.py"
 UNETS, PRECOND, STATE = "training/networks/unets.py", "training/networks/precond.py", "training/training_state.py"
 FRECHET, INCEPTION = "metrics/frechet.py", "metrics/inception.py"
+SOLVERS = "training/solvers.py"
 
 # The training-loop tests that run in seconds (not the multi-process ones), and the loss-scaling test of test_perf.
 LOOP_TESTS = tuple(f"tests/test_training_loop.py::test_{name}" for name in (
@@ -241,6 +242,40 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("generation: seeds split into too few batches under several processes", GEN,
        "num_batches = math.ceil(len(seeds) / (max_batch_size * world_size)) * world_size",
        "num_batches = math.ceil(len(seeds) / max_batch_size)", "tests/test_generate.py"),
+    # --- Samplers by name (issue 20).
+    _m("solvers: DPM-Solver++(2M) with 1/r instead of 1/(2r)", SOLVERS,
+       "D = (1 + 1 / (2 * r)) * denoised[-1] - 1 / (2 * r) * denoised[-2]",
+       "D = (1 + 1 / r) * denoised[-1] - 1 / r * denoised[-2]",
+       "tests/test_samplers.py::test_empirical_order_is_at_least_nominal[dpmpp_2m]"),
+    _m("solvers: UniPC without its corrector", SOLVERS,
+       "        x = _unipc_update(x, denoised[-1], lambdas[i], lambdas[i + 1], history + [(lambdas[i + 1], D_t)], variant)",
+       "        x = x_pred", "tests/test_samplers.py::test_empirical_order_is_at_least_nominal[unipc_bh2]"),
+    _m("solvers: last step D(x; sigma_min) instead of the sigma^2 extrapolation", SOLVERS,
+       "    weights = lagrange_basis(u, np.zeros(1))[:, 0].tolist()", "    weights = [0.0] * (points - 1) + [1.0]",
+       "tests/test_samplers.py::test_final_step_extrapolates_in_sigma_squared"),
+    _m("solvers: two-stage solvers overspend an even budget", SOLVERS,
+       "return nfe if self.calls_per_step == 1 else (nfe + 1) // 2",
+       "return nfe if self.calls_per_step == 1 else nfe // 2 + 1",
+       "tests/test_samplers.py::test_nfe_bounds_the_network_calls"),
+    # --- The paper in miniature (issue 22).
+    _m("paper: config D keeps the VP preconditioning", "benchmarks/paper/configs.py",
+       '_D = dataclasses.replace(_C, title="+ Our preconditioning", precond="edm")',
+       '_D = dataclasses.replace(_C, title="+ Our preconditioning", precond="vp")',
+       "tests/test_paper.py::test_config_table_is_the_papers_table2_with_table7_hyperparameters"),
+    _m("paper: the loss follows --precond (config D trains with EDM's loss)", "benchmarks/paper/pieces.py",
+       'c.loss_kwargs = dnnlib.EasyDict(class_name=LOSS_CLASSES[options["loss"]])', "c.loss_kwargs = c.loss_kwargs",
+       "tests/test_paper.py::test_training_arguments_build_each_configs_network_loss_and_schedule"),
+    _m("paper: EMA half-life in kimg where train.py takes Mimg", "benchmarks/paper/configs.py",
+       "ema=fraction_of_run(config.ema_mimg) * size.kimg / 1000", "ema=fraction_of_run(config.ema_mimg) * size.kimg",
+       "tests/test_paper.py::test_miniature_options_keep_the_papers_differences_at_the_sizes_scale"),
+    # --- Cached features and the quickstart's time budget.
+    _m("fid: cached real-image features ignore which subset --num/--seed picked", "fid.py",
+       'subset = [f"subset={len(dataset)},{seed}"]', "subset = []",
+       "tests/test_fid.py::test_ref_and_real_images_are_read_from_the_cache_the_second_time"),
+    _m("quickstart: the predicted evaluation leaves out the Inception passes", "quickstart.py",
+       "return self.sampling(n, nfe, False) + n * self.inception + 2 * STARTUP_SECONDS",
+       "return self.sampling(n, nfe, False) + 2 * STARTUP_SECONDS",
+       "tests/test_quickstart.py::test_evaluation_prediction_and_training_minutes_follow_the_stages"),
 )
 
 
