@@ -41,6 +41,10 @@ class Preset:
     batch: int = 100  # generate.py and fid.py batch size.
     generate_args: tuple[str, ...] = ()  # generate.py options beyond the network, seeds and steps.
     resolution: int = 32  # 32: padded as the official dataset tool does; 28: the native Fashion-MNIST size.
+    minutes: float | None = None  # The whole job's wall-clock budget; training gets what the other stages leave.
+    guide_args: tuple[str, ...] = ()  # --autoguidance: the guide's train.py options that replace train_args'.
+    guide_share: float = 0.2  # --autoguidance: the guide's part of the training time (or of --kimg).
+    guidance: tuple[float, ...] = (1.5, 2.0, 2.5)  # --autoguidance: the weights tried besides w = 1.
 
 
 # cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (docs/quickstart-notes.md); duration is in Mimg as in
@@ -49,17 +53,19 @@ PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=1000, num_ref=1000, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=32", "--cres=1,2,2", "--blocks=1", "--attn=",
         "--batch=32", "--lr=1e-3", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
-        "--augment=0", "--bf16=1", "--duration=0.1", "--max-minutes=8.5", "--tick=5", "--snap=1000", "--dump=1000",
-        "--grid=0", "--seed=0"), generate_args=("--precision=bf16", "--S_churn=40"), resolution=28),
+        "--augment=0", "--bf16=1", "--duration=0.1", "--tick=5", "--snap=1000", "--dump=1000", "--grid=0",
+        "--seed=0"), generate_args=("--precision=bf16", "--S_churn=40"), resolution=28, minutes=15,
+        guide_args=("--cbase=16", "--seed=1")),
     "gpu": Preset(train_images=5000, num_eval=5000, num_ref=5000, batch=500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cbase=128", "--cres=1,2,2", "--blocks=2", "--attn=16",
         "--batch=256", "--lr=1e-3", "--lr-rampup=10", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0.1",
         "--augment=0", "--bf16=1", "--duration=0.3", "--tick=50", "--snap=1000", "--dump=1000", "--grid=64",
-        "--seed=0"), generate_args=("--precision=bf16", "--S_churn=40")),
+        "--seed=0"), generate_args=("--precision=bf16", "--S_churn=40"), guide_args=("--cbase=64", "--seed=1")),
     "smoke": Preset(train_images=256, num_eval=16, num_ref=32, steps=4, batch=16, resolution=28, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=8", "--cres=1,1", "--blocks=1", "--attn=16",
         "--batch=16", "--lr=1e-3", "--lr-rampup=0", "--ema=0.001", "--dropout=0", "--augment=0",
-        "--duration=0.000064", "--tick=0.032", "--snap=1000", "--dump=1000", "--grid=16", "--seed=0")),
+        "--duration=0.000064", "--tick=0.032", "--snap=1000", "--dump=1000", "--grid=16", "--seed=0"),
+        guide_share=0.5, guidance=(2.0,), guide_args=("--seed=1",)),
 }
 
 
@@ -74,6 +80,11 @@ class Stage:
 
     def run(self, title: str, args: list[str]) -> str:
         """Run one CLI, streaming its progress to the terminal; return its stdout's last line."""
+        lines = self.run_output(title, args).splitlines()
+        return next((line for line in reversed(lines) if line.strip()), "")
+
+    def run_output(self, title: str, args: list[str]) -> str:
+        """Run one CLI, streaming its progress to the terminal; return its whole stdout."""
         self.index += 1
         command = [sys.executable, *args]
         click.secho(f"\n[{self.index}/{self.total}] {title}", bold=True)
@@ -85,14 +96,14 @@ class Stage:
         lines = []
         for line in proc.stdout:  # stderr (progress bars) goes straight to the terminal.
             sys.stdout.write(line)
-            lines.append(line.rstrip("\n"))
+            lines.append(line)
         if proc.wait() != 0:
             raise click.ClickException(f"stage {self.index} ({title}) failed with exit code {proc.returncode}; "
                                        f"its output is above")
         elapsed = time.time() - start
         self.timings.append((title, elapsed))
         click.echo(f"    done in {elapsed:.0f} s")
-        return next((line for line in reversed(lines) if line.strip()), "")
+        return "".join(lines)
 
 
 BF16_ARGS = ("--bf16=1", "--precision=bf16")
@@ -121,15 +132,115 @@ def cpu_lacks_bf16(device: str | None, cpuinfo: str = "/proc/cpuinfo") -> bool:
     return not {"avx512_bf16", "amx_bf16"} & set(flags)
 
 
-def adapt_preset(p: Preset, kimg: float | None, fp32: bool) -> Preset:
-    """The preset with its training duration replaced by exactly ``kimg`` (if given; no time limit then) and,
-    with ``fp32``, its bf16 options dropped."""
+def adapt_preset(p: Preset, kimg: float | None, fp32: bool, minutes: float | None = None) -> Preset:
+    """The preset with its training duration replaced by exactly ``kimg`` (if given; no time budget then), its
+    budget by ``minutes`` (if given) and, with ``fp32``, its bf16 options dropped."""
     train_args = tuple(a for a in p.train_args if not (fp32 and a in BF16_ARGS))
     if kimg is not None:
-        train_args = tuple(f"--duration={kimg / 1000:g}" if a.startswith("--duration=") else a for a in train_args
-                           if not a.startswith("--max-minutes="))
+        train_args = with_options(train_args, f"--duration={kimg / 1000:g}")
     generate_args = tuple(a for a in p.generate_args if not (fp32 and a in BF16_ARGS))
-    return dataclasses.replace(p, train_args=train_args, generate_args=generate_args)
+    budget = None if kimg is not None else minutes if minutes is not None else p.minutes
+    return dataclasses.replace(p, train_args=train_args, generate_args=generate_args, minutes=budget)
+
+
+def with_options(args: tuple[str, ...], *replacements: str) -> tuple[str, ...]:
+    """``args`` with each ``--name=value`` of ``replacements`` replacing the option of that name (or added)."""
+    names = {r.split("=", 1)[0] for r in replacements}
+    return tuple(a for a in args if a.split("=", 1)[0] not in names) + replacements
+
+
+def option_value(args: tuple[str, ...], name: str, default: str | None = None) -> str | None:
+    return next((a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")), default)
+
+
+# ----------------------------------------------------------------------------
+# The time budget: training gets what the evaluation will leave, predicted from measured per-image costs.
+
+STARTUP_SECONDS = 8  # Each CLI's start (imports, loading the network or the detector), measured 3-6 s.
+DASHBOARD_SECONDS = 15
+
+
+@dataclasses.dataclass(frozen=True)
+class Costs:
+    """Measured seconds per image: one network call (``net``; ``guide`` for the guide, 0 without) and one
+    Inception pass (``inception``)."""
+    net: float
+    inception: float
+    guide: float = 0.0
+
+    def sampling(self, num: int, nfe: int, guided: bool) -> float:
+        return num * nfe * (self.net + (self.guide if guided else 0.0))
+
+    def evaluation(self, p: Preset, nfe: int, sweep: tuple[float, ...] = ()) -> float:
+        """Seconds from the end of training to the end of the job: without ``sweep``, generating ``num_eval``
+        images and their FID; with it, the FID of w = 1 and of each weight in memory, then a 64-image grid."""
+        n = p.num_eval
+        if not sweep:
+            return self.sampling(n, nfe, False) + n * self.inception + 2 * STARTUP_SECONDS + DASHBOARD_SECONDS
+        sweep_seconds = self.sampling(n, nfe, False) + len(sweep) * self.sampling(n, nfe, True) \
+            + (1 + len(sweep)) * n * self.inception
+        return sweep_seconds + self.sampling(64, nfe, True) + 2 * STARTUP_SECONDS + DASHBOARD_SECONDS
+
+
+def training_minutes(budget_minutes: float, elapsed_seconds: float, evaluation_seconds: float,
+                     margin: float = 1.15) -> float:
+    """Minutes left to train: the budget less what has run and the evaluation predicted (times ``margin``, for a
+    busy machine), less one CLI start."""
+    return (budget_minutes * 60 - elapsed_seconds - margin * evaluation_seconds - STARTUP_SECONDS) / 60
+
+
+def build_untrained(train_args: tuple[str, ...], data: str, device):
+    """The network train.py would build for ``train_args`` on ``data``, in eval mode."""
+    import dnnlib
+    import train
+    from training.dataset import ImageFolderDataset
+    from training.training_loop import build_network
+
+    ctx = train.main.make_context("train.py", ["--outdir=unused", f"--data={data}", *train_args])
+    opts = train.resolve_defaults(dnnlib.EasyDict(ctx.params))
+    dataset = ImageFolderDataset(data, use_labels=opts.cond)
+    return build_network(train.network_config(opts), dataset, device).eval().requires_grad_(False)
+
+
+def seconds_per_call(fn, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed calls, after one untimed warm-up."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_costs(p: Preset, data: str, device: str | None, guide_args: tuple[str, ...] | None = None,
+                  batch: int = 25) -> Costs:
+    """Per-image seconds of the preset's network (and guide), untrained but the same size, and of the detector,
+    on a batch of ``batch``, in the precision generate.py will use."""
+    import contextlib
+
+    import torch
+
+    from metrics.detector import load_detector
+    from torch_utils import distributed as dist
+    dev = torch.device(device) if device else dist.pick_device()
+    bf16 = "--precision=bf16" in p.generate_args
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def network_seconds(args: tuple[str, ...]) -> float:
+        net = build_untrained(args, data, dev)
+        x = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=dev)
+        sigma = torch.full([batch], 2.0, device=dev)
+        labels = torch.eye(net.label_dim, device=dev)[torch.arange(batch) % net.label_dim] if net.label_dim else None
+        with torch.no_grad(), autocast:
+            return seconds_per_call(lambda: net(x, sigma, labels)) / batch
+
+    detector = load_detector(device=dev)
+    images = torch.randint(0, 256, [batch, 1, p.resolution, p.resolution], dtype=torch.uint8, device=dev)
+    with torch.no_grad():
+        inception = seconds_per_call(lambda: detector(images), repeats=1) / batch
+    guide = network_seconds(guide_args) if guide_args is not None else 0.0
+    return Costs(net=network_seconds(p.train_args), inception=inception, guide=guide)
 
 
 def pick_preset(name: str) -> str:
@@ -163,20 +274,43 @@ def newest(pattern: str) -> str:
     return max(paths, key=labelled_nimg)
 
 
+def guidance_results(output: str) -> dict[float, float]:
+    """FID per weight from ``fid.py calc --guidance=LIST``'s lines 'guidance W: FID F'."""
+    results = {}
+    for line in output.splitlines():
+        if line.startswith("guidance ") and ": FID " in line:
+            weight, fid = line[len("guidance "):].split(": FID ")
+            results[float(weight)] = float(fid.split(",")[0])
+    if not results:
+        raise click.ClickException("fid.py printed no 'guidance W: FID F' lines")
+    return results
+
+
 @click.command()
 @click.option("--outdir", default="quickstart-out", show_default=True, metavar="DIR",
               help="Where everything goes (must not hold an earlier quickstart run)")
 @click.option("--preset", type=click.Choice(["auto", *PRESETS]), default="auto", show_default=True,
-              help="Job size: cpu (13-15 min on 2 cores with AVX-512 BF16; fp32 without it), gpu (4 min on an "
-              "H200; bf16 from Ampere on), smoke (a minute or two; for CI)")
+              help="Job size: cpu (15 min on 2 cores), gpu (4 min on an H200; bf16 from Ampere on), smoke (a minute "
+              "or two; for CI)")
 @click.option("--device", default=None, metavar="DEV", help="Passed to every stage, e.g. cpu  [default: auto]")
 @click.option("--kimg", type=click.FloatRange(min=0, min_open=True), default=None, metavar="KIMG",
-              help="Train for exactly this many thousand images instead of the preset's duration (the cpu "
-              "preset's is 8.5 minutes of training, up to 100 kimg)")
-def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> None:
+              help="Train for exactly this many thousand images instead of the preset's duration or time budget")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MIN",
+              help="Wall-clock budget of the whole job: training gets what the other stages are measured and "
+              "predicted to leave  [default: the preset's; cpu: 15]")
+@click.option("--autoguidance", is_flag=True,
+              help="Also train a smaller, shorter guide and report FID with and without autoguidance at the best "
+              "of the preset's weights (needs about twice the cpu preset's 15 minutes for a useful main network)")
+def main(outdir: str, preset: str, device: str | None, kimg: float | None, minutes: float | None,
+         autoguidance: bool) -> None:
     """Train a small EDM model on the embedded Fashion-MNIST and report the FID of its samples."""
+    # OpenMP threads that sleep rather than spin while waiting (unless the user chose), here and in every stage,
+    # set before torch loads: on a CPU shared with other work, spinning made a network call 12x slower (a batch of
+    # 25 took 4.8 s against 0.39 s on 2 busy cores).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     preset_name = pick_preset(preset)
-    p = adapt_preset(PRESETS[preset_name], kimg, fp32=cuda_lacks_bf16(device) or cpu_lacks_bf16(device))
+    p = adapt_preset(PRESETS[preset_name], kimg, fp32=cuda_lacks_bf16(device) or cpu_lacks_bf16(device),
+                     minutes=minutes)
     outdir = os.path.abspath(outdir)
     if os.path.exists(os.path.join(outdir, "summary.json")):
         raise click.ClickException(f"--outdir={outdir} already holds a quickstart run; remove it or pick another")
@@ -184,6 +318,7 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> No
     path = lambda *parts: os.path.join(outdir, *parts)
     device_args = [f"--device={device}"] if device else []
     n, m = p.num_eval, p.num_ref
+    nfe = 2 * p.steps - 1
     held_out_start = NUM_SOURCE_IMAGES // 2
     convert = lambda dest, *args: ["dataset_tool.py", f"--source={SOURCE}", f"--dest={path(dest)}",
                                    f"--resolution={p.resolution}x{p.resolution}", *args]
@@ -192,10 +327,12 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> No
                                    f"{held_out_start}")
     # The floor's real images: held-out ones after the reference's where enough are left, else training images.
     floor_start = held_out_start + m if held_out_start + m + n <= NUM_SOURCE_IMAGES else 0
+    guide_args = with_options(p.train_args, *p.guide_args) if autoguidance else None
     click.secho(f"Quickstart, preset '{preset_name}': train on {p.train_images} Fashion-MNIST images, "
-                f"evaluate FID of {n} samples against {m} real images; output in {outdir}", bold=True)
+                f"evaluate FID of {n} samples against {m} real images"
+                + (f", within {p.minutes:g} minutes" if p.minutes else "") + f"; output in {outdir}", bold=True)
     start = time.time()
-    stage = Stage(total=8, log_path=path("commands.txt"))
+    stage = Stage(total=9 if autoguidance else 8, log_path=path("commands.txt"))
 
     for name in ("train.zip", "reference.zip", "held-out.zip"):
         if os.path.exists(path(name)):
@@ -206,40 +343,89 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> No
               convert("reference.zip", f"--first={held_out_start}", f"--max-images={m}"))
     subprocess.run([sys.executable, *convert("held-out.zip", f"--first={floor_start}", f"--max-images={n}")],
                    cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    stage.run("Reference statistics (Inception features of the reference images)", [
+    stage.run("Reference statistics (Inception features of the reference images; cached for the next run)", [
         "fid.py", "ref", f"--data={path('reference.zip')}", f"--dest={path('reference.npz')}",
         f"--batch={p.batch}", *device_args])
-    floor = fid_value(stage.run("Real-data floor: FID of real images outside the reference", [
+    floor = fid_value(stage.run("Real-data floor: FID of real images outside the reference (cached likewise)", [
         "fid.py", "calc", f"--images={path('held-out.zip')}", f"--ref={path('reference.npz')}", f"--num={n}",
         f"--batch={p.batch}", *device_args]))
-    arch = next((a.split("=", 1)[1] for a in p.train_args if a.startswith("--arch=")), "ddpmpp")
+
+    train_args, guide_train_args, costs, predicted = p.train_args, guide_args, None, None
+    if p.minutes is not None:
+        costs = measure_costs(p, path("train.zip"), device, guide_args)
+        predicted = costs.evaluation(p, nfe, p.guidance if autoguidance else ())
+        left = training_minutes(p.minutes, time.time() - start, predicted)
+        if left < 0.5:
+            raise click.ClickException(
+                f"--minutes={p.minutes:g} leaves {max(left, 0):.1f} minutes to train after the evaluation's "
+                f"predicted {predicted / 60:.1f}; give more minutes, or --kimg to train a set length")
+        share = p.guide_share if autoguidance else 0.0
+        train_args = with_options(p.train_args, f"--max-minutes={left * (1 - share):.2f}")
+        if autoguidance:
+            guide_train_args = with_options(guide_args, f"--max-minutes={left * share:.2f}")
+        click.echo(f"\nTime budget: {(time.time() - start) / 60:.1f} min so far; evaluation predicted at "
+                   f"{predicted / 60:.1f} min (network {costs.net * 1e3:.1f} ms, Inception "
+                   f"{costs.inception * 1e3:.0f} ms per image); training gets {left:.1f} min")
+    elif autoguidance and kimg is not None:
+        guide_train_args = with_options(guide_args, f"--duration={kimg * p.guide_share / 1000:g}")
+
+    guide_snapshot = None
+    if autoguidance:
+        stage.run("Train the guide: a smaller network, trained shorter (autoguidance)", [
+            "train.py", f"--outdir={path('guide')}", "--nosubdir", f"--data={path('train.zip')}", "--workers=0",
+            *guide_train_args, *device_args])
+        guide_snapshot = newest(path("guide", "network-snapshot-*.pkl"))
+    arch = option_value(p.train_args, "arch", "ddpmpp")
     network = "an EDM2 (magnitude-preserving) network with its loss" if arch == "edm2" else \
         f"a {ARCH_NAMES.get(arch, arch)} network with EDM preconditioning and loss"
     stage.run(f"Train {network}", [
         "train.py", f"--outdir={path('training')}", "--nosubdir", f"--data={path('train.zip')}", "--workers=0",
-        *p.train_args, *device_args])
+        *train_args, *device_args])
     snapshot = newest(path("training", "network-snapshot-*.pkl"))
     kimg_done = trained_kimg(path("training"))
-    stage.run(f"Generate {n} images (EDM Heun sampler, {p.steps} steps)", [
-        "generate.py", f"--network={snapshot}", f"--outdir={path('samples')}", f"--seeds=0-{n - 1}",
-        f"--steps={p.steps}", f"--batch={p.batch}", f"--grid={path('samples-grid.png')}", *p.generate_args,
-        *device_args])
-    fid = fid_value(stage.run("FID of the generated images", [
-        "fid.py", "calc", f"--images={path('samples')}", f"--ref={path('reference.npz')}", f"--num={n}",
-        f"--batch={p.batch}", *device_args]))
+    sampler_args = [f"--steps={p.steps}", f"--batch={p.batch}", *p.generate_args, *device_args]
+    guided = {}
+    if autoguidance:
+        weights = ",".join(f"{w:g}" for w in (1.0, *p.guidance))
+        guided = guidance_results(stage.run_output(
+            f"FID of {n} samples in memory, unguided and autoguided at w = {weights[2:]}", [
+                "fid.py", "calc", f"--network={snapshot}", f"--gnet={guide_snapshot}", f"--guidance={weights}",
+                f"--plot={path('fid-vs-guidance.png')}", f"--ref={path('reference.npz')}", f"--num={n}",
+                *sampler_args]))
+        fid = guided[1.0]
+        best = min((w for w in guided if w != 1.0), key=guided.get)
+        stage.run(f"Generate 64 images autoguided at the best weight, w = {best:g}", [
+            "generate.py", f"--network={snapshot}", f"--gnet={guide_snapshot}", f"--guidance={best:g}",
+            f"--outdir={path('samples')}", "--seeds=0-63", f"--grid={path('samples-grid.png')}", *sampler_args])
+    else:
+        stage.run(f"Generate {n} images (EDM Heun sampler, {p.steps} steps)", [
+            "generate.py", f"--network={snapshot}", f"--outdir={path('samples')}", f"--seeds=0-{n - 1}",
+            f"--grid={path('samples-grid.png')}", *sampler_args])
+        fid = fid_value(stage.run("FID of the generated images", [
+            "fid.py", "calc", f"--images={path('samples')}", f"--ref={path('reference.npz')}", f"--num={n}",
+            f"--batch={p.batch}", *device_args]))
     stage.run("Dashboard of the training run (loss, loss by noise level, speed, samples)",
               ["plot_run.py", path("training"), f"--out={path('dashboard.png')}"])
 
     total = time.time() - start
     summary = dict(preset=preset_name, fid=fid, real_data_floor=floor, num_eval=n, num_ref=m, kimg=kimg_done,
-                   total_seconds=round(total, 1),
+                   total_seconds=round(total, 1), budget_minutes=p.minutes,
+                   predicted_evaluation_seconds=None if predicted is None else round(predicted, 1),
+                   costs=None if costs is None else dataclasses.asdict(costs),
                    stages={title: round(seconds, 1) for title, seconds in stage.timings},
                    snapshot=snapshot, grid=path("samples-grid.png"), samples=path("samples"),
                    training_run=path("training"), dashboard=path("dashboard.png"), reference=path("reference.npz"))
+    if autoguidance:
+        summary.update(guide_snapshot=guide_snapshot, guide_kimg=trained_kimg(path("guide")),
+                       fid_by_guidance={f"{w:g}": v for w, v in guided.items()}, best_guidance=best,
+                       fid_autoguided=guided[best], guidance_plot=path("fid-vs-guidance.png"))
     with open(path("summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     click.secho("\nSummary", bold=True)
     click.echo(f"  samples' FID        {fid:8.2f}   ({n} generated vs. {m} reference images)")
+    if autoguidance:
+        click.echo(f"  autoguided FID      {guided[best]:8.2f}   (best of w = {weights[2:]}: w = {best:g}; guide "
+                   f"{summary['guide_kimg']:.1f} kimg; plot {summary['guidance_plot']})")
     click.echo(f"  real-data floor     {floor:8.2f}   ({n} other real vs. the same {m} reference images)")
     click.echo(f"  training            {kimg_done:8.1f}   kimg")
     click.echo(f"  sample grid         {summary['grid']}")
@@ -247,7 +433,8 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None) -> No
     click.echo(f"  training log/stats  {path('training')}")
     click.echo(f"  training dashboard  {path('dashboard.png')}")
     click.echo(f"  all numbers         {path('summary.json')}")
-    click.echo(f"Finished in {total / 60:.1f} min.")
+    budget = f" (budget {p.minutes:g} min)" if p.minutes else ""
+    click.echo(f"Finished in {total / 60:.1f} min{budget}.")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 
+import click
 import numpy as np
 import PIL.Image
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,6 +69,32 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
     assert grid.size[0] >= 4 * 28 and grid.size[1] >= 4 * 28
 
 
+def test_quickstart_autoguidance_within_a_budget(tmp_path, fid_cache_dir):
+    """--autoguidance trains a guide, then sweeps w in memory (w = 1 is the unguided FID); --minutes splits the
+    training time the measured evaluation leaves between the guide (guide_share) and the main network."""
+    from quickstart import PRESETS
+    outdir = tmp_path / "qs"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "quickstart.py", "--preset=smoke", "--autoguidance", "--minutes=30",
+                             f"--outdir={outdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((outdir / "summary.json").read_text())
+    assert sorted(summary["fid_by_guidance"]) == ["1", "2"] and summary["best_guidance"] == 2.0
+    assert summary["fid"] == summary["fid_by_guidance"]["1"] and summary["fid_autoguided"] == summary["fid_by_guidance"]["2"]
+    assert summary["budget_minutes"] == 30 and summary["predicted_evaluation_seconds"] > 0
+    assert "autoguided FID" in result.stdout and "Time budget:" in result.stdout
+    commands = (outdir / "commands.txt").read_text().splitlines()
+    assert [line.split()[2] for line in commands] == ["dataset_tool.py", "dataset_tool.py", "fid.py", "fid.py",
+                                                       "train.py", "train.py", "fid.py", "generate.py", "plot_run.py"]
+    minutes = [float(a.split("=")[1]) for line in commands for a in line.split() if a.startswith("--max-minutes=")]
+    share = PRESETS["smoke"].guide_share
+    assert len(minutes) == 2 and minutes[0] == pytest.approx(minutes[1] * share / (1 - share), abs=0.01)
+    assert 25 < sum(minutes) < 30
+    assert "--gnet=" + summary["guide_snapshot"] in commands[6] and "--guidance=1,2" in commands[6]
+    assert os.path.isfile(summary["guide_snapshot"]) and PIL.Image.open(summary["guidance_plot"]).format == "PNG"
+    assert sorted(os.listdir(outdir / "samples")) == [f"{seed:06d}.png" for seed in range(64)]
+
+
 def test_quickstart_refuses_an_earlier_run(tmp_path):
     (tmp_path / "summary.json").write_text("{}")
     result = subprocess.run([sys.executable, "quickstart.py", "--preset=smoke", f"--outdir={tmp_path}"], cwd=REPO,
@@ -76,18 +104,64 @@ def test_quickstart_refuses_an_earlier_run(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_preset_duration_override_and_fp32_fallback():
+def test_preset_duration_override_budget_and_fp32_fallback():
     from quickstart import PRESETS, adapt_preset
 
     cpu = PRESETS["cpu"]
-    assert "--max-minutes=8.5" in cpu.train_args and "--duration=0.1" in cpu.train_args
+    assert cpu.minutes == 15 and "--duration=0.1" in cpu.train_args
+    assert not any(a.startswith("--max-minutes") for a in cpu.train_args)  # The budget sets it at run time.
     longer = adapt_preset(cpu, kimg=75, fp32=False)
     assert "--duration=0.075" in longer.train_args and "--bf16=1" in longer.train_args
-    assert not any(a.startswith("--max-minutes") for a in longer.train_args)  # Exactly 75 kimg, however long.
-    assert len(longer.train_args) == len(cpu.train_args) - 1 and longer.generate_args == cpu.generate_args
+    assert longer.minutes is None  # Exactly 75 kimg, however long.
+    assert len(longer.train_args) == len(cpu.train_args) and longer.generate_args == cpu.generate_args
+    assert adapt_preset(cpu, kimg=None, fp32=False, minutes=30).minutes == 30
+    assert adapt_preset(cpu, kimg=None, fp32=False).minutes == 15
     plain = adapt_preset(PRESETS["gpu"], kimg=None, fp32=True)
     assert "--bf16=1" not in plain.train_args and "--precision=bf16" not in plain.generate_args
-    assert "--S_churn=40" in plain.generate_args and plain.train_args[-1] == "--seed=0"
+    assert "--S_churn=40" in plain.generate_args and plain.train_args[-1] == "--seed=0" and plain.minutes is None
+
+
+def test_options_replace_by_name():
+    from quickstart import option_value, with_options
+    args = ("--cbase=32", "--seed=0", "--cres=1,2,2")
+    assert with_options(args, "--cbase=16", "--max-minutes=3.5") == ("--seed=0", "--cres=1,2,2", "--cbase=16",
+                                                                      "--max-minutes=3.5")
+    assert option_value(args, "cres") == "1,2,2" and option_value(args, "arch", "ddpmpp") == "ddpmpp"
+
+
+def test_evaluation_prediction_and_training_minutes_follow_the_stages():
+    """The prediction is the sum of the evaluation stages' work at the measured per-image costs: n images of NFE
+    network calls plus n Inception passes (each CLI's start and the dashboard added); autoguidance adds the guide's
+    calls for every guided weight, one Inception pass per weight, and a guided 64-image grid."""
+    from quickstart import DASHBOARD_SECONDS, PRESETS, STARTUP_SECONDS, Costs, training_minutes
+    p = PRESETS["cpu"]
+    costs = Costs(net=0.004, inception=0.1, guide=0.001)
+    fixed = 2 * STARTUP_SECONDS + DASHBOARD_SECONDS
+    assert costs.evaluation(p, nfe=35) == pytest.approx(1000 * 35 * 0.004 + 1000 * 0.1 + fixed)
+    unguided, guided = 1000 * 35 * 0.004, 1000 * 35 * 0.005
+    assert costs.evaluation(p, nfe=35, sweep=(1.5, 2.0)) == pytest.approx(
+        unguided + 2 * guided + 3 * 1000 * 0.1 + 64 * 35 * 0.005 + fixed)
+    # 15 minutes, 6 spent, 4 predicted (x 1.15 margin) and one CLI start: 15 - 6 - 4.6 - 8 / 60 minutes to train.
+    assert training_minutes(15, 360, 240) == pytest.approx(15 - 6 - 4.6 - STARTUP_SECONDS / 60)
+
+
+def test_measured_costs_are_per_image_and_grow_with_the_network(tmp_path):
+    """The probe builds the preset's own network from train.py's options: a wider one costs more per call."""
+    from quickstart import PRESETS, SOURCE, measure_costs, with_options
+    data = str(tmp_path / "d.zip")
+    subprocess.run([sys.executable, "dataset_tool.py", f"--source={SOURCE}", f"--dest={data}", "--resolution=28x28",
+                    "--max-images=16"], cwd=REPO, check=True, capture_output=True)
+    p = PRESETS["smoke"]
+    costs = measure_costs(p, data, "cpu", guide_args=with_options(p.train_args, "--cbase=64"), batch=4)
+    assert 0 < costs.net < costs.guide and 0 < costs.inception
+
+
+def test_guidance_results_are_read_from_fid_py_sweep_lines():
+    from quickstart import guidance_results
+    output = "Computed features\nguidance 1: FID 60.5\nguidance 1.5: FID 52.25, KID 0.01\n\n  guidance  FID\n"
+    assert guidance_results(output) == {1.0: 60.5, 1.5: 52.25}
+    with pytest.raises(click.ClickException):
+        guidance_results("no sweep here")
 
 
 def test_bf16_dropped_on_cpus_without_bf16_instructions(tmp_path):
