@@ -27,7 +27,7 @@ import click
 from dnnlib.util import parse_int_list
 from torch_utils import distributed
 from training.generation import GenerateOptions, generate_to_files
-from training.sampling import SAMPLERS, STEPS_SCHEDULES, sigma_steps
+from training.sampling import SAMPLERS, STEPS_SCHEDULES, sigma_steps, split_steps_schedule
 
 
 def _seeds(ctx, param, value):
@@ -51,14 +51,16 @@ def parse_interval(value: str | None) -> tuple[float, float] | None:
 
 
 def parse_steps_schedule(value: str | None) -> str | None:
-    """A name of STEPS_SCHEDULES, 'polyexponential:P' with a number P > 0."""
-    if value is None or value == "optimized":
+    """A name of STEPS_SCHEDULES, 'polyexponential:P' with a number P > 0; either with '+gaussian' or not."""
+    name = None if value is None else split_steps_schedule(value)[0]
+    if name is None or name == "optimized":
         return value
     try:
-        sigma_steps(value, 3, 0.002, 80)
+        sigma_steps(name, 3, 0.002, 80)
     except ValueError:
         raise click.BadParameter(f"'{value}': expected one of {', '.join(STEPS_SCHEDULES)} "
-                                 f"(polyexponential:P for an exponent P)") from None
+                                 f"(polyexponential:P for an exponent P; NAME+gaussian for an analytic first "
+                                 f"step)") from None
     return value
 
 
@@ -103,7 +105,8 @@ def parse_steps_schedule(value: str | None) -> str | None:
               "the paper's Heun with --steps]", metavar="INT", type=click.IntRange(min=1))
 @click.option("--steps-schedule", "steps_schedule", help="With --sampler: its noise levels, 'edm' (Eq. 5 with "
               "--rho), 'loguniform', 'polyexponential[:P]' or 'optimized' (searched once per network and sampler, "
-              "on its own noise, not counted in --nfe)  [default: the sampler's]. Separate from --disc, the Table 1 "
+              "on its own noise, not counted in --nfe); NAME+gaussian: the first step analytic, by the network's "
+              "Gaussian fit (docs/samplers.md)  [default: the sampler's]. Separate from --disc, the Table 1 "
               "ablation's time steps, since --disc switches to the ablation sampler",
               metavar="NAME", callback=lambda ctx, param, value: parse_steps_schedule(value))
 @click.option("--gnet", help="Guiding network: a smaller or shorter-trained one (autoguidance), or 'uncond' for "

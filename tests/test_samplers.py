@@ -221,6 +221,93 @@ def test_optimized_steps_are_searched_once_on_their_own_noise(name, monkeypatch)
     assert relative_error(x, exact, mixture.data_scale) < 0.7 * relative_error(uniform, exact, mixture.data_scale)
 
 
+class GaussianDenoiser:
+    """The ideal denoiser of anisotropic Gaussian data N(mean, Sigma) in 4 dimensions (seeded): D(x; sigma) = mean
+    + Sigma (Sigma + sigma^2 I)^-1 (x - mean), exactly affine in x."""
+
+    label_dim, sigma_min, sigma_max = 0, 0, float("inf")
+    img_channels, img_resolution, shape = 1, 2, (1, 2, 2)
+
+    def __init__(self, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        root = torch.randn([4, 4], generator=g, dtype=torch.float64) * 0.4
+        self.mean = torch.randn([4], generator=g, dtype=torch.float64) * 0.5
+        self.covariance = root @ root.T + 0.01 * torch.eye(4, dtype=torch.float64)
+
+    def __call__(self, x, sigma, class_labels=None):
+        sigma = float(sigma)
+        gain = torch.linalg.solve(self.covariance + sigma ** 2 * torch.eye(4, dtype=torch.float64), self.covariance)
+        return (self.mean + (x.reshape(len(x), -1).to(torch.float64) - self.mean) @ gain).reshape(x.shape)
+
+
+def test_gaussian_first_step_is_the_exact_ode_solution_for_gaussian_data():
+    """On Gaussian data the fit from the network's outputs at sigma = 80 recovers the data's mean and covariance,
+    and the analytic step from 80 matches a dense RK4 solution of the probability-flow ODE to sigma = 0 (the closed
+    form at sigma_to = 0) and, composed, through an intermediate level."""
+    net = GaussianDenoiser()
+    model = SAMPLERS["unipc_bh2"].gaussian_model(net, 80.0)
+    torch.testing.assert_close(model.mean, net.mean, rtol=0, atol=1e-8)
+    covariance = model.eigvecs @ torch.diag(model.eigvals) @ model.eigvecs.T
+    torch.testing.assert_close(covariance, net.covariance, rtol=0, atol=1e-8)
+    z = _latents(net, 6, seed=2)
+    exact = exact_end_points(net, z, num_steps=1024, sigma_end=1e-7)
+    torch.testing.assert_close(model.transport(z * 80, 80, 0), exact, rtol=0, atol=1e-7)
+    torch.testing.assert_close(model.transport(model.transport(z * 80, 80, 1.5), 1.5, 0), exact, rtol=0, atol=1e-7)
+    torch.testing.assert_close(model.denoise(z, 0.7), net(z, 0.7), rtol=0, atol=1e-9)
+
+
+def test_gaussian_first_step_fits_once_on_its_own_noise_and_is_not_counted():
+    """'NAME+gaussian' with nfe = N: the fit calls the network once per network object, on probes of its own seeds
+    (never the latents being sampled) and before the counted calls; sampling then calls it exactly N times, from
+    the end of the analytic step on (N + 1 levels of NAME, the first step free)."""
+    mixture = small_mixture()
+    net = CountingNet(mixture)
+    z = _latents(mixture, 8, seed=5)
+    nfe, probes = 6, 2 * (4 + 1)
+    x = SAMPLERS["dpmpp_3m"](net, z, nfe=nfe, steps_schedule="loguniform+gaussian")
+    assert net.calls == -(-probes // sampling.SEARCH_BATCH) + nfe
+    expected_probes = draw_latents(mixture, SeedRNG(range(sampling.GAUSSIAN_SEED, sampling.GAUSSIAN_SEED + probes)))
+    torch.testing.assert_close(net.inputs[0], expected_probes.double() * 80, rtol=0, atol=0)
+    levels = loguniform_sigma_steps(nfe + 1, 0.002, 80)
+    model = SAMPLERS["dpmpp_3m"].gaussian_model(net, 80.0)
+    torch.testing.assert_close(net.inputs[-nfe], model.transport(z * 80, 80, float(levels[1])), rtol=0, atol=0)
+    for sampler in ("dpmpp_3m", "unipc_bh2", "dpmpp_2s"):  # Cached for the network, whichever sampler.
+        net.calls = 0
+        SAMPLERS[sampler](net, z, nfe=nfe + 1, steps_schedule="loguniform+gaussian")
+        assert net.calls == nfe + 1, (sampler, net.calls)
+    net.calls = 0
+    assert torch.equal(SAMPLERS["dpmpp_3m"](net, z, nfe=nfe, steps_schedule="loguniform+gaussian"), x)
+    assert net.calls == nfe
+    other = CountingNet(mixture)  # Another network object: fitted anew, by ``levels`` with the other one-time work.
+    SAMPLERS["dpmpp_3m"].levels(other, z, nfe, "loguniform+gaussian", 0.002, 80, 7)
+    assert other.calls == 1
+    SAMPLERS["dpmpp_3m"](other, z, nfe=nfe, steps_schedule="loguniform+gaussian")
+    assert other.calls == 1 + nfe
+
+
+def test_optimized_search_places_the_end_of_the_gaussian_step(monkeypatch):
+    """'optimized+gaussian' searches the switch level with the others: level 0 is sigma_max, level 1 (where the
+    solver starts) is free; it costs nfe calls and beats log-uniform steps with the same first step."""
+    monkeypatch.setattr(sampling, "SEARCH_REFERENCE_LEVELS", 128)
+    monkeypatch.setattr(sampling, "SEARCH_MAX_EVALS", 60)
+    monkeypatch.setattr(sampling, "SEARCH_BATCH", 8)
+    mixture = small_mixture()
+    z = _latents(mixture, 8, seed=5)
+    nfe = 6
+    levels, gaussian = SAMPLERS["unipc_bh2"].levels(mixture, z, nfe, "optimized+gaussian", 0.002, 80, 7)
+    assert gaussian and len(levels) == nfe + 1 and levels[0] == 80 and levels[1] < 80
+    net = CountingNet(mixture)
+    SAMPLERS["unipc_bh2"].gaussian_model(net, 80.0)
+    net.calls = 0
+    x = SAMPLERS["unipc_bh2"](net, z, nfe=nfe + 1, steps_schedule=levels)  # A tensor: the levels as they are.
+    exact = exact_end_points(mixture, z, num_steps=256)
+    searched = SAMPLERS["unipc_bh2"](mixture, z, nfe=nfe, steps_schedule="optimized+gaussian")
+    assert net.calls == nfe + 1 and not torch.equal(x, searched)  # Without '+gaussian' the first step calls.
+    uniform = SAMPLERS["unipc_bh2"](mixture, z, nfe=nfe, steps_schedule="loguniform+gaussian")
+    assert relative_error(searched, exact, mixture.data_scale) < 0.7 * relative_error(uniform, exact,
+                                                                                     mixture.data_scale)
+
+
 def test_guidance_works_with_the_named_samplers():
     """A guided denoiser is a denoiser: D_g + w (D - D_g) with both mixtures' exact denoisers."""
     from training.sampling import GuidedDenoiser
@@ -252,6 +339,18 @@ def test_loguniform_and_polyexponential_steps():
         assert poly[0].item() == pytest.approx(hi, rel=1e-12) and poly[-1].item() == pytest.approx(lo, rel=1e-12)
     torch.testing.assert_close(polyexponential_sigma_steps(n, lo, hi, 1), log_uniform, rtol=1e-12, atol=0)
     assert sampling.sigma_steps("polyexponential:3", 5, lo, hi).allclose(polyexponential_sigma_steps(5, lo, hi, 3))
+
+
+def test_warped_steps_with_a_free_first_level_round_trip():
+    """WarpedSteps(free_first=True): level 0 is sigma_max, levels 1.. are the warp from the free sigma_1 to
+    sigma_end; fitting the warp to [sigma_max] + log-uniform levels from sigma_1 gives them back."""
+    from training.step_schedules import WarpedSteps, _fit_warp
+    warp = WarpedSteps(7, 0.002, 80, num_knots=4, free_first=True)
+    target = torch.cat([torch.tensor([80.0], dtype=torch.float64), loguniform_sigma_steps(6, 0.01, 9.0)])
+    params = _fit_warp(warp, target)
+    np.testing.assert_allclose(params[-2:], [math.log(0.01), math.log(9.0)], rtol=1e-12)
+    torch.testing.assert_close(warp.sigmas(params), target, rtol=1e-9, atol=0)
+    assert warp.sigmas(warp.initial())[1].item() == pytest.approx(loguniform_sigma_steps(7, 0.002, 80)[1].item())
 
 
 def test_exponential_weights_integrate_polynomials_exactly():
@@ -293,6 +392,15 @@ def test_bad_options_get_one_line_errors():
         sampling.run_sampler(net, z, sampler="dpmpp_2m", discretization="vp")
     with pytest.raises(ValueError, match="'euler_ancestral' draws noise"):
         SAMPLERS["euler_ancestral"](net, z, nfe=10, steps_schedule="optimized")
+    with pytest.raises(ValueError, match="the paper's samplers 'heun' and 'euler' stay as they are"):
+        SAMPLERS["heun"](net, z, nfe=9, steps_schedule="edm+gaussian")
+    with pytest.raises(ValueError, match="steps_schedule='cosine': expected one of"):
+        SAMPLERS["dpmpp_2m"](net, z, nfe=10, steps_schedule="cosine+gaussian")
+    with pytest.raises(ValueError, match=r"needs an unconditional one \(label_dim=4\)"):
+        SAMPLERS["dpmpp_2m"](make_tiny_net(label_dim=4), torch.zeros([1, 3, 8, 8]), nfe=4,
+                             steps_schedule="loguniform+gaussian")
+    with pytest.raises(ValueError, match="fit_gaussian: 4 probes cannot determine an affine map of 4 values"):
+        solvers.fit_gaussian(z.expand(4, 1, 2, 2), z.expand(4, 1, 2, 2), 80.0)
 
 
 @pytest.fixture(scope="module")
@@ -333,6 +441,7 @@ def test_generate_takes_sampler_nfe_and_steps_schedule(network_pkl, tmp_path):
                                      "loguniform, polyexponential, optimized"),
     (["--sampler", "unipc_bh2", "--disc", "vp"], "discretization: options of the Table 1 ablation sampler"),
     (["--sampler", "dpmpp_2s", "--nfe", "2"], "nfe=2: 'dpmpp_2s' needs at least 3 network calls"),
+    (["--steps-schedule", "cosine+gaussian"], "'cosine+gaussian': expected one of edm, loguniform"),
 ])
 def test_generate_bad_sampler_options_get_one_line(network_pkl, tmp_path, args, message):
     from generate import main
@@ -340,6 +449,12 @@ def test_generate_bad_sampler_options_get_one_line(network_pkl, tmp_path, args, 
                                 catch_exceptions=False)
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert re.search(re.escape(message), result.output), result.output
+
+
+def test_generate_takes_gaussian_schedules():
+    from generate import parse_steps_schedule
+    for value in ("optimized+gaussian", "loguniform+gaussian", "polyexponential:3+gaussian", "edm"):
+        assert parse_steps_schedule(value) == value
 
 
 def test_fid_calc_and_ema_sweep_share_the_sampler_options():

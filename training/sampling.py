@@ -348,8 +348,18 @@ def _check_choice(option: str, value: str, choices) -> None:
 # sigma = 0.
 
 STEPS_SCHEDULES = ("edm", "loguniform", "polyexponential", "optimized")
+GAUSSIAN_SUFFIX = "+gaussian"  # 'NAME+gaussian': the schedule's first step is analytic (``Sampler.gaussian_model``).
 SEARCH_SEED, SEARCH_BATCH, SEARCH_REFERENCE_LEVELS, SEARCH_MAX_EVALS = 2024, 32, 512, 300
+SEARCH_SWITCHES = (0.1, 0.15, 0.2, 0.25, 0.3)  # '+gaussian' search starts: switch at sigma_max (sigma_min / sigma_max)^f.
+GAUSSIAN_SEED = 4048  # The Gaussian fit's probes: seeds GAUSSIAN_SEED.., 2 (dim + 1) of them.
 OPTIMIZED_SCHEDULES = ScheduleCache()
+
+
+def split_steps_schedule(steps_schedule: str) -> tuple[str, bool]:
+    """('NAME', analytic first step?) of 'NAME' or 'NAME+gaussian'."""
+    if steps_schedule.endswith(GAUSSIAN_SUFFIX):
+        return steps_schedule[:-len(GAUSSIAN_SUFFIX)], True
+    return steps_schedule, False
 
 
 def sigma_steps(steps_schedule: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7,
@@ -372,7 +382,12 @@ def sigma_steps(steps_schedule: str, num_steps: int, sigma_min: float, sigma_max
 class Sampler:
     """``solver`` on the levels of ``steps_schedule`` (its default). With ``paper_step`` (``euler_step`` or
     ``heun_step``) it runs the paper's ``solve``, churn included: 'heun' on the 'edm' schedule with nfe = 2N - 1 is
-    ``edm_sampler`` with num_steps = N, bit for bit."""
+    ``edm_sampler`` with num_steps = N, bit for bit.
+
+    'NAME+gaussian' schedules take an analytic first step: N + 1 levels of NAME (the switch level sigma_1 searched
+    with the rest for 'optimized+gaussian'), the step from sigma_0 = sigma_max to sigma_1 the closed-form ODE
+    solution of the Gaussian with the data's mean and covariance (``solvers.GaussianData``, fitted once per network
+    on its own noise by ``gaussian_model``, its calls not counted), the solver from sigma_1 on with the N calls."""
     solver: Solver
     steps_schedule: str = "edm"
     paper_step: Callable | None = None
@@ -382,63 +397,86 @@ class Sampler:
                  steps_schedule: str | torch.Tensor | None = None, sigma_min: float = 0.002, sigma_max: float = 80,
                  rho: float = 7, S_churn: float = 0, S_min: float = 0, S_max: float = float("inf"),
                  S_noise: float = 1) -> torch.Tensor:
-        """Sample with at most ``nfe`` calls of ``net``. ``steps_schedule``: a name of ``STEPS_SCHEDULES`` or a
-        decreasing tensor of levels (its length decides the calls). Returns float64 images [N, C, H, W]."""
+        """Sample with at most ``nfe`` calls of ``net``. ``steps_schedule``: a name of ``STEPS_SCHEDULES``, with
+        '+gaussian' or not, or a decreasing tensor of levels (its length decides the calls). Returns float64
+        images [N, C, H, W]."""
         name = self.name
         churn = Churn(S_churn, S_min, S_max, S_noise)
         if self.paper_step is None and churn != Churn(S_noise=S_noise):
             raise ValueError(f"S_churn/S_min/S_max: churn (Algorithm 2) applies to the paper's samplers 'heun' and "
                              f"'euler', not to '{name}'")
-        sigmas = self.levels(net, latents, nfe, steps_schedule, sigma_min, sigma_max, rho)
+        sigmas, gaussian = self.levels(net, latents, nfe, steps_schedule, sigma_min, sigma_max, rho)
         if self.paper_step is not None:
             flow = ProbabilityFlow(linear_schedule(), no_scaling())
             return solve(net, latents, class_labels, _append_zero(sigmas), flow, self.paper_step, churn, randn_like)
+        return self.sample(net, latents, class_labels, sigmas, gaussian, randn_like)
 
+    def sample(self, net, latents: torch.Tensor, class_labels: torch.Tensor | None, sigmas: torch.Tensor,
+               gaussian: bool = False, randn_like: RandnLike = torch.randn_like) -> torch.Tensor:
+        """The solver on ``sigmas`` from x = latents sigmas[0]; with ``gaussian``, x first goes from sigmas[0]
+        to sigmas[1] analytically (``gaussian_model``) and the network is called from sigmas[1] on."""
         def denoise(x, sigma):
             return net(x, sigma, class_labels).to(torch.float64)
 
-        return self.solver(denoise, latents.to(torch.float64) * sigmas[0], sigmas, randn_like)
+        x = latents.to(torch.float64) * sigmas[0]
+        if gaussian:
+            model = self.gaussian_model(net, float(sigmas[0]), latents.device)
+            x, sigmas = model.transport(x, float(sigmas[0]), float(sigmas[1])), sigmas[1:]
+        return self.solver(denoise, x, sigmas, randn_like)
 
     @property
     def name(self) -> str:
         return next((name for name, sampler in SAMPLERS.items() if sampler is self), "sampler")
 
     def levels(self, net, latents: torch.Tensor, nfe: int, steps_schedule: str | torch.Tensor | None,
-               sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
-        """The noise levels at which ``net`` is called, snapped to its ``round_sigma``, float64 on the latents'
-        device; checks that they cost at most ``nfe`` calls."""
+               sigma_min: float, sigma_max: float, rho: float) -> tuple[torch.Tensor, bool]:
+        """(the noise levels, analytic first step?): levels snapped to the network's ``round_sigma``, float64 on
+        the latents' device; checks that they cost at most ``nfe`` calls (the first step's none if analytic). Runs
+        the one-time work, cached per network: the 'optimized' search, the Gaussian fit of '+gaussian'."""
         steps_schedule = self.steps_schedule if steps_schedule is None else steps_schedule
+        gaussian = False
         if isinstance(steps_schedule, torch.Tensor):
             sigmas = steps_schedule.to(torch.float64)
         else:
+            steps_schedule, gaussian = split_steps_schedule(steps_schedule)
+            if gaussian and (self.paper_step is not None):
+                raise ValueError(f"steps_schedule='{steps_schedule}{GAUSSIAN_SUFFIX}': the paper's samplers "
+                                 f"'heun' and 'euler' stay as they are; '{self.name}' takes no analytic first step")
             if nfe < self.solver.min_nfe:
                 raise ValueError(f"nfe={nfe}: '{self.name}' needs at least {self.solver.min_nfe} network calls")
             sigma_min, sigma_max = _clip_to_network_range(net, sigma_min, sigma_max)
-            num_levels = self.solver.levels_for(nfe)
+            num_levels = self.solver.levels_for(nfe) + gaussian
             if steps_schedule == "optimized":
-                sigmas = self.optimized_levels(net, num_levels, sigma_min, sigma_max, rho)
+                sigmas = self.optimized_levels(net, num_levels, sigma_min, sigma_max, rho, gaussian)
             else:
                 sigmas = sigma_steps(steps_schedule, num_levels, sigma_min, sigma_max, rho)
         sigmas = _round_sigma(net, sigmas.to(latents.device))
-        if len(sigmas) < 2 or not bool(torch.all(sigmas[1:] < sigmas[:-1])) or float(sigmas[-1]) <= 0:
+        if len(sigmas) < 2 + gaussian or not bool(torch.all(sigmas[1:] < sigmas[:-1])) or float(sigmas[-1]) <= 0:
             raise ValueError(f"steps_schedule: the noise levels must be positive and strictly decreasing "
                              f"(after the network's rounding), got {sigmas.tolist()}")
-        if self.solver.calls_for(len(sigmas)) > nfe:
-            raise ValueError(f"nfe={nfe}: {len(sigmas)} noise levels cost '{self.name}' "
-                             f"{self.solver.calls_for(len(sigmas))} network calls")
-        return sigmas
+        calls = self.solver.calls_for(len(sigmas) - gaussian)
+        if calls > nfe:
+            raise ValueError(f"nfe={nfe}: {len(sigmas)} noise levels cost '{self.name}' {calls} network calls")
+        if gaussian:  # The one-time fit, here with the search, so that sampling then makes only the counted calls.
+            self.gaussian_model(net, float(sigmas[0]), latents.device)
+        return sigmas, gaussian
 
-    def optimized_levels(self, net, num_levels: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+    def optimized_levels(self, net, num_levels: int, sigma_min: float, sigma_max: float, rho: float,
+                         gaussian: bool = False) -> torch.Tensor:
         """``search_sigma_steps`` for this sampler and ``net``, once per network and options (``OPTIMIZED_SCHEDULES``).
-        The search draws its own noise (and labels) from ``SEARCH_SEED``; its calls are not part of any ``nfe``."""
+        The search draws its own noise (and labels) from ``SEARCH_SEED``; its calls are not part of any ``nfe``.
+        With ``gaussian`` the first level is sigma_max and the second, where the analytic step ends, is searched
+        too."""
         if self.solver.stochastic:
             raise ValueError(f"steps_schedule='optimized': '{self.name}' draws noise; the search fits deterministic "
                              f"samplers only")
-        key = (self, num_levels, sigma_min, sigma_max)
-        return OPTIMIZED_SCHEDULES.get(net, key, lambda: self._search(net, num_levels, sigma_min, sigma_max, rho))
+        key = (self, num_levels, sigma_min, sigma_max) + (("gaussian",) if gaussian else ())
+        return OPTIMIZED_SCHEDULES.get(net, key, lambda: self._search(net, num_levels, sigma_min, sigma_max, rho,
+                                                                      gaussian))
 
     @torch.no_grad()
-    def _search(self, net, num_levels: int, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+    def _search(self, net, num_levels: int, sigma_min: float, sigma_max: float, rho: float,
+                gaussian: bool) -> torch.Tensor:
         parameters = net.parameters() if hasattr(net, "parameters") else ()
         rng = SeedRNG(range(SEARCH_SEED, SEARCH_SEED + SEARCH_BATCH), next((p.device for p in parameters), "cpu"))
         latents, labels = draw_latents(net, rng), draw_class_labels(net, rng)
@@ -449,11 +487,39 @@ class Sampler:
                                           steps_schedule=reference_levels))
 
         def error(sigmas: torch.Tensor) -> float:
-            x = self(net, latents, labels, nfe=self.solver.calls_for(len(sigmas)), steps_schedule=sigmas)
+            x = self.sample(net, latents, labels, _round_sigma(net, sigmas.to(latents.device)), gaussian)
             return float((x - reference).square().mean().sqrt())
 
-        starts = [sigma_steps(name, num_levels, sigma_min, sigma_max, rho) for name in ("edm", "polyexponential")]
-        return search_sigma_steps(error, num_levels, sigma_min, sigma_max, starts, max_evals=SEARCH_MAX_EVALS)
+        shapes = ("edm", "polyexponential") + (("loguniform",) if gaussian else ())
+        switches = [sigma_max * (sigma_min / sigma_max) ** f for f in SEARCH_SWITCHES] if gaussian else [sigma_max]
+        starts = [torch.cat([torch.full([int(gaussian)], sigma_max, dtype=torch.float64),
+                             sigma_steps(name, num_levels - gaussian, sigma_min, switch, rho)])
+                  for name in shapes for switch in switches]
+        return search_sigma_steps(error, num_levels, sigma_min, sigma_max, starts, max_evals=SEARCH_MAX_EVALS,
+                                  free_first=gaussian)
+
+    def gaussian_model(self, net, sigma: float, device: torch.device | str = "cpu") -> solvers.GaussianData:
+        """The Gaussian whose ideal denoiser best matches ``net`` at ``sigma`` (``solvers.fit_gaussian``): ``net``
+        called once per network and level (cached in ``OPTIMIZED_SCHEDULES``) on 2 (dim + 1) probes x = sigma z of
+        its own noise (seeds from ``GAUSSIAN_SEED``, never the latents being sampled), in batches of
+        ``SEARCH_BATCH``; none of these calls is part of any ``nfe``. Conditional networks are not supported."""
+        if getattr(net, "label_dim", 0):
+            raise ValueError(f"'+gaussian': the analytic first step fits one Gaussian per network and needs an "
+                             f"unconditional one (label_dim={net.label_dim})")
+        return OPTIMIZED_SCHEDULES.get(net, ("gaussian", GAUSSIAN_SEED, sigma, str(device)),
+                                       lambda: self._fit_gaussian(net, sigma, device))
+
+    @staticmethod
+    @torch.no_grad()
+    def _fit_gaussian(net, sigma: float, device) -> solvers.GaussianData:
+        dim = net.img_channels * net.img_resolution * net.img_resolution
+        seeds = range(GAUSSIAN_SEED, GAUSSIAN_SEED + 2 * (dim + 1))
+        probes, denoised = [], []
+        for start in range(0, len(seeds), SEARCH_BATCH):
+            x = draw_latents(net, SeedRNG(seeds[start:start + SEARCH_BATCH], device)).to(torch.float64) * sigma
+            probes.append(x)
+            denoised.append(net(x, torch.as_tensor(sigma, dtype=torch.float64, device=device), None).to(torch.float64))
+        return solvers.fit_gaussian(torch.cat(probes), torch.cat(denoised), sigma)
 
 
 SAMPLERS: dict[str, Sampler] = {
