@@ -183,7 +183,7 @@ class Costs:
 
 
 def training_minutes(budget_minutes: float, elapsed_seconds: float, evaluation_seconds: float,
-                     margin: float = 1.15) -> float:
+                     margin: float = 1.05) -> float:
     """Minutes left to train: the budget less what has run and the evaluation predicted (times ``margin``, for a
     busy machine), less one CLI start."""
     return (budget_minutes * 60 - elapsed_seconds - margin * evaluation_seconds - STARTUP_SECONDS) / 60
@@ -366,6 +366,10 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
         click.echo(f"\nTime budget: {(time.time() - start) / 60:.1f} min so far; evaluation predicted at "
                    f"{predicted / 60:.1f} min (network {costs.net * 1e3:.1f} ms, Inception "
                    f"{costs.inception * 1e3:.0f} ms per image); training gets {left:.1f} min")
+        if left < 0.4 * p.minutes:
+            click.secho(f"Note: this machine leaves training less than 40% of the {p.minutes:g} minutes, so expect a "
+                        f"poor FID; --minutes=N gives it more (later runs also skip the cached reference and floor)",
+                        fg="yellow")
     elif autoguidance and kimg is not None:
         guide_train_args = with_options(guide_args, f"--duration={kimg * p.guide_share / 1000:g}")
 
