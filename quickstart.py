@@ -274,6 +274,20 @@ def newest(pattern: str) -> str:
     return max(paths, key=labelled_nimg)
 
 
+def parse_weights(value: str | None) -> tuple[float, ...] | None:
+    """--guidance: weights other than 1 (w = 1, the unguided FID, is always measured)."""
+    if value is None:
+        return None
+    import dnnlib
+    try:
+        weights = tuple(w for w in dnnlib.util.parse_float_list(value) if w != 1)
+    except ValueError as e:
+        raise click.BadParameter(f"{e} (got '{value}')") from None
+    if not weights:
+        raise click.BadParameter(f"give at least one weight other than 1 (got '{value}')")
+    return weights
+
+
 def guidance_results(output: str) -> dict[float, float]:
     """FID per weight from ``fid.py calc --guidance=LIST``'s lines 'guidance W: FID F'."""
     results = {}
@@ -301,8 +315,11 @@ def guidance_results(output: str) -> dict[float, float]:
 @click.option("--autoguidance", is_flag=True,
               help="Also train a smaller, shorter guide and report FID with and without autoguidance at the best "
               "of the preset's weights (needs about twice the cpu preset's 15 minutes for a useful main network)")
+@click.option("--guidance", metavar="LIST", default=None, callback=lambda ctx, param, value: parse_weights(value),
+              help="With --autoguidance: the weights to try besides w = 1, e.g. 2 or 1.5,2,2.5  [default: the "
+              "preset's, 1.5,2,2.5]")
 def main(outdir: str, preset: str, device: str | None, kimg: float | None, minutes: float | None,
-         autoguidance: bool) -> None:
+         autoguidance: bool, guidance: tuple[float, ...] | None) -> None:
     """Train a small EDM model on the embedded Fashion-MNIST and report the FID of its samples."""
     # OpenMP threads that sleep rather than spin while waiting (unless the user chose), here and in every stage,
     # set before torch loads: on a CPU shared with other work, spinning made a network call 12x slower (a batch of
@@ -311,6 +328,10 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
     preset_name = pick_preset(preset)
     p = adapt_preset(PRESETS[preset_name], kimg, fp32=cuda_lacks_bf16(device) or cpu_lacks_bf16(device),
                      minutes=minutes)
+    if guidance is not None:
+        if not autoguidance:
+            raise click.ClickException("--guidance goes with --autoguidance")
+        p = dataclasses.replace(p, guidance=guidance)
     outdir = os.path.abspath(outdir)
     if os.path.exists(os.path.join(outdir, "summary.json")):
         raise click.ClickException(f"--outdir={outdir} already holds a quickstart run; remove it or pick another")

@@ -164,6 +164,14 @@ def test_guidance_results_are_read_from_fid_py_sweep_lines():
         guidance_results("no sweep here")
 
 
+def test_guidance_weights_option_leaves_out_w_1_and_refuses_nothing_else():
+    from quickstart import parse_weights
+    assert parse_weights("1,1.5,...,2.5") == (1.5, 2.0, 2.5) and parse_weights(None) is None
+    for bad in ("1", "two"):
+        with pytest.raises(click.BadParameter):
+            parse_weights(bad)
+
+
 def test_bf16_dropped_on_cpus_without_bf16_instructions(tmp_path):
     from quickstart import cpu_lacks_bf16
 
