@@ -42,14 +42,19 @@ class Preset:
     generate_args: tuple[str, ...] = ()  # generate.py options beyond the network, seeds and steps.
     resolution: int = 32  # 32: padded as the official dataset tool does; 28: the native Fashion-MNIST size.
     minutes: float | None = None  # The whole job's wall-clock budget; training gets what the other stages leave.
-    guide_args: tuple[str, ...] = ()  # --autoguidance: the guide's train.py options that replace train_args'.
-    guide_share: float = 0.2  # --autoguidance: the guide's part of the training time (or of --kimg).
-    guidance: tuple[float, ...] = (1.5, 2.0, 2.5)  # --autoguidance: the weights tried besides w = 1.
+    autoguidance: bool = False  # Train a guide too and report the FID of autoguided samples (--autoguidance).
+    guide_args: tuple[str, ...] = ()  # Autoguidance: the guide's train.py options that replace train_args'.
+    guide_share: float = 0.2  # Autoguidance: the guide's part of the training time (or of --kimg).
+    guidance: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5)  # Autoguidance: the weights measured (1: unguided); the job
+    # reports the best of them.
 
 
 # cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (docs/quickstart-notes.md); duration is in Mimg as in
 # train.py. The cpu preset samples with UniPC at NFE 15 (FID 120.2 against Heun's 123.1 at NFE 35 on the same
-# network, in 60% of the time; docs/samplers.md), leaving its budget's minutes to training. The cpu preset makes no sample grids while training (10 s each there); the job's grid is generate.py's.
+# network, in 60% of the time; docs/samplers.md), leaving its budget's minutes to training, and reports the FID of
+# samples autoguided at w = 2 by a quarter-size network trained for a fifth of the training time (FID 72.7 -> 53.8 on
+# a 26.7-kimg network; docs/quickstart-notes.md#autoguidance). It makes no sample grids while training (10 s each
+# there); the job's grid is generate.py's.
 PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=1000, num_ref=1000, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=32", "--cres=1,2,2", "--blocks=1", "--attn=",
@@ -57,7 +62,7 @@ PRESETS = {
         "--augment=0", "--bf16=1", "--duration=0.1", "--tick=5", "--snap=1000", "--dump=1000", "--grid=0",
         "--seed=0"), generate_args=("--precision=bf16", "--sampler=unipc_bh2", "--nfe=15",
                                     "--steps-schedule=loguniform"), resolution=28, minutes=15,
-        guide_args=("--cbase=16", "--seed=1")),
+        autoguidance=True, guidance=(2.0,), guide_args=("--cbase=16", "--seed=1")),
     "gpu": Preset(train_images=5000, num_eval=5000, num_ref=5000, batch=500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cbase=128", "--cres=1,2,2", "--blocks=2", "--attn=16",
         "--batch=256", "--lr=1e-3", "--lr-rampup=10", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0.1",
@@ -67,7 +72,7 @@ PRESETS = {
         "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=8", "--cres=1,1", "--blocks=1", "--attn=16",
         "--batch=16", "--lr=1e-3", "--lr-rampup=0", "--ema=0.001", "--dropout=0", "--augment=0",
         "--duration=0.000064", "--tick=0.032", "--snap=1000", "--dump=1000", "--grid=16", "--seed=0"),
-        guide_share=0.5, guidance=(2.0,), guide_args=("--seed=1",)),
+        guide_share=0.5, guidance=(1.0, 2.0), guide_args=("--seed=1",)),
 }
 
 
@@ -173,15 +178,15 @@ class Costs:
     def sampling(self, num: int, nfe: int, guided: bool) -> float:
         return num * nfe * (self.net + (self.guide if guided else 0.0))
 
-    def evaluation(self, p: Preset, nfe: int, sweep: tuple[float, ...] = ()) -> float:
-        """Seconds from the end of training to the end of the job: without ``sweep``, generating ``num_eval``
-        images and their FID; with it, the FID of w = 1 and of each weight in memory, then a 64-image grid."""
+    def evaluation(self, p: Preset, nfe: int, weights: tuple[float, ...] = ()) -> float:
+        """Seconds from the end of training to the end of the job: without guidance ``weights``, generating
+        ``num_eval`` images and their FID; with them, the FID of each weight in memory (w = 1 without the guide's
+        calls), then a 64-image guided grid."""
         n = p.num_eval
-        if not sweep:
+        if not weights:
             return self.sampling(n, nfe, False) + n * self.inception + 2 * STARTUP_SECONDS + DASHBOARD_SECONDS
-        sweep_seconds = self.sampling(n, nfe, False) + len(sweep) * self.sampling(n, nfe, True) \
-            + (1 + len(sweep)) * n * self.inception
-        return sweep_seconds + self.sampling(64, nfe, True) + 2 * STARTUP_SECONDS + DASHBOARD_SECONDS
+        measured = sum(self.sampling(n, nfe, w != 1) + n * self.inception for w in weights)
+        return measured + self.sampling(64, nfe, True) + 2 * STARTUP_SECONDS + DASHBOARD_SECONDS
 
 
 def training_minutes(budget_minutes: float, elapsed_seconds: float, evaluation_seconds: float,
@@ -277,15 +282,16 @@ def newest(pattern: str) -> str:
 
 
 def parse_weights(value: str | None) -> tuple[float, ...] | None:
-    """--guidance: weights other than 1 (w = 1, the unguided FID, is always measured)."""
+    """--guidance: the weights whose FID is measured (1: unguided), sorted and without repeats as
+    ``dnnlib.util.parse_float_list`` gives them."""
     if value is None:
         return None
     import dnnlib
     try:
-        weights = tuple(w for w in dnnlib.util.parse_float_list(value) if w != 1)
+        weights = tuple(dnnlib.util.parse_float_list(value))
     except ValueError as e:
         raise click.BadParameter(f"{e} (got '{value}')") from None
-    if not weights:
+    if not any(w != 1 for w in weights):
         raise click.BadParameter(f"give at least one weight other than 1 (got '{value}')")
     return weights
 
@@ -314,14 +320,14 @@ def guidance_results(output: str) -> dict[float, float]:
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MIN",
               help="Wall-clock budget of the whole job: training gets what the other stages are measured and "
               "predicted to leave  [default: the preset's; cpu: 15]")
-@click.option("--autoguidance", is_flag=True,
-              help="Also train a smaller, shorter guide and report FID with and without autoguidance at the best "
-              "of the preset's weights (needs about twice the cpu preset's 15 minutes for a useful main network)")
+@click.option("--autoguidance/--no-autoguidance", default=None,
+              help="Also train a smaller, shorter guide and report the FID of autoguided samples at the best of "
+              "the --guidance weights  [default: the preset's; on for cpu]")
 @click.option("--guidance", metavar="LIST", default=None, callback=lambda ctx, param, value: parse_weights(value),
-              help="With --autoguidance: the weights to try besides w = 1, e.g. 2 or 1.5,2,2.5  [default: the "
-              "preset's, 1.5,2,2.5]")
+              help="With autoguidance: the weights whose FID is measured, 1 for unguided, e.g. 2 or 1,1.5,2,2.5  "
+              "[default: the preset's; cpu: 2, gpu: 1,1.5,2,2.5]")
 def main(outdir: str, preset: str, device: str | None, kimg: float | None, minutes: float | None,
-         autoguidance: bool, guidance: tuple[float, ...] | None) -> None:
+         autoguidance: bool | None, guidance: tuple[float, ...] | None) -> None:
     """Train a small EDM model on the embedded Fashion-MNIST and report the FID of its samples."""
     # OpenMP threads that sleep rather than spin while waiting (unless the user chose), here and in every stage,
     # set before torch loads: on a CPU shared with other work, spinning made a network call 12x slower (a batch of
@@ -330,9 +336,11 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
     preset_name = pick_preset(preset)
     p = adapt_preset(PRESETS[preset_name], kimg, fp32=cuda_lacks_bf16(device) or cpu_lacks_bf16(device),
                      minutes=minutes)
+    autoguidance = p.autoguidance if autoguidance is None else autoguidance
     if guidance is not None:
         if not autoguidance:
-            raise click.ClickException("--guidance goes with --autoguidance")
+            raise click.ClickException(f"--guidance goes with autoguidance, which preset {preset_name} leaves off; "
+                                       "add --autoguidance")
         p = dataclasses.replace(p, guidance=guidance)
     outdir = os.path.abspath(outdir)
     if os.path.exists(os.path.join(outdir, "summary.json")):
@@ -415,14 +423,16 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
     sampler_args = [f"--steps={p.steps}", f"--batch={p.batch}", *p.generate_args, *device_args]
     guided = {}
     if autoguidance:
-        weights = ",".join(f"{w:g}" for w in (1.0, *p.guidance))
-        guided = guidance_results(stage.run_output(
-            f"FID of {n} samples in memory, unguided and autoguided at w = {weights[2:]}", [
-                "fid.py", "calc", f"--network={snapshot}", f"--gnet={guide_snapshot}", f"--guidance={weights}",
-                f"--plot={path('fid-vs-guidance.png')}", f"--ref={path('reference.npz')}", f"--num={n}",
-                *sampler_args]))
-        fid = guided[1.0]
-        best = min((w for w in guided if w != 1.0), key=guided.get)
+        weights = ",".join(f"{w:g}" for w in p.guidance)
+        fid_args = ["fid.py", "calc", f"--network={snapshot}", f"--gnet={guide_snapshot}", f"--guidance={weights}",
+                    f"--ref={path('reference.npz')}", f"--num={n}", *sampler_args]
+        title = f"FID of {n} samples in memory, autoguided at w = {weights} (w = 1: unguided)"
+        if len(p.guidance) > 1:
+            guided = guidance_results(stage.run_output(title, [*fid_args, f"--plot={path('fid-vs-guidance.png')}"]))
+        else:
+            guided = {p.guidance[0]: fid_value(stage.run(title, fid_args))}
+        best = min(guided, key=guided.get)
+        fid = guided[best]
         stage.run(f"Generate 64 images autoguided at the best weight, w = {best:g}", [
             "generate.py", f"--network={snapshot}", f"--gnet={guide_snapshot}", f"--guidance={best:g}",
             f"--outdir={path('samples')}", "--seeds=0-63", f"--grid={path('samples-grid.png')}", *sampler_args])
@@ -447,14 +457,16 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
     if autoguidance:
         summary.update(guide_snapshot=guide_snapshot, guide_kimg=trained_kimg(path("guide")),
                        fid_by_guidance={f"{w:g}": v for w, v in guided.items()}, best_guidance=best,
-                       fid_autoguided=guided[best], guidance_plot=path("fid-vs-guidance.png"))
+                       fid_unguided=guided.get(1.0),
+                       guidance_plot=path("fid-vs-guidance.png") if len(guided) > 1 else None)
     with open(path("summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     click.secho("\nSummary", bold=True)
-    click.echo(f"  samples' FID        {fid:8.2f}   ({n} generated vs. {m} reference images)")
-    if autoguidance:
-        click.echo(f"  autoguided FID      {guided[best]:8.2f}   (best of w = {weights[2:]}: w = {best:g}; guide "
-                   f"{summary['guide_kimg']:.1f} kimg; plot {summary['guidance_plot']})")
+    click.echo(f"  samples' FID        {fid:8.2f}   ({n} generated vs. {m} reference images"
+               + (f"; autoguided at w = {best:g}, the best of {weights}; guide {summary['guide_kimg']:.1f} kimg)"
+                  if autoguidance else ")"))
+    if autoguidance and 1.0 in guided and best != 1.0:
+        click.echo(f"  unguided FID        {guided[1.0]:8.2f}   (the same samples' seeds without the guide)")
     click.echo(f"  real-data floor     {floor:8.2f}   ({n} other real vs. the same {m} reference images)")
     click.echo(f"  training            {kimg_done:8.1f}   kimg")
     click.echo(f"  sample grid         {summary['grid']}")

@@ -70,19 +70,21 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
 
 
 def test_quickstart_autoguidance_within_a_budget(tmp_path, fid_cache_dir):
-    """--autoguidance trains a guide, then sweeps w in memory (w = 1 is the unguided FID); --minutes splits the
-    training time the measured evaluation leaves between the guide (guide_share) and the main network."""
+    """--autoguidance trains a guide, then measures FID in memory at the --guidance weight (one weight, as the cpu
+    preset's: no sweep and no unguided FID) and makes the grid at it; --minutes splits the training time the
+    measured evaluation leaves between the guide (guide_share) and the main network. (A sweep's lines are read by
+    guidance_results, below, and fid.py's sweep is tested in test_guidance.py.)"""
     from quickstart import PRESETS
     outdir = tmp_path / "qs"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "quickstart.py", "--preset=smoke", "--autoguidance", "--minutes=30",
+    result = subprocess.run([sys.executable, "quickstart.py", "--preset=smoke", "--autoguidance", "--guidance=2", "--minutes=30",
                              f"--outdir={outdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((outdir / "summary.json").read_text())
-    assert sorted(summary["fid_by_guidance"]) == ["1", "2"] and summary["best_guidance"] == 2.0
-    assert summary["fid"] == summary["fid_by_guidance"]["1"] and summary["fid_autoguided"] == summary["fid_by_guidance"]["2"]
+    assert summary["fid_by_guidance"] == {"2": summary["fid"]} and summary["best_guidance"] == 2.0
+    assert summary["fid_unguided"] is None and summary["guidance_plot"] is None
     assert summary["budget_minutes"] == 30 and summary["predicted_evaluation_seconds"] > 0
-    assert "autoguided FID" in result.stdout and "Time budget:" in result.stdout
+    assert "autoguided at w = 2" in result.stdout and "Time budget:" in result.stdout
     commands = (outdir / "commands.txt").read_text().splitlines()
     assert [line.split()[2] for line in commands] == ["dataset_tool.py", "dataset_tool.py", "fid.py", "fid.py",
                                                        "train.py", "train.py", "fid.py", "generate.py", "plot_run.py"]
@@ -90,8 +92,8 @@ def test_quickstart_autoguidance_within_a_budget(tmp_path, fid_cache_dir):
     share = PRESETS["smoke"].guide_share
     assert len(minutes) == 2 and minutes[0] == pytest.approx(minutes[1] * share / (1 - share), abs=0.01)
     assert 25 < sum(minutes) < 30
-    assert "--gnet=" + summary["guide_snapshot"] in commands[6] and "--guidance=1,2" in commands[6]
-    assert os.path.isfile(summary["guide_snapshot"]) and PIL.Image.open(summary["guidance_plot"]).format == "PNG"
+    assert "--gnet=" + summary["guide_snapshot"] in commands[6] and "--guidance=2 " in commands[6]
+    assert "--plot" not in commands[6] and "--guidance=2 " in commands[7] and os.path.isfile(summary["guide_snapshot"])
     assert sorted(os.listdir(outdir / "samples")) == [f"{seed:06d}.png" for seed in range(64)]
 
 
@@ -131,16 +133,18 @@ def test_options_replace_by_name():
 
 def test_evaluation_prediction_and_training_minutes_follow_the_stages():
     """The prediction is the sum of the evaluation stages' work at the measured per-image costs: n images of NFE
-    network calls plus n Inception passes (each CLI's start and the dashboard added); autoguidance adds the guide's
-    calls for every guided weight, one Inception pass per weight, and a guided 64-image grid."""
+    network calls plus n Inception passes (each CLI's start and the dashboard added); with autoguidance, each
+    weight costs n Inception passes and n x NFE calls of the network, plus the guide's where w != 1, and a guided
+    64-image grid follows."""
     from quickstart import DASHBOARD_SECONDS, PRESETS, STARTUP_SECONDS, Costs, training_minutes
     p = PRESETS["cpu"]
     costs = Costs(net=0.004, inception=0.1, guide=0.001)
     fixed = 2 * STARTUP_SECONDS + DASHBOARD_SECONDS
     assert costs.evaluation(p, nfe=35) == pytest.approx(1000 * 35 * 0.004 + 1000 * 0.1 + fixed)
     unguided, guided = 1000 * 35 * 0.004, 1000 * 35 * 0.005
-    assert costs.evaluation(p, nfe=35, sweep=(1.5, 2.0)) == pytest.approx(
+    assert costs.evaluation(p, nfe=35, weights=(1.0, 1.5, 2.0)) == pytest.approx(
         unguided + 2 * guided + 3 * 1000 * 0.1 + 64 * 35 * 0.005 + fixed)
+    assert costs.evaluation(p, nfe=35, weights=(2.0,)) == pytest.approx(guided + 1000 * 0.1 + 64 * 35 * 0.005 + fixed)
     # 15 minutes, 6 spent, 4 predicted (x 1.05 margin) and one CLI start: 15 - 6 - 4.2 - 8 / 60 minutes to train.
     assert training_minutes(15, 360, 240) == pytest.approx(15 - 6 - 4.2 - STARTUP_SECONDS / 60)
 
@@ -164,10 +168,11 @@ def test_guidance_results_are_read_from_fid_py_sweep_lines():
         guidance_results("no sweep here")
 
 
-def test_guidance_weights_option_leaves_out_w_1_and_refuses_nothing_else():
+def test_guidance_weights_option_keeps_the_listed_weights_and_needs_a_guided_one():
     from quickstart import parse_weights
-    assert parse_weights("1,1.5,...,2.5") == (1.5, 2.0, 2.5) and parse_weights(None) is None
-    for bad in ("1", "two"):
+    assert parse_weights("1,1.5,...,2.5") == (1.0, 1.5, 2.0, 2.5) and parse_weights(None) is None
+    assert parse_weights("2,2,1") == (1.0, 2.0)
+    for bad in ("1", "1,1", "two"):
         with pytest.raises(click.BadParameter):
             parse_weights(bad)
 
