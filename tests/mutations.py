@@ -286,6 +286,14 @@ MUTATIONS: tuple[Mutation, ...] = (
        "return self.sampling(n, nfe, False) + n * self.inception + 2 * STARTUP_SECONDS",
        "return self.sampling(n, nfe, False) + 2 * STARTUP_SECONDS",
        "tests/test_quickstart.py::test_evaluation_prediction_and_training_minutes_follow_the_stages"),
+    _m("quickstart: w = 1 is predicted with the guide's calls", "quickstart.py",
+       "self.sampling(n, nfe, w != 1) + n * self.inception for w in weights",
+       "self.sampling(n, nfe, True) + n * self.inception for w in weights",
+       "tests/test_quickstart.py::test_evaluation_prediction_and_training_minutes_follow_the_stages"),
+    _m("quickstart: --guidance drops w = 1", "quickstart.py",
+       "weights = tuple(dnnlib.util.parse_float_list(value))",
+       "weights = tuple(w for w in dnnlib.util.parse_float_list(value) if w != 1)",
+       "tests/test_quickstart.py::test_guidance_weights_option_keeps_the_listed_weights_and_needs_a_guided_one"),
 )
 
 
