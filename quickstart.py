@@ -426,7 +426,8 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
         weights = ",".join(f"{w:g}" for w in p.guidance)
         fid_args = ["fid.py", "calc", f"--network={snapshot}", f"--gnet={guide_snapshot}", f"--guidance={weights}",
                     f"--ref={path('reference.npz')}", f"--num={n}", *sampler_args]
-        title = f"FID of {n} samples in memory, autoguided at w = {weights} (w = 1: unguided)"
+        unguided_note = " (w = 1: unguided)" if 1.0 in p.guidance else ""
+        title = f"FID of {n} samples in memory, autoguided at w = {weights}{unguided_note}"
         if len(p.guidance) > 1:
             guided = guidance_results(stage.run_output(title, [*fid_args, f"--plot={path('fid-vs-guidance.png')}"]))
         else:
@@ -461,10 +462,11 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
                        guidance_plot=path("fid-vs-guidance.png") if len(guided) > 1 else None)
     with open(path("summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    best_of = f", the best of {weights}" if len(guided) > 1 else ""
     click.secho("\nSummary", bold=True)
     click.echo(f"  samples' FID        {fid:8.2f}   ({n} generated vs. {m} reference images"
-               + (f"; autoguided at w = {best:g}, the best of {weights}; guide {summary['guide_kimg']:.1f} kimg)"
-                  if autoguidance else ")"))
+               + (f"; autoguided at w = {best:g}{best_of}; guide {summary['guide_kimg']:.1f} kimg)" if autoguidance
+                  else ")"))
     if autoguidance and 1.0 in guided and best != 1.0:
         click.echo(f"  unguided FID        {guided[1.0]:8.2f}   (the same samples' seeds without the guide)")
     click.echo(f"  real-data floor     {floor:8.2f}   ({n} other real vs. the same {m} reference images)")
