@@ -43,8 +43,11 @@ class Preset:
     resolution: int = 32  # 32: padded as the official dataset tool does; 28: the native Fashion-MNIST size.
     minutes: float | None = None  # The whole job's wall-clock budget; training gets what the other stages leave.
     autoguidance: bool = False  # Train a guide too and report the FID of autoguided samples (--autoguidance).
-    guide_args: tuple[str, ...] = ()  # Autoguidance: the guide's train.py options that replace train_args'.
-    guide_share: float = 0.2  # Autoguidance: the guide's part of the training time (or of --kimg).
+    guide: str = "smaller"  # Autoguidance: 'smaller', a separate run with guide_args; 'earlier', the main network's
+    # own snapshot after guide_share of its training (no separate run; the guide's calls cost the main network's).
+    guide_args: tuple[str, ...] = ()  # A 'smaller' guide's train.py options that replace train_args'.
+    guide_share: float = 0.2  # The guide's part of the training time (or of --kimg): a 'smaller' guide's run, or
+    # when an 'earlier' guide's snapshot is taken.
     guidance: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5)  # Autoguidance: the weights measured (1: unguided); the job
     # reports the best of them.
 
@@ -62,7 +65,8 @@ PRESETS = {
         "--augment=0", "--bf16=1", "--duration=0.1", "--tick=5", "--snap=1000", "--dump=1000", "--grid=0",
         "--seed=0"), generate_args=("--precision=bf16", "--sampler=unipc_bh2", "--nfe=15",
                                     "--steps-schedule=loguniform"), resolution=28, minutes=15,
-        autoguidance=True, guidance=(2.0,), guide_args=("--cbase=16", "--seed=1")),
+        autoguidance=True, guidance=(2.0,), guide="earlier", guide_share=1 / 3,
+        guide_args=("--cbase=16", "--seed=1")),
     "gpu": Preset(train_images=5000, num_eval=5000, num_ref=5000, batch=500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cbase=128", "--cres=1,2,2", "--blocks=2", "--attn=16",
         "--batch=256", "--lr=1e-3", "--lr-rampup=10", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0.1",
@@ -271,6 +275,12 @@ def trained_kimg(run_dir: str) -> float:
         return json.loads(f.read().splitlines()[-1])["Progress/kimg"]["mean"]
 
 
+def snapshot_kimg(path: str) -> float:
+    """Thousands of images a snapshot had trained on, from its name."""
+    from training.training_state import labelled_nimg
+    return labelled_nimg(path) / 1000
+
+
 def newest(pattern: str) -> str:
     """The file matching ``pattern`` that is furthest into training (by its kimg label)."""
     from training.training_state import labelled_nimg
@@ -279,6 +289,44 @@ def newest(pattern: str) -> str:
     if not paths:
         raise click.ClickException(f"expected a file matching {pattern}, found none")
     return max(paths, key=labelled_nimg)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+    """One train.py run of the job: into ``outdir`` ('training' or 'guide'), with ``args``; ``guide`` marks the run
+    whose last snapshot guides the samples."""
+    title: str
+    outdir: str
+    args: tuple[str, ...]
+    guide: bool = False
+
+
+def training_runs(p: Preset, autoguidance: bool, minutes: float | None, network: str) -> list[TrainingRun]:
+    """The job's train.py runs, in order. With ``minutes`` (what the budget leaves) they share the time by
+    ``--max-minutes``; without, the preset's ``--duration``. Autoguidance adds a 'smaller' guide's own run
+    (``guide_share`` of the time or duration), or splits the main run at ``guide_share`` for an 'earlier' guide: the
+    first part's snapshot guides, and the second resumes from its state (train.py's exact resume)."""
+    def part(args: tuple[str, ...], share: float) -> tuple[str, ...]:
+        if minutes is not None:
+            return with_options(args, f"--max-minutes={minutes * share:.2f}")
+        return with_options(args, f"--duration={float(option_value(args, 'duration')) * share:g}")
+
+    main = TrainingRun(f"Train {network}", "training", p.train_args if minutes is None else part(p.train_args, 1))
+    if not autoguidance:
+        return [main]
+    share = p.guide_share
+    if p.guide == "smaller":
+        guide_args = with_options(p.train_args, *p.guide_args)
+        return [TrainingRun("Train the guide: a smaller network, trained shorter (autoguidance)", "guide",
+                            part(guide_args, share), guide=True),
+                dataclasses.replace(main, args=main.args if minutes is None else part(p.train_args, 1 - share))]
+    if p.guide != "earlier":
+        raise click.ClickException(f"guide '{p.guide}': expected 'smaller' or 'earlier'")
+    rest = p.train_args if minutes is None else part(p.train_args, 1 - share)
+    return [TrainingRun(f"Train {network}, the first {share:.0%}: its snapshot then is the guide (autoguidance)",
+                        "training", part(p.train_args, share), guide=True),
+            TrainingRun("Train on from that state (train.py --resume)", "training",
+                        with_options(rest, "--resume=auto"))]
 
 
 def parse_weights(value: str | None) -> tuple[float, ...] | None:
@@ -326,8 +374,11 @@ def guidance_results(output: str) -> dict[float, float]:
 @click.option("--guidance", metavar="LIST", default=None, callback=lambda ctx, param, value: parse_weights(value),
               help="With autoguidance: the weights whose FID is measured, 1 for unguided, e.g. 2 or 1,1.5,2,2.5  "
               "[default: the preset's; cpu: 2, gpu: 1,1.5,2,2.5]")
+@click.option("--guide", type=click.Choice(["smaller", "earlier"]), default=None,
+              help="With autoguidance: a smaller network trained for a share of the time, or the main network's own "
+              "snapshot after that share  [default: the preset's; cpu: earlier]")
 def main(outdir: str, preset: str, device: str | None, kimg: float | None, minutes: float | None,
-         autoguidance: bool | None, guidance: tuple[float, ...] | None) -> None:
+         autoguidance: bool | None, guidance: tuple[float, ...] | None, guide: str | None) -> None:
     """Train a small EDM model on the embedded Fashion-MNIST and report the FID of its samples."""
     # OpenMP threads that sleep rather than spin while waiting (unless the user chose), here and in every stage,
     # set before torch loads: on a CPU shared with other work, spinning made a network call 12x slower (a batch of
@@ -342,6 +393,11 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
             raise click.ClickException(f"--guidance goes with autoguidance, which preset {preset_name} leaves off; "
                                        "add --autoguidance")
         p = dataclasses.replace(p, guidance=guidance)
+    if guide is not None:
+        if not autoguidance:
+            raise click.ClickException(f"--guide goes with autoguidance, which preset {preset_name} leaves off; "
+                                       "add --autoguidance")
+        p = dataclasses.replace(p, guide=guide)
     outdir = os.path.abspath(outdir)
     if os.path.exists(os.path.join(outdir, "summary.json")):
         raise click.ClickException(f"--outdir={outdir} already holds a quickstart run; remove it or pick another")
@@ -360,7 +416,7 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
                                    f"{held_out_start}")
     # The floor's real images: held-out ones after the reference's where enough are left, else training images.
     floor_start = held_out_start + m if held_out_start + m + n <= NUM_SOURCE_IMAGES else 0
-    guide_args = with_options(p.train_args, *p.guide_args) if autoguidance else None
+    separate_guide = autoguidance and p.guide == "smaller"
     click.secho(f"Quickstart, preset '{preset_name}': train on {p.train_images} Fashion-MNIST images, "
                 f"evaluate FID of {n} samples against {m} real images"
                 + (f", within {p.minutes:g} minutes" if p.minutes else "") + f"; output in {outdir}", bold=True)
@@ -383,19 +439,18 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
         "fid.py", "calc", f"--images={path('held-out.zip')}", f"--ref={path('reference.npz')}", f"--num={n}",
         f"--batch={p.batch}", *device_args]))
 
-    train_args, guide_train_args, costs, predicted = p.train_args, guide_args, None, None
+    left, costs, predicted = None, None, None
     if p.minutes is not None:
-        costs = measure_costs(p, path("train.zip"), device, guide_args)
+        costs = measure_costs(p, path("train.zip"), device,
+                              with_options(p.train_args, *p.guide_args) if separate_guide else None)
+        if autoguidance and not separate_guide:
+            costs = dataclasses.replace(costs, guide=costs.net)  # The guide is the main network, earlier.
         predicted = costs.evaluation(p, nfe, p.guidance if autoguidance else ())
         left = training_minutes(p.minutes, time.time() - start, predicted)
         if left < 0.5:
             raise click.ClickException(
                 f"--minutes={p.minutes:g} leaves {max(left, 0):.1f} minutes to train after the evaluation's "
                 f"predicted {predicted / 60:.1f}; give more minutes, or --kimg to train a set length")
-        share = p.guide_share if autoguidance else 0.0
-        train_args = with_options(p.train_args, f"--max-minutes={left * (1 - share):.2f}")
-        if autoguidance:
-            guide_train_args = with_options(guide_args, f"--max-minutes={left * share:.2f}")
         click.echo(f"\nTime budget: {(time.time() - start) / 60:.1f} min so far; evaluation predicted at "
                    f"{predicted / 60:.1f} min (network {costs.net * 1e3:.1f} ms, Inception "
                    f"{costs.inception * 1e3:.0f} ms per image); training gets {left:.1f} min")
@@ -403,21 +458,16 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
             click.secho(f"Note: this machine leaves training less than 40% of the {p.minutes:g} minutes, so expect a "
                         f"poor FID; --minutes=N gives it more (later runs also skip the cached reference and floor)",
                         fg="yellow")
-    elif autoguidance and kimg is not None:
-        guide_train_args = with_options(guide_args, f"--duration={kimg * p.guide_share / 1000:g}")
 
-    guide_snapshot = None
-    if autoguidance:
-        stage.run("Train the guide: a smaller network, trained shorter (autoguidance)", [
-            "train.py", f"--outdir={path('guide')}", "--nosubdir", f"--data={path('train.zip')}", "--workers=0",
-            *guide_train_args, *device_args])
-        guide_snapshot = newest(path("guide", "network-snapshot-*.pkl"))
     arch = option_value(p.train_args, "arch", "ddpmpp")
     network = "an EDM2 (magnitude-preserving) network with its loss" if arch == "edm2" else \
         f"a {ARCH_NAMES.get(arch, arch)} network with EDM preconditioning and loss"
-    stage.run(f"Train {network}", [
-        "train.py", f"--outdir={path('training')}", "--nosubdir", f"--data={path('train.zip')}", "--workers=0",
-        *train_args, *device_args])
+    guide_snapshot = None
+    for run in training_runs(p, autoguidance, left, network):
+        stage.run(run.title, ["train.py", f"--outdir={path(run.outdir)}", "--nosubdir", f"--data={path('train.zip')}",
+                              "--workers=0", *run.args, *device_args])
+        if run.guide:
+            guide_snapshot = newest(path(run.outdir, "network-snapshot-*.pkl"))
     snapshot = newest(path("training", "network-snapshot-*.pkl"))
     kimg_done = trained_kimg(path("training"))
     sampler_args = [f"--steps={p.steps}", f"--batch={p.batch}", *p.generate_args, *device_args]
@@ -456,7 +506,7 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
                    snapshot=snapshot, grid=path("samples-grid.png"), samples=path("samples"),
                    training_run=path("training"), dashboard=path("dashboard.png"), reference=path("reference.npz"))
     if autoguidance:
-        summary.update(guide_snapshot=guide_snapshot, guide_kimg=trained_kimg(path("guide")),
+        summary.update(guide=p.guide, guide_snapshot=guide_snapshot, guide_kimg=snapshot_kimg(guide_snapshot),
                        fid_by_guidance={f"{w:g}": v for w, v in guided.items()}, best_guidance=best,
                        fid_unguided=guided.get(1.0),
                        guidance_plot=path("fid-vs-guidance.png") if len(guided) > 1 else None)

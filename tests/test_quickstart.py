@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -69,32 +70,65 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
     assert grid.size[0] >= 4 * 28 and grid.size[1] >= 4 * 28
 
 
-def test_quickstart_autoguidance_within_a_budget(tmp_path, fid_cache_dir):
-    """--autoguidance trains a guide, then measures FID in memory at the --guidance weight (one weight, as the cpu
-    preset's: no sweep and no unguided FID) and makes the grid at it; --minutes splits the training time the
-    measured evaluation leaves between the guide (guide_share) and the main network. (A sweep's lines are read by
+def test_quickstart_autoguided_by_its_own_earlier_snapshot(tmp_path, fid_cache_dir):
+    """Autoguidance as the cpu preset does it (--guide=earlier, one weight): the main run stops at guide_share of
+    its duration, that snapshot is the guide, and the run resumes from its state to the end; FID is then measured
+    in memory at w = 2 alone (no sweep, no unguided pass) and the grid made at it. (A sweep's lines are read by
     guidance_results, below, and fid.py's sweep is tested in test_guidance.py.)"""
     from quickstart import PRESETS
     outdir = tmp_path / "qs"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "quickstart.py", "--preset=smoke", "--autoguidance", "--guidance=2", "--minutes=30",
-                             f"--outdir={outdir}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "quickstart.py", "--preset=smoke", "--autoguidance", "--guide=earlier",
+                             "--guidance=2", "--kimg=0.064", f"--outdir={outdir}"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((outdir / "summary.json").read_text())
     assert summary["fid_by_guidance"] == {"2": summary["fid"]} and summary["best_guidance"] == 2.0
-    assert summary["fid_unguided"] is None and summary["guidance_plot"] is None
-    assert summary["budget_minutes"] == 30 and summary["predicted_evaluation_seconds"] > 0
-    assert "autoguided at w = 2" in result.stdout and "Time budget:" in result.stdout
+    assert summary["fid_unguided"] is None and summary["guidance_plot"] is None and summary["guide"] == "earlier"
+    assert "autoguided at w = 2; guide 0.0 kimg" in result.stdout
     commands = (outdir / "commands.txt").read_text().splitlines()
     assert [line.split()[2] for line in commands] == ["dataset_tool.py", "dataset_tool.py", "fid.py", "fid.py",
                                                        "train.py", "train.py", "fid.py", "generate.py", "plot_run.py"]
-    minutes = [float(a.split("=")[1]) for line in commands for a in line.split() if a.startswith("--max-minutes=")]
     share = PRESETS["smoke"].guide_share
-    assert len(minutes) == 2 and minutes[0] == pytest.approx(minutes[1] * share / (1 - share), abs=0.01)
-    assert 25 < sum(minutes) < 30
+    assert f"--duration={0.000064 * share:g}" in commands[4].split() and "--resume" not in commands[4]
+    assert "--duration=6.4e-05" in commands[5].split() and "--resume=auto" in commands[5].split()
+    # The guide is the run's snapshot at the split (2 of 4 batches of 16); the run went on from its state.
+    run = outdir / "training"
+    assert summary["guide_snapshot"] == str(run / "network-snapshot-000000.032.pkl") and summary["guide_kimg"] == 0.032
+    assert summary["snapshot"] == str(run / "network-snapshot-000000.064.pkl") and summary["kimg"] == pytest.approx(0.064)
+    log = (run / "log.txt").read_text()
+    assert "Loading training state from" in log and "Training from 0.032 to 0.064 kimg" in log
+    stats = [json.loads(line)["Progress/kimg"]["mean"] for line in (run / "stats.jsonl").read_text().splitlines()]
+    assert stats == sorted(stats) and stats[-1] == pytest.approx(0.064)
     assert "--gnet=" + summary["guide_snapshot"] in commands[6] and "--guidance=2 " in commands[6]
-    assert "--plot" not in commands[6] and "--guidance=2 " in commands[7] and os.path.isfile(summary["guide_snapshot"])
+    assert "--plot" not in commands[6] and "--guidance=2 " in commands[7]
     assert sorted(os.listdir(outdir / "samples")) == [f"{seed:06d}.png" for seed in range(64)]
+
+
+def test_training_runs_share_the_budget_or_the_duration_with_the_guide():
+    """Without autoguidance one run gets all the minutes; a 'smaller' guide is its own run with guide_args and
+    guide_share of the minutes (or of the duration); an 'earlier' guide splits the main run at guide_share, the
+    second part resuming from the first's state."""
+    from quickstart import PRESETS, option_value, training_runs
+    p = dataclasses.replace(PRESETS["cpu"], guide_share=0.25)
+    minutes = lambda run: float(option_value(run.args, "max-minutes"))
+    (plain,) = training_runs(p, False, 8.0, "N")
+    assert (plain.outdir, minutes(plain), plain.guide) == ("training", 8.0, False)
+    guide, main = training_runs(dataclasses.replace(p, guide="smaller"), True, 8.0, "N")
+    assert (guide.outdir, minutes(guide), guide.guide, option_value(guide.args, "cbase")) == ("guide", 2.0, True, "16")
+    assert (main.outdir, minutes(main), main.guide, option_value(main.args, "cbase")) == ("training", 6.0, False, "32")
+    first, rest = training_runs(dataclasses.replace(p, guide="earlier"), True, 8.0, "N")
+    assert (first.outdir, minutes(first), first.guide, option_value(first.args, "resume")) == ("training", 2.0, True,
+                                                                                               None)
+    assert (rest.outdir, minutes(rest), rest.guide, option_value(rest.args, "resume")) == ("training", 6.0, False,
+                                                                                           "auto")
+    assert option_value(first.args, "cbase") == option_value(rest.args, "cbase") == "32"
+    # Without a budget: the preset's --duration (0.1 Mimg), its share for the guide.
+    guide, main = training_runs(dataclasses.replace(p, guide="smaller"), True, None, "N")
+    assert option_value(guide.args, "duration") == "0.025" and option_value(main.args, "duration") == "0.1"
+    first, rest = training_runs(dataclasses.replace(p, guide="earlier"), True, None, "N")
+    assert option_value(first.args, "duration") == "0.025" and option_value(rest.args, "duration") == "0.1"
+    assert "max-minutes" not in " ".join(first.args + rest.args)
 
 
 def test_quickstart_refuses_an_earlier_run(tmp_path):
