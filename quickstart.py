@@ -55,8 +55,8 @@ class Preset:
 # cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (docs/quickstart-notes.md); duration is in Mimg as in
 # train.py. The cpu preset samples with UniPC at NFE 15 (FID 120.2 against Heun's 123.1 at NFE 35 on the same
 # network, in 60% of the time; docs/samplers.md), leaving its budget's minutes to training, and reports the FID of
-# samples autoguided at w = 2 by a quarter-size network trained for a fifth of the training time (FID 72.7 -> 53.8 on
-# a 26.7-kimg network; docs/quickstart-notes.md#autoguidance). It makes no sample grids while training (10 s each
+# samples autoguided at w = 2 by the network's own snapshot after a third of its training (within 15 minutes, FID 60.0
+# against 72.7 unguided; docs/quickstart-notes.md#the-cpu-preset). It makes no sample grids while training (10 s each
 # there); the job's grid is generate.py's.
 PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=1000, num_ref=1000, train_args=(
