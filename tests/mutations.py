@@ -294,6 +294,12 @@ MUTATIONS: tuple[Mutation, ...] = (
        "weights = tuple(dnnlib.util.parse_float_list(value))",
        "weights = tuple(w for w in dnnlib.util.parse_float_list(value) if w != 1)",
        "tests/test_quickstart.py::test_guidance_weights_option_keeps_the_listed_weights_and_needs_a_guided_one"),
+    _m("quickstart: the run after an earlier guide's snapshot starts over instead of resuming", "quickstart.py",
+       'with_options(rest, "--resume=auto")', "rest",
+       "tests/test_quickstart.py::test_training_runs_share_the_budget_or_the_duration_with_the_guide"),
+    _m("quickstart: a smaller guide trains for the main network's share", "quickstart.py",
+       "part(guide_args, share), guide=True)", "part(guide_args, 1 - share), guide=True)",
+       "tests/test_quickstart.py::test_training_runs_share_the_budget_or_the_duration_with_the_guide"),
 )
 
 
