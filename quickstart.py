@@ -369,8 +369,8 @@ def guidance_results(output: str) -> dict[float, float]:
               help="Wall-clock budget of the whole job: training gets what the other stages are measured and "
               "predicted to leave  [default: the preset's; cpu: 15]")
 @click.option("--autoguidance/--no-autoguidance", default=None,
-              help="Also train a smaller, shorter guide and report the FID of autoguided samples at the best of "
-              "the --guidance weights  [default: the preset's; on for cpu]")
+              help="Also make a guide (--guide) and report the FID of autoguided samples at the best of the "
+              "--guidance weights  [default: the preset's; on for cpu]")
 @click.option("--guidance", metavar="LIST", default=None, callback=lambda ctx, param, value: parse_weights(value),
               help="With autoguidance: the weights whose FID is measured, 1 for unguided, e.g. 2 or 1,1.5,2,2.5  "
               "[default: the preset's; cpu: 2, gpu: 1,1.5,2,2.5]")
