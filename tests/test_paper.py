@@ -253,8 +253,22 @@ def test_smoke_fig2_and_fig4_curves_and_markdown_agree(smoke):
                                       f"{p['fid']:.2f}"]
     fig4 = _load(smoke["outdir"], "fig4")
     assert fig4["network"]["config"] == "A" and [p["S_churn"] for p in fig4["points"]] == [0, 40]
+    # Algorithm 2's gamma_i = min(S_churn / N, sqrt(2) - 1) at N = 3 steps: 0, and 40 / 3 capped.
+    assert [p["gamma"] for p in fig4["points"]] == [0, pytest.approx(2 ** 0.5 - 1)]
     rows = _markdown_rows((smoke["outdir"] / "fig4.md").read_text(), "S_churn")
-    assert rows == [[f"{p['S_churn']:g}", f"{p['fid']:.2f}"] for p in fig4["points"]]
+    assert rows == [[f"{p['S_churn']:g}", f"{p['gamma']:.3f}", f"{p['fid']:.2f}"] for p in fig4["points"]]
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_fig4_churn_values_are_distinct_samplers(name):
+    """Past S_churn = N (sqrt(2) - 1), Algorithm 2's gamma_i is capped and every S_churn is the same sampler, so a
+    size's curve has at most one point there (the cpu size's first run had S_churn 10-80 at 18 steps: four
+    identical FIDs)."""
+    from benchmarks.paper.configs import SIZES
+    size = SIZES[name]
+    cap = size.fig4_steps * (2 ** 0.5 - 1)
+    assert list(size.fig4_churn) == sorted(set(size.fig4_churn)) and size.fig4_churn[0] == 0
+    assert sum(churn >= cap for churn in size.fig4_churn) <= 1 and len(size.fig4_churn) >= 5
 
 
 def test_rerun_skips_every_finished_piece(smoke):

@@ -162,14 +162,15 @@ def fig4_fid_piece(ws: Workspace, config: str, churn: float) -> Piece:
 def fig4(ws: Workspace, config: str = FIG4_DEFAULT_CONFIG) -> RunSummary:
     """FID against S_churn (Algorithm 2; S_min, S_max and S_noise at their neutral values) for one trained
     network."""
+    from training.sampling import Churn
     check_config(config)
     machine = machine_description(ws.device)
     seed = ws.size.seeds[0]
     pieces = [ws.floor_piece(ws.size.fig4_samples), ws.train_piece(config, seed)]
     pieces += [fig4_fid_piece(ws, config, churn) for churn in ws.size.fig4_churn]
     summary = ws.run(pieces, "Figure 4")
-    points = [dict(S_churn=churn, fid=ws.result(fig4_fid_piece(ws, config, churn))["fid"])
-              for churn in ws.size.fig4_churn]
+    points = [dict(S_churn=churn, gamma=Churn(S_churn=churn).gamma(1.0, ws.size.fig4_steps),
+                   fid=ws.result(fig4_fid_piece(ws, config, churn))["fid"]) for churn in ws.size.fig4_churn]
     data = dict(
         _header(ws, "fig4", summary, machine),
         network=dict(config=config, seed=seed, title=f"{TABLE2[config].title} (config {config}, seed {seed})"),

@@ -172,7 +172,7 @@ def plot_fig2(data: dict, path: str) -> None:
 # ----------------------------------------------------------------------------
 # Figure 4.
 
-FIG4_COLUMNS = ("S_churn", "FID")
+FIG4_COLUMNS = ("S_churn", "gamma_i", "FID")
 
 
 def fig4_markdown(data: dict) -> str:
@@ -182,9 +182,11 @@ def fig4_markdown(data: dict) -> str:
             f"{data['network']['title']}, {protocol['sampler']}, {protocol['steps']} steps (NFE {protocol['nfe']}); FID of "
             f"{protocol['num_samples']} samples against {protocol['num_ref']} held-out reference images; real-data "
             f"floor {fmt(protocol['floor'])}.")
-    rows = [[f"{p['S_churn']:g}", fmt(p["fid"])] for p in data["points"]]
+    rows = [[f"{p['S_churn']:g}", f"{p['gamma']:.3f}", fmt(p["fid"])] for p in data["points"]]
     best = min(data["points"], key=lambda p: p["fid"])
-    tail = f"Lowest FID {fmt(best['fid'])} at S_churn {best['S_churn']:g} (0 is the deterministic sampler)."
+    tail = (f"Lowest FID {fmt(best['fid'])} at S_churn {best['S_churn']:g} (0 is the deterministic sampler). "
+            f"gamma_i = min(S_churn / {protocol['steps']}, sqrt(2) - 1) at every step (Algorithm 2): larger S_churn "
+            f"than {protocol['steps'] * (2 ** 0.5 - 1):.2f} is the same sampler.")
     return "\n".join([head, "", *markdown_table(FIG4_COLUMNS, rows), "", tail]) + "\n"
 
 
@@ -194,6 +196,8 @@ def plot_fig4(data: dict, path: str) -> None:
     points = data["points"]
     ax.plot([p["S_churn"] for p in points], [p["fid"] for p in points], "o-", markersize=4, label="Algorithm 2")
     ax.axhline(data["protocol"]["floor"], color="gray", linestyle=":", label="real-data floor")
+    ax.axvline(data["protocol"]["steps"] * (2 ** 0.5 - 1), color="tab:red", linestyle="--", linewidth=0.8,
+               label="gamma_i at its cap, sqrt(2) - 1")
     ax.set_xlabel("S_churn")
     ax.set_ylabel(f"FID ({data['protocol']['num_samples']} samples)")
     ax.set_title(f"{data['network']['title']}, NFE {data['protocol']['nfe']}", fontsize="medium")
