@@ -175,6 +175,11 @@ def plot_fig2(data: dict, path: str) -> None:
 FIG4_COLUMNS = ("S_churn", "gamma_i", "FID")
 
 
+def churn_cap(steps: int) -> float:
+    """The S_churn past which Algorithm 2's gamma_i = min(S_churn / N, sqrt(2) - 1) no longer grows."""
+    return steps * (2 ** 0.5 - 1)
+
+
 def fig4_markdown(data: dict) -> str:
     """FID at each S_churn of Algorithm 2 for one network."""
     protocol = data["protocol"]
@@ -186,7 +191,7 @@ def fig4_markdown(data: dict) -> str:
     best = min(data["points"], key=lambda p: p["fid"])
     tail = (f"Lowest FID {fmt(best['fid'])} at S_churn {best['S_churn']:g} (0 is the deterministic sampler). "
             f"gamma_i = min(S_churn / {protocol['steps']}, sqrt(2) - 1) at every step (Algorithm 2): larger S_churn "
-            f"than {protocol['steps'] * (2 ** 0.5 - 1):.2f} is the same sampler.")
+            f"than {churn_cap(protocol['steps']):.2f} is the same sampler.")
     return "\n".join([head, "", *markdown_table(FIG4_COLUMNS, rows), "", tail]) + "\n"
 
 
@@ -196,7 +201,7 @@ def plot_fig4(data: dict, path: str) -> None:
     points = data["points"]
     ax.plot([p["S_churn"] for p in points], [p["fid"] for p in points], "o-", markersize=4, label="Algorithm 2")
     ax.axhline(data["protocol"]["floor"], color="gray", linestyle=":", label="real-data floor")
-    ax.axvline(data["protocol"]["steps"] * (2 ** 0.5 - 1), color="tab:red", linestyle="--", linewidth=0.8,
+    ax.axvline(churn_cap(data["protocol"]["steps"]), color="tab:red", linestyle="--", linewidth=0.8,
                label="gamma_i at its cap, sqrt(2) - 1")
     ax.set_xlabel("S_churn")
     ax.set_ylabel(f"FID ({data['protocol']['num_samples']} samples)")
