@@ -225,9 +225,10 @@ def seconds_per_call(fn, repeats: int = 3) -> float:
 
 
 def measure_costs(p: Preset, data: str, device: str | None, guide_args: tuple[str, ...] | None = None,
-                  batch: int = 25) -> Costs:
+                  batch: int | None = None) -> Costs:
     """Per-image seconds of the preset's network (and guide), untrained but the same size, and of the detector,
-    on a batch of ``batch``, in the precision generate.py will use."""
+    on a batch of ``batch`` (default: the preset's generation batch, since a small batch costs more per image),
+    in the precision generate.py will use."""
     import contextlib
 
     import torch
@@ -235,6 +236,7 @@ def measure_costs(p: Preset, data: str, device: str | None, guide_args: tuple[st
     from metrics.detector import load_detector
     from torch_utils import distributed as dist
     dev = torch.device(device) if device else dist.pick_device()
+    batch = batch or p.batch
     bf16 = "--precision=bf16" in p.generate_args
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 

@@ -194,6 +194,24 @@ def test_measured_costs_are_per_image_and_grow_with_the_network(tmp_path):
     assert 0 < costs.net < costs.guide and 0 < costs.inception
 
 
+def test_costs_are_probed_at_the_generation_batch(tmp_path, monkeypatch):
+    """A small batch costs more per image than generate.py's, so the probe's default batch is the preset's: with each
+    timed call taking 1 s, every per-image cost is 1 / batch."""
+    import quickstart
+    data = str(tmp_path / "d.zip")
+    subprocess.run([sys.executable, "dataset_tool.py", f"--source={quickstart.SOURCE}", f"--dest={data}",
+                    "--resolution=28x28", "--max-images=16"], cwd=REPO, check=True, capture_output=True)
+    shapes = []
+
+    def one_second(fn, repeats=3):
+        shapes.append(fn().shape[0])
+        return 1.0
+    monkeypatch.setattr(quickstart, "seconds_per_call", one_second)
+    p = dataclasses.replace(quickstart.PRESETS["smoke"], batch=6)
+    costs = quickstart.measure_costs(p, data, "cpu")
+    assert costs.net == pytest.approx(1 / 6) and costs.inception == pytest.approx(1 / 6) and shapes == [6, 6]
+
+
 def test_guidance_results_are_read_from_fid_py_sweep_lines():
     from quickstart import guidance_results
     output = "Computed features\nguidance 1: FID 60.5\nguidance 1.5: FID 52.25, KID 0.01\n\n  guidance  FID\n"
