@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -210,6 +211,38 @@ def test_costs_are_probed_at_the_generation_batch(tmp_path, monkeypatch):
     p = dataclasses.replace(quickstart.PRESETS["smoke"], batch=6)
     costs = quickstart.measure_costs(p, data, "cpu")
     assert costs.net == pytest.approx(1 / 6) and costs.inception == pytest.approx(1 / 6) and shapes == [6, 6]
+
+
+def test_training_launch_is_torchrun_with_a_share_of_the_cores_on_a_cpu(monkeypatch):
+    """On a CPU the cpu preset trains in two processes (gloo), each with half the cores, the batch split evenly; one
+    process where there is one core, on a GPU, or where the batch does not split."""
+    from quickstart import PRESETS, Launch, training_launch, with_options
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    p = PRESETS["cpu"]
+    two = training_launch(p, on_cpu=True, cores=2)
+    assert two.launcher == ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--")
+    assert two.env == {"OMP_NUM_THREADS": "1"} and two.processes == 2
+    assert training_launch(p, on_cpu=True, cores=16).env == {"OMP_NUM_THREADS": "8"}
+    assert training_launch(p, on_cpu=True, cores=1) == Launch()
+    assert training_launch(p, on_cpu=False, cores=16) == Launch()
+    assert training_launch(PRESETS["smoke"], on_cpu=True, cores=16) == Launch()  # cpu_processes = 1
+    odd = dataclasses.replace(p, train_args=with_options(p.train_args, "--batch=33"))
+    assert training_launch(odd, on_cpu=True, cores=2) == Launch()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert training_launch(p, on_cpu=True, cores=2).env == {"OMP_NUM_THREADS": "3"}
+
+
+def test_stage_runs_its_command_under_the_launch_and_logs_it(tmp_path):
+    """The launcher goes between python and the script, the environment reaches the child, and commands.txt shows
+    both as a command line to copy."""
+    from quickstart import Launch, Stage
+    stage = Stage(total=1, log_path=str(tmp_path / "commands.txt"))
+    launch = Launch(launcher=("-X", "utf8"), env={"QUICKSTART_TEST": "7"})
+    code = "import os, sys; print(os.environ['QUICKSTART_TEST'], sys.flags.utf8_mode)"
+    assert stage.run("echo", ["-c", code], launch) == "7 1"
+    logged = (tmp_path / "commands.txt").read_text()
+    assert logged.startswith("$ ") and shlex.split(logged[2:]) == ["QUICKSTART_TEST=7", "python", "-X", "utf8", "-c",
+                                                                    code]
 
 
 def test_guidance_results_are_read_from_fid_py_sweep_lines():
