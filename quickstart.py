@@ -19,6 +19,7 @@ import glob
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -227,10 +228,10 @@ class Costs:
 
 
 def training_minutes(budget_minutes: float, elapsed_seconds: float, evaluation_seconds: float,
-                     margin: float = 1.05) -> float:
-    """Minutes left to train: the budget less what has run and the evaluation predicted (times ``margin``, for a
-    busy machine), less one CLI start."""
-    return (budget_minutes * 60 - elapsed_seconds - margin * evaluation_seconds - STARTUP_SECONDS) / 60
+                     margin: float = 1.15, starts: int = 1) -> float:
+    """Minutes left to train: the budget less what has run and the evaluation predicted (times ``margin``: on the
+    shared 2-core machine the same call's time varied by 1.4x within seconds), less ``starts`` CLI starts."""
+    return (budget_minutes * 60 - elapsed_seconds - margin * evaluation_seconds - starts * STARTUP_SECONDS) / 60
 
 
 def build_untrained(train_args: tuple[str, ...], data: str, device):
@@ -246,15 +247,16 @@ def build_untrained(train_args: tuple[str, ...], data: str, device):
     return build_network(train.network_config(opts), dataset, device).eval().requires_grad_(False)
 
 
-def seconds_per_call(fn, repeats: int = 3) -> float:
-    """The fastest of ``repeats`` timed calls, after one untimed warm-up."""
+def seconds_per_call(fn, repeats: int = 5) -> float:
+    """The median of ``repeats`` timed calls, after one untimed warm-up: what a long stage will see on average
+    (the fastest call predicted the guided sampling 1.3x too fast on a shared machine)."""
     fn()
-    best = float("inf")
+    seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 def measure_costs(p: Preset, data: str, device: str | None, guide_args: tuple[str, ...] | None = None,
@@ -486,7 +488,7 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
         if autoguidance and not separate_guide:
             costs = dataclasses.replace(costs, guide=costs.net)  # The guide is the main network, earlier.
         predicted = costs.evaluation(p, nfe, p.guidance if autoguidance else ())
-        left = training_minutes(p.minutes, time.time() - start, predicted)
+        left = training_minutes(p.minutes, time.time() - start, predicted, starts=2 if autoguidance else 1)
         if left < 0.5:
             raise click.ClickException(
                 f"--minutes={p.minutes:g} leaves {max(left, 0):.1f} minutes to train after the evaluation's "
