@@ -300,6 +300,21 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("quickstart: a smaller guide trains for the main network's share", "quickstart.py",
        "part(guide_args, share), guide=True)", "part(guide_args, 1 - share), guide=True)",
        "tests/test_quickstart.py::test_training_runs_share_the_budget_or_the_duration_with_the_guide"),
+    _m("quickstart: the cost probe keeps its fixed batch of 25", "quickstart.py",
+       "batch = batch or p.batch", "batch = batch or 25",
+       "tests/test_quickstart.py::test_costs_are_probed_at_the_generation_batch"),
+    _m("quickstart: the cost probe keeps the fastest call", "quickstart.py",
+       "return statistics.median(seconds)", "return min(seconds)",
+       "tests/test_quickstart.py::test_seconds_per_call_is_the_median_after_a_warm_up"),
+    _m("quickstart: train.py runs as one process on a CPU", "quickstart.py",
+       "processes = min(p.cpu_processes, cores) if on_cpu else 1", "processes = 1",
+       "tests/test_quickstart.py::test_training_launch_is_torchrun_with_a_share_of_the_cores_on_a_cpu"),
+    _m("quickstart: each training process gets every core", "quickstart.py",
+       "str(max(1, cores // processes))", "str(cores)",
+       "tests/test_quickstart.py::test_training_launch_is_torchrun_with_a_share_of_the_cores_on_a_cpu"),
+    _m("quickstart: a stage's environment does not reach its command", "quickstart.py",
+       "text=True, env=env)", "text=True)",
+       "tests/test_quickstart.py::test_stage_runs_its_command_under_the_launch_and_logs_it"),
 )
 
 
