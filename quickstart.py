@@ -58,8 +58,8 @@ class Preset:
 # cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (docs/quickstart-notes.md); duration is in Mimg as in
 # train.py. The cpu preset samples with UniPC at NFE 15 (FID 120.2 against Heun's 123.1 at NFE 35 on the same
 # network, in 60% of the time; docs/samplers.md), leaving its budget's minutes to training, and reports the FID of
-# samples autoguided at w = 2 by the network's own snapshot after a third of its training (within 15 minutes, FID 60.0
-# against 72.7 unguided; docs/quickstart-notes.md#the-cpu-preset). Its network keeps 32 channels down to 14x14
+# samples autoguided at w = 2 by the network's own snapshot after a third of its training (within 15 minutes, FID 48.6;
+# docs/quickstart-notes.md#the-cpu-preset). Its network keeps 32 channels down to 14x14
 # (--cres=1,1,2: 271 MFLOP per image against 461 for 1,2,2, FID 51.5 against 54.3 at equal time) and trains in two
 # single-thread processes (1.4x faster than two threads in one). It makes no sample grids while training (10 s each
 # there); the job's grid is generate.py's.
