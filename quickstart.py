@@ -159,11 +159,16 @@ def cuda_lacks_bf16(device: str | None) -> bool:
     return not torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def runs_on_cpu(device: str | None) -> bool:
+    """Whether the stages will run on the CPU (``device``, or the automatic choice: a CUDA GPU where there is one)."""
+    import torch
+    return device.startswith("cpu") if device else not torch.cuda.is_available()
+
+
 def cpu_lacks_bf16(device: str | None, cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether the stages will run on a CPU without bfloat16 instructions (AVX-512 BF16 or AMX): there PyTorch
     emulates bf16, about 30x slower than fp32 (measured on an AMD EPYC without AVX-512). Unknown (not Linux): True."""
-    import torch
-    if device is None and torch.cuda.is_available() or device is not None and not device.startswith("cpu"):
+    if not runs_on_cpu(device):
         return False
     try:
         with open(cpuinfo) as f:
@@ -171,12 +176,6 @@ def cpu_lacks_bf16(device: str | None, cpuinfo: str = "/proc/cpuinfo") -> bool:
     except OSError:
         return True
     return not {"avx512_bf16", "amx_bf16"} & set(flags)
-
-
-def runs_on_cpu(device: str | None) -> bool:
-    """Whether the stages will run on the CPU (``device``, or the automatic choice: a CUDA GPU where there is one)."""
-    import torch
-    return device.startswith("cpu") if device else not torch.cuda.is_available()
 
 
 def adapt_preset(p: Preset, kimg: float | None, fp32: bool, minutes: float | None = None) -> Preset:

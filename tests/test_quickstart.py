@@ -195,24 +195,29 @@ def test_seconds_per_call_is_the_median_after_a_warm_up():
     assert 0.15 <= seconds_per_call(lambda: time.sleep(next(delays)), repeats=3) < 0.3
 
 
-def test_measured_costs_are_per_image_and_grow_with_the_network(tmp_path):
-    """The probe builds the preset's own network from train.py's options: a wider one costs more per call."""
-    from quickstart import PRESETS, SOURCE, measure_costs, with_options
+@pytest.fixture
+def small_zip(tmp_path) -> str:
+    """16 embedded images at 28x28, converted by dataset_tool.py."""
+    from quickstart import SOURCE
     data = str(tmp_path / "d.zip")
     subprocess.run([sys.executable, "dataset_tool.py", f"--source={SOURCE}", f"--dest={data}", "--resolution=28x28",
                     "--max-images=16"], cwd=REPO, check=True, capture_output=True)
+    return data
+
+
+def test_measured_costs_are_per_image_and_grow_with_the_network(small_zip):
+    """The probe builds the preset's own network from train.py's options: a wider one costs more per call."""
+    from quickstart import PRESETS, measure_costs, with_options
+    data = small_zip
     p = PRESETS["smoke"]
     costs = measure_costs(p, data, "cpu", guide_args=with_options(p.train_args, "--cbase=64"), batch=4)
     assert 0 < costs.net < costs.guide and 0 < costs.inception
 
 
-def test_costs_are_probed_at_the_generation_batch(tmp_path, monkeypatch):
+def test_costs_are_probed_at_the_generation_batch(small_zip, monkeypatch):
     """A small batch costs more per image than generate.py's, so the probe's default batch is the preset's: with each
     timed call taking 1 s, every per-image cost is 1 / batch."""
     import quickstart
-    data = str(tmp_path / "d.zip")
-    subprocess.run([sys.executable, "dataset_tool.py", f"--source={quickstart.SOURCE}", f"--dest={data}",
-                    "--resolution=28x28", "--max-images=16"], cwd=REPO, check=True, capture_output=True)
     shapes = []
 
     def one_second(fn, repeats=3):
@@ -220,7 +225,7 @@ def test_costs_are_probed_at_the_generation_batch(tmp_path, monkeypatch):
         return 1.0
     monkeypatch.setattr(quickstart, "seconds_per_call", one_second)
     p = dataclasses.replace(quickstart.PRESETS["smoke"], batch=6)
-    costs = quickstart.measure_costs(p, data, "cpu")
+    costs = quickstart.measure_costs(p, small_zip, "cpu")
     assert costs.net == pytest.approx(1 / 6) and costs.inception == pytest.approx(1 / 6) and shapes == [6, 6]
 
 
