@@ -39,10 +39,12 @@ PRECONDITIONERS = {  # --precond: (network, loss), Table 1.
 EDM2_NETWORK, EDM2_LOSS = "training.networks.edm2.Precond", "training.loss.EDM2Loss"
 
 # Defaults of the options that depend on the architecture: EDM's (Table 2, config F) and EDM2's (its img64
-# presets: P_mean, P_std, lr, decay; no augmentation or dropout; one power-function EMA per sigma_rel).
-EDM_DEFAULTS = dict(duration=200, batch=512, lr=10e-4, lr_rampup=10000, lr_decay=0, dropout=0.13, augment=0.12)
-EDM2_DEFAULTS = dict(duration=1024 * 2 ** 20 / 1e6, batch=2048, lr=0.0100, lr_rampup=10000, lr_decay=35000, dropout=0,
-                     augment=0, p_mean=-0.8, p_std=1.6, ema_std=[0.050, 0.100])
+# presets: P_mean, P_std, lr, decay; Adam's beta2 of its Appendix D.2; no augmentation or dropout; one
+# power-function EMA per sigma_rel).
+EDM_DEFAULTS = dict(duration=200, batch=512, lr=10e-4, lr_rampup=10000, lr_decay=0, adam_beta2=0.999, dropout=0.13,
+                    augment=0.12)
+EDM2_DEFAULTS = dict(duration=1024 * 2 ** 20 / 1e6, batch=2048, lr=0.0100, lr_rampup=10000, lr_decay=35000,
+                     adam_beta2=0.99, dropout=0, augment=0, p_mean=-0.8, p_std=1.6, ema_std=[0.050, 0.100])
 
 
 def _edm2_preset(mebi_images: int, channels: int, lr: float, decay: int, dropout: float, p_mean: float,
@@ -163,8 +165,8 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
     c.data_loader_kwargs = dnnlib.EasyDict(data_loader_kwargs(dist.get_device(), opts.workers))
     c.network_kwargs = network_config(opts)
     c.loss_kwargs = loss_config(opts)
-    betas = [0.9, 0.99] if opts.arch == "edm2" else [0.9, 0.999]  # EDM2's Adam (its Appendix D.2).
-    c.optimizer_kwargs = dnnlib.EasyDict(class_name="torch.optim.Adam", lr=opts.lr, betas=betas, eps=1e-8)
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name="torch.optim.Adam", lr=opts.lr, betas=[0.9, opts.adam_beta2],
+                                         eps=1e-8)
     augment = augment_config(opts)
     if augment is not None:
         c.augment_kwargs = augment
@@ -310,6 +312,8 @@ def shared_from_rank0(value):
               type=click.FloatRange(min=0))
 @click.option("--lr-decay", help="EDM2's decay: lr / sqrt(max(steps / this, 1)), 0 = constant  [default: 0; "
               "edm2 35000]", metavar="BATCHES", type=click.FloatRange(min=0))
+@click.option("--adam-beta2", help="Adam's beta2, the decay of its squared-gradient average  [default: 0.999; edm2 "
+              "0.99]", metavar="FLOAT", type=click.FloatRange(min=0, max=1, max_open=True))
 @click.option("--ema", help="Half-life of the EMA weights, in million images",
               metavar="MIMG", type=click.FloatRange(min=0), default=0.5,
               show_default=True)

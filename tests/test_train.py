@@ -153,6 +153,15 @@ def test_blocks_and_attention_resolutions(fashion_mnist_8_zip, tmp_path):
     assert config["max_minutes"] == 8.5
 
 
+def test_adam_beta2_option_sets_the_optimizer(fashion_mnist_8_zip, tmp_path):
+    result = invoke(f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--adam-beta2=0.99", "--dry-run")
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.output[result.output.index("{"):result.output.rindex("}") + 1])
+    assert config["optimizer_kwargs"]["betas"] == [0.9, 0.99]
+    refused = invoke(f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--adam-beta2=1", "--dry-run")
+    assert refused.exit_code != 0 and "--adam-beta2" in refused.output
+
+
 def test_resume_auto_continues_the_newest_run_in_place(fashion_mnist_8_zip, tmp_path, single_thread):
     common = [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", *TINY, "--workers=0", "--tick=0.016"]
     first = invoke(*common, "--duration=0.000032", "--resume=auto")  # Nothing to resume yet: a new run.
