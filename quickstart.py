@@ -58,11 +58,12 @@ class Preset:
 # cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (docs/quickstart-notes.md); duration is in Mimg as in
 # train.py. The cpu preset samples with UniPC at NFE 15 (FID 120.2 against Heun's 123.1 at NFE 35 on the same
 # network, in 60% of the time; docs/samplers.md), leaving its budget's minutes to training, and reports the FID of
-# samples autoguided at w = 2 by the network's own snapshot after a third of its training (within 15 minutes, FID 48.6;
-# docs/quickstart-notes.md#the-cpu-preset). Its network keeps 32 channels down to 14x14
-# (--cres=1,1,2: 271 MFLOP per image against 461 for 1,2,2, FID 51.5 against 54.3 at equal time) and trains in two
-# single-thread processes (1.4x faster than two threads in one). It makes no sample grids while training (10 s each
-# there); the job's grid is generate.py's.
+# samples autoguided at w = 3 by the network's own snapshot after a third of its training
+# (docs/quickstart-notes.md#the-cpu-preset; on one 45-kimg run's networks and seeds, w = 2 / 2.5 / 3 / 3.5 / 4
+# measured FID 48.6 / 45.9 / 45.0 / 44.9 / 46.4). Its network keeps 32 channels down to 14x14 (--cres=1,1,2: 271
+# MFLOP per image against 461 for 1,2,2, FID 51.5 against 54.3 at equal time) and trains in two single-thread
+# processes (1.4x faster than two threads in one). It makes no sample grids while training (10 s each there); the
+# job's grid is generate.py's.
 PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=1000, num_ref=1000, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=32", "--cres=1,1,2", "--blocks=1", "--attn=",
@@ -70,7 +71,7 @@ PRESETS = {
         "--augment=0", "--bf16=1", "--duration=0.1", "--tick=5", "--snap=1000", "--dump=1000", "--grid=0",
         "--seed=0"), generate_args=("--precision=bf16", "--sampler=unipc_bh2", "--nfe=15",
                                     "--steps-schedule=loguniform"), resolution=28, minutes=15,
-        autoguidance=True, guidance=(2.0,), guide="earlier", guide_share=1 / 3,
+        autoguidance=True, guidance=(3.0,), guide="earlier", guide_share=1 / 3,
         guide_args=("--cbase=16", "--seed=1"), cpu_processes=2),
     "gpu": Preset(train_images=5000, num_eval=5000, num_ref=5000, batch=500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cbase=128", "--cres=1,2,2", "--blocks=2", "--attn=16",
