@@ -507,10 +507,11 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
     network = "an EDM2 (magnitude-preserving) network with its loss" if arch == "edm2" else \
         f"a {ARCH_NAMES.get(arch, arch)} network with EDM preconditioning and loss"
     guide_snapshot = None
+    processes = f" ({launch.processes} processes)" if launch.processes > 1 else ""
     for run in training_runs(p, autoguidance, left, network):
-        processes = f" ({launch.processes} processes)" if launch.processes > 1 else ""
-        stage.run(run.title + processes, ["train.py", f"--outdir={path(run.outdir)}", "--nosubdir", f"--data={path('train.zip')}",
-                              "--workers=0", *run.args, *device_args], launch)
+        stage.run(run.title + processes, ["train.py", f"--outdir={path(run.outdir)}", "--nosubdir",
+                                          f"--data={path('train.zip')}", "--workers=0", *run.args, *device_args],
+                  launch)
         if run.guide:
             guide_snapshot = newest(path(run.outdir, "network-snapshot-*.pkl"))
     snapshot = newest(path("training", "network-snapshot-*.pkl"))

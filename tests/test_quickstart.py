@@ -208,9 +208,8 @@ def small_zip(tmp_path) -> str:
 def test_measured_costs_are_per_image_and_grow_with_the_network(small_zip):
     """The probe builds the preset's own network from train.py's options: a wider one costs more per call."""
     from quickstart import PRESETS, measure_costs, with_options
-    data = small_zip
     p = PRESETS["smoke"]
-    costs = measure_costs(p, data, "cpu", guide_args=with_options(p.train_args, "--cbase=64"), batch=4)
+    costs = measure_costs(p, small_zip, "cpu", guide_args=with_options(p.train_args, "--cbase=64"), batch=4)
     assert 0 < costs.net < costs.guide and 0 < costs.inception
 
 
