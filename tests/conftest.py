@@ -80,25 +80,27 @@ def outputs_and_grads(net: torch.nn.Module, fast, forward=None, device: str = "c
     return D.detach().cpu(), {name: p.grad.cpu().clone() for name, p in net.named_parameters()}
 
 
-def tiny_training_run(run_dir: str, data: str, device: str, workers: int = 0):
+def tiny_training_run(run_dir: str, data: str, device: str, workers: int = 0, network_kwargs: dict | None = None,
+                      loss_kwargs: dict | None = None, **options):
     """The training loop's own ``Run`` (data stream with ``workers`` loader processes, the device's default fast
-    paths, two accumulation rounds of 4 images) for a tiny conditional network on ``data``; step it with
+    paths, two accumulation rounds of 4 images) for a tiny conditional network on ``data`` (EDM's DDPM++ unless
+    ``network_kwargs`` and ``loss_kwargs`` name others; ``options`` override the loop's options); step it with
     ``training.training_loop.train_step``."""
     import time
 
     from training.training_loop import data_loader_kwargs, setup
 
     device = torch.device(device)
+    network_kwargs = network_kwargs or dict(class_name="training.networks.EDMPrecond", dropout=0.1, **TINY_SONG)
     return setup(run_dir=run_dir, dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path=data,
                                                       use_labels=True, cache=True),
-                 data_loader_kwargs=data_loader_kwargs(device, workers),
-                 network_kwargs=dict(class_name="training.networks.EDMPrecond", dropout=0.1, **TINY_SONG),
-                 loss_kwargs=dict(class_name="training.loss.EDMLoss"),
+                 data_loader_kwargs=data_loader_kwargs(device, workers), network_kwargs=network_kwargs,
+                 loss_kwargs=loss_kwargs or dict(class_name="training.loss.EDMLoss"),
                  optimizer_kwargs=dict(class_name="torch.optim.Adam", lr=1e-3, betas=[0.9, 0.999], eps=1e-8),
                  augment_kwargs=None, seed=0, batch_size=8, batch_gpu=4, resume_pkl=None, resume_state_dump=None,
                  cudnn_benchmark=True, device=device, tensorboard=False, start_time=time.time(),
-                 options=dict(loss_scaling=1, lr_rampup_kimg=0.01, ema_halflife_kimg=0.5, ema_rampup_ratio=0.05,
-                              lr_decay_batches=0, ema_stds=[], label_dropout=0))
+                 options=dict(dict(loss_scaling=1, lr_rampup_kimg=0.01, ema_halflife_kimg=0.5, ema_rampup_ratio=0.05,
+                                   lr_decay_batches=0, ema_stds=[], label_dropout=0), **options))
 
 
 @pytest.fixture

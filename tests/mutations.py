@@ -193,6 +193,9 @@ MUTATIONS: tuple[Mutation, ...] = (
        "keep = torch.rand([labels.shape[0], 1], device=labels.device) >= probability",
        "keep = torch.rand([labels.shape[0], 1], device=labels.device) < probability",
        "tests/test_edm2_training.py"),
+    _m("EDM2 resampling kernel: an inference tensor when first made under inference mode",
+       "training/networks/edm2.py", "with torch.inference_mode(False), torch.no_grad():", "with torch.no_grad():",
+       "tests/test_edm2_network.py::test_resampling_kernel_is_made_once_per_device_and_serves_training_after_inference"),
     # --- Guidance.
     _m("guidance: guide and network swapped in the lerp", SAMPLING,
        "return D_g.to(D.dtype).lerp(D, self.weight)", "return D.lerp(D_g.to(D.dtype), self.weight)",

@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from benchmarks.suite import relative_error
-from conftest import build_official_case, make_tiny_net, outputs_and_grads, random_tiny_net, tiny_inputs, \
+from conftest import FIXTURES, build_official_case, make_tiny_net, outputs_and_grads, random_tiny_net, tiny_inputs, \
     tiny_training_run
 from training.networks import self_attention
+from training.networks.edm2 import Precond as EDM2Precond
 from training.perf import REFERENCE, parse_variant, set_tf32
-from training.sampling import edm_sampler, generate_images
+from training.sampling import SeedRNG, draw_class_labels, draw_latents, edm_sampler, generate_images, guided
 
 DEVICE = os.environ.get("EDM_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 ON_CUDA = DEVICE is not None and torch.device(DEVICE).type == "cuda"
@@ -40,7 +41,19 @@ def ieee_float32():
 
 
 def _to(x, device=DEVICE):
-    return None if x is None else x.to(device)
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+@pytest.fixture(scope="module")
+def edm2_golden() -> dict:
+    """The official EDM2 code's outputs for a small network, and its guided sampler's images (tests/fixtures)."""
+    return torch.load(os.path.join(FIXTURES, "edm2-vectors.pt"), weights_only=True)
+
+
+def _edm2_net(init_kwargs: dict, state_dict: dict, **changes) -> EDM2Precond:
+    net = EDM2Precond(**dict(init_kwargs, **changes)).eval()
+    net.load_state_dict(state_dict, strict=True)
+    return net.to(DEVICE)
 
 
 @pytest.mark.parametrize("case_name", ["EDMPrecond-DDPM++-cond", "VPPrecond-DDPM++-uncond", "EDMPrecond-ADM-cond"])
@@ -48,7 +61,8 @@ def test_official_outputs_on_the_device(official_vectors, case_name):
     case = official_vectors[case_name]
     net = build_official_case(case).to(DEVICE)
     with torch.no_grad():
-        D = net(_to(case["x"]), _to(case["sigma"]), _to(case["class_labels"]), **case["model_kwargs"])
+        model_kwargs = {name: _to(value) for name, value in case["model_kwargs"].items()}
+        D = net(_to(case["x"]), _to(case["sigma"]), _to(case["class_labels"]), **model_kwargs)
     assert D.dtype == torch.float32
     assert relative_error(D.cpu(), case["D"]) < 2e-5  # TF32 would give ~1e-3.
 
@@ -72,6 +86,38 @@ def test_a_seed_gives_the_same_image_in_any_batch_on_the_device():
     difference = (whole.int() - parts.int()).abs()
     assert difference.max() <= 1 and (difference > 0).double().mean() < 1e-2
     assert len({tuple(image.flatten()[:16].tolist()) for image in whole}) == len(seeds)  # Seeds differ.
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 2e-5), ("fp16", 5e-3), ("bf16", 2e-2)])
+def test_edm2_official_outputs_on_the_device(edm2_golden, precision, tolerance):
+    """The official EDM2 network's D(x; sigma) on the device: float32 up to float32 rounding, the official float16
+    U-Net (``use_fp16``, CUDA only) and our bfloat16 one within their tolerances; u(sigma) is float32 in all three."""
+    if precision == "fp16" and not ON_CUDA:
+        pytest.skip("use_fp16 takes effect on CUDA only")
+    g = edm2_golden
+    net = _edm2_net(g["init_kwargs"], g["state_dict"], use_fp16=precision == "fp16", use_bf16=precision == "bf16")
+    with torch.no_grad():
+        D, logvar = net(_to(g["x"]), _to(g["sigma"]), _to(g["labels"]), return_logvar=True)
+    assert D.dtype == logvar.dtype == torch.float32
+    error = relative_error(D.cpu(), g["D"])
+    assert error < tolerance, error
+    assert relative_error(logvar.cpu(), g["logvar"]) < 2e-5
+    if precision != "fp32":
+        assert error > 1e-6  # The U-Net did run in reduced precision.
+
+
+def test_edm2_guided_sampler_reproduces_the_official_images_on_the_device(edm2_golden):
+    """Autoguidance (w = 2, a smaller guide, 6 Heun steps) on the device; the seeds' noise and classes are drawn
+    on the CPU as the golden images' were."""
+    g = edm2_golden["guided"]
+    net = _edm2_net(edm2_golden["init_kwargs"], edm2_golden["state_dict"])
+    gnet = _edm2_net(g["gnet_init_kwargs"], g["gnet_state_dict"])
+    rng = SeedRNG(g["seeds"])
+    latents, labels = draw_latents(net, rng), draw_class_labels(net, rng)
+    with torch.no_grad():
+        images = edm_sampler(guided(net, gnet, g["guidance"]), _to(latents), _to(labels), num_steps=g["num_steps"])
+    assert images.device.type == torch.device(DEVICE).type
+    torch.testing.assert_close(images.cpu().float(), g["images"], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("variant, output_tolerance", [("default", 1e-5), ("default+tf32", 2e-3),
@@ -150,11 +196,67 @@ def test_the_training_step_never_waits_for_the_device(tmp_path, fashion_mnist_16
     assert _count_syncs(lambda: [train_step(run) for _ in range(2)]) == 0
 
 
+TINY_EDM2 = dict(class_name="training.networks.edm2.Precond", model_channels=16, channel_mult=[1, 2], num_blocks=1,
+                 attn_resolutions=[8], dropout=0.1)
+
+
+def _edm2_training_run(run_dir: str, data: str, precision: str):
+    """The loop's Run for a tiny EDM2 network with the learned-uncertainty loss, the learning-rate decay, label
+    dropout and two power-function EMAs; precision 'fp16' is the official default (``use_fp16``, CUDA)."""
+    network = dict(TINY_EDM2, use_fp16=precision == "fp16", use_bf16=precision == "bf16")
+    return tiny_training_run(run_dir, data, DEVICE, workers=1, network_kwargs=network,
+                             loss_kwargs=dict(class_name="training.loss.EDM2Loss", P_mean=-0.8, P_std=1.6),
+                             lr_decay_batches=2, ema_stds=[0.05, 0.1], label_dropout=0.2)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_edm2_training_steps_on_the_device(tmp_path, fashion_mnist_16_zip, precision):
+    """EDM2 in the loop's train_step on the device: the weights move and stay finite, and after every step each
+    power-function EMA is beta * ema + (1 - beta) * net, beta = (1 - batch / n)^(gamma + 1)."""
+    from test_edm2_training import gamma_of
+    from training.training_loop import train_step
+
+    if precision == "fp16" and not ON_CUDA:
+        pytest.skip("use_fp16 takes effect on CUDA only")
+    run = _edm2_training_run(str(tmp_path), fashion_mnist_16_zip, precision)
+    initial = [p.detach().clone() for p in run.state.net.parameters()]
+    expected = {std: None for std in (0.05, 0.1)}
+    for _ in range(3):
+        train_step(run)
+        n, net = run.state.cur_nimg, [p.detach().clone() for p in run.state.net.parameters()]
+        for std, ema in expected.items():
+            beta = (1 - 8 / n) ** (gamma_of(std) + 1)
+            expected[std] = net if ema is None else [beta * e + (1 - beta) * p for e, p in zip(ema, net)]
+    for std, want in expected.items():
+        for w, got in zip(want, run.state.phema.emas[std].parameters()):
+            assert got.device == w.device and got.device.type == torch.device(DEVICE).type
+            torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)
+    after = list(run.state.net.parameters())
+    assert all(torch.isfinite(p).all() for p in after) and any(not torch.equal(a, b) for a, b in zip(after, initial))
+
+
 @cuda_only
-def test_the_sampler_loop_never_waits_for_the_device():
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_the_edm2_training_step_never_waits_for_the_device(tmp_path, fashion_mnist_16_zip, precision):
+    """EDM2's step (forced weight normalization, learned uncertainty, decayed learning rate, label dropout and
+    the power-function EMAs) makes no synchronising CUDA call once the optimizer has its state."""
+    from training.training_loop import train_step
+
+    run = _edm2_training_run(str(tmp_path), fashion_mnist_16_zip, precision)
+    train_step(run)
+    assert _count_syncs(lambda: [train_step(run) for _ in range(2)]) == 0
+
+
+@cuda_only
+@pytest.mark.parametrize("network", ["ddpm++", "edm2"])
+def test_the_sampler_loop_never_waits_for_the_device(edm2_golden, network):
     """Syncs happen only before the loop (the noise levels decided on the host): as many for 3 steps as for 6."""
-    net = random_tiny_net(parse_variant("default", DEVICE)).to(DEVICE).eval()
-    x, _, labels = (t.to(DEVICE) for t in tiny_inputs(2))
+    if network == "edm2":
+        net = _edm2_net(edm2_golden["init_kwargs"], edm2_golden["state_dict"], use_fp16=True)
+        x, labels = _to(edm2_golden["x"][:2]), _to(edm2_golden["labels"][:2])
+    else:
+        net = random_tiny_net(parse_variant("default", DEVICE)).to(DEVICE).eval()
+        x, _, labels = (t.to(DEVICE) for t in tiny_inputs(2))
     with torch.no_grad():
         counts = [_count_syncs(lambda: edm_sampler(net, x, labels, num_steps=steps, S_churn=10, S_min=0.1, S_max=5))
                   for steps in (3, 6)]

@@ -186,6 +186,26 @@ def test_resampling_is_a_2x2_box_filter():
     assert resample(x, mode="keep") is x
 
 
+def test_resampling_kernel_is_made_once_per_device_and_serves_training_after_inference():
+    """The FIR kernel is built once per device (built anew at every call, its copy from the host would make the host
+    wait for a CUDA device; test_cuda counts those waits); built first under inference mode, it still serves a
+    training step's backward; the [1, 3, 3, 1] filter down-samples by its normalized outer product."""
+    from training.networks.edm2 import _fir_kernel
+
+    _fir_kernel.cache_clear()
+    x = torch.randn(1, 2, 8, 8)
+    with torch.inference_mode():
+        resample(x, taps=[1, 3, 3, 1], mode="down")
+    y = x.clone().requires_grad_()
+    resample(y, taps=[1, 3, 3, 1], mode="down").square().sum().backward()
+    assert y.grad is not None and _fir_kernel.cache_info().misses == 1
+    taps = torch.tensor([1.0, 3, 3, 1])
+    kernel = (torch.outer(taps, taps) / 64).expand(2, 1, 4, 4)
+    torch.testing.assert_close(resample(x, taps=[1, 3, 3, 1], mode="down"),
+                               torch.nn.functional.conv2d(x, kernel, stride=2, padding=1, groups=2))
+    assert _fir_kernel.cache_info().misses == 1
+
+
 def test_activations_are_clipped():
     block = EDM2Block(4, 4, emb_channels=4, flavor="dec", clip_act=2).eval()
     with torch.no_grad():

@@ -24,6 +24,7 @@ activations' dtype on use.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -69,6 +70,15 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
     return torch.cat([a * (scale * (1 - t) / math.sqrt(n_a)), b * (scale * t / math.sqrt(n_b))], dim=dim)
 
 
+@functools.lru_cache(maxsize=None)
+def _fir_kernel(taps: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """outer(taps, taps) / sum(taps)^2 in float32 on ``device``, made once per device: made anew at each call, its
+    copy from the host would make the host wait for a CUDA device twice per resampling block."""
+    with torch.inference_mode(False), torch.no_grad():
+        taps_1d = torch.tensor(taps, dtype=torch.float32, device=device)
+        return torch.outer(taps_1d, taps_1d) / taps_1d.sum() ** 2
+
+
 def resample(x: torch.Tensor, taps: Sequence[float] = (1, 1), mode: str = "keep") -> torch.Tensor:
     """2x down- or upsampling of [N, C, H, W] with the separable FIR filter ``taps`` (an even count, normalized
     to unit sum; the default [1, 1] is the 2x2 box: average pooling down, nearest-neighbour up), or x itself
@@ -78,8 +88,7 @@ def resample(x: torch.Tensor, taps: Sequence[float] = (1, 1), mode: str = "keep"
     if mode not in ("down", "up") or len(taps) % 2:
         raise ValueError(f"resample: mode '{mode}' with {len(taps)} taps; expected 'keep', 'down' or 'up' with an "
                          f"even number of taps")
-    taps_1d = torch.as_tensor(taps, dtype=torch.float32, device=x.device)
-    kernel = torch.outer(taps_1d, taps_1d) / taps_1d.sum() ** 2
+    kernel = _fir_kernel(tuple(float(tap) for tap in taps), x.device)
     channels, padding = x.shape[1], (len(taps) - 1) // 2
     if mode == "down":
         kernel = kernel.to(x.dtype).expand(channels, 1, *kernel.shape)
