@@ -59,15 +59,17 @@ class Preset:
 # train.py. The cpu preset samples with UniPC at NFE 15 (FID 120.2 against Heun's 123.1 at NFE 35 on the same
 # network, in 60% of the time; docs/samplers.md), leaving its budget's minutes to training, and reports the FID of
 # samples autoguided at w = 3 by the network's own snapshot after a third of its training
-# (docs/quickstart-notes.md#the-cpu-preset; on one 45-kimg run's networks and seeds, w = 2 / 2.5 / 3 / 3.5 / 4
-# measured FID 48.6 / 45.9 / 45.0 / 44.9 / 46.4). Its network keeps 32 channels down to 14x14 (--cres=1,1,2: 271
-# MFLOP per image against 461 for 1,2,2, FID 51.5 against 54.3 at equal time) and trains in two single-thread
-# processes (1.4x faster than two threads in one). It makes no sample grids while training (10 s each there); the
+# (docs/quickstart-notes.md#the-cpu-preset; on one 45-kimg DDPM++ run's networks and seeds, w = 2 / 2.5 / 3 / 3.5 / 4
+# measured FID 48.6 / 45.9 / 45.0 / 44.9 / 46.4). Its network is EDM2's (with EDM2's loss, P_mean/P_std, Adam beta2
+# and post-hoc EMAs) at a learning rate of 0.04: at 48 kimg, autoguided at w = 3, 36.8 against 39.4 at lr 0.03,
+# 38.6-42.1 at 0.02 and 42.9-45.0 for DDPM++ at lr 1e-3 (recipe variants trained on a GPU, then checked on the CPU).
+# It keeps 32 channels down to 14x14 (--cres=1,1,2: 271 MFLOP per image against 461 for 1,2,2, FID 51.5 against 54.3
+# at equal time for DDPM++) and trains in two single-thread processes (1.4x faster than two threads in one). It makes no sample grids while training (10 s each there); the
 # job's grid is generate.py's.
 PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=1000, num_ref=1000, train_args=(
-        "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=32", "--cres=1,1,2", "--blocks=1", "--attn=",
-        "--batch=32", "--lr=1e-3", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
+        "--arch=edm2", "--cond=1", "--cbase=32", "--cres=1,1,2", "--blocks=1", "--attn=",
+        "--batch=32", "--lr=0.04", "--lr-decay=500", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
         "--augment=0", "--bf16=1", "--duration=0.1", "--tick=5", "--snap=1000", "--dump=1000", "--grid=0",
         "--seed=0"), generate_args=("--precision=bf16", "--sampler=unipc_bh2", "--nfe=15",
                                     "--steps-schedule=loguniform"), resolution=28, minutes=15,
