@@ -62,9 +62,10 @@ class Preset:
 # (docs/quickstart-notes.md#the-cpu-preset; on one 45-kimg DDPM++ run's networks and seeds, w = 2 / 2.5 / 3 / 3.5 / 4
 # measured FID 48.6 / 45.9 / 45.0 / 44.9 / 46.4). Its network is EDM2's (with EDM2's loss, P_mean/P_std, Adam beta2
 # and post-hoc EMAs) at a learning rate of 0.04: at 48 kimg, autoguided at w = 3, 36.8 against 38.6-42.1 at lr 0.02,
-# 39.4 at 0.03, 40.3 at 0.06, 42.6 at 0.08 and 42.9-45.0 for DDPM++ at lr 1e-3 (recipe variants trained on a GPU, then checked on the CPU).
-# It keeps 32 channels down to 14x14 (--cres=1,1,2: 271 MFLOP per image against 461 for 1,2,2, FID 51.5 against 54.3
-# at equal time for DDPM++) and trains in two single-thread processes (1.4x faster than two threads in one). It makes no sample grids while training (10 s each there); the
+# 39.4 at 0.03, 40.3 at 0.06, 42.6 at 0.08 and 42.9-45.0 for DDPM++ at lr 1e-3 (recipe variants trained on a GPU,
+# then checked on the CPU). It keeps 32 channels down to 14x14 (--cres=1,1,2: 271 MFLOP per image against 461 for
+# 1,2,2, FID 51.5 against 54.3 at equal time for DDPM++) and trains in two single-thread processes (1.4x faster than
+# two threads in one). It makes no sample grids while training (10 s each there); the
 # job's grid is generate.py's.
 PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=1000, num_ref=1000, train_args=(
