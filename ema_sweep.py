@@ -44,7 +44,7 @@ def _seeds(ctx, param, value):
 @click.option("--outstd", help="sigma_rel to evaluate: a list, '...' for a range (0.010,0.020,...,0.250)",
               metavar="LIST", required=True, callback=sigma_rel_list_option)
 @click.option("--outkimg", help="As of the snapshot at this time  [default: the latest]", metavar="KIMG",
-              type=click.IntRange(min=1))
+              type=click.FloatRange(min=0, min_open=True))
 @click.option("--inprefix", help="Only raw snapshots with this prefix  [default: any but phema]", metavar="STR")
 @click.option("--instd", help="Only raw snapshots of these sigma_rel  [default: all]", metavar="LIST",
               callback=sigma_rel_list_option)

@@ -23,7 +23,7 @@ import pickle
 import click
 
 from dnnlib.util import parse_float_list
-from training.phema import PHEMA_PREFIX, SIGMA_REL_MAX, reconstruct
+from training.phema import PHEMA_PREFIX, SIGMA_REL_MAX, format_kimg, reconstruct
 
 
 def parse_sigma_rel_list(text: str) -> list[float]:
@@ -54,7 +54,7 @@ def sigma_rel_list_option(ctx, param, value):
 @click.option("--outstd", help="sigma_rel of each output: a list, '...' for a range (0.05,0.10,...,0.25)",
               metavar="LIST", required=True, callback=sigma_rel_list_option)
 @click.option("--outkimg", help="Reconstruct as of the snapshot at this time  [default: the latest]", metavar="KIMG",
-              type=click.IntRange(min=1))
+              type=click.FloatRange(min=0, min_open=True))
 @click.option("--skip", "skip_existing", help="Leave outputs that already exist as they are", is_flag=True)
 @click.option("--batch", help="Outputs made per pass over the inputs (each pass reads every input once)",
               metavar="INT", type=click.IntRange(min=1), default=8, show_default=True)
@@ -68,9 +68,9 @@ def main(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip_existi
     stds = ", ".join(f"{std:.3f}" for std in summary["outstd"])
     passes = math.ceil(len(summary["paths"]) / batch)
     skipped = f", {len(summary['skipped'])} left as they were" if summary["skipped"] else ""
-    click.echo(f"Reconstructed {len(summary['paths'])} network(s) (sigma_rel {stds} at {summary['out_nimg'] // 1000} "
-               f"kimg{skipped}) from {len(summary['inputs'])} snapshots, {passes} pass(es), in "
-               f"{summary['seconds']:.1f} s -> {os.path.join(outdir, '')}")
+    click.echo(f"Reconstructed {len(summary['paths'])} network(s) (sigma_rel {stds} at "
+               f"{format_kimg(summary['out_nimg'])} kimg{skipped}) from {len(summary['inputs'])} snapshots, "
+               f"{passes} pass(es), in {summary['seconds']:.1f} s -> {os.path.join(outdir, '')}")
 
 
 if __name__ == "__main__":

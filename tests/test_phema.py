@@ -18,9 +18,10 @@ from conftest import FIXTURES, _OfficialPersistentObject, as_official, make_tiny
 from reconstruct_phema import parse_sigma_rel_list
 from training.checkpoint import UnresolvedObject, load_network_pkl, save_network_pkl
 from training.loss import EDMLoss
-from training.phema import (SIGMA_REL_MAX, PowerFunctionEMA, gamma_to_sigma_rel, list_snapshots, nimg_from_kimg,
-                            parse_snapshot_name, phema_name, power_function_beta, profile_inner_product,
-                            reconstruct, sigma_rel_to_gamma, snapshot_name, solve_posthoc_coefficients, std_to_exp)
+from training.phema import (SIGMA_REL_MAX, PowerFunctionEMA, format_kimg, gamma_to_sigma_rel, list_snapshots,
+                            nimg_from_kimg, parse_snapshot_name, phema_name, power_function_beta,
+                            profile_inner_product, reconstruct, sigma_rel_to_gamma, snapshot_name,
+                            snapshot_time_at, solve_posthoc_coefficients, std_to_exp)
 
 
 @pytest.fixture(scope="module")
@@ -369,6 +370,17 @@ def test_cli_reconstructs_as_of_an_earlier_snapshot_and_skips_existing(snapshot_
     assert "Reconstructed 1 network(s) (sigma_rel 0.130, 0.200 at 16 kimg, 1 left as they were)" in result.output
     assert (tmp_path / "phema-0000016-0.130.pkl").read_bytes() == b"kept"
     _assert_weighted_sum(tmp_path / "phema-0000016-0.200.pkl", snapshot_states, 16384, 0.2)
+
+
+def test_outkimg_names_official_and_fractional_snapshot_times():
+    """--outkimg takes a file name's KKKKKKK (the official runs' multiples of 1024, or our runs' only snapshot in
+    that thousand, e.g. 16,032 images at batch 32) or an exact time such as 16.032; error lists show the latter."""
+    assert snapshot_time_at([8192, 16384], 16) == 16384 and snapshot_time_at([8192, 16384], 16.384) == 16384
+    assert snapshot_time_at([16032, 32000], 16) == 16032 and snapshot_time_at([16032, 32000], 16.032) == 16032
+    assert snapshot_time_at([16032, 32000], 32) == 32000
+    assert snapshot_time_at([16032, 32000], 17) is None and snapshot_time_at([16032, 32000], 16.03) is None
+    assert snapshot_time_at([16032, 16500], 16) is None and snapshot_time_at([16032, 16500], 16.5) == 16500
+    assert [format_kimg(n) for n in (16000, 16384, 16032, 500)] == ["16", "16", "16.032", "0.500"]
 
 
 def test_reconstruct_writes_each_sigma_rel_once(snapshot_dir, tmp_path):

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 import dnnlib
 from torch_utils import distributed
-from training.phema import SIGMA_REL_MAX, PosthocPlan, plan_reconstruction, reconstruct, reconstructed_networks
+from training.phema import (SIGMA_REL_MAX, PosthocPlan, format_kimg, plan_reconstruction, reconstruct,
+                            reconstructed_networks)
 from training.progress import save_figure
 
 SWEEP_JSON, SWEEP_PNG = "ema-sweep.json", "ema-sweep.png"
@@ -34,7 +35,7 @@ class EMASweepOptions:
     indir: str                            # folder of a run's raw EMA snapshots PREFIX-KKKKKKK-S.SSS.pkl
     ref: str                              # reference statistics (.npz path or URL), or a dataset ZIP or folder
     outstd: list[float]                   # sigma_rel to evaluate, each in (0, 0.3003]
-    outkimg: int | None = None            # as of the snapshot at this kimg; None: the latest
+    outkimg: float | None = None          # as of the snapshot at this kimg; None: the latest
     seeds: list[int] = field(default_factory=lambda: list(range(10000)))  # one image per seed, per sigma_rel
     class_idx: int | None = None          # None: a random class per seed (conditional networks)
     sampler_kwargs: dict = field(default_factory=dict)  # generate.py's sampler options; None = default
@@ -165,8 +166,9 @@ def ema_sweep(options: EMASweepOptions) -> dict:
     main = distributed.is_main()
     kimg = plan.out_nimg // 1000
     if main:
-        print(f"EMA sweep of {options.indir}: {len(plan.outstd)} sigma_rel at {kimg} kimg from {len(plan.inputs)} "
-              f"snapshots, {len(options.seeds)} images each, {distributed.get_world_size()} process(es) on {device}")
+        print(f"EMA sweep of {options.indir}: {len(plan.outstd)} sigma_rel at {format_kimg(plan.out_nimg)} kimg "
+              f"from {len(plan.inputs)} snapshots, {len(options.seeds)} images each, "
+              f"{distributed.get_world_size()} process(es) on {device}")
     fids: dict[float, float] = {}
     bar = tqdm(total=len(plan.outstd), unit="sigma_rel", desc="EMA sweep", disable=not main)
     for sigma_rel, net in reconstructed_networks(plan, batch=options.reconstruct_batch, progress=False):

@@ -190,6 +190,26 @@ def nimg_from_kimg(kimg: int) -> int:
     return multiple if multiple < first + 1000 else first
 
 
+def format_kimg(nimg: int) -> str:
+    """An image count in kimg as ``--outkimg`` takes it: '16' for 16,000 or 16,384 images, '16.032' for 16,032."""
+    whole, rest = divmod(nimg, 1000)
+    return str(whole) if rest == 0 or nimg == nimg_from_kimg(whole) else f"{whole}.{rest:03d}"
+
+
+def snapshot_time_at(times: Sequence[int], kimg: float) -> int | None:
+    """The snapshot time (images) among ``times`` that ``kimg`` names: an exact count (16.032 -> 16,032 images),
+    or a file name's KKKKKKK (16 -> 16,384 in the official runs; our runs' 16,032 where it is the only snapshot
+    between 16,000 and 16,999 images). None where none or several match."""
+    if round(kimg * 1000) in times:
+        return round(kimg * 1000)
+    if kimg != int(kimg):
+        return None
+    if nimg_from_kimg(int(kimg)) in times:
+        return nimg_from_kimg(int(kimg))
+    within = [t for t in times if t // 1000 == int(kimg)]
+    return within[0] if len(within) == 1 else None
+
+
 def parse_snapshot_name(filename: str) -> SnapshotName | None:
     """Prefix, image count and sigma_rel of a ``PREFIX-KKKKKKK[.RRR]-S.SSS.pkl`` name (any folder); None for
     others."""
@@ -230,8 +250,9 @@ class PosthocPlan(NamedTuple):
     coefficients: np.ndarray                # [inputs, outputs] weights (solve_posthoc_coefficients).
 
 
-def plan_reconstruction(indir: str, outstd: Sequence[float], outkimg: int | None = None, inprefix: str | None = None,
-                        instd: Sequence[float] | None = None, outprefix: str = PHEMA_PREFIX) -> PosthocPlan:
+def plan_reconstruction(indir: str, outstd: Sequence[float], outkimg: float | None = None,
+                        inprefix: str | None = None, instd: Sequence[float] | None = None,
+                        outprefix: str = PHEMA_PREFIX) -> PosthocPlan:
     """The inputs and weights of each sigma_rel in ``outstd`` as of the snapshot time ``outkimg`` (default: the
     latest), from the snapshots in ``indir`` up to then (those named by ``list_snapshots(indir, inprefix,
     outprefix, instd)``), solved as in Algorithm 3. Reads no network; raises ValueError with one line when the
@@ -243,11 +264,11 @@ def plan_reconstruction(indir: str, outstd: Sequence[float], outkimg: int | None
         raise ValueError(f"{indir}: no raw EMA snapshots ({inprefix or 'PREFIX'}-KKKKKKK-S.SSS.pkl) in this folder")
     out_nimg = inputs[-1][1].nimg
     if outkimg is not None:
-        out_nimg = nimg_from_kimg(outkimg)
-        if not any(name.nimg == out_nimg for _, name in inputs):
-            times = sorted({name.nimg // 1000 for _, name in inputs})
-            raise ValueError(f"{indir}: no snapshot at {outkimg} kimg to reconstruct at (snapshots at "
-                             f"{', '.join(map(str, times[:5]))}{', ...' if len(times) > 5 else ''} kimg)")
+        times = sorted({name.nimg for _, name in inputs})
+        out_nimg = snapshot_time_at(times, outkimg)
+        if out_nimg is None:
+            listed = ", ".join(format_kimg(t) for t in times[:5]) + (", ..." if len(times) > 5 else "")
+            raise ValueError(f"{indir}: no snapshot at {outkimg:g} kimg to reconstruct at (snapshots at {listed} kimg)")
     inputs = [(path, name) for path, name in inputs if 0 < name.nimg <= out_nimg]
     if not inputs:
         raise ValueError(f"{indir}: only snapshots at 0 kimg, which hold no average of training")
@@ -278,7 +299,7 @@ def reconstructed_networks(plan: PosthocPlan, outputs: Sequence[int] | None = No
                 yield plan.outstd[column], net
 
 
-def reconstruct(indir: str, outdir: str, outstd: Sequence[float], outkimg: int | None = None, batch: int = 8,
+def reconstruct(indir: str, outdir: str, outstd: Sequence[float], outkimg: float | None = None, batch: int = 8,
                 inprefix: str | None = None, instd: Sequence[float] | None = None, outprefix: str = PHEMA_PREFIX,
                 skip_existing: bool = False, progress: bool = True) -> dict:
     """Write ``PHEMA-KKKKKKK-S.SSS.pkl`` (prefix ``outprefix``) to ``outdir`` for each sigma_rel in ``outstd``,
