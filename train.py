@@ -87,6 +87,8 @@ def resolve_defaults(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
 def check_edm2_options(opts: dnnlib.EasyDict) -> None:
     """What EDM2's network cannot do, as one line each."""
     if opts.arch != "edm2":
+        if opts.patch is not None and opts.patch > 1:
+            raise click.ClickException(f"--patch={opts.patch}: patches are an option of --arch=edm2's U-Net only")
         return
     if opts.precond != "edm":
         raise click.ClickException(f"--precond={opts.precond}: --arch=edm2 has its own preconditioning (EDM's Table 1 "
@@ -105,7 +107,7 @@ AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, t
 AUGMENT_DIM = 9
 # Options that replace an architecture setting when given: (option, network keyword), in this order.
 NETWORK_OVERRIDES = (("cbase", "model_channels"), ("cres", "channel_mult"), ("blocks", "num_blocks"),
-                     ("attn", "attn_resolutions"))
+                     ("attn", "attn_resolutions"), ("patch", "patch_size"))
 # The switches of training.perf.FastPaths that train.py exposes.
 FAST_PATH_OPTIONS = ("sdpa", "channels_last", "fused_adam", "compile", "tf32", "retain_memory")
 
@@ -304,6 +306,8 @@ def shared_from_rank0(value):
               metavar="LIST", callback=parse_int_list)
 @click.option("--blocks", help="Residual blocks per resolution  [default: 4 ddpmpp/ncsnpp, 3 adm]", metavar="INT",
               type=click.IntRange(min=1))
+@click.option("--patch", help="--arch=edm2: the U-Net works on PxP patches of pixels as channels  [default: 1]",
+              metavar="P", type=click.IntRange(min=1))
 @click.option("--attn", help="Resolutions with self-attention, e.g. 16 or 32,16,8  [default: varies]", metavar="LIST",
               callback=parse_int_list)
 @click.option("--lr", help="Adam learning rate after the ramp-up  [default: 0.001; edm2 0.01]",

@@ -196,6 +196,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("EDM2 resampling kernel: an inference tensor when first made under inference mode",
        "training/networks/edm2.py", "with torch.inference_mode(False), torch.no_grad():", "with torch.no_grad():",
        "tests/test_edm2_network.py::test_resampling_kernel_is_made_once_per_device_and_serves_training_after_inference"),
+    _m("EDM2 patches: the output's channels put back transposed", "training/networks/edm2.py",
+       "return F.pixel_shuffle(x, self.patch_size) if self.patch_size > 1 else x",
+       "return F.pixel_shuffle(x, self.patch_size).transpose(2, 3) if self.patch_size > 1 else x",
+       "tests/test_edm2_network.py::test_patches_are_space_to_depth_around_the_same_unet"),
+    _m("phema --outkimg: a KKKKKKK with several snapshots in its thousand takes the first", "training/phema.py",
+       "return within[0] if len(within) == 1 else None", "return within[0] if within else None",
+       "tests/test_phema.py::test_outkimg_names_official_and_fractional_snapshot_times"),
     # --- Guidance.
     _m("guidance: guide and network swapped in the lerp", SAMPLING,
        "return D_g.to(D.dtype).lerp(D, self.weight)", "return D.lerp(D_g.to(D.dtype), self.weight)",

@@ -304,6 +304,44 @@ def test_hostile_pickle_with_edm2_class_names_is_refused(golden, tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def _to_patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Space-to-depth written out: channel c * p^2 + a * p + b at (i, j) is pixel (p i + a, p j + b) of channel c."""
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4).reshape(n, c * p * p, h // p, w // p)
+
+
+def _from_patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    n, cpp, h, w = x.shape
+    return x.reshape(n, cpp // (p * p), p, p, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, cpp // (p * p), h * p, w * p)
+
+
+def test_patches_are_space_to_depth_around_the_same_unet():
+    """patch_size=2 on 2 x 16 x 16 images is the U-Net of 8 x 8 x 8 images (same weights, same names) between
+    space-to-depth and its inverse, written out here independently; the output keeps each pixel's place."""
+    kwargs = dict(label_dim=3, model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
+                  use_fp16=False)
+    torch.manual_seed(0)
+    patched = EDM2Precond(img_resolution=16, img_channels=2, patch_size=2, **kwargs).eval()
+    plain = EDM2Precond(img_resolution=8, img_channels=8, **kwargs).eval()
+    with torch.no_grad():
+        for param in patched.parameters():
+            param.normal_()  # Nonzero gains, so that the output depends on the U-Net.
+    assert patched.unet.enc["8x8_conv"].weight.shape == (8, 9, 3, 3)
+    assert patched.unet.out_conv.weight.shape == (8, 8, 3, 3) and "4x4_block0" in patched.unet.dec
+    assert patched.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(patched.state_dict())
+    x, sigma = torch.randn(3, 2, 16, 16), torch.tensor([0.1, 1.0, 10.0])
+    labels = torch.eye(3)
+    with torch.no_grad():
+        D = patched(x, sigma, labels)
+        D_plain = plain(_to_patches(x, 2), sigma, labels)
+    assert D.shape == x.shape
+    torch.testing.assert_close(_to_patches(D, 2), D_plain, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_from_patches(_to_patches(x, 2), 2), x, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="patch_size=3 must divide img_resolution=16"):
+        EDM2Precond(img_resolution=16, img_channels=2, patch_size=3, **kwargs)
+
+
 def test_precond_name_means_edm2():
     """'Precond' in a pickle is EDM2's; our EDM preconditioners' base class of that name is never pickled."""
     from training.networks import Precond as EDMBase

@@ -58,6 +58,17 @@ def test_cres_that_does_not_fit_the_resolution(fashion_mnist_8_zip, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_patch_that_does_not_fit_the_resolution_or_the_network(fashion_mnist_8_zip, tmp_path):
+    result = invoke(f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--arch=edm2", "--patch=3")
+    assert_one_error_line(result, "--patch=3", "8x8")
+    result = invoke(f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--arch=edm2", "--patch=2",
+                    "--cres=1,1,2,2")  # 8x8 allows four levels, but 4x4 patches only three.
+    assert_one_error_line(result, "--cres=1,1,2,2", "8x8", "(4x4 in patches of 2)")
+    result = invoke(f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--arch=ddpmpp", "--patch=2")
+    assert_one_error_line(result, "--patch=2", "--arch=edm2")
+    assert os.listdir(tmp_path) == []
+
+
 def test_corrupt_zip(tmp_path):
     corrupt = tmp_path / "broken.zip"
     corrupt.write_bytes(b"PK\x03\x04 this is not really a zip file")

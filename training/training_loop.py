@@ -84,12 +84,19 @@ def batch_split(batch_size: int, batch_gpu: int | None, world_size: int) -> tupl
 
 
 def check_network_fits_dataset(network_kwargs: dict, resolution: int, channels: int) -> None:
-    """The U-Net halves the resolution len(channel_mult) - 1 times: the dataset must allow it."""
+    """The U-Net halves the resolution len(channel_mult) - 1 times, after patches of patch_size (EDM2's U-Net)
+    make it 1 / patch_size: the dataset must allow it."""
     levels = len(network_kwargs.get("channel_mult", ()))
-    if levels and (resolution % (1 << (levels - 1)) or resolution >> (levels - 1) < 1):
+    patch = network_kwargs.get("patch_size", 1)
+    if resolution % patch:
+        raise TrainingConfigError(f"--patch={patch} does not divide the dataset's {resolution}x{resolution} images; "
+                                  f"use a --patch that does or resize the dataset")
+    patched = resolution // patch
+    if levels and (patched % (1 << (levels - 1)) or patched >> (levels - 1) < 1):
+        at = f" ({patched}x{patched} in patches of {patch})" if patch > 1 else ""
         raise TrainingConfigError(
             f"--cres={','.join(str(m) for m in network_kwargs['channel_mult'])}: {levels} resolution levels halve "
-            f"the images {levels - 1} times, but the dataset's {resolution}x{resolution} images do not allow it; "
+            f"the images {levels - 1} times, but the dataset's {resolution}x{resolution} images{at} do not allow it; "
             f"use a --cres with fewer entries or resize the dataset")
     if channels < 1:
         raise TrainingConfigError(f"the dataset has {channels} image channels")

@@ -230,13 +230,22 @@ class UNet(torch.nn.Module):
     (``concat_balance``). Blocks at ``attn_resolutions`` have attention. The embedding is mp_silu of the noise
     level's Fourier features through a linear layer, mp_sum'd with the class label's (``label_balance``). The
     output conv has gain ``out_gain``, 0 at init.
+
+    ``patch_size`` P > 1 (ours, not official) runs the U-Net on P x P patches of pixels stacked as channels
+    (space-to-depth, as the patch embedding of DiT or U-ViT and the "simple diffusion" U-Nets of Hoogeboom et
+    al. 2023): an image of C x H x W enters as C P^2 x H/P x W/P, and the output conv's C P^2 channels go back to
+    their pixels. The levels then start at ``img_resolution`` / P: a quarter of the pixels at the costliest level.
     """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, model_channels: int = 192,
                  channel_mult: Sequence[int] = (1, 2, 3, 4), channel_mult_noise: int | None = None,
                  channel_mult_emb: int | None = None, num_blocks: int = 3, attn_resolutions: Sequence[int] = (16, 8),
-                 label_balance: float = 0.5, concat_balance: float = 0.5, **block_kwargs):
+                 label_balance: float = 0.5, concat_balance: float = 0.5, patch_size: int = 1, **block_kwargs):
         super().__init__()
+        if patch_size < 1 or img_resolution % patch_size:
+            raise ValueError(f"patch_size={patch_size} must divide img_resolution={img_resolution}")
+        self.patch_size = patch_size
+        img_resolution, img_channels = img_resolution // patch_size, img_channels * patch_size ** 2
         widths = [model_channels * m for m in channel_mult]
         noise_channels = widths[0] if channel_mult_noise is None else model_channels * channel_mult_noise
         emb_channels = max(widths) if channel_mult_emb is None else model_channels * channel_mult_emb
@@ -292,6 +301,8 @@ class UNet(torch.nn.Module):
         """x [N, img_channels, H, W] (already scaled by c_in), noise_labels [N] (c_noise), class_labels
         [N, label_dim] one-hot or None; returns F [N, img_channels, H, W] in x's dtype."""
         emb = self.embedding(noise_labels, class_labels)
+        if self.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.patch_size)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for layer in self.enc.values():
@@ -301,7 +312,8 @@ class UNet(torch.nn.Module):
             if "_block" in name:  # The opening blocks of a level ('in0', 'in1', 'up') take no skip.
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
             x = block(x, emb)
-        return self.out_conv(x, gain=self.out_gain)
+        x = self.out_conv(x, gain=self.out_gain)
+        return F.pixel_shuffle(x, self.patch_size) if self.patch_size > 1 else x
 
 
 @persistence.persistent_class
