@@ -43,7 +43,8 @@ def _seeds(ctx, param, value):
               help="Reference statistics, or a dataset (its statistics are cached by content hash)")
 @click.option("--outstd", help="sigma_rel to evaluate: a list, '...' for a range (0.010,0.020,...,0.250)",
               metavar="LIST", required=True, callback=sigma_rel_list_option)
-@click.option("--outkimg", help="As of the snapshot at this time  [default: the latest]", metavar="KIMG",
+@click.option("--outkimg", metavar="KIMG",
+              help="As of the snapshot at this time: its name's KKKKKKK, or exact (16.032)  [default: the latest]",
               type=click.FloatRange(min=0, min_open=True))
 @click.option("--inprefix", help="Only raw snapshots with this prefix  [default: any but phema]", metavar="STR")
 @click.option("--instd", help="Only raw snapshots of these sigma_rel  [default: all]", metavar="LIST",

@@ -53,7 +53,9 @@ def sigma_rel_list_option(ctx, param, value):
 @click.option("--outprefix", help="Prefix of the output files", metavar="STR", default=PHEMA_PREFIX, show_default=True)
 @click.option("--outstd", help="sigma_rel of each output: a list, '...' for a range (0.05,0.10,...,0.25)",
               metavar="LIST", required=True, callback=sigma_rel_list_option)
-@click.option("--outkimg", help="Reconstruct as of the snapshot at this time  [default: the latest]", metavar="KIMG",
+@click.option("--outkimg", metavar="KIMG",
+              help="Reconstruct as of the snapshot at this time: its name's KKKKKKK, or exact (16.032)  "
+              "[default: the latest]",
               type=click.FloatRange(min=0, min_open=True))
 @click.option("--skip", "skip_existing", help="Leave outputs that already exist as they are", is_flag=True)
 @click.option("--batch", help="Outputs made per pass over the inputs (each pass reads every input once)",
