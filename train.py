@@ -85,7 +85,7 @@ def resolve_defaults(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
 
 
 def check_edm2_options(opts: dnnlib.EasyDict) -> None:
-    """What EDM2's network cannot do, as one line each."""
+    """What EDM2's network cannot do, and what only it can (--patch), as one line each."""
     if opts.arch != "edm2":
         if opts.patch is not None and opts.patch > 1:
             raise click.ClickException(f"--patch={opts.patch}: patches are an option of --arch=edm2's U-Net only")
