@@ -58,10 +58,11 @@ class Preset:
 # cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (docs/quickstart-notes.md); duration is in Mimg as in
 # train.py. The cpu preset samples with UniPC at NFE 15 (FID 120.2 against Heun's 123.1 at NFE 35 on the same
 # network, in 60% of the time; docs/samplers.md), leaving its budget's minutes to training, and reports the FID of
-# samples autoguided at w = 3 by the network's own snapshot after a third of its training
-# (docs/quickstart-notes.md#the-cpu-preset; on one 45-kimg DDPM++ run's networks and seeds, w = 2 / 2.5 / 3 / 3.5 / 4
-# measured FID 48.6 / 45.9 / 45.0 / 44.9 / 46.4). Its network is EDM2's (with EDM2's loss, P_mean/P_std, Adam beta2
-# and post-hoc EMAs) at a learning rate of 0.04: at 48 kimg, autoguided at w = 3, 36.8 against 38.6-42.1 at lr 0.02,
+# samples autoguided at w = 2.5 by the network's own snapshot after a third of its training
+# (docs/quickstart-notes.md#the-cpu-preset; on two 48-kimg EDM2 runs' networks and seeds, w = 2 / 2.5 / 3 / 3.5
+# measured FID 36.7 / 36.1 / 36.8 / 38.8 and 36.7 / 35.3 / 35.6 / 37.8). Its network is EDM2's (with EDM2's loss,
+# P_mean/P_std, Adam beta2 and post-hoc EMAs) at a learning rate of 0.04: at 48 kimg, autoguided at w = 3, 36.8 and
+# 35.6 (two seeds) against 38.6-42.1 at lr 0.02,
 # 39.4 at 0.03, 40.3 at 0.06, 42.6 at 0.08 and 42.9-45.0 for DDPM++ at lr 1e-3 (recipe variants trained on a GPU,
 # then checked on the CPU). It keeps 32 channels down to 14x14 (--cres=1,1,2: 271 MFLOP per image against 461 for
 # 1,2,2, FID 51.5 against 54.3 at equal time for DDPM++) and trains in two single-thread processes (1.4x faster than
@@ -74,7 +75,7 @@ PRESETS = {
         "--augment=0", "--bf16=1", "--duration=0.1", "--tick=5", "--snap=1000", "--dump=1000", "--grid=0",
         "--seed=0"), generate_args=("--precision=bf16", "--sampler=unipc_bh2", "--nfe=15",
                                     "--steps-schedule=loguniform"), resolution=28, minutes=15,
-        autoguidance=True, guidance=(3.0,), guide="earlier", guide_share=1 / 3,
+        autoguidance=True, guidance=(2.5,), guide="earlier", guide_share=1 / 3,
         guide_args=("--cbase=16", "--seed=1"), cpu_processes=2),
     "gpu": Preset(train_images=5000, num_eval=5000, num_ref=5000, batch=500, train_args=(
         "--arch=ddpmpp", "--precond=edm", "--cbase=128", "--cres=1,2,2", "--blocks=2", "--attn=16",
@@ -419,7 +420,7 @@ def guidance_results(output: str) -> dict[float, float]:
               "--guidance weights  [default: the preset's; on for cpu]")
 @click.option("--guidance", metavar="LIST", default=None, callback=lambda ctx, param, value: parse_weights(value),
               help="With autoguidance: the weights whose FID is measured, 1 for unguided, e.g. 2 or 1,1.5,2,2.5  "
-              "[default: the preset's; cpu: 2, gpu: 1,1.5,2,2.5]")
+              "[default: the preset's; cpu: 2.5, gpu: 1,1.5,2,2.5]")
 @click.option("--guide", type=click.Choice(["smaller", "earlier"]), default=None,
               help="With autoguidance: a smaller network trained for a share of the time, or the main network's own "
               "snapshot after that share  [default: the preset's; cpu: earlier]")
