@@ -56,18 +56,17 @@ class Preset:
 
 
 # cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (docs/quickstart-notes.md); duration is in Mimg as in
-# train.py. The cpu preset samples with UniPC at NFE 15 (FID 120.2 against Heun's 123.1 at NFE 35 on the same
-# network, in 60% of the time; docs/samplers.md), leaving its budget's minutes to training, and reports the FID of
-# samples autoguided at w = 2.5 by the network's own snapshot after a third of its training
-# (docs/quickstart-notes.md#the-cpu-preset; on two 48-kimg EDM2 runs' networks and seeds, w = 2 / 2.5 / 3 / 3.5
-# measured FID 36.7 / 36.1 / 36.8 / 38.8 and 36.7 / 35.3 / 35.6 / 37.8). Its network is EDM2's (with EDM2's loss,
-# P_mean/P_std, Adam beta2 and post-hoc EMAs) at a learning rate of 0.04: at 48 kimg, autoguided at w = 3, 36.8 and
-# 35.6 (two seeds) against 38.6-42.1 at lr 0.02,
-# 39.4 at 0.03, 40.3 at 0.06, 42.6 at 0.08 and 42.9-45.0 for DDPM++ at lr 1e-3 (recipe variants trained on a GPU,
-# then checked on the CPU). It keeps 32 channels down to 14x14 (--cres=1,1,2: 271 MFLOP per image against 461 for
-# 1,2,2, FID 51.5 against 54.3 at equal time for DDPM++) and trains in two single-thread processes (1.4x faster than
-# two threads in one). It makes no sample grids while training (10 s each there); the
-# job's grid is generate.py's.
+# train.py. The cpu preset samples with UniPC at NFE 15 (FID 120.2 against Heun's 123.1 at NFE 35 on the same network,
+# in 60% of the time; docs/samplers.md), leaving its budget's minutes to training, and reports the FID of samples
+# autoguided at w = 2.5 by the network's own snapshot after a third of its training
+# (docs/quickstart-notes.md#the-cpu-preset; on two 48-kimg EDM2 runs' networks and seeds, w = 2 / 2.5 / 3 / 3.5 measured
+# FID 36.7 / 36.1 / 36.8 / 38.8 and 36.7 / 35.3 / 35.6 / 37.8). Its network is EDM2's (with EDM2's loss, P_mean/P_std,
+# Adam beta2 and post-hoc EMAs) at a learning rate of 0.04: at 48 kimg, autoguided at w = 3, 36.8 and 35.6 (two seeds)
+# against 38.6-42.1 at lr 0.02, 39.4 at 0.03, 40.3 at 0.06, 42.6 at 0.08 and 42.9-45.0 for DDPM++ at lr 1e-3 (recipe
+# variants trained on a GPU, then checked on the CPU). It keeps 32 channels down to 14x14 (--cres=1,1,2: 271 MFLOP per
+# image against 461 for 1,2,2, FID 51.5 against 54.3 at equal time for DDPM++) and trains in two single-thread processes
+# (1.4x faster than two threads in one). It makes no sample grids while training (10 s each there); the job's grid is
+# generate.py's.
 PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=1000, num_ref=1000, train_args=(
         "--arch=edm2", "--cond=1", "--cbase=32", "--cres=1,1,2", "--blocks=1", "--attn=",

@@ -13,7 +13,8 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$out"
 python3 dataset_tool.py --source=data/fashion-mnist/t10k-images-idx3-ubyte.gz --dest="$out/train.zip" \
     --resolution=28x28 --max-images=5000 > /dev/null 2>&1 || { echo "recipe_sweep.sh: dataset conversion failed" >&2; exit 1; }
-# The cpu preset's training options (fp32: the 2-core CPU it was measured on has no bfloat16 arithmetic).
+# The cpu preset's training options when this sweep chose its successor (DDPM++; the preset is EDM2 at lr 0.04
+# since, the edm2-* variants' recipe), in fp32: the 2-core CPU it was measured on has no bfloat16 arithmetic.
 base=(--arch=ddpmpp --precond=edm --cond=1 --cbase=32 --cres=1,1,2 --blocks=1 --attn= --batch=32 --lr=1e-3
       --lr-rampup=1 --ema=0.5 --ema-rampup=0.1 --dropout=0 --augment=0 --bf16=0 --duration=$(python3 -c "print($kimg / 1000)")
       --tick=$(python3 -c "print($kimg / 12)") --snap=1 --dump=1000 --grid=0 --seed=0 --workers=0 --device=$device)
