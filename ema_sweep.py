@@ -22,7 +22,7 @@ from __future__ import annotations
 import click
 
 from dnnlib.util import parse_int_list
-from fid import add_sampler_options, common_options, user_errors
+from fid import add_sampler_options, common_options, parse_class_option, user_errors
 from reconstruct_phema import sigma_rel_list_option
 from torch_utils import distributed
 
@@ -51,8 +51,8 @@ def _seeds(ctx, param, value):
               callback=sigma_rel_list_option)
 @click.option("--num", type=click.IntRange(min=2), help="Images per sigma_rel, seeds 0..num-1  [default: 10000]")
 @click.option("--seeds", metavar="LIST", callback=_seeds, help="Or: these seeds, e.g. 0-49999, one image each")
-@click.option("--class", "class_idx", type=click.IntRange(min=0), default=None,
-              help="Class label of every image  [default: random]")
+@click.option("--class", "class_idx", metavar="INT|balanced", callback=parse_class_option,
+              help="Class label of every image, or 'balanced' (class = seed mod classes)  [default: random]")
 @click.option("--plot", "plot_path", metavar="PNG", help="FID against sigma_rel  [default: INDIR/ema-sweep.png]")
 @click.option("--json", "json_path", metavar="JSON", help="Results and settings  [default: INDIR/ema-sweep.json]")
 @click.option("--save-best", "save_best", metavar="BOOL", type=bool, default=False, show_default=True,

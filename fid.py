@@ -93,7 +93,7 @@ def _cached_dataset_features(path: str, dataset, seed: int, detector, device, ba
                                     detector_settings(detector) + subset, keep_features=True)["features"]
 
 
-def _generated_features(net, seeds: list[int], class_idx: int | None, sampler_kwargs: dict, detector, device,
+def _generated_features(net, seeds: list[int], class_idx: int | str | None, sampler_kwargs: dict, detector, device,
                         batch: int):
     """Features of a network's samples, made in memory exactly as generate.py makes its PNGs."""
     from training.generation import generated_features
@@ -151,6 +151,12 @@ def _parse_interval(value):
     return parse_interval(value)
 
 
+def parse_class_option(ctx, param, value):
+    """generate.py's --class values (an index or 'balanced'), for the commands that sample too."""
+    from generate import parse_class
+    return parse_class(value)
+
+
 def _is_statistics_file(path: str) -> bool:
     return dnnlib.util.is_url(path) or path.lower().endswith(".npz")
 
@@ -159,8 +165,8 @@ def _is_statistics_file(path: str) -> bool:
 @click.option("--images", metavar="DIR|ZIP", help="Images to evaluate")
 @click.option("--network", metavar="PKL|URL", help="Or: a network whose samples are evaluated in memory")
 @click.option("--seeds", metavar="LIST", help="With --network: seeds, e.g. 0-49999  [default: 0..num-1]")
-@click.option("--class", "class_idx", type=click.IntRange(min=0), default=None,
-              help="With --network: class label  [default: random]")
+@click.option("--class", "class_idx", metavar="INT|balanced", callback=parse_class_option,
+              help="With --network: class label, or 'balanced' (class = seed mod classes)  [default: random]")
 @click.option("--ref", "ref_path", required=True, metavar="NPZ|URL|ZIP|DIR",
               help="Reference statistics, or a dataset (its statistics are cached by content hash)")
 @click.option("--num", type=click.IntRange(min=2), default=50000, show_default=True, help="Number of images")

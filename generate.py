@@ -27,7 +27,7 @@ import click
 from dnnlib.util import parse_int_list
 from torch_utils import distributed
 from training.generation import GenerateOptions, generate_to_files
-from training.sampling import SAMPLERS, STEPS_SCHEDULES, sigma_steps, split_steps_schedule
+from training.sampling import BALANCED, SAMPLERS, STEPS_SCHEDULES, sigma_steps, split_steps_schedule
 
 
 def _seeds(ctx, param, value):
@@ -48,6 +48,19 @@ def parse_interval(value: str | None) -> tuple[float, float] | None:
     if not 0 <= lo < hi:
         raise click.BadParameter(f"'{value}': expected 0 <= LO < HI")
     return lo, hi
+
+
+def parse_class(value: str | None) -> int | str | None:
+    """A class index >= 0, or 'balanced' (seed s gets class s mod the class count)."""
+    if value is None or value == BALANCED:
+        return value
+    try:
+        class_idx = int(value)
+    except ValueError:
+        raise click.BadParameter(f"'{value}': expected a class index or '{BALANCED}'") from None
+    if class_idx < 0:
+        raise click.BadParameter(f"'{value}': a class index is at least 0")
+    return class_idx
 
 
 def parse_steps_schedule(value: str | None) -> str | None:
@@ -71,8 +84,9 @@ def parse_steps_schedule(value: str | None) -> str | None:
 @click.option("--seeds", help="Seeds, one image each: a list and/or ranges, e.g. 0-63 or 1,2,5-10", metavar="LIST", default="0-63", show_default=True,
               callback=_seeds)
 @click.option("--subdirs", help="Save in subfolders of 1000 seeds", is_flag=True)
-@click.option("--class", "class_idx", help="Class of every image  [default: drawn per seed]", metavar="INT",
-              type=click.IntRange(min=0), default=None)
+@click.option("--class", "class_idx", help="Class of every image, or 'balanced': seed s gets class s mod the class "
+              "count  [default: drawn per seed]", metavar="INT|balanced",
+              callback=lambda ctx, param, value: parse_class(value))
 @click.option("--batch", "max_batch_size", help="Images per batch on each process, at most", metavar="INT",
               type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--grid", help="Also save all images as one grid PNG", metavar="PNG")

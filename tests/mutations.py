@@ -167,6 +167,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("sampler: churn ignores S_noise", SAMPLING,
        "added_std * flow.s(t_hat) * self.S_noise * noise", "added_std * flow.s(t_hat) * noise",
        "tests/test_sampling.py"),
+    _m("sampler: balanced classes skip the random label draw", SAMPLING,
+       "labels = torch.eye(label_dim, device=rng.device)[rng.randint(label_dim, size=[len(rng.generators)])]",
+       "labels = None if class_idx == BALANCED else torch.eye(label_dim, device=rng.device)[rng.randint(label_dim, "
+       "size=[len(rng.generators)])]", "tests/test_sampling.py"),
+    _m("sampler: balanced classes by position instead of seed", SAMPLING,
+       "[torch.tensor(rng.seeds, device=rng.device) % label_dim]",
+       "[torch.arange(len(rng.seeds), device=rng.device) % label_dim]", "tests/test_sampling.py"),
     _m("sampler: last step Heun instead of Euler", SAMPLING,
        "x = (step if i < num_steps - 1 else euler_step)(dx_dt, x_hat, t_hat, t_next)",
        "x = step(dx_dt, x_hat, t_hat, t_next)", "tests/test_sampling.py"),

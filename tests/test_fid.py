@@ -140,9 +140,10 @@ def test_two_processes_give_the_statistics_of_one(folders, ref_npz, fid_cache_di
         np.testing.assert_allclose(two["sigma"], one["sigma"], rtol=1e-5, atol=1e-6)
 
 
-def test_in_memory_network_evaluation_equals_generate_then_calc(fid_detector, tmp_path):
-    """calc --network makes the images generate.py writes (same seeds, sampler options, uint8 rounding), so its
-    FID and KID equal those of the PNGs. The reference (zero mu and sigma, the PNGs' features) gives FID the
+@pytest.mark.parametrize("classes", [[], ["--class=balanced"]])
+def test_in_memory_network_evaluation_equals_generate_then_calc(fid_detector, tmp_path, classes):
+    """calc --network makes the images generate.py writes (same seeds, classes, sampler options, uint8 rounding),
+    so its FID and KID equal those of the PNGs. The reference (zero mu and sigma, the PNGs' features) gives FID the
     closed form |mu|^2 + Tr(sigma) of the evaluated features."""
     from generate import main as generate_main
     from metrics.features import compute_features, dataset_batches
@@ -152,7 +153,7 @@ def test_in_memory_network_evaluation_equals_generate_then_calc(fid_detector, tm
 
     pkl = str(tmp_path / "net.pkl")
     save_network_pkl(pkl, dict(ema=make_tiny_net(label_dim=4), loss_fn=None, augment_pipe=None, dataset_kwargs={}))
-    sampler = ["--steps=4", "--S_churn=10", "--S_min=0.01", "--S_max=20"]
+    sampler = ["--steps=4", "--S_churn=10", "--S_min=0.01", "--S_max=20", *classes]
     out = tmp_path / "out"
     result = CliRunner().invoke(generate_main, [f"--network={pkl}", f"--outdir={out}", "--seeds=0-3", "--batch=3",
                                                 "--device=cpu", *sampler], catch_exceptions=False)

@@ -65,8 +65,19 @@ def test_ablation_options_switch_the_sampler(network_pkl, tmp_path):
     assert torch.equal(_read_png(tmp_path / "000005.png"), expected[0])
 
 
+def test_balanced_class_option_gives_each_seed_its_class(network_pkl, tmp_path):
+    result = _run("--network", network_pkl, "--outdir", str(tmp_path), "--seeds", "5,6", "--class", "balanced",
+                  *SAMPLER_ARGS)
+    assert result.exit_code == 0, result.output
+    for seed in (5, 6):
+        expected = generate_images(make_tiny_net(label_dim=4), [seed], class_idx=seed % 4, **SAMPLER_KWARGS)
+        assert torch.equal(_read_png(tmp_path / f"{seed:06d}.png"), expected[0])
+
+
 @pytest.mark.parametrize("args, message", [
     (["--class", "4"], "--class=4: .* has classes 0..3"),
+    (["--class", "even"], "Invalid value for '--class': 'even': expected a class index or 'balanced'"),
+    (["--class", "-1"], "Invalid value for '--class': '-1': a class index is at least 0"),
     (["--network", "missing.pkl"], "missing.pkl: no such file"),
     (["--seeds", "3-1"], "Invalid value for '--seeds': '3-1': range end is below its start"),
     (["--disc", "cosine"], "Invalid value for '--disc'"),

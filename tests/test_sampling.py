@@ -11,7 +11,7 @@ import torch
 
 from conftest import build_official_case, make_tiny_net
 from training import sampling
-from training.sampling import (DISCRETIZATIONS, SCALINGS, SCHEDULES, SeedRNG, ablation_sampler, draw_class_labels,
+from training.sampling import (BALANCED, DISCRETIZATIONS, SCALINGS, SCHEDULES, SeedRNG, ablation_sampler, draw_class_labels,
                                draw_latents, edm_sampler, generate_images)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -96,6 +96,25 @@ def test_class_option_overrides_labels_but_keeps_the_random_stream():
         draw_class_labels(net, SeedRNG([0]), class_idx=4)
     with pytest.raises(ValueError, match="unconditional"):
         draw_class_labels(make_tiny_net(label_dim=0), SeedRNG([0]), class_idx=0)
+
+
+def test_balanced_classes_are_seed_mod_classes_and_keep_the_random_stream():
+    net = make_tiny_net(label_dim=4)
+    seeds = [0, 1, 2, 3, 4, 5, 6, 7, 13, 2**32 + 2]
+    rng_free, rng_balanced = SeedRNG(seeds), SeedRNG(seeds)
+    free = (draw_latents(net, rng_free), draw_class_labels(net, rng_free))
+    balanced = (draw_latents(net, rng_balanced), draw_class_labels(net, rng_balanced, class_idx=BALANCED))
+    assert torch.equal(free[0], balanced[0])
+    assert balanced[1].argmax(dim=1).tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 1, 2]
+    assert torch.equal(balanced[1].sum(dim=1), torch.ones(len(seeds)))
+    assert torch.equal(rng_free.randn([len(seeds), 5]), rng_balanced.randn([len(seeds), 5]))
+    # Each image is the one its class would give it, whatever batch it is made in.
+    sampler_kwargs = dict(num_steps=4, sigma_max=5, S_churn=10)
+    whole = generate_images(net, [5, 6, 11], class_idx=BALANCED, **sampler_kwargs)
+    for i, seed in enumerate([5, 6, 11]):
+        assert torch.equal(whole[i], generate_images(net, [seed], class_idx=seed % 4, **sampler_kwargs)[0])
+    with pytest.raises(ValueError, match="unconditional"):
+        draw_class_labels(make_tiny_net(label_dim=0), SeedRNG([0]), class_idx=BALANCED)
 
 # ----------------------------------------------------------------------------
 # Convergence on Gaussian data, where the exact solution is known.

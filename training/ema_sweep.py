@@ -37,7 +37,7 @@ class EMASweepOptions:
     outstd: list[float]                   # sigma_rel to evaluate, each in (0, 0.3003]
     outkimg: float | None = None          # as of the snapshot at this kimg; None: the latest
     seeds: list[int] = field(default_factory=lambda: list(range(10000)))  # one image per seed, per sigma_rel
-    class_idx: int | None = None          # None: a random class per seed (conditional networks)
+    class_idx: int | str | None = None    # None: a random class per seed; "balanced": seed mod classes
     sampler_kwargs: dict = field(default_factory=dict)  # generate.py's sampler options; None = default
     batch: int = 64                       # images per batch per process (sampling and detector)
     workers: int = 2                      # data-loading processes for a dataset reference

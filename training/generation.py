@@ -37,7 +37,7 @@ class GenerateOptions:
     outdir: str | None = None           # one PNG per seed, {seed:06d}.png
     subdirs: bool = False               # ... in folders of 1000 seeds: 000000/, 001000/, ...
     grid: str | None = None             # one PNG with all images, in seed order
-    class_idx: int | None = None        # None: a random class per seed (conditional networks)
+    class_idx: int | str | None = None  # None: a random class per seed; "balanced": seed mod classes
     max_batch_size: int = 64            # per process
     device: str | None = None           # None: picked automatically
     sampler_kwargs: dict = field(default_factory=dict)  # options of training.sampling.run_sampler; None = default
@@ -154,7 +154,7 @@ def sampling_denoiser(options: GenerateOptions, net: torch.nn.Module, device: to
 
 
 def generated_features(net: torch.nn.Module, seeds: list[int], detector, device: torch.device | str,
-                       batch_size: int = 64, class_idx: int | None = None, sampler_kwargs: dict | None = None,
+                       batch_size: int = 64, class_idx: int | str | None = None, sampler_kwargs: dict | None = None,
                        progress: bool = True, desc: str = "Generating and measuring") -> np.ndarray:
     """Detector features [len(seeds), 2048] float32 of the images ``generate_to_files`` writes for ``seeds`` with
     these sampler options (None: the default), made in memory and never written: each image depends only on its
@@ -194,7 +194,7 @@ def check_network_options(net, options: GenerateOptions) -> None:
     label_dim = getattr(net, "label_dim", 0)
     if options.class_idx is not None and not label_dim:
         raise ValueError(f"--class={options.class_idx}: {options.network} is unconditional; leave out --class")
-    if options.class_idx is not None and not 0 <= options.class_idx < label_dim:
+    if isinstance(options.class_idx, int) and not 0 <= options.class_idx < label_dim:
         raise ValueError(f"--class={options.class_idx}: {options.network} has classes 0..{label_dim - 1}")
 
 

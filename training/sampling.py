@@ -600,6 +600,7 @@ class SeedRNG:
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
         self.device = torch.device(device)
+        self.seeds = [int(seed) for seed in seeds]
         self.generators = [torch.Generator(self.device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
 
     def _per_seed(self, size, draw: Callable[[list[int], torch.Generator], torch.Tensor]) -> torch.Tensor:
@@ -629,17 +630,25 @@ def draw_latents(net, rng: SeedRNG) -> torch.Tensor:
     return rng.randn([len(rng.generators), net.img_channels, net.img_resolution, net.img_resolution])
 
 
-def draw_class_labels(net, rng: SeedRNG, class_idx: int | None = None) -> torch.Tensor | None:
+BALANCED = "balanced"  # As a class: seed s gets class s mod the class count.
+
+
+def draw_class_labels(net, rng: SeedRNG, class_idx: int | str | None = None) -> torch.Tensor | None:
     """Per seed, the second draw for a conditional network: a one-hot label of a uniformly drawn class. With
-    ``class_idx`` every label becomes that class, but the draw is still made so later draws stay aligned."""
+    ``class_idx`` every label becomes that class, and with ``BALANCED`` seed s gets class s mod the class count,
+    so consecutive seeds cover the classes equally often (the random draws' class counts differ from a balanced
+    reference's by about sqrt(n / classes) each, which a metric such as FID counts as error). Either way the draw
+    is still made, so later draws stay aligned."""
     label_dim = getattr(net, "label_dim", 0)
     if not label_dim:
         if class_idx is not None:
             raise ValueError(f"class {class_idx} requested, but the network is unconditional")
         return None
     labels = torch.eye(label_dim, device=rng.device)[rng.randint(label_dim, size=[len(rng.generators)])]
+    if class_idx == BALANCED:
+        return torch.eye(label_dim, device=rng.device)[torch.tensor(rng.seeds, device=rng.device) % label_dim]
     if class_idx is not None:
-        if not 0 <= class_idx < label_dim:
+        if not isinstance(class_idx, int) or not 0 <= class_idx < label_dim:
             raise ValueError(f"class {class_idx} is out of range: the network has classes 0..{label_dim - 1}")
         labels[:, :] = 0
         labels[:, class_idx] = 1
@@ -733,7 +742,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_images(net, seeds: Sequence[int], class_idx: int | None = None,
+def generate_images(net, seeds: Sequence[int], class_idx: int | str | None = None,
                     device: torch.device | str | None = None, **sampler_kwargs) -> torch.Tensor:
     """Images for ``seeds`` exactly as generate.py saves them: uint8 [len(seeds), C, H, W] on ``device``
     (default: the network's). Each image depends only on its seed, the network and the sampler options."""
