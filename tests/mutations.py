@@ -172,8 +172,8 @@ MUTATIONS: tuple[Mutation, ...] = (
        "labels = None if class_idx == BALANCED else torch.eye(label_dim, device=rng.device)[rng.randint(label_dim, "
        "size=[len(rng.generators)])]", "tests/test_sampling.py"),
     _m("sampler: balanced classes by position instead of seed", SAMPLING,
-       "[torch.tensor(rng.seeds, device=rng.device) % label_dim]",
-       "[torch.arange(len(rng.seeds), device=rng.device) % label_dim]", "tests/test_sampling.py"),
+       "[[seed % label_dim for seed in rng.seeds]]",
+       "[[i % label_dim for i in range(len(rng.seeds))]]", "tests/test_sampling.py"),
     _m("sampler: last step Heun instead of Euler", SAMPLING,
        "x = (step if i < num_steps - 1 else euler_step)(dx_dt, x_hat, t_hat, t_next)",
        "x = step(dx_dt, x_hat, t_hat, t_next)", "tests/test_sampling.py"),

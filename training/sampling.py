@@ -646,7 +646,7 @@ def draw_class_labels(net, rng: SeedRNG, class_idx: int | str | None = None) -> 
         return None
     labels = torch.eye(label_dim, device=rng.device)[rng.randint(label_dim, size=[len(rng.generators)])]
     if class_idx == BALANCED:
-        return torch.eye(label_dim, device=rng.device)[torch.tensor(rng.seeds, device=rng.device) % label_dim]
+        return torch.eye(label_dim, device=rng.device)[[seed % label_dim for seed in rng.seeds]]
     if class_idx is not None:
         if not isinstance(class_idx, int) or not 0 <= class_idx < label_dim:
             raise ValueError(f"class {class_idx} is out of range: the network has classes 0..{label_dim - 1}")
