@@ -181,7 +181,7 @@ def _is_statistics_file(path: str) -> bool:
               help="With several --guidance values: where to plot FID against w")
 @common_options
 def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, gnet, guidance, guidance_interval,
-         plot, batch, workers, detector, preprocess, device, **sampler_kwargs):
+         plot, batch, workers, detector, preprocess, device, precision=None, **sampler_kwargs):
     """Compute FID (and KID) of images, or of a network's samples, against reference statistics.
 
     With --network, the sampler options are generate.py's, and the images are those generate.py would
@@ -190,12 +190,13 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
     from metrics.detector import load_detector
     from metrics.evaluate import cached_dataset_reference, compute_metrics, detector_settings, parse_metrics
     from metrics.reference import load_reference
-    from training.generation import GenerateOptions, load_guide, load_network_once_per_node
+    from training.generation import GenerateOptions, load_guide, load_network_once_per_node, prepare_for_sampling
+    from training.perf import check_precision
     from training.sampling import guided
     with user_errors():
         metrics = parse_metrics(metric_names)
-        if network is None and (gnet is not None or guidance != [1.0]):
-            raise click.ClickException("--gnet and --guidance go with --network")
+        if network is None and (gnet is not None or guidance != [1.0] or precision is not None):
+            raise click.ClickException("--gnet, --guidance and --precision go with --network")
         if (images is None) == (network is None):
             raise click.ClickException("give either --images=DIR|ZIP or --network=PKL (with --seeds)")
         if seeds is not None and network is None:
@@ -207,8 +208,15 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
                                        "as --ref, or make the file with `fid.py ref --features`")
         dataset = _open_dataset(images, max_size=num, seed=seed, min_size=num) if images is not None else None
         device = _init_device(device)
+        try:
+            check_precision(precision, device)
+        except ValueError as e:
+            raise click.ClickException(f"--precision={precision}: {e}") from None
         # The network before the detector: a snapshot that cannot be sampled stops the run before any other work.
-        sampled = load_network_once_per_node(network, device) if network is not None else None
+        options = GenerateOptions(network=network, seeds=seed_list, gnet=gnet, precision=precision,
+                                  guidance=max(guidance, key=lambda w: w != 1))
+        sampled = None if network is None else \
+            prepare_for_sampling(load_network_once_per_node(network, device), options, device)
         net = load_detector(detector, device=device, preprocess_mode=preprocess)
         if ref is None:
             ref_dataset = _open_dataset(ref_path)
@@ -218,8 +226,7 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
             results = compute_metrics(_cached_dataset_features(images, dataset, seed, net, device, batch, workers),
                                       ref, metrics)
         else:
-            guide = load_guide(GenerateOptions(network=network, seeds=seed_list, gnet=gnet,
-                                               guidance=max(guidance, key=lambda w: w != 1)), sampled, device)
+            guide = load_guide(options, sampled, device)
             per_weight = {}
             for w in guidance:
                 denoiser = guided(sampled, guide, w, guidance_interval)
@@ -261,16 +268,16 @@ def _report_guidance_sweep(per_weight: dict[float, dict[str, float]], plot: str,
     print(f"Best guidance {best:g} (FID {fids[best]:.3f}) of {len(fids)}; plot in {plot}")
 
 
-def add_sampler_options(command: click.Command) -> None:
-    """Give a command (``calc``, ema_sweep.py's) generate.py's sampler options, the same definitions, so that they
-    cannot drift apart."""
+def add_sampler_options(command: click.Command, also: tuple[str, ...] = ()) -> None:
+    """Give a command (``calc``, ema_sweep.py's) generate.py's sampler options, and those of its other options
+    named in ``also``, the same definitions, so that they cannot drift apart."""
     import generate
     sampler_options = {"num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
                        "solver", "discretization", "schedule", "scaling", "sampler", "nfe", "steps_schedule"}
-    command.params.extend(p for p in generate.main.params if p.name in sampler_options)
+    command.params.extend(p for p in generate.main.params if p.name in sampler_options | set(also))
 
 
-add_sampler_options(calc)
+add_sampler_options(calc, also=("precision",))
 
 
 def _print_results(results: dict[str, float]) -> None:

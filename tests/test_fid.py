@@ -140,10 +140,11 @@ def test_two_processes_give_the_statistics_of_one(folders, ref_npz, fid_cache_di
         np.testing.assert_allclose(two["sigma"], one["sigma"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("classes", [[], ["--class=balanced"]])
+@pytest.mark.parametrize("classes", [[], ["--class=balanced"], ["--precision=bf16"]],
+                         ids=["random", "balanced", "bf16"])
 def test_in_memory_network_evaluation_equals_generate_then_calc(fid_detector, tmp_path, classes):
-    """calc --network makes the images generate.py writes (same seeds, classes, sampler options, uint8 rounding),
-    so its FID and KID equal those of the PNGs. The reference (zero mu and sigma, the PNGs' features) gives FID the
+    """calc --network makes the images generate.py writes (same seeds, classes, sampler options, precision, uint8
+    rounding), so its FID and KID equal those of the PNGs. The reference (zero mu and sigma, the PNGs' features) gives FID the
     closed form |mu|^2 + Tr(sigma) of the evaluated features."""
     from generate import main as generate_main
     from metrics.features import compute_features, dataset_batches

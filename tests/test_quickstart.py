@@ -133,6 +133,27 @@ def test_training_runs_share_the_budget_or_the_duration_with_the_guide():
     assert "max-minutes" not in " ".join(first.args + rest.args)
 
 
+@pytest.mark.parametrize("fp32", [False, True], ids=["bf16-machine", "fp32-machine"])
+def test_every_stage_parses_the_options_the_job_gives_it(fp32):
+    """What the job passes to train.py (both parts of a split run), generate.py and fid.py calc parses there, with
+    the bf16 options kept (a machine with bf16) or dropped: fid.py calc once lacked --precision, which stopped the
+    job only on CPUs with bf16 instructions."""
+    import fid
+    import generate
+    import train
+    from quickstart import PRESETS, adapt_preset, training_runs
+    for name, preset in PRESETS.items():
+        p = adapt_preset(preset, None, fp32=fp32)
+        sampler_args = [f"--steps={p.steps}", f"--batch={p.batch}", *p.generate_args, "--device=cpu"]
+        for run in training_runs(p, True, 10.0, "N"):
+            train.main.make_context("train.py", ["--outdir=o", "--data=d", *run.args, "--duration=0.01"])
+        generate.main.make_context("generate.py", ["--network=n", "--gnet=g", "--guidance=2", "--outdir=o",
+                                                   "--seeds=0-63", *sampler_args])
+        fid.calc.make_context("calc", ["--network=n", "--gnet=g", "--guidance=2", "--ref=r", "--num=10",
+                                       *sampler_args])
+        assert ("--precision=bf16" in p.generate_args) == (not fp32 and "--precision=bf16" in preset.generate_args)
+
+
 def test_quickstart_refuses_an_earlier_run(tmp_path):
     (tmp_path / "summary.json").write_text("{}")
     result = subprocess.run([sys.executable, "quickstart.py", "--preset=smoke", f"--outdir={tmp_path}"], cwd=REPO,
