@@ -181,6 +181,8 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
     c.lr_rampup_kimg = opts.lr_rampup
     if opts.lr_decay:
         c.lr_decay_batches = opts.lr_decay
+    if opts.lr_cooldown:
+        c.lr_cooldown = opts.lr_cooldown
     if opts.ema_std:
         c.ema_stds = list(opts.ema_std)
     if opts.label_dropout:
@@ -316,6 +318,8 @@ def shared_from_rank0(value):
               type=click.FloatRange(min=0))
 @click.option("--lr-decay", help="EDM2's decay: lr / sqrt(max(steps / this, 1)), 0 = constant  [default: 0; "
               "edm2 35000]", metavar="BATCHES", type=click.FloatRange(min=0))
+@click.option("--lr-cooldown", help="Fraction of --duration at the end over which the learning rate falls linearly to "
+              "0  [default: 0]", metavar="FRACTION", type=click.FloatRange(min=0, max=1), default=0)
 @click.option("--adam-beta2", help="Adam's beta2, the decay of its squared-gradient average  [default: 0.999; edm2 "
               "0.99]", metavar="FLOAT", type=click.FloatRange(min=0, max=1, max_open=True))
 @click.option("--ema", help="Half-life of the EMA weights, in million images",

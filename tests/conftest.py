@@ -100,7 +100,8 @@ def tiny_training_run(run_dir: str, data: str, device: str, workers: int = 0, ne
                  augment_kwargs=None, seed=0, batch_size=8, batch_gpu=4, resume_pkl=None, resume_state_dump=None,
                  cudnn_benchmark=True, device=device, tensorboard=False, start_time=time.time(),
                  options=dict(dict(loss_scaling=1, lr_rampup_kimg=0.01, ema_halflife_kimg=0.5, ema_rampup_ratio=0.05,
-                                   lr_decay_batches=0, ema_stds=[], label_dropout=0), **options))
+                                   lr_decay_batches=0, ema_stds=[], label_dropout=0, total_nimg=0, lr_cooldown=0),
+                              **options))
 
 
 @pytest.fixture

@@ -47,6 +47,40 @@ def test_learning_rate_decay_is_the_official_schedule():
     assert learning_rate(0.01, 5e6, 10000, 2048, 0) == learning_rate(0.01, 5e6, 10000) == pytest.approx(0.005)
 
 
+def test_the_cooldown_takes_the_rate_linearly_to_zero_over_the_runs_end():
+    """lr(n) = schedule(n) min((N - n) / (f N), 1) for a run of N images with --lr-cooldown=f, on EDM's constant
+    rate and on EDM2's decay alike."""
+    total = 100_000
+    for decay in (0, 500):
+        def lr(n, f=0.25):
+            return learning_rate(0.04, n, 1, 32, decay, total_nimg=total, lr_cooldown=f)
+        plain = [learning_rate(0.04, n, 1, 32, decay) for n in (50_000, 75_000, 87_500, 95_000)]
+        assert lr(50_000) == plain[0] and lr(75_000) == plain[1]  # Before and at the cooldown's start.
+        assert lr(87_500) == pytest.approx(plain[2] * 0.5, rel=1e-12)  # Half-way through it.
+        assert lr(95_000) == pytest.approx(plain[3] * 0.2, rel=1e-12)
+        assert lr(total) == 0 and lr(total + 32) == 0
+        assert lr(87_500, f=0) == plain[2] and lr(87_500, f=1) == pytest.approx(plain[2] * 0.125, rel=1e-12)
+    assert learning_rate(0.04, 5_000, 1, 32, 500) == pytest.approx(0.04)  # Unchanged without a cooldown.
+
+
+def test_a_run_with_a_cooldown_reports_the_cooled_rate(fashion_mnist_16_zip, tmp_path):
+    """--lr-cooldown reaches the loop: the last step of a 128-image run (batch 16) with half of it cooling down
+    runs at 0.01 * (128 - 112) / 64 (the rate logged per tick is the last step's)."""
+    result = run_train(f"--outdir={tmp_path}", f"--data={fashion_mnist_16_zip}", "--arch=edm2", "--cbase=16",
+                       "--cres=1,2", "--blocks=1", "--attn=", "--batch=16", "--lr=0.01", "--lr-decay=0",
+                       "--lr-rampup=0", "--lr-cooldown=0.5", "--duration=0.000128", "--tick=0.064", "--snap=1000",
+                       "--dump=1000", "--grid=0", "--ema-std=none", "--seed=0", "--nosubdir", "--workers=0")
+    assert result.exit_code == 0, result.output
+    import json
+    with open(tmp_path / "stats.jsonl") as f:
+        ticks = [json.loads(line) for line in f]
+    lrs = {round(t["Progress/kimg"]["mean"] * 1000): t["Progress/lr"]["mean"] for t in ticks}
+    assert lrs[80] == pytest.approx(0.01, rel=1e-6)  # The step from 64 images: where the cooldown starts.
+    assert lrs[128] == pytest.approx(0.01 * 16 / 64, rel=1e-6)
+    with open(tmp_path / "training_options.json") as f:
+        assert json.load(f)["lr_cooldown"] == 0.5
+
+
 def test_label_dropout_zeroes_whole_label_vectors_with_its_probability():
     torch.manual_seed(0)
     labels = torch.eye(10)[torch.randint(10, [20000])]

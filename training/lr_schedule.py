@@ -2,7 +2,10 @@
 
 EDM2 (Karras et al., CVPR 2024, Section 2, "learning rate decay") trains with Adam at a rate that falls as the
 inverse square root of the step count once past a reference count, after a linear ramp-up over the first images.
-EDM's constant rate with a ramp-up is ``training.training_loop.learning_rate``.
+EDM's constant rate with a ramp-up is ``training.training_loop.learning_rate``. Either may end with a cooldown, a
+linear fall to zero over the last part of a run of known length (the "decay" of a warmup-stable-decay schedule;
+Hagele et al., "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations", NeurIPS 2024), which
+takes a short run's weights closer to where a long run's averaging would.
 """
 
 from __future__ import annotations
@@ -19,3 +22,11 @@ def edm2_learning_rate(cur_nimg: float, batch_size: int, ref_lr: float, ref_batc
     if rampup_Mimg > 0:
         lr *= min(cur_nimg / (rampup_Mimg * 1e6), 1)
     return lr
+
+
+def cooldown_factor(cur_nimg: float, total_nimg: float, fraction: float) -> float:
+    """The cooldown's multiplier: 1 until the last ``fraction`` of a ``total_nimg``-image run, then falling
+    linearly to 0 at ``total_nimg`` (and 0 past it); ``fraction`` = 0: always 1."""
+    if fraction <= 0 or total_nimg <= 0:
+        return 1.0
+    return min(max((total_nimg - cur_nimg) / (fraction * total_nimg), 0.0), 1.0)

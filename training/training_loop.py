@@ -29,7 +29,7 @@ from torch_utils.training_stats import StatsCollector
 from training.checkpoint import save_network_pkl
 from training.perf import FastPaths, adam_kwargs, apply_process_settings, as_memory_format, default_fast_paths, \
     maybe_compile, prepare_network
-from training.lr_schedule import edm2_learning_rate
+from training.lr_schedule import cooldown_factor, edm2_learning_rate
 from training.monitor import InTrainingMetrics, LossBySigma, MetricsOptions, SigmaRecorder, network_label
 from training.phema import PowerFunctionEMA, snapshot_name
 from training.progress import RunLog, format_time, save_image_grid
@@ -281,14 +281,17 @@ def _plain(value):
 # One optimizer step.
 
 def learning_rate(base_lr: float, cur_nimg: int, lr_rampup_kimg: float, batch_size: int = 1,
-                  lr_decay_batches: float = 0) -> float:
+                  lr_decay_batches: float = 0, total_nimg: int = 0, lr_cooldown: float = 0) -> float:
     """EDM: linear ramp-up from 0 to ``base_lr`` over the first ``lr_rampup_kimg`` thousand images, then constant.
     With ``lr_decay_batches`` > 0, EDM2's schedule (its Section 2, Eq. 69 of the arXiv version): the ramped rate
-    divided by sqrt(max(t / lr_decay_batches, 1)), t = optimizer steps so far."""
+    divided by sqrt(max(t / lr_decay_batches, 1)), t = optimizer steps so far. With ``lr_cooldown`` > 0, either
+    falls linearly to 0 over that fraction of the run's ``total_nimg`` images at its end."""
     if lr_decay_batches > 0:
-        return edm2_learning_rate(cur_nimg, batch_size, ref_lr=base_lr, ref_batches=lr_decay_batches,
-                                  rampup_Mimg=lr_rampup_kimg / 1000)
-    return base_lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+        lr = edm2_learning_rate(cur_nimg, batch_size, ref_lr=base_lr, ref_batches=lr_decay_batches,
+                                rampup_Mimg=lr_rampup_kimg / 1000)
+    else:
+        lr = base_lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1)
+    return lr * cooldown_factor(cur_nimg, total_nimg, lr_cooldown)
 
 
 def ema_beta(cur_nimg: int, batch_size: int, ema_halflife_kimg: float, ema_rampup_ratio: float | None) -> float:
@@ -357,7 +360,7 @@ def train_step(run: Run) -> None:
     accumulate_gradients(run)
     for group in state.optimizer.param_groups:
         group["lr"] = learning_rate(run.optimizer_lr, state.cur_nimg, opts["lr_rampup_kimg"], run.batch_size,
-                                    opts["lr_decay_batches"])
+                                    opts["lr_decay_batches"], opts["total_nimg"], opts["lr_cooldown"])
     run.stats.report0("Loss/nonfinite_grads", sanitize_gradients(state.net))
     state.optimizer.step()
     update_ema(state.ema, state.net, ema_beta(state.cur_nimg, run.batch_size, opts["ema_halflife_kimg"],
@@ -613,6 +616,7 @@ def training_loop(
     fast_paths: dict | None = None,     # training.perf.FastPaths switches; None or missing = the device's defaults.
     max_minutes: float | None = None,   # Also end (with a final snapshot) after this much wall-clock time.
     lr_decay_batches: float = 0,        # EDM2: lr / sqrt(max(steps / this, 1)) after the ramp-up; 0 = constant.
+    lr_cooldown: float = 0,             # Fraction of total_kimg at the end over which lr falls linearly to 0.
     ema_stds: list[float] | None = None,  # EDM2: sigma_rel of the power-function EMAs to track; None = none.
     label_dropout: float = 0,           # Probability of training an image without its label (for guidance).
     metrics_kwargs: dict | None = None, # training.monitor.MetricsOptions: FID/KID during training; None = off.
@@ -622,7 +626,8 @@ def training_loop(
     options = dict(loss_scaling=loss_scaling, lr_rampup_kimg=lr_rampup_kimg, ema_halflife_kimg=ema_halflife_kimg,
                    ema_rampup_ratio=ema_rampup_ratio, snapshot_ticks=snapshot_ticks,
                    state_dump_ticks=state_dump_ticks, grid_images=grid_images, grid_steps=grid_steps,
-                   lr_decay_batches=lr_decay_batches, ema_stds=list(ema_stds or []), label_dropout=label_dropout)
+                   lr_decay_batches=lr_decay_batches, ema_stds=list(ema_stds or []), label_dropout=label_dropout,
+                   lr_cooldown=lr_cooldown, total_nimg=int(round(total_kimg * 1000)))
     start_time = time.time()
     run = setup(run_dir, dataset_kwargs, data_loader_kwargs, network_kwargs, loss_kwargs, optimizer_kwargs,
                 augment_kwargs, seed, batch_size, batch_gpu, resume_pkl, resume_state_dump, cudnn_benchmark,
