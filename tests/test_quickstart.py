@@ -125,11 +125,11 @@ def test_training_runs_share_the_budget_or_the_duration_with_the_guide():
     assert (rest.outdir, minutes(rest), rest.guide, option_value(rest.args, "resume")) == ("training", 6.0, False,
                                                                                            "auto")
     assert option_value(first.args, "cbase") == option_value(rest.args, "cbase") == "32"
-    # Without a budget: the preset's --duration (0.1 Mimg), its share for the guide.
+    # Without a budget: the preset's --duration (0.3 Mimg), its share for the guide.
     guide, main = training_runs(dataclasses.replace(p, guide="smaller"), True, None, "N")
-    assert option_value(guide.args, "duration") == "0.025" and option_value(main.args, "duration") == "0.1"
+    assert option_value(guide.args, "duration") == "0.075" and option_value(main.args, "duration") == "0.3"
     first, rest = training_runs(dataclasses.replace(p, guide="earlier"), True, None, "N")
-    assert option_value(first.args, "duration") == "0.025" and option_value(rest.args, "duration") == "0.1"
+    assert option_value(first.args, "duration") == "0.075" and option_value(rest.args, "duration") == "0.3"
     assert "max-minutes" not in " ".join(first.args + rest.args)
 
 
@@ -167,7 +167,7 @@ def test_preset_duration_override_budget_and_fp32_fallback():
     from quickstart import PRESETS, adapt_preset
 
     cpu = PRESETS["cpu"]
-    assert cpu.minutes == 15 and "--duration=0.1" in cpu.train_args
+    assert cpu.minutes == 15 and "--duration=0.3" in cpu.train_args
     assert not any(a.startswith("--max-minutes") for a in cpu.train_args)  # The budget sets it at run time.
     longer = adapt_preset(cpu, kimg=75, fp32=False)
     assert "--duration=0.075" in longer.train_args and "--bf16=1" in longer.train_args
