@@ -82,14 +82,18 @@ def _pinned_inputs():
 
 
 @pytest.mark.parametrize("case", list(PINNED))
-def test_paper_samplers_are_bit_identical_to_before(case):
+def test_paper_samplers_give_their_outputs_from_before(case):
+    """Bit for bit on the CPU that saved the pins (AVX2); on one with AVX-512 the tiny network's float32
+    convolutions round differently (oneDNN picks its kernels by the CPU, whatever ATEN_CPU_CAPABILITY says), which
+    moved these images by up to 2e-6 of their range: the tolerance, 1e-5 of it, is far below what any change to a
+    sampler's arithmetic does (S_noise 1.007 against 1 alone moves edm-churn by 4e-3)."""
     pins = torch.load(os.path.join(FIXTURES, "sampler-pins.pt"), weights_only=True)
     kind, kwargs = PINNED[case]
     net, latents, labels, rng = _pinned_inputs()
     with torch.no_grad():
         images = (edm_sampler if kind == "edm" else ablation_sampler)(net, latents, labels, randn_like=rng.randn_like,
                                                                       **kwargs)
-    assert torch.equal(images, pins[case])
+    torch.testing.assert_close(images, pins[case], rtol=0, atol=1e-5 * pins[case].abs().max().item())
 
 
 @pytest.mark.parametrize("churn", [dict(), dict(S_churn=20, S_min=0.05, S_max=30, S_noise=1.007)])
