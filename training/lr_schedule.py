@@ -4,8 +4,8 @@ EDM2 (Karras et al., CVPR 2024, Section 2, "learning rate decay") trains with Ad
 inverse square root of the step count once past a reference count, after a linear ramp-up over the first images.
 EDM's constant rate with a ramp-up is ``training.training_loop.learning_rate``. Either may end with a cooldown, a
 linear fall to zero over the last part of a run of known length (the "decay" of a warmup-stable-decay schedule;
-Hagele et al., "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations", NeurIPS 2024), which
-takes a short run's weights closer to where a long run's averaging would.
+Hagele et al., "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations", NeurIPS 2024). On
+the quickstart's recipe it measured no gain at 80 kimg (docs/quickstart-notes.md).
 """
 
 from __future__ import annotations
