@@ -383,7 +383,9 @@ def _parallel_map(converter: ImageConverter, items: Iterable[SourceItem], worker
         return
     batch = 64 * workers
     iterator = iter(items)
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(converter,)) as pool:
+    # Spawned, not forked: this process has imported torch (its threads), and a forked pool once hung for good
+    # converting 16 images (workers exited, the parent waiting on a lock), which stalled the test suite.
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(converter,)) as pool:
         pending = pool.map_async(_convert_in_worker, list(itertools.islice(iterator, batch)), chunksize=16)
         while pending is not None:
             next_items = list(itertools.islice(iterator, batch))
