@@ -181,9 +181,32 @@ def test_gains_start_at_zero():
 
 def test_resampling_is_a_2x2_box_filter():
     x = torch.arange(16.0).reshape(1, 1, 4, 4).repeat(1, 2, 1, 1)
-    torch.testing.assert_close(resample(x, mode="down"), torch.nn.functional.avg_pool2d(x, 2))
+    torch.testing.assert_close(resample(x, mode="down"), x.reshape(1, 2, 2, 2, 2, 2).mean(dim=(3, 5)))
     torch.testing.assert_close(resample(x, mode="up"), x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
     assert resample(x, mode="keep") is x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("mode", ["down", "up"])
+def test_box_resampling_equals_the_filters_convolution(dtype, memory_format, mode):
+    """The 2x2 box's pooling / repetition gives the grouped convolution's values and input gradients (the
+    official way; up exactly, down to one rounding of the result)."""
+    from training.networks.edm2 import _resample_box, _resample_fir
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8).to(dtype).contiguous(memory_format=memory_format)
+    outputs, grads = [], []
+    for resampled in (lambda y: _resample_box(y, mode), lambda y: _resample_fir(y, (1, 1), mode)):
+        y = x.clone().requires_grad_()
+        out = resampled(y)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dtype))
+        outputs.append(out.float())
+        grads.append(y.grad.float())
+    exact = mode == "up" or dtype == torch.float32
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=2 ** -8, atol=1e-6)
+    torch.testing.assert_close(outputs[0], outputs[1], **tol)
+    torch.testing.assert_close(grads[0], grads[1], **(dict(rtol=2 ** -8, atol=1e-6) if dtype != torch.float32 else {}))
 
 
 def test_resampling_kernel_is_made_once_per_device_and_serves_training_after_inference():
@@ -211,6 +234,25 @@ def test_activations_are_clipped():
     with torch.no_grad():
         out = block(torch.randn(1, 4, 4, 4) * 100, torch.randn(1, 4))
     assert out.abs().max().item() == 2
+
+
+@pytest.mark.parametrize("scale", [1, 50])
+def test_clipping_gives_clamps_values_and_gradient(scale):
+    """clip_activations gives in-place clamp's values and gradient (1 inside the limit, 0 outside and, as clamp_
+    cannot tell a clipped value from one that was at the limit, 0 at the limit) whether or not a value exceeds
+    the limit; with all inside, x itself comes back."""
+    from training.networks.edm2 import clip_activations
+
+    torch.manual_seed(0)
+    x = (torch.rand(2, 4, 6, 6) * 4 - 2) * scale  # Scale 1: all inside [-2, 2]; 50: most outside.
+    x[0, 0, 0, :2] = torch.tensor([2.0, -2.0])
+    y = x.clone().requires_grad_()
+    out = clip_activations(y * 1, 2)
+    out.backward(torch.full_like(x, 3))
+    torch.testing.assert_close(out, x.clamp(-2, 2), rtol=0, atol=0)
+    torch.testing.assert_close(y.grad, 3 * (x.abs() < 2).float(), rtol=0, atol=0)
+    inside = x.clamp(-1.5, 1.5)
+    assert clip_activations(inside, 2) is inside
 
 # ----------------------------------------------------------------------------
 # Pickles: official EDM2 pickles load here; ours load in the official loader.
