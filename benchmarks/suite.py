@@ -50,14 +50,16 @@ import torch
 from torch_utils.misc import randomize_parameters
 from training.dataset import DATASET_JSON
 from training.dataset_tool_lib import DatasetWriter, archive_name, encode_png
-from training.loss import EDMLoss
+from training.loss import EDM2Loss, EDMLoss
 from training.networks import EDMPrecond
+from training.networks.edm2 import Precond as EDM2Precond
 from training.perf import FastPaths, apply_process_settings, as_memory_format, check_precision, maybe_compile, \
     parse_variant, prepare_network, process_settings
 from training.sampling import generate_images
 from training.training_loop import build_optimizer, ema_beta, sanitize_gradients, update_ema
 
-# The network of each config (EDMPrecond around a SongUNet), as train.py builds it.
+# The network of each config as train.py builds it: EDMPrecond around a SongUNet with EDM's loss, unless the config
+# names its own preconditioner ('precond') and loss ('loss').
 DDPMPP = dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard", decoder_type="standard",
               channel_mult_noise=1, resample_filter=[1, 1], channel_mult=[2, 2, 2], augment_dim=9, dropout=0.13)
 CONFIGS = {
@@ -65,6 +67,12 @@ CONFIGS = {
     "cifar10-ddpmpp": dict(resolution=32, channels=3, label_dim=10, network=dict(DDPMPP, model_channels=128)),
     # The same architecture at a quarter of the width (3.5M parameters), for CPUs.
     "cifar10-ddpmpp-c32": dict(resolution=32, channels=3, label_dim=10, network=dict(DDPMPP, model_channels=32)),
+    # quickstart.py's cpu preset: EDM2's U-Net (train.py --arch=edm2 --cbase=32 --cres=1,1,2 --blocks=1 --attn=
+    # --dropout=0) on 28x28 Fashion-MNIST, with EDM2's loss at --arch=edm2's P_mean and P_std.
+    "fmnist-edm2-cpu": dict(resolution=28, channels=1, label_dim=10, precond=EDM2Precond,
+                            loss=lambda: EDM2Loss(P_mean=-0.8, P_std=1.6),
+                            network=dict(model_channels=32, channel_mult=[1, 1, 2], num_blocks=1, attn_resolutions=[],
+                                         dropout=0, use_fp16=False)),
     # A few-hundred-thousand-parameter 16x16 network, for tests.
     "tiny": dict(resolution=16, channels=3, label_dim=10,
                  network=dict(DDPMPP, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])),
@@ -180,10 +188,10 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def build_denoiser(config: dict, fast: FastPaths, device: torch.device, seed: int) -> torch.nn.Module:
-    """The config's EDMPrecond with seeded weights and the variant's attention, memory format and precision."""
+    """The config's network with seeded weights and the variant's attention, memory format and precision."""
     torch.manual_seed(seed)
-    net = EDMPrecond(img_resolution=config["resolution"], img_channels=config["channels"],
-                     label_dim=config["label_dim"], **config["network"])
+    net = config.get("precond", EDMPrecond)(img_resolution=config["resolution"], img_channels=config["channels"],
+                                            label_dim=config["label_dim"], **config["network"])
     return prepare_network(net.to(device), fast)
 
 
@@ -211,7 +219,7 @@ class VariantBench:
         optimizer = build_optimizer(dict(class_name="torch.optim.Adam", lr=1e-4, betas=[0.9, 0.999], eps=1e-8),
                                     net.parameters(), self.fast)
         forward = maybe_compile(net, self.fast)
-        loss_fn = EDMLoss()
+        loss_fn = self.config.get("loss", EDMLoss)()
         loss_scaling = LOSS_SCALING_FP16 if self.fast.precision == "fp16" else 1
         batch = self.settings.batch
 

@@ -249,10 +249,17 @@ def test_training_step_never_waits_for_the_device(count_host_reads, tmp_path, fa
 def test_variants_parse_and_name_their_errors():
     assert parse_variant("reference", "cpu") == REFERENCE
     assert parse_variant("default", "cpu") == default_fast_paths("cpu")
-    assert parse_variant("default+bf16+no_sdpa", "cpu") == default_fast_paths("cpu").with_options(precision="bf16",
-                                                                                                  sdpa=False)
+    assert parse_variant("default+bf16+no_sdpa", "cpu") == default_fast_paths("cpu", "bf16").with_options(
+        precision="bf16", sdpa=False)
     assert parse_variant("channels_last+compile", "cuda").describe() == "channels_last+compile"
     assert default_fast_paths("cuda").channels_last and default_fast_paths("cpu").precision == "fp32"
+    # On a CPU NHWC only for bfloat16, whose oneDNN convolutions work in it; the precision stays the caller's.
+    assert default_fast_paths("cpu", "bf16").channels_last and not default_fast_paths("cpu").channels_last
+    assert default_fast_paths("cpu", "bf16").precision == "fp32"
+    assert parse_variant("default+bf16", "cpu").channels_last and parse_variant("default+bf16", "cpu").precision == "bf16"
+    assert not parse_variant("default+bf16+no_bf16", "cpu").channels_last
+    with pytest.raises(ValueError, match="precision='bf17'"):
+        default_fast_paths("cpu", "bf17")
     with pytest.raises(ValueError, match="unknown part 'turbo'"):
         parse_variant("default+turbo", "cpu")
 
@@ -310,8 +317,9 @@ def test_benchmark_random_dataset_reads_as_the_training_data(tmp_path):
 
 
 def test_train_cli_fast_path_options_reach_the_loop(fashion_mnist_8_zip, tmp_path):
-    """--channels-last/--compile/--retain-memory/... go to training_loop(fast_paths=...); a channels_last bf16 run
-    trains, logs its fast paths with its precision and writes contiguous snapshots."""
+    """--channels-last/--compile/--retain-memory/... go to training_loop(fast_paths=...); a bf16 run on the CPU is
+    channels_last without being asked, trains, logs its fast paths with its precision and writes contiguous
+    snapshots."""
     from click.testing import CliRunner
 
     import train
@@ -324,7 +332,7 @@ def test_train_cli_fast_path_options_reach_the_loop(fashion_mnist_8_zip, tmp_pat
     assert dry.exit_code == 0, dry.output
     config = json.loads(dry.output[dry.output.index("{"):dry.output.rindex("}") + 1])
     assert config["fast_paths"] == dict(channels_last=True, compile=False, tf32=True, retain_memory=False)
-    run = CliRunner().invoke(train.main, [*common, "--channels-last=1", "--bf16=1", "--duration=0.000016",
+    run = CliRunner().invoke(train.main, [*common, "--bf16=1", "--duration=0.000016",
                                           "--tick=0.008"])
     assert run.exit_code == 0, run.output
     log = (tmp_path / "log.txt").read_text()
@@ -352,3 +360,22 @@ def test_generate_cli_fast_paths_give_the_same_images(tmp_path):
         images = torch.from_numpy(np.array(PIL.Image.open(grid))).permute(2, 0, 1).to(torch.int16)
         difference = (images[:, :8, :16] - torch.cat(list(expected), dim=2)).abs()
         assert difference.max() <= max_levels, options  # uint8 levels (float rounding / bf16's 8-bit mantissa)
+
+
+def test_sampling_on_the_cpu_is_channels_last_in_bf16_only():
+    """prepare_for_sampling takes the CPU's defaults for the precision the network will run in: asked for
+    (--precision) or its own (a bf16-trained snapshot); float32 stays NCHW."""
+    from conftest import make_tiny_net
+    from training.generation import GenerateOptions, prepare_for_sampling
+
+    def conv_weight_is_nhwc(net):
+        weight = next(p for p in net.parameters() if p.ndim == 4 and p.shape[-1] > 1)
+        return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+    cpu = torch.device("cpu")
+    for precision, own_bf16, nhwc in ((None, False, False), ("bf16", False, True), (None, True, True),
+                                      ("fp32", True, False)):
+        net = make_tiny_net(label_dim=4)
+        net.use_bf16 = own_bf16
+        prepared = prepare_for_sampling(net, GenerateOptions(network="unused", seeds=[0], precision=precision), cpu)
+        assert conv_weight_is_nhwc(prepared) == nhwc, (precision, own_bf16)
