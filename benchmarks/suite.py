@@ -200,7 +200,7 @@ class VariantBench:
 
     def __init__(self, variant: str, settings: Settings, device: torch.device):
         self.variant, self.settings, self.device = variant, settings, device
-        self.fast = parse_variant(variant, device)
+        self.fast = parse_variant(variant, device, CONFIGS[settings.config].get("precond", EDMPrecond))
         self.config = CONFIGS[settings.config]
         self.calls: dict[str, Callable[[], float | None]] = {}  # None: time the whole call; else its timed part
         self.images: dict[str, int] = {}

@@ -140,6 +140,9 @@ def test_edm2_run_writes_one_snapshot_per_sigma_rel_and_resumes_bit_exactly(fash
     a = read_state_file(newest_state_file(straight["run_dir"]))
     b = read_state_file(newest_state_file(second["run_dir"]))
     assert a["cur_nimg"] == b["cur_nimg"] == 128
+    # EDM2's U-Net trains channels_last on the CPU too (perf.default_fast_paths); snapshots stay contiguous.
+    log = open(os.path.join(straight["run_dir"], "log.txt")).read()
+    assert "Fast paths: sdpa+channels_last+fused_adam+retain_memory\n" in log
     for key in ("net", "ema"):
         assert all(torch.equal(a[key][name], b[key][name]) for name in a[key])
     assert a["phema"]["stds"] == [0.05, 0.1]

@@ -253,13 +253,12 @@ def test_variants_parse_and_name_their_errors():
         precision="bf16", sdpa=False)
     assert parse_variant("channels_last+compile", "cuda").describe() == "channels_last+compile"
     assert default_fast_paths("cuda").channels_last and default_fast_paths("cpu").precision == "fp32"
-    # On a CPU NHWC only for bfloat16, whose oneDNN convolutions work in it; the precision stays the caller's.
-    assert default_fast_paths("cpu", "bf16").channels_last and not default_fast_paths("cpu").channels_last
-    assert default_fast_paths("cpu", "bf16").precision == "fp32"
-    assert parse_variant("default+bf16", "cpu").channels_last and parse_variant("default+bf16", "cpu").precision == "bf16"
-    assert not parse_variant("default+bf16+no_bf16", "cpu").channels_last
-    with pytest.raises(ValueError, match="precision='bf17'"):
-        default_fast_paths("cpu", "bf17")
+    # On a CPU NHWC for EDM2's U-Net only, given as a class or an instance.
+    from training.networks import EDMPrecond
+    from training.networks.edm2 import Precond as EDM2Precond
+    assert not default_fast_paths("cpu").channels_last and not default_fast_paths("cpu", EDMPrecond).channels_last
+    assert default_fast_paths("cpu", EDM2Precond).channels_last and parse_variant("default", "cpu", EDM2Precond) == \
+        default_fast_paths("cpu", EDM2Precond)
     with pytest.raises(ValueError, match="unknown part 'turbo'"):
         parse_variant("default+turbo", "cpu")
 
@@ -317,9 +316,8 @@ def test_benchmark_random_dataset_reads_as_the_training_data(tmp_path):
 
 
 def test_train_cli_fast_path_options_reach_the_loop(fashion_mnist_8_zip, tmp_path):
-    """--channels-last/--compile/--retain-memory/... go to training_loop(fast_paths=...); a bf16 run on the CPU is
-    channels_last without being asked, trains, logs its fast paths with its precision and writes contiguous
-    snapshots."""
+    """--channels-last/--compile/--retain-memory/... go to training_loop(fast_paths=...); a channels_last bf16 run
+    trains, logs its fast paths with its precision and writes contiguous snapshots."""
     from click.testing import CliRunner
 
     import train
@@ -332,7 +330,7 @@ def test_train_cli_fast_path_options_reach_the_loop(fashion_mnist_8_zip, tmp_pat
     assert dry.exit_code == 0, dry.output
     config = json.loads(dry.output[dry.output.index("{"):dry.output.rindex("}") + 1])
     assert config["fast_paths"] == dict(channels_last=True, compile=False, tf32=True, retain_memory=False)
-    run = CliRunner().invoke(train.main, [*common, "--bf16=1", "--duration=0.000016",
+    run = CliRunner().invoke(train.main, [*common, "--channels-last=1", "--bf16=1", "--duration=0.000016",
                                           "--tick=0.008"])
     assert run.exit_code == 0, run.output
     log = (tmp_path / "log.txt").read_text()
@@ -362,20 +360,24 @@ def test_generate_cli_fast_paths_give_the_same_images(tmp_path):
         assert difference.max() <= max_levels, options  # uint8 levels (float rounding / bf16's 8-bit mantissa)
 
 
-def test_sampling_on_the_cpu_is_channels_last_in_bf16_only():
-    """prepare_for_sampling takes the CPU's defaults for the precision the network will run in: asked for
-    (--precision) or its own (a bf16-trained snapshot); float32 stays NCHW."""
+def test_sampling_on_the_cpu_takes_the_networks_memory_format_default():
+    """prepare_for_sampling takes the CPU's defaults for the network it is given: EDM2's U-Net NHWC, DDPM++ NCHW;
+    an explicit --channels-last wins."""
     from conftest import make_tiny_net
     from training.generation import GenerateOptions, prepare_for_sampling
+    from training.networks.edm2 import Precond as EDM2Precond
 
     def conv_weight_is_nhwc(net):
         weight = next(p for p in net.parameters() if p.ndim == 4 and p.shape[-1] > 1)
         return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
 
+    def edm2():
+        return EDM2Precond(img_resolution=8, img_channels=1, label_dim=0, model_channels=8, channel_mult=[1, 1],
+                           num_blocks=1, attn_resolutions=[])
+
     cpu = torch.device("cpu")
-    for precision, own_bf16, nhwc in ((None, False, False), ("bf16", False, True), (None, True, True),
-                                      ("fp32", True, False)):
-        net = make_tiny_net(label_dim=4)
-        net.use_bf16 = own_bf16
-        prepared = prepare_for_sampling(net, GenerateOptions(network="unused", seeds=[0], precision=precision), cpu)
-        assert conv_weight_is_nhwc(prepared) == nhwc, (precision, own_bf16)
+    for net, fast_paths, nhwc in ((make_tiny_net(), {}, False), (edm2(), {}, True),
+                                  (edm2(), dict(channels_last=False), False),
+                                  (make_tiny_net(), dict(channels_last=True), True)):
+        options = GenerateOptions(network="unused", seeds=[0], fast_paths=fast_paths)
+        assert conv_weight_is_nhwc(prepare_for_sampling(net, options, cpu)) == nhwc, (type(net), fast_paths)

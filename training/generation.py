@@ -26,7 +26,7 @@ from metrics.features import compute_features, generated_batches
 from torch_utils import distributed
 from training.checkpoint import is_latent_snapshot, load_network_pkl
 from training.perf import (apply_process_settings, check_precision, default_fast_paths, maybe_compile,
-                           network_precision, prepare_network)
+                           prepare_network)
 from training.sampling import UNCONDITIONAL, check_sampler_options, describe_sampler, generate_images, guided
 
 
@@ -200,8 +200,7 @@ def check_network_options(net, options: GenerateOptions) -> None:
 
 def prepare_for_sampling(net: torch.nn.Module, options: GenerateOptions, device: torch.device) -> torch.nn.Module:
     """The network with the fast paths of ``options`` (the device's defaults for those not given)."""
-    precision = options.precision or network_precision(net, device)
-    fast = default_fast_paths(device, precision).with_options(**options.fast_paths)
+    fast = default_fast_paths(device, net).with_options(**options.fast_paths)
     if options.precision is not None:
         fast = fast.with_options(precision=options.precision)
     apply_process_settings(fast)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from training.networks.edm2 import Precond as EDM2Precond
 from training.networks.layers import ATTENTION_IMPLS, UNetBlock
 
 FLAG_NAMES = ("sdpa", "channels_last", "fused_adam", "compile", "tf32", "retain_memory")
@@ -63,36 +64,28 @@ REFERENCE = FastPaths(sdpa=False, channels_last=False, fused_adam=False, compile
                       retain_memory=False)
 
 
-def default_fast_paths(device: torch.device | str, precision: str = "fp32") -> FastPaths:
-    """The defaults for a device type and the precision the network will run in, decided by measurement (README,
-    section Performance; docs/performance.md).
+def default_fast_paths(device: torch.device | str, network: torch.nn.Module | type | None = None) -> FastPaths:
+    """The defaults for a device type and (on a CPU) the network family, decided by measurement (README, section
+    Performance; docs/performance.md).
 
     CPU: sdpa and fused Adam (float32-equal, no slower) and retained host memory (bit-identical; no page faults
     on re-allocated activations: 1.1x for the denoiser and sampling, 1.15x for FID features, 1.03x for
-    training). channels_last only in bfloat16: oneDNN's bfloat16 convolutions work in NHWC and reorder NCHW
-    tensors at every call (quickstart's EDM2 network on an AVX-512 BF16 CPU: 1.1x training, 1.2x sampling;
-    faster too where bfloat16 is emulated), while in float32 it lost 5-20% on an AVX2 CPU. compile is off:
-    inductor gained 7% in float32 and takes 1.5 (denoiser) to 6 (training step) minutes to compile on a small
-    CPU.
+    training). channels_last for EDM2's U-Net only (``network`` an EDM2 ``Precond``, instance or class): on the
+    quickstart's EDM2 network it trained 1.09x and sampled 1.2x faster in bfloat16, 1.1x in float32 (also with
+    oneDNN held to AVX2), while DDPM++ lost 5-20% in float32 and 7-14% in bfloat16 (its group norms). compile
+    is off: inductor gained 7% in float32 and takes 1.5 (denoiser) to 6 (training step) minutes to compile on a
+    small CPU.
     CUDA: additionally channels_last (1.1x for training and sampling on an H200, README). compile, which costs
     minutes per process, stays opt-in there too; TF32 (2.8x training) and bf16/fp16 (3.2x) are opt-in because
     they change float32 results (2e-4 to 4e-3 relative).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision='{precision}': expected one of {', '.join(PRECISIONS)}")
     if torch.device(device).type == "cuda":
         return FastPaths(sdpa=True, channels_last=True, fused_adam=True, compile=False)
-    return FastPaths(sdpa=True, channels_last=precision == "bf16", fused_adam=True, compile=False,
-                     retain_memory=True)
+    return FastPaths(sdpa=True, channels_last=_is_edm2(network), fused_adam=True, compile=False, retain_memory=True)
 
 
-def network_precision(net: torch.nn.Module, device: torch.device | str) -> str:
-    """The precision a preconditioned network's U-Net runs in on ``device`` (its ``compute_dtype``):
-    'fp16', 'bf16' or 'fp32'."""
-    if not hasattr(net, "compute_dtype"):
-        return "fp32"
-    dtype = net.compute_dtype(torch.empty(0, device=device))
-    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+def _is_edm2(network: torch.nn.Module | type | None) -> bool:
+    return isinstance(network, EDM2Precond) or isinstance(network, type) and issubclass(network, EDM2Precond)
 
 
 def check_precision(precision: str, device: torch.device | str) -> None:
@@ -103,17 +96,15 @@ def check_precision(precision: str, device: torch.device | str) -> None:
         raise ValueError(f"fp16 runs only on CUDA devices, and this run is on {device_type}: use bf16 (or fp32) there")
 
 
-def parse_variant(spec: str, device: torch.device | str) -> FastPaths:
+def parse_variant(spec: str, device: torch.device | str, network: torch.nn.Module | type | None = None
+                  ) -> FastPaths:
     """'reference', 'default', or either followed by '+flag' parts: e.g. 'default+bf16', 'reference+sdpa',
     'channels_last+compile' (a bare flag list starts from the reference). 'no_<flag>' switches one off. 'default'
-    is the device's defaults for the variant's precision (on a CPU, 'default+bf16' is channels_last)."""
+    is ``default_fast_paths(device, network)``."""
     parts = [p for p in spec.split("+") if p]
-    precision = "fp32"  # The last precision part's, which the defaults depend on.
-    for part in parts:
-        precision = part if part in PRECISIONS else "fp32" if part[3:] in PRECISIONS else precision
     base = REFERENCE
     if parts and parts[0] in ("reference", "default"):
-        base = REFERENCE if parts.pop(0) == "reference" else default_fast_paths(device, precision)
+        base = REFERENCE if parts.pop(0) == "reference" else default_fast_paths(device, network)
     changes = {}
     for part in parts:
         name, value = (part[3:], False) if part.startswith("no_") else (part, True)

@@ -28,7 +28,7 @@ from torch_utils.misc import InfiniteSampler, clone_module, copy_params_and_buff
 from torch_utils.training_stats import StatsCollector
 from training.checkpoint import save_network_pkl
 from training.perf import FastPaths, adam_kwargs, apply_process_settings, as_memory_format, default_fast_paths, \
-    maybe_compile, network_precision, prepare_network
+    maybe_compile, prepare_network
 from training.lr_schedule import cooldown_factor, edm2_learning_rate
 from training.monitor import InTrainingMetrics, LossBySigma, MetricsOptions, SigmaRecorder, network_label
 from training.phema import PowerFunctionEMA, snapshot_name
@@ -214,9 +214,8 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
     net = build_network(network_kwargs, dataset_obj, device)
     seed_everything(seed)
     ema = clone_module(net).eval().requires_grad_(False)  # Contiguous, as snapshots are written.
-    precision = network_precision(net, device)  # The network's own (--fp16, --bf16).
-    fast = default_fast_paths(device, precision).with_options(**(fast_paths or {}))
-    prepare_network(net, fast, precision=False)
+    fast = default_fast_paths(device, net).with_options(**(fast_paths or {}))
+    prepare_network(net, fast, precision=False)  # The precision is the network's own (--fp16, --bf16).
     log.print(f"{type(net).__name__}: {sum(p.numel() for p in net.parameters()):,} parameters")
     loss_fn = dnnlib.construct_class_by_name(**loss_kwargs)
     augment_pipe = dnnlib.construct_class_by_name(**augment_kwargs) if augment_kwargs else None
@@ -224,6 +223,8 @@ def setup(run_dir: str, dataset_kwargs: dict, data_loader_kwargs: dict, network_
     ddp = net
     if dist.get_world_size() > 1:  # Broadcasts rank 0's initial weights; averages gradients in backward.
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    dtype = net.compute_dtype(torch.empty(0, device=device)) if hasattr(net, "compute_dtype") else torch.float32
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
     log.print(f"Fast paths: {fast.with_options(precision=precision).describe()}")
     state = TrainingState(net=net, ema=ema, optimizer=optimizer,
                           extra=dict(batch_size=batch_size, seed=seed, network_kwargs=_plain(network_kwargs)))
