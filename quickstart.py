@@ -68,7 +68,7 @@ class Preset:
 # (1.4x faster than two threads in one). It makes no sample grids while training (10 s each there); the job's grid is
 # generate.py's. Its samples' classes are balanced (seed mod 10: FID 35.3 / 34.9 against 36.1 / 35.3 with random
 # classes, on two 48-kimg networks; 39.1 against 39.7 on an end-to-end run's). Its --duration is only a cap: on a 2-core
-# CPU with bf16 the budget trained 112 kimg (FID 30.2), past the 100 the cap was before.
+# CPU with bf16 the budget trained 152-156 kimg (FID 28.8-28.9), past the 100 the cap was before.
 PRESETS = {
     "cpu": Preset(train_images=5000, num_eval=1000, num_ref=1000, train_args=(
         "--arch=edm2", "--cond=1", "--cbase=32", "--cres=1,1,2", "--blocks=1", "--attn=",
