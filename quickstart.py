@@ -278,14 +278,15 @@ def measure_costs(p: Preset, data: str, device: str | None, guide_args: tuple[st
     from training.perf import apply_process_settings, default_fast_paths, prepare_network
     dev = torch.device(device) if device else dist.pick_device()
     batch = batch or p.batch
-    precision = "bf16" if "--precision=bf16" in p.generate_args else "fp32"
+    precision = option_value(p.generate_args, "precision")  # None: the network's own, as in generate.py.
     # The stages' own process settings: on a CPU, freed memory kept for reuse made the probed network call 1.15x
     # and an Inception pass 1.4x faster (no page faults on re-allocated activations).
     apply_process_settings(default_fast_paths(dev))
 
     def network_seconds(args: tuple[str, ...]) -> float:
-        net = build_untrained(args, data, dev)
-        net = prepare_network(net, default_fast_paths(dev, net).with_options(precision=precision))  # As sampling's.
+        net = build_untrained(args, data, dev)  # Prepared as generation.prepare_for_sampling does:
+        net = prepare_network(net, default_fast_paths(dev, net).with_options(precision=precision),
+                              precision=precision is not None)
         x = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=dev)
         sigma = torch.full([batch], 2.0, device=dev)
         labels = torch.eye(net.label_dim, device=dev)[torch.arange(batch) % net.label_dim] if net.label_dim else None
