@@ -131,8 +131,8 @@ def parse_steps_schedule(value: str | None) -> str | None:
               metavar="LO,HI", callback=lambda ctx, param, value: parse_interval(value))
 @click.option("--precision", help="Run the U-Net in this precision  [default: the network's own]",
               type=click.Choice(["fp32", "bf16", "fp16"]))
-@click.option("--channels-last", "channels_last", help="NHWC memory format  [default: per device; on a CPU for EDM2 networks only]", metavar="BOOL",
-              type=bool)
+@click.option("--channels-last", "channels_last", help="NHWC memory format  [default: per device; on a CPU for EDM2 "
+              "networks only]", metavar="BOOL", type=bool)
 @click.option("--compile", "compile", help="torch.compile the network  [default: off]", metavar="BOOL", type=bool)
 @click.option("--tf32", help="TF32 on Ampere+ GPUs  [default: off]", metavar="BOOL", type=bool)
 def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, gnet, guidance, guidance_interval,

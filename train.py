@@ -351,8 +351,8 @@ def shared_from_rank0(value):
               show_default=True)
 @click.option("--sdpa", help="Fused attention (else the explicit einsum softmax)  [default: per device]",
               metavar="BOOL", type=bool)
-@click.option("--channels-last", "channels_last", help="NHWC memory format  [default: per device; on a CPU for EDM2 networks only]", metavar="BOOL",
-              type=bool)
+@click.option("--channels-last", "channels_last", help="NHWC memory format  [default: per device; on a CPU for EDM2 "
+              "networks only]", metavar="BOOL", type=bool)
 @click.option("--fused-adam", "fused_adam", help="Fused Adam kernel  [default: per device]", metavar="BOOL", type=bool)
 @click.option("--compile", "compile", help="torch.compile the network  [default: per device]", metavar="BOOL",
               type=bool)

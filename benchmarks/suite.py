@@ -200,8 +200,8 @@ class VariantBench:
 
     def __init__(self, variant: str, settings: Settings, device: torch.device):
         self.variant, self.settings, self.device = variant, settings, device
-        self.fast = parse_variant(variant, device, CONFIGS[settings.config].get("precond", EDMPrecond))
         self.config = CONFIGS[settings.config]
+        self.fast = parse_variant(variant, device, self.config.get("precond", EDMPrecond))
         self.calls: dict[str, Callable[[], float | None]] = {}  # None: time the whole call; else its timed part
         self.images: dict[str, int] = {}
         generator = torch.Generator().manual_seed(settings.seed)

@@ -71,8 +71,9 @@ def default_fast_paths(device: torch.device | str, network: torch.nn.Module | ty
     CPU: sdpa and fused Adam (float32-equal, no slower) and retained host memory (bit-identical; no page faults
     on re-allocated activations: 1.1x for the denoiser and sampling, 1.15x for FID features, 1.03x for
     training). channels_last for EDM2's U-Net only (``network`` an EDM2 ``Precond``, instance or class): on the
-    quickstart's EDM2 network it trained 1.09x and sampled 1.2x faster in bfloat16, 1.1x in float32 (also with
-    oneDNN held to AVX2), while DDPM++ lost 5-20% in float32 and 7-14% in bfloat16 (its group norms). compile
+    quickstart's EDM2 network it trained 1.07x (float32) and 1.11x (bfloat16) faster and sampled 1.13-1.2x faster,
+    1.1x in float32 with oneDNN held to AVX2, while DDPM++ lost 5-20% in float32 and 12-16% in bfloat16 (its
+    group norms). compile
     is off: inductor gained 7% in float32 and takes 1.5 (denoiser) to 6 (training step) minutes to compile on a
     small CPU.
     CUDA: additionally channels_last (1.1x for training and sampling on an H200, README). compile, which costs
