@@ -4,14 +4,14 @@ Examples:
   python dataset_tool.py --source=downloads/cifar10/cifar-10-python.tar.gz --dest=datasets/cifar10-32x32.zip
   python dataset_tool.py --source=data/fashion-mnist/t10k-images-idx3-ubyte.gz --dest=datasets/fmnist-32x32.zip
   python dataset_tool.py --source=downloads/ffhq/images1024x1024 --dest=datasets/ffhq-64x64.zip --resolution=64x64
-See README.md, section "Datasets", docs/datasets.md (the rules in full) and training/dataset_tool_lib.py for the
-sources and their labels.
+See README.md, section "Datasets", docs/datasets.md (the rules in full) and training/data/sources.py and
+convert.py for the sources and their labels.
 """
 
 import click
 
-from training.dataset import DatasetError
-from training.dataset_tool_lib import TRANSFORMS, convert_dataset, default_workers, parse_resolution
+from training.data.dataset import DatasetError
+from training.data.convert import TRANSFORMS, convert_dataset, default_workers, parse_resolution
 
 
 @click.command()

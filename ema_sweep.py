@@ -61,7 +61,7 @@ def _seeds(ctx, param, value):
 def main(indir, ref_path, outstd, outkimg, inprefix, instd, num, seeds, class_idx, plot_path, json_path, save_best,
          batch, workers, detector, preprocess, device, **sampler_kwargs):
     """FID against sigma_rel of the post-hoc EMA, to choose the EMA length after training."""
-    from training.ema_sweep import EMASweepOptions, ema_sweep, format_table
+    from training.ema.sweep import EMASweepOptions, ema_sweep, format_table
     if seeds is not None and num is not None and len(seeds) != num:
         raise click.ClickException(f"--num={num} and --seeds ({len(seeds)} seeds) disagree; give one of them")
     seeds = seeds if seeds is not None else list(range(num or 10000))

@@ -67,7 +67,7 @@ def _setup(device: str | None, detector: str | None, preprocess: str):
 
 
 def _open_dataset(path: str, max_size: int | None = None, seed: int = 0, min_size: int = 2):
-    from training.dataset import ImageFolderDataset
+    from training.data.dataset import ImageFolderDataset
     dataset = ImageFolderDataset(path, max_size=max_size, random_seed=seed)
     if len(dataset) < min_size:
         raise click.ClickException(f"{path}: found {len(dataset)} images, but expected at least {min_size} "
@@ -96,7 +96,7 @@ def _cached_dataset_features(path: str, dataset, seed: int, detector, device, ba
 def _generated_features(net, seeds: list[int], class_idx: int | str | None, sampler_kwargs: dict, detector, device,
                         batch: int):
     """Features of a network's samples, made in memory exactly as generate.py makes its PNGs."""
-    from training.generation import generated_features
+    from training.sampling.generation import generated_features
     start = time.time()
     features = generated_features(net, seeds, detector, device, batch, class_idx=class_idx,
                                   sampler_kwargs=sampler_kwargs)
@@ -190,7 +190,8 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
     from metrics.detector import load_detector
     from metrics.evaluate import cached_dataset_reference, compute_metrics, detector_settings, parse_metrics
     from metrics.reference import load_reference
-    from training.generation import GenerateOptions, load_guide, load_network_once_per_node, prepare_for_sampling
+    from training.sampling.generation import (GenerateOptions, load_guide, load_network_once_per_node,
+                                              prepare_for_sampling)
     from training.perf import check_precision
     from training.sampling import guided
     with user_errors():
@@ -255,7 +256,7 @@ def _report_guidance_sweep(per_weight: dict[float, dict[str, float]], plot: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from training.progress import save_figure
+    from training.images import save_figure
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     ax.plot(list(fids), list(fids.values()), "o-", markersize=4)
     ax.plot([best], [fids[best]], "*", color="tab:red", markersize=14, label=f"best: w {best:g}, FID {fids[best]:.3f}")

@@ -11,7 +11,7 @@ Examples:
         --network https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl \\
         --steps 256 --S_churn 40 --S_min 0.05 --S_max 50 --S_noise 1.003
 
-    # A fast sampler of training/sampling.py's SAMPLERS: at most 20 network calls per image
+    # A fast sampler of training.sampling's SAMPLERS: at most 20 network calls per image
     python generate.py --network ... --outdir out --seeds 0-63 --sampler unipc_bh2 --nfe 20 --steps-schedule optimized
 
 Any of --solver/--disc/--schedule/--scaling switches to the ablation sampler (Table 1 combinations); any of
@@ -26,7 +26,7 @@ import click
 
 from dnnlib.util import parse_int_list
 from torch_utils import distributed
-from training.generation import GenerateOptions, generate_to_files
+from training.sampling.generation import GenerateOptions, generate_to_files
 from training.sampling import BALANCED, SAMPLERS, STEPS_SCHEDULES, sigma_steps, split_steps_schedule
 
 
@@ -112,7 +112,7 @@ def parse_steps_schedule(value: str | None) -> str | None:
               type=click.Choice(["vp", "ve", "iddpm", "edm"]))
 @click.option("--schedule", help="Table 1 ablation: sigma(t)", type=click.Choice(["vp", "ve", "linear"]))
 @click.option("--scaling", help="Table 1 ablation: s(t)", type=click.Choice(["vp", "none"]))
-@click.option("--sampler", help="A named sampler of training/sampling.py (docs/samplers.md), e.g. unipc_bh2, "
+@click.option("--sampler", help="A named sampler of training.sampling.SAMPLERS (docs/samplers.md), e.g. unipc_bh2, "
               "dpmpp_3m, ipndm; 'heun' and 'euler' are the paper's  [default: heun when --nfe or --steps-schedule "
               "is given]", type=click.Choice(list(SAMPLERS)))
 @click.option("--nfe", help="With --sampler: network calls per image, at most  [default: 2*steps-1, the cost of "

@@ -15,7 +15,6 @@ or of the first ``num_eval`` training images where the held-out half has too few
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import shlex
@@ -29,6 +28,17 @@ import click
 REPO = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(REPO, "data", "fashion-mnist", "t10k-images-idx3-ubyte.gz")
 NUM_SOURCE_IMAGES = 10000
+HELD_OUT_START = NUM_SOURCE_IMAGES // 2
+
+# Command-line options by flag name without the dashes ({"lr-decay": 500} is --lr-decay=500), rendered when a stage
+# runs. Keyed by flag, not by click parameter name: generate.py and fid.py calc name their --batch differently.
+Options = dict[str, str | int | float | bool]
+
+
+def render(options: Options) -> list[str]:
+    """``--flag=value`` for each option: floats as ``:g``, booleans as 1 or 0 (as click reads them)."""
+    text = lambda v: str(int(v)) if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
+    return [f"--{flag}={text(value)}" for flag, value in options.items()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,58 +47,95 @@ class Preset:
     train_images: int  # The first half of the embedded data (at most 5,000 keeps the second half held out).
     num_eval: int  # Images in the generated set and in the real set of the floor.
     num_ref: int  # Held-out real images in the reference statistics. FID's small-sample bias falls with both counts.
-    train_args: tuple[str, ...]  # train.py options beyond the data and output folder.
-    steps: int = 18  # EDM Heun steps (NFE = 2 * steps - 1), unless generate_args name a --sampler and its --nfe.
+    train_options: Options  # train.py options beyond the data and output folder.
+    steps: int = 18  # EDM Heun steps (NFE = 2 * steps - 1), unless sampler_options name a sampler and its nfe.
     batch: int = 100  # generate.py and fid.py batch size.
-    generate_args: tuple[str, ...] = ()  # generate.py options beyond the network, seeds and steps.
+    sampler_options: Options = dataclasses.field(default_factory=dict)  # generate.py's and fid.py calc's, beyond
+    # the network, seeds, steps and batch.
     resolution: int = 32  # 32: padded as the official dataset tool does; 28: the native Fashion-MNIST size.
     minutes: float | None = None  # The whole job's wall-clock budget; training gets what the other stages leave.
     autoguidance: bool = False  # Train a guide too and report the FID of autoguided samples (--autoguidance).
-    guide: str = "smaller"  # Autoguidance: 'smaller', a separate run with guide_args; 'earlier', the main network's
-    # own snapshot after guide_share of its training (no separate run; the guide's calls cost the main network's).
-    guide_args: tuple[str, ...] = ()  # A 'smaller' guide's train.py options that replace train_args'.
+    guide: str = "smaller"  # Autoguidance: 'smaller', a separate run with guide_options; 'earlier', the main
+    # network's own snapshot after guide_share of its training (no separate run; the guide's calls cost the main's).
+    guide_options: Options = dataclasses.field(default_factory=dict)  # A 'smaller' guide's train.py options that
+    # replace train_options'.
     guide_share: float = 0.2  # The guide's part of the training time (or of --kimg): a 'smaller' guide's run, or
     # when an 'earlier' guide's snapshot is taken.
     guidance: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5)  # Autoguidance: the weights measured (1: unguided); the job
     # reports the best of them.
-    cpu_processes: int = 1  # train.py processes on a CPU (torchrun, gloo), as many as there are cores up to this: on 2
-    # cores, two single-thread processes trained 1.4x faster than one process of two threads.
+    cpu_processes: int = 1  # train.py processes on a CPU (torchrun, gloo), as many as there are cores up to this:
+    # single-thread processes keep a few cores busier than the threads of one process do.
 
 
-# cpu measured on a 2-core AMD EPYC, gpu on an NVIDIA H200 (docs/quickstart-notes.md); duration is in Mimg as in
-# train.py. The cpu preset samples with UniPC at NFE 15 (FID 120.2 against Heun's 123.1 at NFE 35 on the same network,
-# in 60% of the time; docs/samplers.md), leaving its budget's minutes to training, and reports the FID of samples
-# autoguided at w = 2.5 by the network's own snapshot after a third of its training
-# (docs/quickstart-notes.md#the-cpu-preset; on two 48-kimg EDM2 runs' networks and seeds, w = 2 / 2.5 / 3 / 3.5 measured
-# FID 36.7 / 36.1 / 36.8 / 38.8 and 36.7 / 35.3 / 35.6 / 37.8). Its network is EDM2's (with EDM2's loss, P_mean/P_std,
-# Adam beta2 and post-hoc EMAs) at a learning rate of 0.04: at 48 kimg, autoguided at w = 3, 36.8 and 35.6 (two seeds)
-# against 38.6-42.1 at lr 0.02, 39.4 at 0.03, 40.3 at 0.06, 42.6 at 0.08 and 42.9-45.0 for DDPM++ at lr 1e-3 (recipe
-# variants trained on a GPU, then checked on the CPU). It keeps 32 channels down to 14x14 (--cres=1,1,2: 271 MFLOP per
-# image against 461 for 1,2,2, FID 51.5 against 54.3 at equal time for DDPM++) and trains in two single-thread processes
-# (1.4x faster than two threads in one). It makes no sample grids while training (10 s each there); the job's grid is
-# generate.py's. Its samples' classes are balanced (seed mod 10: FID 35.3 / 34.9 against 36.1 / 35.3 with random
-# classes, on two 48-kimg networks; 39.1 against 39.7 on an end-to-end run's). Its --duration is only a cap: on a 2-core
-# CPU with bf16 the budget trained 152-156 kimg (FID 28.8-28.9), past the 100 the cap was before.
+# What each preset's choices are for; the measurements behind them are in docs/quickstart-notes.md. duration is in
+# Mimg, as in train.py. The cpu preset spends its 15 minutes on training wherever it can: EDM2's network, loss and
+# Adam beta2 at lr 0.04 measured best of the recipes and learning rates tried at the kimg the budget trains; 32
+# channels down to 14x14 (--cres=1,1,2) make a cheaper decoder whose extra images outweigh its capacity; two
+# single-thread processes; no sample grids while training (the job's grid is generate.py's); UniPC at NFE 15 reaches
+# Heun's FID in fewer network calls. Balanced classes (seed mod 10) keep the classes' random spread out of the FID,
+# and the network's own snapshot after a third of its training guides as well as a separate smaller network, at no
+# training cost, best at w = 2.5. Its --duration only caps a run that the budget ends first.
 PRESETS = {
-    "cpu": Preset(train_images=5000, num_eval=1000, num_ref=1000, train_args=(
-        "--arch=edm2", "--cond=1", "--cbase=32", "--cres=1,1,2", "--blocks=1", "--attn=",
-        "--batch=32", "--lr=0.04", "--lr-decay=500", "--lr-rampup=1", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0",
-        "--augment=0", "--bf16=1", "--duration=0.3", "--tick=5", "--snap=1000", "--dump=1000", "--grid=0",
-        "--seed=0"), generate_args=("--precision=bf16", "--sampler=unipc_bh2", "--nfe=15",
-                                    "--steps-schedule=loguniform", "--class=balanced"), resolution=28, minutes=15,
+    "cpu": Preset(train_images=5000, num_eval=1000, num_ref=1000, train_options={
+        "arch": "edm2", "cond": True, "cbase": 32, "cres": "1,1,2", "blocks": 1, "attn": "", "batch": 32, "lr": 0.04,
+        "lr-decay": 500, "lr-rampup": 1, "ema": 0.5, "ema-rampup": 0.1, "dropout": 0, "augment": 0, "bf16": True,
+        "duration": 0.3, "tick": 5, "snap": 1000, "dump": 1000, "grid": 0, "seed": 0},
+        sampler_options={"precision": "bf16", "sampler": "unipc_bh2", "nfe": 15, "steps-schedule": "loguniform",
+                         "class": "balanced"}, resolution=28, minutes=15,
         autoguidance=True, guidance=(2.5,), guide="earlier", guide_share=1 / 3,
-        guide_args=("--cbase=16", "--seed=1"), cpu_processes=2),
-    "gpu": Preset(train_images=5000, num_eval=5000, num_ref=5000, batch=500, train_args=(
-        "--arch=ddpmpp", "--precond=edm", "--cbase=128", "--cres=1,2,2", "--blocks=2", "--attn=16",
-        "--batch=256", "--lr=1e-3", "--lr-rampup=10", "--ema=0.5", "--ema-rampup=0.1", "--dropout=0.1",
-        "--augment=0", "--bf16=1", "--duration=0.3", "--tick=50", "--snap=1000", "--dump=1000", "--grid=64",
-        "--seed=0"), generate_args=("--precision=bf16", "--S_churn=40"), guide_args=("--cbase=64", "--seed=1")),
-    "smoke": Preset(train_images=256, num_eval=16, num_ref=32, steps=4, batch=16, resolution=28, train_args=(
-        "--arch=ddpmpp", "--precond=edm", "--cond=1", "--cbase=8", "--cres=1,1", "--blocks=1", "--attn=16",
-        "--batch=16", "--lr=1e-3", "--lr-rampup=0", "--ema=0.001", "--dropout=0", "--augment=0",
-        "--duration=0.000064", "--tick=0.032", "--snap=1000", "--dump=1000", "--grid=16", "--seed=0"),
-        guide_share=0.5, guidance=(1.0, 2.0), guide_args=("--seed=1",)),
+        guide_options={"cbase": 16, "seed": 1}, cpu_processes=2),
+    "gpu": Preset(train_images=5000, num_eval=5000, num_ref=5000, batch=500, train_options={
+        "arch": "ddpmpp", "precond": "edm", "cbase": 128, "cres": "1,2,2", "blocks": 2, "attn": "16", "batch": 256,
+        "lr": 1e-3, "lr-rampup": 10, "ema": 0.5, "ema-rampup": 0.1, "dropout": 0.1, "augment": 0, "bf16": True,
+        "duration": 0.3, "tick": 50, "snap": 1000, "dump": 1000, "grid": 64, "seed": 0},
+        sampler_options={"precision": "bf16", "S_churn": 40}, guide_options={"cbase": 64, "seed": 1}),
+    "smoke": Preset(train_images=256, num_eval=16, num_ref=32, steps=4, batch=16, resolution=28, train_options={
+        "arch": "ddpmpp", "precond": "edm", "cond": True, "cbase": 8, "cres": "1,1", "blocks": 1, "attn": "16",
+        "batch": 16, "lr": 1e-3, "lr-rampup": 0, "ema": 0.001, "dropout": 0, "augment": 0, "duration": 0.000064,
+        "tick": 0.032, "snap": 1000, "dump": 1000, "grid": 16, "seed": 0},
+        guide_share=0.5, guidance=(1.0, 2.0), guide_options={"seed": 1}),
 }
+
+
+def sampler_args(p: Preset) -> list[str]:
+    """The sampling options generate.py and fid.py calc both get."""
+    return render({"steps": p.steps, "batch": p.batch, **p.sampler_options})
+
+
+def check_preset(name: str, p: Preset) -> None:
+    """Stop at once, in one line naming the preset, where its image counts do not fit the embedded data or where
+    train.py's, generate.py's or fid.py calc's own parser rejects one of its options: a renamed option would otherwise
+    stop the job only at the stage that uses it, minutes in."""
+    if max(p.train_images, p.num_eval, p.num_ref) > HELD_OUT_START:
+        raise click.ClickException(f"preset {name}: train_images, num_eval and num_ref must be at most "
+                                   f"{HELD_OUT_START}")
+    import fid
+    import generate
+    import train
+    training = ["--outdir=o", "--data=d"]
+    sampling = ["--network=n", "--gnet=g", "--guidance=2", *sampler_args(p)]
+    for command, script, args in [
+            (train.main, "train.py", [*training, *render(p.train_options)]),
+            (train.main, "train.py", [*training, *render({**p.train_options, **p.guide_options})]),
+            (generate.main, "generate.py", ["--outdir=o", *sampling]),
+            (fid.calc, "fid.py calc", ["--ref=r", "--num=10", *sampling])]:
+        try:
+            command.make_context(script, args)
+        except click.ClickException as e:
+            message = " ".join(e.format_message().split())
+            raise click.ClickException(f"preset {name}: {script} rejects its options: {message}") from None
+
+
+BF16_OPTIONS = {("bf16", True), ("precision", "bf16")}
+
+
+def adapt_preset(p: Preset, kimg: float | None, fp32: bool, minutes: float | None = None) -> Preset:
+    """The preset with its training duration replaced by exactly ``kimg`` (if given; no time budget then), its
+    budget by ``minutes`` (if given) and, with ``fp32``, its bf16 options dropped."""
+    keep = lambda options: {k: v for k, v in options.items() if not (fp32 and (k, v) in BF16_OPTIONS)}
+    train_options = keep(p.train_options) | ({} if kimg is None else {"duration": kimg / 1000})
+    budget = None if kimg is not None else minutes if minutes is not None else p.minutes
+    return dataclasses.replace(p, train_options=train_options, sampler_options=keep(p.sampler_options), minutes=budget)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +152,7 @@ def training_launch(p: Preset, on_cpu: bool, cores: int | None = None) -> Launch
     cores / processes threads each, unless OMP_NUM_THREADS is set; otherwise as one process."""
     cores = cores or os.cpu_count() or 1
     processes = min(p.cpu_processes, cores) if on_cpu else 1
-    if processes <= 1 or int(option_value(p.train_args, "batch", "512")) % processes:
+    if processes <= 1 or p.train_options.get("batch", 512) % processes:
         return Launch()
     threads = os.environ.get("OMP_NUM_THREADS", str(max(1, cores // processes)))
     return Launch(launcher=("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "--"),
@@ -153,7 +200,6 @@ class Stage:
         return "".join(lines)
 
 
-BF16_ARGS = ("--bf16=1", "--precision=bf16")
 ARCH_NAMES = dict(ddpmpp="DDPM++", ncsnpp="NCSN++", adm="ADM")
 
 
@@ -172,8 +218,8 @@ def runs_on_cpu(device: str | None) -> bool:
 
 
 def cpu_lacks_bf16(device: str | None, cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the stages will run on a CPU without bfloat16 instructions (AVX-512 BF16 or AMX): there PyTorch
-    emulates bf16, about 30x slower than fp32 (measured on an AMD EPYC without AVX-512). Unknown (not Linux): True."""
+    """Whether the stages will run on a CPU without bfloat16 instructions (AVX-512 BF16 or AMX), where PyTorch
+    emulates bf16 at many times fp32's cost. Unknown (not Linux): True."""
     if not runs_on_cpu(device):
         return False
     try:
@@ -184,32 +230,11 @@ def cpu_lacks_bf16(device: str | None, cpuinfo: str = "/proc/cpuinfo") -> bool:
     return not {"avx512_bf16", "amx_bf16"} & set(flags)
 
 
-def adapt_preset(p: Preset, kimg: float | None, fp32: bool, minutes: float | None = None) -> Preset:
-    """The preset with its training duration replaced by exactly ``kimg`` (if given; no time budget then), its
-    budget by ``minutes`` (if given) and, with ``fp32``, its bf16 options dropped."""
-    train_args = tuple(a for a in p.train_args if not (fp32 and a in BF16_ARGS))
-    if kimg is not None:
-        train_args = with_options(train_args, f"--duration={kimg / 1000:g}")
-    generate_args = tuple(a for a in p.generate_args if not (fp32 and a in BF16_ARGS))
-    budget = None if kimg is not None else minutes if minutes is not None else p.minutes
-    return dataclasses.replace(p, train_args=train_args, generate_args=generate_args, minutes=budget)
-
-
-def with_options(args: tuple[str, ...], *replacements: str) -> tuple[str, ...]:
-    """``args`` with each ``--name=value`` of ``replacements`` replacing the option of that name (or added)."""
-    names = {r.split("=", 1)[0] for r in replacements}
-    return tuple(a for a in args if a.split("=", 1)[0] not in names) + replacements
-
-
-def option_value(args: tuple[str, ...], name: str, default: str | None = None) -> str | None:
-    return next((a.split("=", 1)[1] for a in args if a.startswith(f"--{name}=")), default)
-
-
 # ----------------------------------------------------------------------------
 # The time budget: training gets what the evaluation will leave, predicted from measured per-image costs.
 
-STARTUP_SECONDS = 8  # Each CLI's start (imports, loading the network or the detector), measured 3-6 s.
-DASHBOARD_SECONDS = 3  # plot_run.py, start included: 1.2-2.6 s in twelve runs of the cpu preset.
+STARTUP_SECONDS = 8  # Each CLI's start (imports, loading the network or the detector), with room to spare.
+DASHBOARD_SECONDS = 3  # plot_run.py, start included.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,19 +261,19 @@ class Costs:
 
 def training_minutes(budget_minutes: float, elapsed_seconds: float, evaluation_seconds: float,
                      margin: float = 1.15, starts: int = 1) -> float:
-    """Minutes left to train: the budget less what has run and the evaluation predicted (times ``margin``: on the
-    shared 2-core machine the same call's time varied by 1.4x within seconds), less ``starts`` CLI starts."""
+    """Minutes left to train: the budget less what has run and the evaluation predicted (times ``margin``, since on
+    a shared machine the same call's time varies within seconds), less ``starts`` CLI starts."""
     return (budget_minutes * 60 - elapsed_seconds - margin * evaluation_seconds - starts * STARTUP_SECONDS) / 60
 
 
-def build_untrained(train_args: tuple[str, ...], data: str, device):
-    """The network train.py would build for ``train_args`` on ``data``, in eval mode."""
+def build_untrained(train_options: Options, data: str, device):
+    """The network train.py would build for ``train_options`` on ``data``, in eval mode."""
     import dnnlib
     import train
-    from training.dataset import ImageFolderDataset
-    from training.training_loop import build_network
+    from training.data.dataset import ImageFolderDataset
+    from training.loop.setup import build_network
 
-    ctx = train.main.make_context("train.py", ["--outdir=unused", f"--data={data}", *train_args])
+    ctx = train.main.make_context("train.py", ["--outdir=unused", f"--data={data}", *render(train_options)])
     opts = train.resolve_defaults(dnnlib.EasyDict(ctx.params))
     dataset = ImageFolderDataset(data, use_labels=opts.cond)
     return build_network(train.network_config(opts), dataset, device).eval().requires_grad_(False)
@@ -256,7 +281,7 @@ def build_untrained(train_args: tuple[str, ...], data: str, device):
 
 def seconds_per_call(fn, repeats: int = 5) -> float:
     """The median of ``repeats`` timed calls, after one untimed warm-up: what a long stage will see on average
-    (the fastest call predicted the guided sampling 1.3x too fast on a shared machine)."""
+    (the fastest call would catch a quiet moment of a shared machine and predict too little)."""
     fn()
     seconds = []
     for _ in range(repeats):
@@ -266,7 +291,7 @@ def seconds_per_call(fn, repeats: int = 5) -> float:
     return statistics.median(seconds)
 
 
-def measure_costs(p: Preset, data: str, device: str | None, guide_args: tuple[str, ...] | None = None,
+def measure_costs(p: Preset, data: str, device: str | None, guide_options: Options | None = None,
                   batch: int | None = None) -> Costs:
     """Per-image seconds of the preset's network (and guide), untrained but the same size, and of the detector,
     on a batch of ``batch`` (default: the preset's generation batch, since a small batch costs more per image),
@@ -278,13 +303,13 @@ def measure_costs(p: Preset, data: str, device: str | None, guide_args: tuple[st
     from training.perf import apply_process_settings, default_fast_paths, prepare_network
     dev = torch.device(device) if device else dist.pick_device()
     batch = batch or p.batch
-    precision = option_value(p.generate_args, "precision")  # None: the network's own, as in generate.py.
-    # The stages' own process settings: on a CPU, freed memory kept for reuse made the probed network call 1.15x
-    # and an Inception pass 1.4x faster (no page faults on re-allocated activations).
+    precision = p.sampler_options.get("precision")  # None: the network's own, as in generate.py.
+    # The stages' own process settings: on a CPU, freed memory kept for reuse spares the page faults of re-allocated
+    # activations, which a probe without it would count.
     apply_process_settings(default_fast_paths(dev))
 
-    def network_seconds(args: tuple[str, ...]) -> float:
-        net = build_untrained(args, data, dev)  # Prepared as generation.prepare_for_sampling does:
+    def network_seconds(options: Options) -> float:
+        net = build_untrained(options, data, dev)  # Prepared as generation.prepare_for_sampling does:
         net = prepare_network(net, default_fast_paths(dev, net).with_options(precision=precision),
                               precision=precision is not None)
         x = torch.randn([batch, net.img_channels, net.img_resolution, net.img_resolution], device=dev)
@@ -297,8 +322,8 @@ def measure_costs(p: Preset, data: str, device: str | None, guide_args: tuple[st
     images = torch.randint(0, 256, [batch, 1, p.resolution, p.resolution], dtype=torch.uint8, device=dev)
     with torch.no_grad():
         inception = seconds_per_call(lambda: detector(images), repeats=1) / batch
-    guide = network_seconds(guide_args) if guide_args is not None else 0.0
-    return Costs(net=network_seconds(p.train_args), inception=inception, guide=guide)
+    guide = network_seconds(guide_options) if guide_options is not None else 0.0
+    return Costs(net=network_seconds(p.train_options), inception=inception, guide=guide)
 
 
 def pick_preset(name: str) -> str:
@@ -324,27 +349,27 @@ def trained_kimg(run_dir: str) -> float:
 
 def snapshot_kimg(path: str) -> float:
     """Thousands of images a snapshot had trained on, from its name."""
-    from training.training_state import labelled_nimg
+    from training.run_files import labelled_nimg
     return labelled_nimg(path) / 1000
 
 
-def newest(pattern: str) -> str:
-    """The file matching ``pattern`` that is furthest into training (by its kimg label)."""
-    from training.training_state import labelled_nimg
+def newest_snapshot(run_dir: str) -> str:
+    """The run's snapshot of its traditional EMA that is furthest into training."""
+    from training.run_files import newest_snapshot as newest
 
-    paths = [path for path in glob.glob(pattern) if labelled_nimg(path) is not None]
-    if not paths:
-        raise click.ClickException(f"expected a file matching {pattern}, found none")
-    return max(paths, key=labelled_nimg)
+    path = newest(run_dir)
+    if path is None:
+        raise click.ClickException(f"expected a network snapshot in {run_dir}, found none")
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingRun:
-    """One train.py run of the job: into ``outdir`` ('training' or 'guide'), with ``args``; ``guide`` marks the run
-    whose last snapshot guides the samples."""
+    """One train.py run of the job: into ``outdir`` ('training' or 'guide'), with ``options``; ``guide`` marks the
+    run whose last snapshot guides the samples."""
     title: str
     outdir: str
-    args: tuple[str, ...]
+    options: Options
     guide: bool = False
 
 
@@ -353,27 +378,34 @@ def training_runs(p: Preset, autoguidance: bool, minutes: float | None, network:
     ``--max-minutes``; without, the preset's ``--duration``. Autoguidance adds a 'smaller' guide's own run
     (``guide_share`` of the time or duration), or splits the main run at ``guide_share`` for an 'earlier' guide: the
     first part's snapshot guides, and the second resumes from its state (train.py's exact resume)."""
-    def part(args: tuple[str, ...], share: float) -> tuple[str, ...]:
+    def part(options: Options, share: float) -> Options:
         if minutes is not None:
-            return with_options(args, f"--max-minutes={minutes * share:.2f}")
-        return with_options(args, f"--duration={float(option_value(args, 'duration')) * share:g}")
+            return {**options, "max-minutes": round(minutes * share, 2)}
+        return {**options, "duration": options["duration"] * share}
 
-    main = TrainingRun(f"Train {network}", "training", p.train_args if minutes is None else part(p.train_args, 1))
+    whole = p.train_options if minutes is None else part(p.train_options, 1)
+    main = TrainingRun(f"Train {network}", "training", whole)
     if not autoguidance:
         return [main]
     share = p.guide_share
+    rest = p.train_options if minutes is None else part(p.train_options, 1 - share)  # The main run after the guide's.
     if p.guide == "smaller":
-        guide_args = with_options(p.train_args, *p.guide_args)
+        guide_options = {**p.train_options, **p.guide_options}
         return [TrainingRun("Train the guide: a smaller network, trained shorter (autoguidance)", "guide",
-                            part(guide_args, share), guide=True),
-                dataclasses.replace(main, args=main.args if minutes is None else part(p.train_args, 1 - share))]
+                            part(guide_options, share), guide=True),
+                dataclasses.replace(main, options=rest)]
     if p.guide != "earlier":
         raise click.ClickException(f"guide '{p.guide}': expected 'smaller' or 'earlier'")
-    rest = p.train_args if minutes is None else part(p.train_args, 1 - share)
     return [TrainingRun(f"Train {network}, the first {share:.0%}: its snapshot then is the guide (autoguidance)",
-                        "training", part(p.train_args, share), guide=True),
-            TrainingRun("Train on from that state (train.py --resume)", "training",
-                        with_options(rest, "--resume=auto"))]
+                        "training", part(p.train_options, share), guide=True),
+            TrainingRun("Train on from that state (train.py --resume)", "training", {**rest, "resume": "auto"})]
+
+
+def network_description(train_options: Options) -> str:
+    arch = train_options.get("arch", "ddpmpp")
+    if arch == "edm2":
+        return "an EDM2 (magnitude-preserving) network with its loss"
+    return f"a {ARCH_NAMES.get(arch, arch)} network with EDM preconditioning and loss"
 
 
 def parse_weights(value: str | None) -> tuple[float, ...] | None:
@@ -403,6 +435,281 @@ def guidance_results(output: str) -> dict[float, float]:
     return results
 
 
+# ----------------------------------------------------------------------------
+# The job: the command line resolved into one plain object, then one function per stage.
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One run of the quickstart: the preset adapted to the command line and the machine, where its files go, the
+    device, whether it autoguides, how train.py starts, the numbered stage runner and when the stages began."""
+    preset_name: str
+    preset: Preset
+    outdir: str
+    device: str | None
+    autoguidance: bool
+    launch: Launch
+    stage: Stage
+    start: float
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.outdir, *parts)
+
+    @property
+    def device_args(self) -> list[str]:
+        return [f"--device={self.device}"] if self.device else []
+
+    @property
+    def sampler_args(self) -> list[str]:
+        return [*sampler_args(self.preset), *self.device_args]
+
+    @property
+    def nfe(self) -> int:
+        return self.preset.sampler_options.get("nfe", 2 * self.preset.steps - 1)
+
+
+def resolve_job(preset_name: str, outdir: str, device: str | None, kimg: float | None, minutes: float | None,
+                autoguidance: bool | None, guidance: tuple[float, ...] | None, guide: str | None) -> Job:
+    """The job the command line asks for, with its output folder made (refused if it holds an earlier run)."""
+    p = adapt_preset(PRESETS[preset_name], kimg, fp32=cuda_lacks_bf16(device) or cpu_lacks_bf16(device),
+                     minutes=minutes)
+    autoguidance = p.autoguidance if autoguidance is None else autoguidance
+    for option, field, value in (("--guidance", "guidance", guidance), ("--guide", "guide", guide)):
+        if value is not None and not autoguidance:
+            raise click.ClickException(f"{option} goes with autoguidance, which preset {preset_name} leaves off; "
+                                       "add --autoguidance")
+        if value is not None:
+            p = dataclasses.replace(p, **{field: value})
+    outdir = os.path.abspath(outdir)
+    if os.path.exists(os.path.join(outdir, "summary.json")):
+        raise click.ClickException(f"--outdir={outdir} already holds a quickstart run; remove it or pick another")
+    os.makedirs(outdir, exist_ok=True)
+    stage = Stage(total=9 if autoguidance else 8, log_path=os.path.join(outdir, "commands.txt"))
+    return Job(preset_name, p, outdir, device, autoguidance, training_launch(p, on_cpu=runs_on_cpu(device)), stage,
+               start=time.time())
+
+
+def print_header(job: Job) -> None:
+    p = job.preset
+    click.secho(f"Quickstart, preset '{job.preset_name}': train on {p.train_images} Fashion-MNIST images, "
+                f"evaluate FID of {p.num_eval} samples against {p.num_ref} real images"
+                + (f", within {p.minutes:g} minutes" if p.minutes else "") + f"; output in {job.outdir}", bold=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+    """The job's dataset ZIPs: the training half, the reference images and the floor's real images."""
+    train: str
+    reference: str
+    floor: str
+
+
+def convert(job: Job) -> Datasets:
+    """dataset_tool.py, three times. The floor's real images are held-out ones after the reference's where enough
+    are left, else training images; its conversion is quiet, inside the second stage."""
+    p = job.preset
+    data = Datasets(job.path("train.zip"), job.path("reference.zip"), job.path("held-out.zip"))
+    floor_start = HELD_OUT_START + p.num_ref if HELD_OUT_START + p.num_ref + p.num_eval <= NUM_SOURCE_IMAGES else 0
+    for path in dataclasses.astuple(data):
+        if os.path.exists(path):
+            os.remove(path)  # Left by an interrupted run; dataset_tool.py refuses to overwrite.
+    command = lambda dest, *args: ["dataset_tool.py", f"--source={SOURCE}", f"--dest={dest}",
+                                   f"--resolution={p.resolution}x{p.resolution}", *args]
+    job.stage.run("Convert the training half of the embedded data",
+                  command(data.train, f"--max-images={p.train_images}"))
+    job.stage.run("Convert the held-out reference images and the floor's real images",
+                  command(data.reference, f"--first={HELD_OUT_START}", f"--max-images={p.num_ref}"))
+    subprocess.run([sys.executable, *command(data.floor, f"--first={floor_start}", f"--max-images={p.num_eval}")],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return data
+
+
+def reference_statistics(job: Job, data: Datasets) -> str:
+    """fid.py ref on the reference images; returns the statistics' path."""
+    reference = job.path("reference.npz")
+    job.stage.run("Reference statistics (Inception features of the reference images; cached for the next run)", [
+        "fid.py", "ref", f"--data={data.reference}", f"--dest={reference}", f"--batch={job.preset.batch}",
+        *job.device_args])
+    return reference
+
+
+def real_data_floor(job: Job, data: Datasets, reference: str) -> float:
+    """The FID of real images outside the reference at the samples' count: how low the samples' FID can go."""
+    return fid_value(job.stage.run("Real-data floor: FID of real images outside the reference (cached likewise)", [
+        "fid.py", "calc", f"--images={data.floor}", f"--ref={reference}", f"--num={job.preset.num_eval}",
+        f"--batch={job.preset.batch}", *job.device_args]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What the time budget left training (``minutes``; None without a budget: the preset's duration), from the
+    measured ``costs`` and the evaluation's ``predicted`` seconds."""
+    minutes: float | None = None
+    costs: Costs | None = None
+    predicted: float | None = None
+
+
+def time_budget(job: Job, data: Datasets) -> Budget:
+    """Training's share of the budget: what is left after the stages so far and the evaluation predicted from the
+    measured costs of the preset's network, guide and detector."""
+    p = job.preset
+    if p.minutes is None:
+        return Budget()
+    separate_guide = job.autoguidance and p.guide == "smaller"
+    costs = measure_costs(p, data.train, job.device, {**p.train_options, **p.guide_options} if separate_guide else None)
+    if job.autoguidance and not separate_guide:
+        costs = dataclasses.replace(costs, guide=costs.net)  # The guide is the main network, earlier.
+    predicted = costs.evaluation(p, job.nfe, p.guidance if job.autoguidance else ())
+    elapsed = time.time() - job.start
+    left = training_minutes(p.minutes, elapsed, predicted, starts=2 if job.autoguidance else 1)
+    if left < 0.5:
+        raise click.ClickException(
+            f"--minutes={p.minutes:g} leaves {max(left, 0):.1f} minutes to train after the evaluation's "
+            f"predicted {predicted / 60:.1f}; give more minutes, or --kimg to train a set length")
+    click.echo(f"\nTime budget: {elapsed / 60:.1f} min so far; evaluation predicted at {predicted / 60:.1f} min "
+               f"(network {costs.net * 1e3:.1f} ms, Inception {costs.inception * 1e3:.0f} ms per image); "
+               f"training gets {left:.1f} min")
+    if left < 0.4 * p.minutes:
+        click.secho(f"Note: this machine leaves training less than 40% of the {p.minutes:g} minutes, so expect a "
+                    f"poor FID; --minutes=N gives it more (later runs also skip the cached reference and floor)",
+                    fg="yellow")
+    return Budget(left, costs, predicted)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """The main network's newest snapshot and its kimg, and the guide's snapshot (None without autoguidance)."""
+    snapshot: str
+    kimg: float
+    guide_snapshot: str | None = None
+
+
+def train_networks(job: Job, data: Datasets, minutes: float | None) -> Trained:
+    """train.py for each of the job's training runs (``minutes``: the budget's share, else the preset's duration)."""
+    guide_snapshot = None
+    processes = f" ({job.launch.processes} processes)" if job.launch.processes > 1 else ""
+    for run in training_runs(job.preset, job.autoguidance, minutes, network_description(job.preset.train_options)):
+        job.stage.run(run.title + processes, ["train.py", f"--outdir={job.path(run.outdir)}", "--nosubdir",
+                                              f"--data={data.train}", "--workers=0", *render(run.options),
+                                              *job.device_args], job.launch)
+        if run.guide:
+            guide_snapshot = newest_snapshot(job.path(run.outdir))
+    return Trained(newest_snapshot(job.path("training")), trained_kimg(job.path("training")), guide_snapshot)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """The samples' FID, where the samples and their grid are, and with autoguidance the FID per weight and the
+    best weight (the one ``fid`` is of)."""
+    fid: float
+    samples: str
+    grid: str
+    fid_by_weight: dict[float, float] = dataclasses.field(default_factory=dict)
+    best_weight: float | None = None
+
+
+def weights_text(weights: tuple[float, ...]) -> str:
+    return ",".join(f"{w:g}" for w in weights)
+
+
+def evaluate(job: Job, trained: Trained, reference: str) -> Evaluation:
+    """The samples' FID (at the best guidance weight, with autoguidance) and the sample grid."""
+    return evaluate_guided(job, trained, reference) if job.autoguidance else evaluate_unguided(job, trained, reference)
+
+
+def evaluate_unguided(job: Job, trained: Trained, reference: str) -> Evaluation:
+    """generate.py's ``num_eval`` images, with their grid, then their FID."""
+    p, n = job.preset, job.preset.num_eval
+    samples, grid = job.path("samples"), job.path("samples-grid.png")
+    sampler = p.sampler_options.get("sampler")
+    title = f"{sampler} sampler, NFE {job.nfe}" if sampler else f"EDM Heun sampler, {p.steps} steps"
+    job.stage.run(f"Generate {n} images ({title})", [
+        "generate.py", f"--network={trained.snapshot}", f"--outdir={samples}", f"--seeds=0-{n - 1}", f"--grid={grid}",
+        *job.sampler_args])
+    fid = fid_value(job.stage.run("FID of the generated images", [
+        "fid.py", "calc", f"--images={samples}", f"--ref={reference}", f"--num={n}", f"--batch={p.batch}",
+        *job.device_args]))
+    return Evaluation(fid, samples, grid)
+
+
+def evaluate_guided(job: Job, trained: Trained, reference: str) -> Evaluation:
+    """The FID of ``num_eval`` samples made in memory at each guidance weight (fid.py calc; several weights also plot
+    the sweep), then 64 images and their grid at the best weight."""
+    p, n = job.preset, job.preset.num_eval
+    samples, grid, weights = job.path("samples"), job.path("samples-grid.png"), weights_text(p.guidance)
+    networks = [f"--network={trained.snapshot}", f"--gnet={trained.guide_snapshot}"]
+    fid_args = ["fid.py", "calc", *networks, f"--guidance={weights}", f"--ref={reference}", f"--num={n}",
+                *job.sampler_args]
+    unguided_note = " (w = 1: unguided)" if 1.0 in p.guidance else ""
+    title = f"FID of {n} samples in memory, autoguided at w = {weights}{unguided_note}"
+    if len(p.guidance) > 1:
+        plot = f"--plot={job.path('fid-vs-guidance.png')}"
+        by_weight = guidance_results(job.stage.run_output(title, [*fid_args, plot]))
+    else:
+        by_weight = {p.guidance[0]: fid_value(job.stage.run(title, fid_args))}
+    best = min(by_weight, key=by_weight.get)
+    job.stage.run(f"Generate 64 images autoguided at the best weight, w = {best:g}", [
+        "generate.py", *networks, f"--guidance={best:g}", f"--outdir={samples}", "--seeds=0-63", f"--grid={grid}",
+        *job.sampler_args])
+    return Evaluation(by_weight[best], samples, grid, by_weight, best)
+
+
+def dashboard(job: Job) -> str:
+    """plot_run.py on the training run; returns the PNG's path."""
+    png = job.path("dashboard.png")
+    job.stage.run("Dashboard of the training run (loss, loss by noise level, speed, samples)",
+                  ["plot_run.py", job.path("training"), f"--out={png}"])
+    return png
+
+
+def summarize(job: Job, floor: float, budget: Budget, trained: Trained, evaluation: Evaluation, reference: str,
+              dashboard_png: str) -> dict:
+    """Write summary.json, everything the job measured and made, and print its lines; returns what it holds."""
+    p, total_seconds = job.preset, time.time() - job.start
+    summary = dict(preset=job.preset_name, fid=evaluation.fid, real_data_floor=floor, num_eval=p.num_eval,
+                   num_ref=p.num_ref, kimg=trained.kimg, total_seconds=round(total_seconds, 1),
+                   budget_minutes=p.minutes,
+                   predicted_evaluation_seconds=None if budget.predicted is None else round(budget.predicted, 1),
+                   costs=None if budget.costs is None else dataclasses.asdict(budget.costs),
+                   stages={title: round(seconds, 1) for title, seconds in job.stage.timings},
+                   snapshot=trained.snapshot, grid=evaluation.grid, samples=evaluation.samples,
+                   training_run=job.path("training"), dashboard=dashboard_png, reference=reference)
+    if job.autoguidance:
+        guided = evaluation.fid_by_weight
+        summary.update(guide=p.guide, guide_snapshot=trained.guide_snapshot,
+                       guide_kimg=snapshot_kimg(trained.guide_snapshot),
+                       fid_by_guidance={f"{w:g}": v for w, v in guided.items()}, best_guidance=evaluation.best_weight,
+                       fid_unguided=guided.get(1.0),
+                       guidance_plot=job.path("fid-vs-guidance.png") if len(guided) > 1 else None)
+    with open(job.path("summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print_summary(job, summary, total_seconds)
+    return summary
+
+
+def print_summary(job: Job, summary: dict, total_seconds: float) -> None:
+    """The summary's lines for the terminal, read from what summary.json holds."""
+    n, m, guided = summary["num_eval"], summary["num_ref"], ""
+    if job.autoguidance:
+        best = summary["best_guidance"]
+        best_of = f", the best of {weights_text(job.preset.guidance)}" if len(summary["fid_by_guidance"]) > 1 else ""
+        guided = f"; autoguided at w = {best:g}{best_of}; guide {summary['guide_kimg']:.1f} kimg"
+    click.secho("\nSummary", bold=True)
+    click.echo(f"  samples' FID        {summary['fid']:8.2f}   ({n} generated vs. {m} reference images{guided})")
+    if job.autoguidance and summary["fid_unguided"] is not None and summary["best_guidance"] != 1.0:
+        click.echo(f"  unguided FID        {summary['fid_unguided']:8.2f}   (the same samples' seeds without the "
+                   "guide)")
+    click.echo(f"  real-data floor     {summary['real_data_floor']:8.2f}   ({n} other real vs. the same {m} reference "
+               f"images)")
+    click.echo(f"  training            {summary['kimg']:8.1f}   kimg")
+    click.echo(f"  sample grid         {summary['grid']}")
+    click.echo(f"  network snapshot    {summary['snapshot']}")
+    click.echo(f"  training log/stats  {summary['training_run']}")
+    click.echo(f"  training dashboard  {summary['dashboard']}")
+    click.echo(f"  all numbers         {job.path('summary.json')}")
+    budget = f" (budget {job.preset.minutes:g} min)" if job.preset.minutes else ""
+    click.echo(f"Finished in {total_seconds / 60:.1f} min{budget}.")
+
+
 @click.command()
 @click.option("--outdir", default="quickstart-out", show_default=True, metavar="DIR",
               help="Where everything goes (must not hold an earlier quickstart run)")
@@ -427,157 +734,21 @@ def guidance_results(output: str) -> dict[float, float]:
 def main(outdir: str, preset: str, device: str | None, kimg: float | None, minutes: float | None,
          autoguidance: bool | None, guidance: tuple[float, ...] | None, guide: str | None) -> None:
     """Train a small EDM model on the embedded Fashion-MNIST and report the FID of its samples."""
-    # OpenMP threads that sleep rather than spin while waiting (unless the user chose), here and in every stage,
-    # set before torch loads: on a CPU shared with other work, spinning made a network call 12x slower (a batch of
-    # 25 took 4.8 s against 0.39 s on 2 busy cores).
+    # OpenMP threads that sleep rather than spin while waiting (unless the user chose), here and in every stage, set
+    # before torch loads: on a CPU shared with other work, spinning threads hold up the descheduled ones they wait for.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     preset_name = pick_preset(preset)
-    p = adapt_preset(PRESETS[preset_name], kimg, fp32=cuda_lacks_bf16(device) or cpu_lacks_bf16(device),
-                     minutes=minutes)
-    autoguidance = p.autoguidance if autoguidance is None else autoguidance
-    if guidance is not None:
-        if not autoguidance:
-            raise click.ClickException(f"--guidance goes with autoguidance, which preset {preset_name} leaves off; "
-                                       "add --autoguidance")
-        p = dataclasses.replace(p, guidance=guidance)
-    if guide is not None:
-        if not autoguidance:
-            raise click.ClickException(f"--guide goes with autoguidance, which preset {preset_name} leaves off; "
-                                       "add --autoguidance")
-        p = dataclasses.replace(p, guide=guide)
-    outdir = os.path.abspath(outdir)
-    if os.path.exists(os.path.join(outdir, "summary.json")):
-        raise click.ClickException(f"--outdir={outdir} already holds a quickstart run; remove it or pick another")
-    os.makedirs(outdir, exist_ok=True)
-    path = lambda *parts: os.path.join(outdir, *parts)
-    device_args = [f"--device={device}"] if device else []
-    launch = training_launch(p, on_cpu=runs_on_cpu(device))
-    n, m = p.num_eval, p.num_ref
-    nfe = int(option_value(p.generate_args, "nfe", str(2 * p.steps - 1)))
-    sampler_name = option_value(p.generate_args, "sampler")
-    sampler_title = f"{sampler_name} sampler, NFE {nfe}" if sampler_name else f"EDM Heun sampler, {p.steps} steps"
-    held_out_start = NUM_SOURCE_IMAGES // 2
-    convert = lambda dest, *args: ["dataset_tool.py", f"--source={SOURCE}", f"--dest={path(dest)}",
-                                   f"--resolution={p.resolution}x{p.resolution}", *args]
-    if max(p.train_images, n, m) > held_out_start:
-        raise click.ClickException(f"preset {preset_name}: train_images, num_eval and num_ref must be at most "
-                                   f"{held_out_start}")
-    # The floor's real images: held-out ones after the reference's where enough are left, else training images.
-    floor_start = held_out_start + m if held_out_start + m + n <= NUM_SOURCE_IMAGES else 0
-    separate_guide = autoguidance and p.guide == "smaller"
-    click.secho(f"Quickstart, preset '{preset_name}': train on {p.train_images} Fashion-MNIST images, "
-                f"evaluate FID of {n} samples against {m} real images"
-                + (f", within {p.minutes:g} minutes" if p.minutes else "") + f"; output in {outdir}", bold=True)
-    start = time.time()
-    stage = Stage(total=9 if autoguidance else 8, log_path=path("commands.txt"))
-
-    for name in ("train.zip", "reference.zip", "held-out.zip"):
-        if os.path.exists(path(name)):
-            os.remove(path(name))  # Left by an interrupted run; dataset_tool.py refuses to overwrite.
-    stage.run("Convert the training half of the embedded data",
-              convert("train.zip", f"--max-images={p.train_images}"))
-    stage.run("Convert the held-out reference images and the floor's real images",
-              convert("reference.zip", f"--first={held_out_start}", f"--max-images={m}"))
-    subprocess.run([sys.executable, *convert("held-out.zip", f"--first={floor_start}", f"--max-images={n}")],
-                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    stage.run("Reference statistics (Inception features of the reference images; cached for the next run)", [
-        "fid.py", "ref", f"--data={path('reference.zip')}", f"--dest={path('reference.npz')}",
-        f"--batch={p.batch}", *device_args])
-    floor = fid_value(stage.run("Real-data floor: FID of real images outside the reference (cached likewise)", [
-        "fid.py", "calc", f"--images={path('held-out.zip')}", f"--ref={path('reference.npz')}", f"--num={n}",
-        f"--batch={p.batch}", *device_args]))
-
-    left, costs, predicted = None, None, None
-    if p.minutes is not None:
-        costs = measure_costs(p, path("train.zip"), device,
-                              with_options(p.train_args, *p.guide_args) if separate_guide else None)
-        if autoguidance and not separate_guide:
-            costs = dataclasses.replace(costs, guide=costs.net)  # The guide is the main network, earlier.
-        predicted = costs.evaluation(p, nfe, p.guidance if autoguidance else ())
-        left = training_minutes(p.minutes, time.time() - start, predicted, starts=2 if autoguidance else 1)
-        if left < 0.5:
-            raise click.ClickException(
-                f"--minutes={p.minutes:g} leaves {max(left, 0):.1f} minutes to train after the evaluation's "
-                f"predicted {predicted / 60:.1f}; give more minutes, or --kimg to train a set length")
-        click.echo(f"\nTime budget: {(time.time() - start) / 60:.1f} min so far; evaluation predicted at "
-                   f"{predicted / 60:.1f} min (network {costs.net * 1e3:.1f} ms, Inception "
-                   f"{costs.inception * 1e3:.0f} ms per image); training gets {left:.1f} min")
-        if left < 0.4 * p.minutes:
-            click.secho(f"Note: this machine leaves training less than 40% of the {p.minutes:g} minutes, so expect a "
-                        f"poor FID; --minutes=N gives it more (later runs also skip the cached reference and floor)",
-                        fg="yellow")
-
-    arch = option_value(p.train_args, "arch", "ddpmpp")
-    network = "an EDM2 (magnitude-preserving) network with its loss" if arch == "edm2" else \
-        f"a {ARCH_NAMES.get(arch, arch)} network with EDM preconditioning and loss"
-    guide_snapshot = None
-    processes = f" ({launch.processes} processes)" if launch.processes > 1 else ""
-    for run in training_runs(p, autoguidance, left, network):
-        stage.run(run.title + processes, ["train.py", f"--outdir={path(run.outdir)}", "--nosubdir",
-                                          f"--data={path('train.zip')}", "--workers=0", *run.args, *device_args],
-                  launch)
-        if run.guide:
-            guide_snapshot = newest(path(run.outdir, "network-snapshot-*.pkl"))
-    snapshot = newest(path("training", "network-snapshot-*.pkl"))
-    kimg_done = trained_kimg(path("training"))
-    sampler_args = [f"--steps={p.steps}", f"--batch={p.batch}", *p.generate_args, *device_args]
-    guided = {}
-    if autoguidance:
-        weights = ",".join(f"{w:g}" for w in p.guidance)
-        fid_args = ["fid.py", "calc", f"--network={snapshot}", f"--gnet={guide_snapshot}", f"--guidance={weights}",
-                    f"--ref={path('reference.npz')}", f"--num={n}", *sampler_args]
-        unguided_note = " (w = 1: unguided)" if 1.0 in p.guidance else ""
-        title = f"FID of {n} samples in memory, autoguided at w = {weights}{unguided_note}"
-        if len(p.guidance) > 1:
-            guided = guidance_results(stage.run_output(title, [*fid_args, f"--plot={path('fid-vs-guidance.png')}"]))
-        else:
-            guided = {p.guidance[0]: fid_value(stage.run(title, fid_args))}
-        best = min(guided, key=guided.get)
-        fid = guided[best]
-        stage.run(f"Generate 64 images autoguided at the best weight, w = {best:g}", [
-            "generate.py", f"--network={snapshot}", f"--gnet={guide_snapshot}", f"--guidance={best:g}",
-            f"--outdir={path('samples')}", "--seeds=0-63", f"--grid={path('samples-grid.png')}", *sampler_args])
-    else:
-        stage.run(f"Generate {n} images ({sampler_title})", [
-            "generate.py", f"--network={snapshot}", f"--outdir={path('samples')}", f"--seeds=0-{n - 1}",
-            f"--grid={path('samples-grid.png')}", *sampler_args])
-        fid = fid_value(stage.run("FID of the generated images", [
-            "fid.py", "calc", f"--images={path('samples')}", f"--ref={path('reference.npz')}", f"--num={n}",
-            f"--batch={p.batch}", *device_args]))
-    stage.run("Dashboard of the training run (loss, loss by noise level, speed, samples)",
-              ["plot_run.py", path("training"), f"--out={path('dashboard.png')}"])
-
-    total = time.time() - start
-    summary = dict(preset=preset_name, fid=fid, real_data_floor=floor, num_eval=n, num_ref=m, kimg=kimg_done,
-                   total_seconds=round(total, 1), budget_minutes=p.minutes,
-                   predicted_evaluation_seconds=None if predicted is None else round(predicted, 1),
-                   costs=None if costs is None else dataclasses.asdict(costs),
-                   stages={title: round(seconds, 1) for title, seconds in stage.timings},
-                   snapshot=snapshot, grid=path("samples-grid.png"), samples=path("samples"),
-                   training_run=path("training"), dashboard=path("dashboard.png"), reference=path("reference.npz"))
-    if autoguidance:
-        summary.update(guide=p.guide, guide_snapshot=guide_snapshot, guide_kimg=snapshot_kimg(guide_snapshot),
-                       fid_by_guidance={f"{w:g}": v for w, v in guided.items()}, best_guidance=best,
-                       fid_unguided=guided.get(1.0),
-                       guidance_plot=path("fid-vs-guidance.png") if len(guided) > 1 else None)
-    with open(path("summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    best_of = f", the best of {weights}" if len(guided) > 1 else ""
-    click.secho("\nSummary", bold=True)
-    click.echo(f"  samples' FID        {fid:8.2f}   ({n} generated vs. {m} reference images"
-               + (f"; autoguided at w = {best:g}{best_of}; guide {summary['guide_kimg']:.1f} kimg)" if autoguidance
-                  else ")"))
-    if autoguidance and 1.0 in guided and best != 1.0:
-        click.echo(f"  unguided FID        {guided[1.0]:8.2f}   (the same samples' seeds without the guide)")
-    click.echo(f"  real-data floor     {floor:8.2f}   ({n} other real vs. the same {m} reference images)")
-    click.echo(f"  training            {kimg_done:8.1f}   kimg")
-    click.echo(f"  sample grid         {summary['grid']}")
-    click.echo(f"  network snapshot    {snapshot}")
-    click.echo(f"  training log/stats  {path('training')}")
-    click.echo(f"  training dashboard  {path('dashboard.png')}")
-    click.echo(f"  all numbers         {path('summary.json')}")
-    budget = f" (budget {p.minutes:g} min)" if p.minutes else ""
-    click.echo(f"Finished in {total / 60:.1f} min{budget}.")
+    check_preset(preset_name, PRESETS[preset_name])
+    job = resolve_job(preset_name, outdir, device, kimg, minutes, autoguidance, guidance, guide)
+    print_header(job)
+    data = convert(job)
+    reference = reference_statistics(job, data)
+    floor = real_data_floor(job, data, reference)
+    budget = time_budget(job, data)
+    trained = train_networks(job, data, budget.minutes)
+    evaluation = evaluate(job, trained, reference)
+    dashboard_png = dashboard(job)
+    summarize(job, floor, budget, trained, evaluation, reference, dashboard_png)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ import pickle
 import click
 
 from dnnlib.util import parse_float_list
-from training.phema import PHEMA_PREFIX, SIGMA_REL_MAX, format_kimg, reconstruct
+from training.ema.phema import SIGMA_REL_MAX
+from training.ema.reconstruct import reconstruct
+from training.run_files import PHEMA_PREFIX, format_kimg
 
 
 def parse_sigma_rel_list(text: str) -> list[float]:

@@ -18,8 +18,11 @@ from torch_utils import distributed as dist
 from dnnlib.util import atomic_write_bytes
 from training.checkpoint import load_network_pkl
 from training.perf import check_precision
-from training.training_loop import TrainingConfigError, check_network_fits_dataset, data_loader_kwargs, training_loop
-from training.training_state import StateFileError, labelled_nimg, newest_state_file, read_state_file
+from training.loop.config import TrainingConfigError, check_network_fits_dataset
+from training.loop.setup import data_loader_kwargs
+from training.loop.training_loop import training_loop
+from training.loop.state import StateFileError, read_state_file
+from training.run_files import labelled_nimg, newest_state_file
 
 ARCHITECTURES = {
     "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
@@ -223,7 +226,7 @@ def shared_random_seed() -> int:
 
 def open_dataset(opts: dnnlib.EasyDict):
     """Open the dataset once to check it and learn its name, resolution and size."""
-    from training.dataset import ImageFolderDataset
+    from training.data.dataset import ImageFolderDataset
     try:
         dataset_obj = ImageFolderDataset(path=opts.data, use_labels=opts.cond, xflip=opts.xflip, cache=False)
     except (OSError, ValueError, zipfile.BadZipFile) as e:
@@ -429,7 +432,7 @@ def _parse_metrics(value: str | None) -> list[str] | None:
 
 
 def metrics_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict | None:
-    """metrics_kwargs (training.monitor.MetricsOptions) for --metrics, or None when no metrics are asked for."""
+    """metrics_kwargs (training.loop.monitor.MetricsOptions) for --metrics, or None when no metrics are asked for."""
     if not opts.metrics:
         return None
     return dnnlib.EasyDict(metrics=list(opts.metrics), num_images=opts.metrics_num, every_ticks=opts.metrics_every,
@@ -464,7 +467,7 @@ def train(opts: dnnlib.EasyDict) -> None:
         raise click.ClickException(str(e)) from None
     check_edm2_options(opts)
     if opts.ema_std:
-        from training.phema import sigma_rel_to_gamma
+        from training.ema.phema import sigma_rel_to_gamma
         try:
             sigma_rel_to_gamma(opts.ema_std)
         except ValueError as e:

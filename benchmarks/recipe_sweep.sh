@@ -46,12 +46,11 @@ wait
 echo "training: $(( $(date +%s) - start )) s"
 for name in $names; do
   (
-    # The traditional EMA's snapshots (EDM2 runs also write post-hoc EMA ones, named ...-S.SSS.pkl).
+    # The traditional EMA's snapshots (EDM2 runs also write power-function EMA ones, named ...-S.SSS.pkl).
     read -r final guide < <(python3 - "$out/$name" "$guide_kimg" <<'PY'
-import glob, os, re, sys
-from training.training_state import labelled_nimg
-paths = [p for p in glob.glob(os.path.join(sys.argv[1], "network-snapshot-*.pkl"))
-         if re.fullmatch(r"network-snapshot-[0-9]+([.][0-9]{3})?[.]pkl", os.path.basename(p))]
+import glob, os, sys
+from training.run_files import labelled_nimg  # None for the power-function EMAs' snapshots
+paths = [p for p in glob.glob(os.path.join(sys.argv[1], "network-snapshot-*.pkl")) if labelled_nimg(p) is not None]
 kimg = lambda p: labelled_nimg(p) / 1000
 print(max(paths, key=kimg), min(paths, key=lambda p: abs(kimg(p) - float(sys.argv[2]))))
 PY

@@ -15,8 +15,8 @@ export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$out"
 python3 dataset_tool.py --source=data/fashion-mnist/t10k-images-idx3-ubyte.gz --dest="$out/train.zip" \
     --resolution=28x28 --max-images=5000 > /dev/null 2>&1 || { echo "recipe_sweep_edm2.sh: dataset conversion failed" >&2; exit 1; }
-read -r -a base < <(python3 -c "import quickstart; print(' '.join(quickstart.PRESETS['cpu'].train_args))")
-read -r -a generate_args < <(python3 -c "import quickstart; print(' '.join(quickstart.PRESETS['cpu'].generate_args))")
+read -r -a base < <(python3 -c "import quickstart; print(' '.join(quickstart.render(quickstart.PRESETS['cpu'].train_options)))")
+read -r -a generate_args < <(python3 -c "import quickstart; print(' '.join(quickstart.render(quickstart.PRESETS['cpu'].sampler_options)))")
 read -r guidance < <(python3 -c "import quickstart; print(quickstart.PRESETS['cpu'].guidance[-1])")
 # Twelve ticks: a snapshot falls at a third of the run, where the guide is taken.
 base+=(--duration=$(python3 -c "print($kimg / 1000)") --tick=$(python3 -c "print($kimg / 12)") --snap=1 --dump=1000
@@ -48,12 +48,11 @@ for name in $names; do
   for seed in $seeds; do
     (
       run="$out/$name-s$seed"
-      # The traditional EMA's snapshots (EDM2 runs also write post-hoc EMA ones, named ...-S.SSS.pkl).
+      # The traditional EMA's snapshots (EDM2 runs also write power-function EMA ones, named ...-S.SSS.pkl).
       read -r final guide < <(python3 - "$run" "$kimg" <<'PY'
-import glob, os, re, sys
-from training.training_state import labelled_nimg
-paths = [p for p in glob.glob(os.path.join(sys.argv[1], "network-snapshot-*.pkl"))
-         if re.fullmatch(r"network-snapshot-[0-9]+([.][0-9]{3})?[.]pkl", os.path.basename(p))]
+import glob, os, sys
+from training.run_files import labelled_nimg  # None for the power-function EMAs' snapshots
+paths = [p for p in glob.glob(os.path.join(sys.argv[1], "network-snapshot-*.pkl")) if labelled_nimg(p) is not None]
 kimg = lambda p: labelled_nimg(p) / 1000
 print(max(paths, key=kimg), min(paths, key=lambda p: abs(kimg(p) - float(sys.argv[2]) / 3)))
 PY

@@ -171,7 +171,7 @@ def plot_errors(ours: dict, theirs: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from training.progress import save_figure
+    from training.images import save_figure
     fig, ax = plt.subplots(figsize=(7.5, 5.0), dpi=120)
     for key, errors in ours.items():
         ax.plot(list(errors), list(errors.values()), "-", color="tab:blue", alpha=0.15, linewidth=0.8)
@@ -250,12 +250,12 @@ def _sampler_specs(ctx, param, value: str) -> list[tuple[str, str | None]]:
 def fid_against_nfe(network: str, ref_path: str, seeds: list[int], nfes: list[int], specs, batch: int,
                     device: str | None) -> dict[str, dict[int, dict]]:
     """{'NAME:SCHEDULE': {nfe: {fid, calls}}}: FID of each sampler's images for ``seeds`` against ``ref_path``,
-    the images made in memory exactly as generate.py makes them (training.generation.generated_features)."""
+    the images made in memory exactly as generate.py makes them (training.sampling.generation.generated_features)."""
     from metrics.detector import load_detector
     from metrics.evaluate import compute_metrics
     from metrics.reference import load_reference
     from torch_utils.distributed import pick_device
-    from training.generation import generated_features, load_sampling_network
+    from training.sampling.generation import generated_features, load_sampling_network
 
     device = pick_device(device)
     net = load_sampling_network(network, device)
@@ -287,7 +287,7 @@ def plot_fid(results: dict, path: str, num_images: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from training.progress import save_figure
+    from training.images import save_figure
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for key, rows in results.items():
         ax.plot([r["calls"] for r in rows.values()], [r["fid"] for r in rows.values()], "o-", label=key)

@@ -8,7 +8,7 @@ machine whose load changes affects all variants alike; the reported time is the 
 
 Measured, per variant (images per second of wall-clock time):
 - train: one full optimizer step of the training loop on a batch of random images: EDM loss, backward,
-  gradient clean-up, Adam, EMA (``training.training_loop``'s pieces); also reported as s/kimg.
+  gradient clean-up, Adam, EMA (``training.loop``'s pieces); also reported as s/kimg.
 - forward: one denoiser evaluation D(x; sigma) of a batch (eval mode, no gradients).
 - sample: ``generate_images`` with the EDM sampler, ``num_steps`` Heun steps (18 steps = NFE 35).
 - fid: Inception pool3 features of uint8 images (resized to 299x299) with randomly initialised weights (speed
@@ -48,15 +48,17 @@ import psutil
 import torch
 
 from torch_utils.misc import randomize_parameters
-from training.dataset import DATASET_JSON
-from training.dataset_tool_lib import DatasetWriter, archive_name, encode_png
+from training.data.dataset import DATASET_JSON
+from training.data.convert import DatasetWriter, archive_name, encode_png
 from training.loss import EDM2Loss, EDMLoss
 from training.networks import EDMPrecond
 from training.networks.edm2 import Precond as EDM2Precond
 from training.perf import FastPaths, apply_process_settings, as_memory_format, check_precision, maybe_compile, \
     parse_variant, prepare_network, process_settings
 from training.sampling import generate_images
-from training.training_loop import build_optimizer, ema_beta, sanitize_gradients, update_ema
+from training.loop.schedules import ema_beta
+from training.loop.setup import build_optimizer
+from training.loop.step import sanitize_gradients, update_ema
 
 # The network of each config as train.py builds it: EDMPrecond around a SongUNet with EDM's loss, unless the config
 # names its own preconditioner ('precond') and loss ('loss').
@@ -293,8 +295,8 @@ class VariantBench:
         self.calls["fid"], self.images["fid"] = features, len(images)
 
     def _setup_data(self) -> None:
-        from training.dataset import ImageFolderDataset
-        from training.training_loop import PREFETCH_BATCHES, data_loader_kwargs, open_data_stream
+        from training.data.dataset import ImageFolderDataset
+        from training.loop.setup import PREFETCH_BATCHES, data_loader_kwargs, open_data_stream
 
         dataset = ImageFolderDataset(self.settings.data, use_labels=True, cache=False)
         stream = open_data_stream(dataset, self.settings.seed, 0, self.settings.batch,

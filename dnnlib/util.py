@@ -33,12 +33,26 @@ class EasyDict(dict):
         return self[key]
 
 
+_moved_modules: dict[str, str] = {}
+
+
+def declare_moved_module(old_name: str, new_name: str) -> None:
+    """Let dotted paths into module ``old_name``, as configs and pickles written before it moved name them, find
+    their objects in ``new_name``. The package that moved it declares this when it is imported."""
+    _moved_modules[old_name] = new_name
+
+
 def get_obj_by_name(name: str) -> Any:
     """Return the object named by a dotted path, e.g. ``'training.networks.EDMPrecond'``."""
     module_name, _, attr = name.rpartition(".")
     if not module_name:
         raise ValueError(f"'{name}' is not a dotted path of the form module.attribute")
-    obj = importlib.import_module(module_name)
+    try:
+        obj = importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        if module_name not in _moved_modules:  # Importing its package may have declared the move just now.
+            raise
+        obj = importlib.import_module(_moved_modules[module_name])
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj

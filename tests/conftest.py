@@ -85,23 +85,23 @@ def tiny_training_run(run_dir: str, data: str, device: str, workers: int = 0, ne
     """The training loop's own ``Run`` (data stream with ``workers`` loader processes, the device's default fast
     paths, two accumulation rounds of 4 images) for a tiny conditional network on ``data`` (EDM's DDPM++ unless
     ``network_kwargs`` and ``loss_kwargs`` name others; ``options`` override the loop's options); step it with
-    ``training.training_loop.train_step``."""
+    ``training.loop.step.train_step``."""
     import time
 
-    from training.training_loop import data_loader_kwargs, setup
+    from training.loop.config import TrainingConfig
+    from training.loop.setup import data_loader_kwargs, setup
 
     device = torch.device(device)
     network_kwargs = network_kwargs or dict(class_name="training.networks.EDMPrecond", dropout=0.1, **TINY_SONG)
-    return setup(run_dir=run_dir, dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path=data,
-                                                      use_labels=True, cache=True),
-                 data_loader_kwargs=data_loader_kwargs(device, workers), network_kwargs=network_kwargs,
-                 loss_kwargs=loss_kwargs or dict(class_name="training.loss.EDMLoss"),
-                 optimizer_kwargs=dict(class_name="torch.optim.Adam", lr=1e-3, betas=[0.9, 0.999], eps=1e-8),
-                 augment_kwargs=None, seed=0, batch_size=8, batch_gpu=4, resume_pkl=None, resume_state_dump=None,
-                 cudnn_benchmark=True, device=device, tensorboard=False, start_time=time.time(),
-                 options=dict(dict(loss_scaling=1, lr_rampup_kimg=0.01, ema_halflife_kimg=0.5, ema_rampup_ratio=0.05,
-                                   lr_decay_batches=0, ema_stds=[], label_dropout=0, total_nimg=0, lr_cooldown=0),
-                              **options))
+    config = TrainingConfig(
+        run_dir=run_dir, dataset_kwargs=dict(class_name="training.dataset.ImageFolderDataset", path=data,
+                                             use_labels=True, cache=True),
+        data_loader_kwargs=data_loader_kwargs(device, workers), network_kwargs=network_kwargs,
+        loss_kwargs=loss_kwargs or dict(class_name="training.loss.EDMLoss"),
+        optimizer_kwargs=dict(class_name="torch.optim.Adam", lr=1e-3, betas=[0.9, 0.999], eps=1e-8), seed=0,
+        batch_size=8, batch_gpu=4, device=device, tensorboard=False, total_kimg=0,
+        **dict(dict(lr_rampup_kimg=0.01, ema_halflife_kimg=0.5, ema_rampup_ratio=0.05), **options))
+    return setup(config, start_time=time.time())
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def tiny_edm_net() -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def fashion_mnist_zip(tmp_path_factory) -> str:
     """The embedded Fashion-MNIST test split as a dataset ZIP: 10,000 images, 1x32x32, 10 classes (~1.5 s)."""
-    from training.dataset_tool_lib import convert_dataset
+    from training.data.convert import convert_dataset
 
     dest = str(tmp_path_factory.mktemp("fashion-mnist") / "fashion-mnist-t10k-32x32.zip")
     convert_dataset(FASHION_MNIST_T10K, dest, workers=1, progress=False)
@@ -197,7 +197,7 @@ def official_snapshot_bytes(net, loss_fn=None, augment_pipe=None, dataset_kwargs
 
 
 def _small_fashion_mnist(tmp_path_factory, resolution: int, count: int) -> str:
-    from training.dataset_tool_lib import convert_dataset
+    from training.data.convert import convert_dataset
 
     dest = str(tmp_path_factory.mktemp("fashion-mnist") / f"fmnist{resolution}.zip")
     convert_dataset(FASHION_MNIST_T10K, dest, max_images=count, resolution=(resolution, resolution), workers=1,

@@ -47,7 +47,7 @@ class SigtermAtCall(EDMLoss):
 
 def main() -> None:
     from torch_utils import distributed as dist
-    from training.training_loop import training_loop
+    from training.loop.training_loop import training_loop
 
     config = json.loads(sys.argv[1])
     state = training_loop(**config)

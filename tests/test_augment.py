@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from training.augment import AugmentPipe, apply_geometric, rotate2d, scale2d, translate2d
+from training.data.augment import AugmentPipe, apply_geometric, rotate2d, scale2d, translate2d
 
 OFFICIAL = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 

@@ -174,7 +174,7 @@ def _count_syncs(run) -> int:
 
 
 def test_the_training_loop_steps_on_the_device(tmp_path, fashion_mnist_16_zip):
-    from training.training_loop import train_step
+    from training.loop.step import train_step
 
     run = tiny_training_run(str(tmp_path), fashion_mnist_16_zip, DEVICE, workers=1)
     before = [p.detach().clone() for p in run.state.net.parameters()]
@@ -189,7 +189,7 @@ def test_the_training_loop_steps_on_the_device(tmp_path, fashion_mnist_16_zip):
 def test_the_training_step_never_waits_for_the_device(tmp_path, fashion_mnist_16_zip):
     """The loop's train_step (data, loss, backward, gradient clean-up, fused Adam, EMA, statistics) makes no
     synchronising CUDA call once the optimizer has its state."""
-    from training.training_loop import train_step
+    from training.loop.step import train_step
 
     run = tiny_training_run(str(tmp_path), fashion_mnist_16_zip, DEVICE, workers=1)
     train_step(run)
@@ -214,7 +214,7 @@ def test_edm2_training_steps_on_the_device(tmp_path, fashion_mnist_16_zip, preci
     """EDM2 in the loop's train_step on the device: the weights move and stay finite, and after every step each
     power-function EMA is beta * ema + (1 - beta) * net, beta = (1 - batch / n)^(gamma + 1)."""
     from test_edm2_training import gamma_of
-    from training.training_loop import train_step
+    from training.loop.step import train_step
 
     if precision == "fp16" and not ON_CUDA:
         pytest.skip("use_fp16 takes effect on CUDA only")
@@ -240,7 +240,7 @@ def test_edm2_training_steps_on_the_device(tmp_path, fashion_mnist_16_zip, preci
 def test_the_edm2_training_step_never_waits_for_the_device(tmp_path, fashion_mnist_16_zip, precision):
     """EDM2's step (forced weight normalization, learned uncertainty, decayed learning rate, label dropout and
     the power-function EMAs) makes no synchronising CUDA call once the optimizer has its state."""
-    from training.training_loop import train_step
+    from training.loop.step import train_step
 
     run = _edm2_training_run(str(tmp_path), fashion_mnist_16_zip, precision)
     train_step(run)
@@ -266,8 +266,8 @@ def test_the_sampler_loop_never_waits_for_the_device(edm2_golden, network):
 @cuda_only
 def test_the_data_stream_delivers_pinned_batches(tmp_path):
     from benchmarks.suite import CONFIGS, write_random_dataset
-    from training.dataset import ImageFolderDataset
-    from training.training_loop import data_loader_kwargs, open_data_stream
+    from training.data.dataset import ImageFolderDataset
+    from training.loop.setup import data_loader_kwargs, open_data_stream
 
     path = write_random_dataset(str(tmp_path / "random.zip"), CONFIGS["tiny"], size=32, seed=0)
     stream = open_data_stream(ImageFolderDataset(path, use_labels=True), 0, 0, 8,

@@ -1,4 +1,4 @@
-"""training/dataset.py: round trips through the official dataset format, subsets, flips, labels, errors."""
+"""training/data/dataset.py: round trips through the official dataset format, subsets, flips, labels, errors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 import torch
 
-from training.dataset import DatasetError, ImageFolderDataset, image_to_array, iter_image_files, parse_labels
+from training.data.dataset import DatasetError, ImageFolderDataset, image_to_array, iter_image_files, parse_labels
 
 
 def _png_bytes(array: np.ndarray) -> bytes:

@@ -1,4 +1,4 @@
-"""dataset_tool.py and training/dataset_tool_lib.py: round trips from every kind of source, geometry, bad input."""
+"""dataset_tool.py and training/data/ (sources.py, convert.py): round trips from every kind of source, geometry, bad input."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
-from training.dataset import DatasetError, ImageFolderDataset
-from training.dataset_tool_lib import Geometry, archive_name, convert_dataset, parse_resolution, read_idx
+from training.data.dataset import DatasetError, ImageFolderDataset
+from training.data.convert import Geometry, archive_name, convert_dataset, parse_resolution
+from training.data.sources import read_idx
 
 
 FASHION_MNIST_T10K = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",

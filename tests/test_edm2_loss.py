@@ -1,5 +1,5 @@
 """EDM2's loss with learned uncertainty (training/loss.py, EDM2Loss) and its learning-rate schedule
-(training/lr_schedule.py), against their formulas and the official EDM2 code's values."""
+(training/loop/schedules.py), against their formulas and the official EDM2 code's values."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from conftest import FIXTURES
 from training.checkpoint import safe_unpickle
 from training.loss import EDM2Loss, EDMLoss
-from training.lr_schedule import edm2_learning_rate
+from training.loop.schedules import edm2_learning_rate
 
 
 class StubDenoiser(torch.nn.Module):

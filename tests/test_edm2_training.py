@@ -10,8 +10,11 @@ import torch
 from click.testing import CliRunner
 
 from conftest import FIXTURES
-from training.training_loop import drop_labels, learning_rate, training_loop
-from training.training_state import newest_state_file, read_state_file
+from training.loop.schedules import learning_rate
+from training.loop.step import drop_labels
+from training.loop.training_loop import training_loop
+from training.loop.state import read_state_file
+from training.run_files import newest_state_file
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -93,7 +96,7 @@ def test_label_dropout_zeroes_whole_label_vectors_with_its_probability():
 
 
 def gamma_of(sigma_rel: float) -> float:
-    """The largest root of sigma_rel^2 (g + 2)^2 (g + 3) = g + 1, by bisection (independent of training.phema)."""
+    """The largest root of sigma_rel^2 (g + 2)^2 (g + 3) = g + 1, by bisection (independent of training.ema.phema)."""
     lo, hi = -1 + (5 ** 0.5 - 1) / 2, 1e4
     for _ in range(200):
         mid = (lo + hi) / 2
@@ -108,10 +111,10 @@ def test_power_function_emas_follow_the_formula_at_every_step(fashion_mnist_16_z
     """The loop's train_step with two sigma_rel: after the step that reaches n images, each EMA is
     beta * ema + (1 - beta) * net with beta = (1 - batch / n)^(gamma + 1), applied to the recorded weights."""
     from conftest import tiny_training_run
-    from training.training_loop import train_step
+    from training.loop.step import train_step
 
     run = tiny_training_run(str(tmp_path), fashion_mnist_16_zip, "cpu")
-    from training.phema import PowerFunctionEMA
+    from training.ema.phema import PowerFunctionEMA
     run.state.phema = PowerFunctionEMA(run.state.net, [0.05, 0.1])
     expected = {std: None for std in (0.05, 0.1)}
     for _ in range(4):
@@ -153,9 +156,9 @@ def test_edm2_run_writes_one_snapshot_per_sigma_rel_and_resumes_bit_exactly(fash
     raw = sorted(f for f in files if re.fullmatch(r"network-snapshot-\d{7}(\.\d{3})?-\d\.\d{3}\.pkl", f))
     assert len(raw) == 2 * 3  # Ticks 0, 2 and the last, each with sigma_rel 0.050 and 0.100.
     from training.checkpoint import load_network_pkl
-    from training.phema import parse_snapshot_name
-    last = [f for f in raw if parse_snapshot_name(f).nimg == 128]
-    assert [parse_snapshot_name(f).sigma_rel for f in last] == [0.05, 0.1]
+    from training.run_files import parse_power_snapshot_name
+    last = [f for f in raw if parse_power_snapshot_name(f).nimg == 128]
+    assert [parse_power_snapshot_name(f).sigma_rel for f in last] == [0.05, 0.1]
     for name, ema_state in zip(last, a["phema"]["emas"]):
         snapshot = load_network_pkl(os.path.join(straight["run_dir"], name))
         assert type(snapshot["ema"]).__name__ == "Precond" and type(snapshot["loss_fn"]).__name__ == "EDM2Loss"
@@ -163,7 +166,7 @@ def test_edm2_run_writes_one_snapshot_per_sigma_rel_and_resumes_bit_exactly(fash
 
 
 def test_resume_refuses_a_different_ema_std(fashion_mnist_16_zip, tmp_path):
-    from training.training_state import StateFileError
+    from training.loop.state import StateFileError
     first = edm2_config(fashion_mnist_16_zip, str(tmp_path / "first"), total_kimg=0.032)
     training_loop(**first)
     with pytest.raises(StateFileError, match="sigma_rel .*0.05, 0.1.*--ema-std"):

@@ -1,4 +1,4 @@
-"""ema_sweep.py and training/ema_sweep.py: the FID of each sigma_rel is the one fid.py computes for the pickle
+"""ema_sweep.py and training/ema/sweep.py: the FID of each sigma_rel is the one fid.py computes for the pickle
 reconstruct_phema.py writes for it; the JSON, the plot and the best network are written; bad input gets one line;
 latent-space (EDM2 img512) snapshots are refused by the sweep, generate.py and fid.py before any sampling."""
 
@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from conftest import make_tiny_net
 from training.checkpoint import load_network_pkl, save_network_pkl
-from training.phema import snapshot_name
+from training.run_files import power_snapshot_name
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -39,7 +39,7 @@ def run_dir(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
     for seed, (nimg, std) in enumerate((nimg, std) for nimg in NIMG for std in (0.05, 0.10)):
-        save_network_pkl(str(folder / snapshot_name(nimg, std)), dict(ema=make_tiny_net(label_dim=4, seed=seed),
+        save_network_pkl(str(folder / power_snapshot_name(nimg, std)), dict(ema=make_tiny_net(label_dim=4, seed=seed),
                                                                       loss_fn=None, augment_pipe=None,
                                                                       dataset_kwargs={}))
     return folder
@@ -89,21 +89,21 @@ def test_sweep_reports_the_fid_of_the_reconstructed_pickle(run_dir, ref_npz, rec
     assert data["best"] == dict(sigma_rel=best, fid=min(recorded_fids))
     assert (data["kimg"], data["nimg"], data["num_images"], data["seeds"]) == (16, 16384, 4, "0-3")
     assert data["sampler_kwargs"]["num_steps"] == 4 and data["sampler_kwargs"]["S_max"] == "inf"  # JSON has no inf.
-    assert data["inputs"] == [snapshot_name(n, s) for n in NIMG for s in (0.05, 0.1)]
+    assert data["inputs"] == [power_snapshot_name(n, s) for n in NIMG for s in (0.05, 0.1)]
     assert data["tracked_stds"] == [0.05, 0.1]
     for std, fid in zip((0.07, 0.15), recorded_fids):
         assert any(line.startswith(f"sigma_rel {std:.3f}: FID {fid:.4f}  (") for line in lines), lines
     assert f"Best: sigma_rel {best:.3f}, FID {min(recorded_fids):.4f}" in lines
     assert lines[-1].startswith("Swept 2 sigma_rel at 16 kimg, 4 images each, in ")
     assert lines[-1].endswith(f"-> {run_dir / 'ema-sweep.json'}, {run_dir / 'ema-sweep.png'}, "
-                              f"{run_dir / snapshot_name(16384, best, 'phema')}")
+                              f"{run_dir / power_snapshot_name(16384, best, 'phema')}")
     with PIL.Image.open(run_dir / "ema-sweep.png") as image:
         assert image.format == "PNG" and image.size == (768, 480)
 
     out = tmp_path / "phema"
     result = _invoke(reconstruct_main, "--indir", run_dir, "--outdir", out, "--outstd", "0.07,0.15")
     assert result.exit_code == 0, result.output
-    saved, written = (load_network_pkl(str(folder / snapshot_name(16384, best, "phema")))["ema"].state_dict()
+    saved, written = (load_network_pkl(str(folder / power_snapshot_name(16384, best, "phema")))["ema"].state_dict()
                       for folder in (run_dir, out))  # Pickles hold storage ids: compare the tensors.
     assert saved.keys() == written.keys() and all(torch.equal(saved[k], written[k]) for k in saved)
     result = _invoke(fid_main, "calc", f"--network={out / 'phema-0000016-0.150.pkl'}", "--seeds=0-3",
@@ -115,7 +115,7 @@ def test_sweep_reports_the_fid_of_the_reconstructed_pickle(run_dir, ref_npz, rec
 
 def test_format_int_list_round_trips():
     from dnnlib.util import parse_int_list
-    from training.ema_sweep import format_int_list
+    from training.ema.sweep import format_int_list
     for values in ([0, 1, 2, 3], [5], [0, 2, 3, 4, 9, 11, 12]):
         assert parse_int_list(format_int_list(values)) == values
     assert format_int_list([0, 2, 3, 4, 9]) == "0,2-4,9"
@@ -149,11 +149,11 @@ def test_bad_input_gets_one_line(run_dir, ref_npz, tmp_path):
     result = _sweep(f"--indir={run_dir}", *base, "--outstd=0.1,0.31")
     assert result.exit_code == 2 and "Invalid value for '--outstd': each sigma_rel must lie in (0, 0.3003]" in \
         result.output, result.output
-    assert sorted(os.listdir(run_dir)) == sorted(snapshot_name(n, s) for n in NIMG for s in (0.05, 0.1))
+    assert sorted(os.listdir(run_dir)) == sorted(power_snapshot_name(n, s) for n in NIMG for s in (0.05, 0.1))
 
 
 def test_library_checks_sigma_rel_and_seeds(run_dir, ref_npz):
-    from training.ema_sweep import EMASweepOptions, ema_sweep
+    from training.ema.sweep import EMASweepOptions, ema_sweep
     with pytest.raises(ValueError, match=r"--outstd: each sigma_rel must lie in \(0, 0.3003\]; got 0.4"):
         ema_sweep(EMASweepOptions(indir=str(run_dir), ref=ref_npz, outstd=[0.1, 0.4]))
     with pytest.raises(ValueError, match="--seeds: FID needs at least 2 images, got 1"):
@@ -174,7 +174,7 @@ def latent_pkl(tmp_path) -> str:
     from training.networks import EDM2Precond
     net = EDM2Precond(img_resolution=8, img_channels=4, label_dim=0, model_channels=8, channel_mult=[1],
                       num_blocks=1, attn_resolutions=[], logvar_channels=8)
-    path = tmp_path / "latent" / snapshot_name(8192, 0.05)
+    path = tmp_path / "latent" / power_snapshot_name(8192, 0.05)
     path.parent.mkdir()
     path.write_bytes(official_edm2_pickle(net, encoder="StabilityVAEEncoder"))
     return str(path)
@@ -183,7 +183,7 @@ def latent_pkl(tmp_path) -> str:
 def test_latent_snapshots_are_refused_in_one_line(latent_pkl, ref_npz, tmp_path):
     from fid import main as fid_main
     from generate import main as generate_main
-    from training.generation import load_sampling_network
+    from training.sampling.generation import load_sampling_network
     with pytest.raises(ValueError, match="decoding latents to pixels is not supported"):
         load_sampling_network(latent_pkl)
     out = tmp_path / "out"

@@ -87,7 +87,7 @@ def test_kid_against_a_dataset_reference_cached_by_content(folders, fid_detector
     """--ref=DATASET: statistics (and features, for KID) computed once, then read from the cache.
     --num below the number of images: the seeded subset of the dataset reader."""
     from metrics.evaluate import cached_dataset_reference, detector_settings
-    from training.dataset import ImageFolderDataset
+    from training.data.dataset import ImageFolderDataset
     result = _fid_cli("calc", f"--images={folders['b']}", f"--ref={folders['a']}", "--num=4", "--seed=3",
                       "--metrics=kid", "--batch=4", "--workers=0")
     assert result.exit_code == 0, result.output
@@ -150,7 +150,7 @@ def test_in_memory_network_evaluation_equals_generate_then_calc(fid_detector, tm
     from metrics.features import compute_features, dataset_batches
     from metrics.reference import save_reference
     from training.checkpoint import save_network_pkl
-    from training.dataset import ImageFolderDataset
+    from training.data.dataset import ImageFolderDataset
 
     pkl = str(tmp_path / "net.pkl")
     save_network_pkl(pkl, dict(ema=make_tiny_net(label_dim=4), loss_fn=None, augment_pipe=None, dataset_kwargs={}))

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from conftest import REPO_ROOT, make_tiny_net
 from training.checkpoint import save_network_pkl
-from training.generation import image_grid, image_path, seed_batches
+from training.images import image_grid
+from training.sampling.generation import image_path, seed_batches
 from training.sampling import generate_images
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -94,7 +95,7 @@ def test_bad_options_get_one_clear_line(network_pkl, tmp_path, args, message):
 def test_progress_counts_every_process_share():
     """Under torchrun the main process's bar advances by whole rounds: over all rounds it counts every seed once,
     and each process's batches are exactly its share."""
-    from training.generation import sampling_rounds, seed_batches
+    from training.sampling.generation import sampling_rounds, seed_batches
 
     seeds = list(range(1003))
     for world_size in (1, 2, 3, 8):

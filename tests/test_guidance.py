@@ -1,4 +1,4 @@
-"""Guidance (training/sampling.py GuidedDenoiser): the official EDM2 guided sampler's images, the formula, w = 1 as
+"""Guidance (training/sampling/guidance.py GuidedDenoiser): the official EDM2 guided sampler's images, the formula, w = 1 as
 the unguided sampler, the noise-level interval, and classifier-free guidance on an analytic Gaussian model."""
 
 import os

@@ -1,4 +1,4 @@
-"""training/monitor.py and its place in the loop: the loss by noise level (per-image losses summed per sigma bucket
+"""training/loop/monitor.py and its place in the loop: the loss by noise level (per-image losses summed per sigma bucket
 on the device), and FID/KID during training (the number fid.py gives for the same snapshot, seeds and count;
 metrics.jsonl; resume still bit-exact with metrics on)."""
 
@@ -16,15 +16,17 @@ from click.testing import CliRunner
 from conftest import FASHION_MNIST_T10K, tiny_training_run
 from test_training_loop import assert_same_tensors, tiny_config
 from torch_utils.training_stats import StatsCollector
-from training.monitor import SIGMA_EDGES, LossBySigma, sigma_bucket_names
-from training.training_loop import train_step, training_loop
-from training.training_state import newest_state_file, read_state_file
+from training.loop.monitor import SIGMA_EDGES, LossBySigma, sigma_bucket_names
+from training.loop.step import train_step
+from training.loop.training_loop import training_loop
+from training.loop.state import read_state_file
+from training.run_files import newest_state_file
 
 
 @pytest.fixture(scope="module")
 def eight_images(tmp_path_factory) -> str:
     """8 Fashion-MNIST images at 16x16 with labels: a reference that the FID detector reads in a second."""
-    from training.dataset_tool_lib import convert_dataset
+    from training.data.convert import convert_dataset
 
     dest = str(tmp_path_factory.mktemp("eight") / "fmnist16-8.zip")
     convert_dataset(FASHION_MNIST_T10K, dest, max_images=8, resolution=(16, 16), workers=1, progress=False)

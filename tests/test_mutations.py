@@ -17,8 +17,9 @@ def test_every_mutation_still_applies_to_the_code(mutation):
 
 def test_the_list_covers_every_area_the_issue_names():
     files = {m.path for m in mutations.MUTATIONS}
-    for area in ("training/loss.py", "training/training_loop.py", "training/augment.py", "training/dataset.py",
-                 "training/sampling.py", "metrics/frechet.py", "training/checkpoint.py", "training/generation.py"):
+    for area in ("training/loss.py", "training/loop/step.py", "training/loop/schedules.py", "training/data/augment.py",
+                 "training/data/dataset.py", "training/sampling/paper.py", "training/sampling/solvers.py",
+                 "metrics/frechet.py", "training/checkpoint.py", "training/sampling/generation.py"):
         assert area in files
     assert len(mutations.MUTATIONS) >= 27 and len({m.name for m in mutations.MUTATIONS}) == len(mutations.MUTATIONS)
 

@@ -16,7 +16,7 @@ import torch
 from conftest import FIXTURES
 from torch_utils import snapshot_source
 from torch_utils.misc import randomize_parameters
-from training.augment import AugmentPipe
+from training.data.augment import AugmentPipe
 from training.checkpoint import load_network_pkl, save_network_pkl
 from training.loss import EDMLoss, VELoss, VPLoss
 from training.networks import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond

@@ -20,7 +20,8 @@ from conftest import outputs_and_grads, random_tiny_net, tiny_inputs, tiny_train
 from training.networks import self_attention
 from training.perf import REFERENCE, default_fast_paths, maybe_compile, parse_variant
 from training.sampling import edm_sampler
-from training.training_loop import build_optimizer, update_ema
+from training.loop.setup import build_optimizer
+from training.loop.step import update_ema
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("single_thread")  # Small convolutions on a shared machine.
@@ -115,12 +116,12 @@ def test_loss_scaling_multiplies_the_loops_gradients(fashion_mnist_16_zip, tmp_p
     """The loop's accumulate_gradients gives the gradient of the batch-mean loss, and with --ls=s s times that on
     the same batch and noise (as the official: the loss is scaled and Adam, invariant to the scale, undoes it), so
     gradients that fp16 would flush to zero are lifted into its range."""
-    from training.training_loop import accumulate_gradients
+    from training.loop.step import accumulate_gradients
 
     grads = {}
     for scale in (1.0, 1024.0):
         run = tiny_training_run(str(tmp_path / f"ls{scale:g}"), fashion_mnist_16_zip, "cpu")
-        run.options["loss_scaling"] = scale
+        run.config.loss_scaling = scale
         torch.manual_seed(7)  # The same sigma, noise and dropout draws in both runs.
         accumulate_gradients(run)
         grads[scale] = [p.grad.clone() for p in run.state.net.parameters()]
@@ -137,8 +138,8 @@ def test_loss_scaling_multiplies_the_loops_gradients(fashion_mnist_16_zip, tmp_p
         images, labels = next(run.data)
         images = images.to(torch.float32) / 127.5 - 1
         total = total + run.loss_fn(net=run.state.net, images=images, labels=labels).sum()
-    by_hand = torch.autograd.grad(total / run.batch_size, list(run.state.net.parameters()))
-    assert run.accumulation_rounds == 2 and run.batch_size == 8
+    by_hand = torch.autograd.grad(total / run.config.batch_size, list(run.state.net.parameters()))
+    assert run.accumulation_rounds == 2 and run.config.batch_size == 8
     for loop, expected in zip(grads[1.0], by_hand):
         torch.testing.assert_close(loop, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
 
@@ -237,7 +238,7 @@ def test_sampler_loop_never_waits_for_the_device(count_host_reads):
 def test_training_step_never_waits_for_the_device(count_host_reads, tmp_path, fashion_mnist_16_zip):
     """The loop's own train_step (data, loss, backward, gradient clean-up, fused Adam, EMA, statistics) reads
     nothing from the device."""
-    from training.training_loop import train_step
+    from training.loop.step import train_step
 
     run = tiny_training_run(str(tmp_path), fashion_mnist_16_zip, "cpu")
     for _ in range(2):
@@ -303,7 +304,7 @@ def test_benchmark_random_dataset_reads_as_the_training_data(tmp_path):
     """The data measurement's default dataset: random images of the config's shape with labels, in the format
     dataset_tool.py writes, read by the training loop's dataset class."""
     from benchmarks.suite import CONFIGS, write_random_dataset
-    from training.dataset import ImageFolderDataset
+    from training.data.dataset import ImageFolderDataset
 
     path = write_random_dataset(str(tmp_path / "random.zip"), CONFIGS["tiny"], size=20, seed=3)
     dataset = ImageFolderDataset(path, use_labels=True)
@@ -364,7 +365,7 @@ def test_sampling_on_the_cpu_takes_the_networks_memory_format_default():
     """prepare_for_sampling takes the CPU's defaults for the network it is given: EDM2's U-Net NHWC, DDPM++ NCHW;
     an explicit --channels-last wins."""
     from conftest import make_tiny_net
-    from training.generation import GenerateOptions, prepare_for_sampling
+    from training.sampling.generation import GenerateOptions, prepare_for_sampling
     from training.networks.edm2 import Precond as EDM2Precond
 
     def conv_weight_is_nhwc(net):

@@ -1,4 +1,4 @@
-"""Post-hoc EMA (training/phema.py, reconstruct_phema.py): sigma_rel <-> gamma, the per-step beta, the
+"""Post-hoc EMA (training/ema/, reconstruct_phema.py): sigma_rel <-> gamma, the per-step beta, the
 least-squares coefficients against the official EDM2 code's, the tracked EMAs against the profile they
 discretise, a post-hoc reconstruction against an EMA tracked directly, and the command line end to end."""
 
@@ -18,10 +18,11 @@ from conftest import FIXTURES, _OfficialPersistentObject, as_official, make_tiny
 from reconstruct_phema import parse_sigma_rel_list
 from training.checkpoint import UnresolvedObject, load_network_pkl, save_network_pkl
 from training.loss import EDMLoss
-from training.phema import (SIGMA_REL_MAX, PowerFunctionEMA, format_kimg, gamma_to_sigma_rel, list_snapshots,
-                            nimg_from_kimg, parse_snapshot_name, phema_name, power_function_beta,
-                            profile_inner_product, reconstruct, sigma_rel_to_gamma, snapshot_name,
-                            snapshot_time_at, solve_posthoc_coefficients, std_to_exp)
+from training.ema.phema import (SIGMA_REL_MAX, PowerFunctionEMA, gamma_to_sigma_rel, power_function_beta,
+                                profile_inner_product, sigma_rel_to_gamma, solve_posthoc_coefficients, std_to_exp)
+from training.ema.reconstruct import reconstruct
+from training.run_files import (format_kimg, list_power_snapshots, nimg_from_kimg, parse_power_snapshot_name,
+                                phema_name, power_snapshot_name, snapshot_time_at)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def golden() -> dict:
 
 def profile_moments(gamma: float, t: float = 1.0, points: int = 200_001) -> tuple[float, float, float]:
     """Integral, mean and std of p_{t,gamma}(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t], by the
-    trapezoidal rule (independent of the closed forms in training/phema.py)."""
+    trapezoidal rule (independent of the closed forms in training/ema/phema.py)."""
     tau = np.linspace(0, t, points)
     p = (gamma + 1) * (tau / t) ** gamma / t
     mass = np.trapezoid(p, tau)
@@ -194,22 +195,22 @@ def test_reconstruction_matches_an_ema_tracked_directly(out_step):
 # File names and the command line.
 
 def test_snapshot_names_round_trip():
-    assert snapshot_name(2_147_483_648, 0.05) == "network-snapshot-2147483-0.050.pkl"
+    assert power_snapshot_name(2_147_483_648, 0.05) == "network-snapshot-2147483-0.050.pkl"
     assert phema_name(524_288, 0.15) == "phema-0000524-0.150.pkl"
-    assert parse_snapshot_name("/runs/network-snapshot-0000524-0.100.pkl") == ("network-snapshot", 524_288, 0.1)
-    assert parse_snapshot_name("phema-0000524-0.150.pkl") == ("phema", 524_288, 0.15)
-    assert parse_snapshot_name("edm2-img512-xs-2147483-0.050.pkl") == ("edm2-img512-xs", 2_147_483_648, 0.05)
+    assert parse_power_snapshot_name("/runs/network-snapshot-0000524-0.100.pkl") == ("network-snapshot", 524_288, 0.1)
+    assert parse_power_snapshot_name("phema-0000524-0.150.pkl") == ("phema", 524_288, 0.15)
+    assert parse_power_snapshot_name("edm2-img512-xs-2147483-0.050.pkl") == ("edm2-img512-xs", 2_147_483_648, 0.05)
     for other in ("network-snapshot-000524.pkl", "network-snapshot-0000524-0.100.pkl.tmp", "training-state-1.pt"):
-        assert parse_snapshot_name(other) is None
+        assert parse_power_snapshot_name(other) is None
 
 
 def test_counts_the_official_name_cannot_hold_get_the_images_past_whole_kimg():
     """Small runs snapshot at counts like 32 or 1056 images: KKKKKKK.RRR keeps them exact and distinct."""
-    names = [snapshot_name(n, 0.1) for n in (32, 1000, 1024, 1056, 2048, 3000)]
+    names = [power_snapshot_name(n, 0.1) for n in (32, 1000, 1024, 1056, 2048, 3000)]
     assert names == ["network-snapshot-0000000.032-0.100.pkl", "network-snapshot-0000001.000-0.100.pkl",
                      "network-snapshot-0000001-0.100.pkl", "network-snapshot-0000001.056-0.100.pkl",
                      "network-snapshot-0000002-0.100.pkl", "network-snapshot-0000003.000-0.100.pkl"]  # 3072 is 0000003.
-    assert [parse_snapshot_name(name).nimg for name in names] == [32, 1000, 1024, 1056, 2048, 3000]
+    assert [parse_power_snapshot_name(name).nimg for name in names] == [32, 1000, 1024, 1056, 2048, 3000]
     assert phema_name(1056, 0.15) == "phema-0000001.056-0.150.pkl"
 
 
@@ -229,7 +230,7 @@ def test_list_snapshots_by_prefix_and_sigma_rel(tmp_path):
     (tmp_path / "run-0000001-0.050.pkl").mkdir()
 
     def listed(**kwargs):
-        return [os.path.basename(path) for path, _ in list_snapshots(str(tmp_path), **kwargs)]
+        return [os.path.basename(path) for path, _ in list_power_snapshots(str(tmp_path), **kwargs)]
 
     assert listed() == ["edm2-img64-s-0000008-0.050.pkl", "network-snapshot-0000008-0.100.pkl",
                         "network-snapshot-0000016-0.050.pkl"]  # By time, then sigma_rel; not phema-*.
@@ -289,7 +290,7 @@ def snapshot_dir(tmp_path_factory):
     files that are not raw snapshots."""
     folder = tmp_path_factory.mktemp("snapshots")
     for seed, (nimg, std) in enumerate((nimg, std) for nimg in SNAPSHOT_NIMG.values() for std in (0.05, 0.10)):
-        path, net = folder / snapshot_name(nimg, std), _tiny_fourier_net(seed)
+        path, net = folder / power_snapshot_name(nimg, std), _tiny_fourier_net(seed)
         if (nimg, std) == (24576, 0.10):
             data = dnnlib.EasyDict(encoder=_OfficialPersistentObject(ENCODER_META),
                                    dataset_kwargs=dict(resolution=8), loss_fn=None, ema=as_official(net))
@@ -308,7 +309,7 @@ def snapshot_states(snapshot_dir) -> dict[tuple[int, float], dict[str, torch.Ten
     states = {}
     for nimg in SNAPSHOT_NIMG.values():
         for std in (0.05, 0.10):
-            net = load_network_pkl(str(snapshot_dir / snapshot_name(nimg, std)))["ema"]
+            net = load_network_pkl(str(snapshot_dir / power_snapshot_name(nimg, std)))["ema"]
             states[(nimg, std)] = {key: tensor.double() for key, tensor in net.state_dict().items()}
     return states
 
@@ -410,7 +411,7 @@ def test_cli_errors_are_one_line(snapshot_dir, tmp_path):
 
 def test_cli_refuses_snapshots_of_different_networks(tmp_path):
     for nimg, label_dim in ((8192, 4), (16384, 2)):
-        save_network_pkl(str(tmp_path / snapshot_name(nimg, 0.05)), dict(ema=make_tiny_net(label_dim=label_dim),
+        save_network_pkl(str(tmp_path / power_snapshot_name(nimg, 0.05)), dict(ema=make_tiny_net(label_dim=label_dim),
                                                                         loss_fn=None, augment_pipe=None,
                                                                         dataset_kwargs=None))
     result = _run_cli("--indir", tmp_path, "--outdir", tmp_path / "out", "--outstd", "0.1")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from plot_run import load_run, main, plot_runs, smooth
 from test_training_loop import tiny_config
-from training.training_loop import training_loop
+from training.loop.training_loop import training_loop
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

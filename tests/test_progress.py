@@ -1,4 +1,4 @@
-"""What a run shows: log.txt, stats.jsonl, TensorBoard scalars (same numbers), image grids."""
+"""What a run shows: log.txt, stats.jsonl, TensorBoard scalars (same numbers)."""
 
 from __future__ import annotations
 
@@ -6,24 +6,11 @@ import json
 import sys
 import types
 
-import numpy as np
-import PIL.Image
-
-from training.progress import RunLog, format_time, grid_layout, image_grid, save_image_grid
+from training.loop.progress import RunLog, format_time
 
 
 def test_format_time():
     assert [format_time(s) for s in (42, 185, 7385, 93784)] == ["42s", "3m 05s", "2h 03m 05s", "1d 02h 03m"]
-
-
-def test_image_grid_places_images_row_major(tmp_path):
-    images = np.stack([np.full([3, 2, 2], 10 * i, dtype=np.uint8) for i in range(5)])
-    assert grid_layout(5) == (2, 3) and grid_layout(64) == (8, 8) and grid_layout(1) == (1, 1)
-    grid = image_grid(images)
-    assert grid.shape == (4, 6, 3)
-    assert grid[0, 4, 0] == 20 and grid[2, 0, 0] == 30 and grid[3, 5, 0] == 0  # Unused cell: black.
-    save_image_grid(images[:, :1], str(tmp_path / "grid.png"))
-    assert PIL.Image.open(tmp_path / "grid.png").mode == "L"
 
 
 def test_run_log_writes_log_stats_and_the_same_numbers_to_tensorboard(tmp_path, monkeypatch):

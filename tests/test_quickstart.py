@@ -19,29 +19,45 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
+def test_quickstart_smoke_autoguided_by_its_own_earlier_snapshot_produces_every_artefact(tmp_path, fid_cache_dir):
+    """The whole job through the real CLIs, with autoguidance as the cpu preset does it (--guide=earlier): the main run
+    stops at guide_share of its duration, that snapshot is the guide, and the run resumes from its state to the end;
+    FID is then measured in memory at w = 1 (unguided) and 2, and the grid made at the better. The evaluation's other
+    paths (generate.py's images then fid.py; one weight alone) are checked stage by stage below."""
+    from quickstart import PRESETS
     outdir = tmp_path / "qs"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "quickstart.py", "--preset=smoke", f"--outdir={outdir}"], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "quickstart.py", "--preset=smoke", "--autoguidance", "--guide=earlier",
+                             "--guidance=1,2", "--kimg=0.064", f"--outdir={outdir}"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     summary = json.loads((outdir / "summary.json").read_text())
     assert summary["preset"] == "smoke" and (summary["num_eval"], summary["num_ref"]) == (16, 32)
-    assert math.isfinite(summary["fid"]) and summary["fid"] > 0
+    assert set(summary["fid_by_guidance"]) == {"1", "2"} and summary["fid_unguided"] == summary["fid_by_guidance"]["1"]
+    best = summary["best_guidance"]
+    assert summary["fid"] == summary["fid_by_guidance"][f"{best:g}"] == min(summary["fid_by_guidance"].values())
+    assert all(math.isfinite(fid) and fid > 0 for fid in summary["fid_by_guidance"].values())
     assert math.isfinite(summary["real_data_floor"]) and summary["real_data_floor"] > 0
-    assert len(summary["stages"]) == 8
+    assert summary["guide"] == "earlier" and len(summary["stages"]) == 9
+    assert PIL.Image.open(summary["guidance_plot"]).format == "PNG"
     assert "samples' FID" in result.stdout and "real-data floor" in result.stdout and "Finished in" in result.stdout
-    assert "(16 generated vs. 32 reference images)" in result.stdout
+    assert f"(16 generated vs. 32 reference images; autoguided at w = {best:g}, the best of 1,2; guide 0.0 kimg)" in \
+        result.stdout
+    assert ("unguided FID" in result.stdout) == (best != 1)
 
     # The stages ran the real command lines, in order.
     commands = (outdir / "commands.txt").read_text().splitlines()
-    scripts = [line.split()[2] for line in commands]
-    assert scripts == ["dataset_tool.py", "dataset_tool.py", "fid.py", "fid.py", "train.py", "generate.py", "fid.py",
-                       "plot_run.py"]
+    assert [line.split()[2] for line in commands] == ["dataset_tool.py", "dataset_tool.py", "fid.py", "fid.py",
+                                                       "train.py", "train.py", "fid.py", "generate.py", "plot_run.py"]
+    share = PRESETS["smoke"].guide_share
+    assert f"--duration={0.000064 * share:g}" in commands[4].split() and "--resume" not in commands[4]
+    assert "--duration=6.4e-05" in commands[5].split() and "--resume=auto" in commands[5].split()
+    assert "--gnet=" + summary["guide_snapshot"] in commands[6] and "--guidance=1,2 " in commands[6]
+    assert "--plot=" in commands[6] and f"--guidance={best:g} " in commands[7]
 
     # Datasets: the training half, and from the held-out half the reference images and, after them, the floor's.
-    from training.dataset import ImageFolderDataset
+    from training.data.dataset import ImageFolderDataset
     train = ImageFolderDataset(str(outdir / "train.zip"))
     held_out = ImageFolderDataset(str(outdir / "held-out.zip"))
     reference = ImageFolderDataset(str(outdir / "reference.zip"))
@@ -54,83 +70,107 @@ def test_quickstart_smoke_produces_every_artefact(tmp_path, fid_cache_dir):
     with np.load(outdir / "reference.npz") as ref:
         assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048)
 
-    # Training run: stats, log, a loadable snapshot, and sample grids.
+    # Training: the guide is the run's snapshot at the split (2 of 4 batches of 16); the run went on from its state.
     run = outdir / "training"
+    assert summary["guide_snapshot"] == str(run / "network-snapshot-000000.032.pkl") and summary["guide_kimg"] == 0.032
+    assert summary["snapshot"] == str(run / "network-snapshot-000000.064.pkl")
+    log = (run / "log.txt").read_text()
+    assert "Loading training state from" in log and "Training from 0.032 to 0.064 kimg" in log
     stats = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
-    assert stats[-1]["Progress/kimg"]["mean"] >= 0.064 and math.isfinite(stats[-1]["Loss/loss"]["mean"])
-    assert summary["kimg"] == stats[-1]["Progress/kimg"]["mean"]
+    kimg = [s["Progress/kimg"]["mean"] for s in stats]
+    assert kimg == sorted(kimg) and kimg[-1] == pytest.approx(0.064) and summary["kimg"] == kimg[-1]
+    assert math.isfinite(stats[-1]["Loss/loss"]["mean"])
     from training.checkpoint import load_network
     net = load_network(summary["snapshot"])
     assert (net.img_resolution, net.img_channels, net.label_dim) == (28, 1, 10)  # Native size, class-conditional.
 
-    # Samples: one PNG per seed, and the grid.
+    # Samples: one PNG per seed, the grid, and the dashboard.
     samples = sorted(os.listdir(outdir / "samples"))
-    assert samples == [f"{seed:06d}.png" for seed in range(16)]
+    assert samples == [f"{seed:06d}.png" for seed in range(64)]
     assert PIL.Image.open(outdir / "samples" / samples[0]).size == (28, 28)
+    assert PIL.Image.open(summary["grid"]).size == (8 * 28, 8 * 28)
     assert PIL.Image.open(summary["dashboard"]).format == "PNG" and "training dashboard" in result.stdout
-    grid = PIL.Image.open(summary["grid"])
-    assert grid.size[0] >= 4 * 28 and grid.size[1] >= 4 * 28
 
 
-def test_quickstart_autoguided_by_its_own_earlier_snapshot(tmp_path, fid_cache_dir):
-    """Autoguidance as the cpu preset does it (--guide=earlier, one weight): the main run stops at guide_share of
-    its duration, that snapshot is the guide, and the run resumes from its state to the end; FID is then measured
-    in memory at w = 2 alone (no sweep, no unguided pass) and the grid made at it. (A sweep's lines are read by
-    guidance_results, below, and fid.py's sweep is tested in test_guidance.py.)"""
-    from quickstart import PRESETS
-    outdir = tmp_path / "qs"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "quickstart.py", "--preset=smoke", "--autoguidance", "--guide=earlier",
-                             "--guidance=2", "--kimg=0.064", f"--outdir={outdir}"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads((outdir / "summary.json").read_text())
-    assert summary["fid_by_guidance"] == {"2": summary["fid"]} and summary["best_guidance"] == 2.0
-    assert summary["fid_unguided"] is None and summary["guidance_plot"] is None and summary["guide"] == "earlier"
-    assert "autoguided at w = 2; guide 0.0 kimg" in result.stdout
-    commands = (outdir / "commands.txt").read_text().splitlines()
-    assert [line.split()[2] for line in commands] == ["dataset_tool.py", "dataset_tool.py", "fid.py", "fid.py",
-                                                       "train.py", "train.py", "fid.py", "generate.py", "plot_run.py"]
-    share = PRESETS["smoke"].guide_share
-    assert f"--duration={0.000064 * share:g}" in commands[4].split() and "--resume" not in commands[4]
-    assert "--duration=6.4e-05" in commands[5].split() and "--resume=auto" in commands[5].split()
-    # The guide is the run's snapshot at the split (2 of 4 batches of 16); the run went on from its state.
-    run = outdir / "training"
-    assert summary["guide_snapshot"] == str(run / "network-snapshot-000000.032.pkl") and summary["guide_kimg"] == 0.032
-    assert summary["snapshot"] == str(run / "network-snapshot-000000.064.pkl") and summary["kimg"] == pytest.approx(0.064)
-    log = (run / "log.txt").read_text()
-    assert "Loading training state from" in log and "Training from 0.032 to 0.064 kimg" in log
-    stats = [json.loads(line)["Progress/kimg"]["mean"] for line in (run / "stats.jsonl").read_text().splitlines()]
-    assert stats == sorted(stats) and stats[-1] == pytest.approx(0.064)
-    assert "--gnet=" + summary["guide_snapshot"] in commands[6] and "--guidance=2 " in commands[6]
-    assert "--plot" not in commands[6] and "--guidance=2 " in commands[7]
-    assert sorted(os.listdir(outdir / "samples")) == [f"{seed:06d}.png" for seed in range(64)]
+class RecordingStage:
+    """Stands in for ``quickstart.Stage``: records each stage's title and command line, and answers as fid.py does
+    (its last line the FID alone; with several weights, one 'guidance W: FID F' line each)."""
+
+    def __init__(self):
+        self.commands = []
+
+    def run(self, title, args, launch=None):
+        return self.run_output(title, args, launch).splitlines()[-1]
+
+    def run_output(self, title, args, launch=None):
+        self.commands.append((title, args))
+        return "guidance 1: FID 3.5\nguidance 2: FID 2.5\n" if "--plot" in " ".join(args) else "FID 12.5\n"
+
+
+def _job(tmp_path, **options):
+    import quickstart
+    job = quickstart.resolve_job("smoke", str(tmp_path / "qs"), "cpu", kimg=None, minutes=None, **options)
+    return dataclasses.replace(job, stage=RecordingStage())
+
+
+def test_unguided_evaluation_generates_the_images_then_measures_them(tmp_path):
+    """Without autoguidance: generate.py writes num_eval PNGs and the grid with the preset's sampler options, then
+    fid.py calc measures that folder against the reference."""
+    from quickstart import Trained, evaluate
+    job = _job(tmp_path, autoguidance=None, guidance=None, guide=None)
+    trained = Trained(snapshot="net.pkl", kimg=0.064)
+    evaluation = evaluate(job, trained, "ref.npz")
+    (generate_title, generate), (fid_title, fid) = job.stage.commands
+    samples, grid = str(tmp_path / "qs" / "samples"), str(tmp_path / "qs" / "samples-grid.png")
+    assert generate_title == "Generate 16 images (EDM Heun sampler, 4 steps)"
+    assert generate == ["generate.py", "--network=net.pkl", f"--outdir={samples}", "--seeds=0-15", f"--grid={grid}",
+                        "--steps=4", "--batch=16", "--device=cpu"]
+    assert fid_title == "FID of the generated images"
+    assert fid == ["fid.py", "calc", f"--images={samples}", "--ref=ref.npz", "--num=16", "--batch=16", "--device=cpu"]
+    assert (evaluation.fid, evaluation.samples, evaluation.grid, evaluation.best_weight) == (12.5, samples, grid, None)
+
+
+def test_one_guidance_weight_is_measured_alone_and_its_grid_made(tmp_path):
+    """One weight: fid.py calc in memory at that weight without a sweep plot (its FID the last line), then 64 guided
+    images; several weights: the sweep's lines are read and the grid made at the best."""
+    from quickstart import Trained, evaluate
+    trained = Trained(snapshot="net.pkl", kimg=0.064, guide_snapshot="guide.pkl")
+    job = _job(tmp_path / "one", autoguidance=True, guidance=(2.0,), guide="earlier")
+    evaluation = evaluate(job, trained, "ref.npz")
+    (_, fid), (title, generate) = job.stage.commands
+    assert fid[:5] == ["fid.py", "calc", "--network=net.pkl", "--gnet=guide.pkl", "--guidance=2"]
+    assert not any(arg.startswith("--plot") for arg in fid)
+    assert title == "Generate 64 images autoguided at the best weight, w = 2" and "--guidance=2" in generate
+    assert "--seeds=0-63" in generate and (evaluation.fid, evaluation.best_weight) == (12.5, 2.0)
+    assert evaluation.fid_by_weight == {2.0: 12.5}
+    job = _job(tmp_path / "two", autoguidance=True, guidance=(1.0, 2.0), guide="earlier")
+    evaluation = evaluate(job, trained, "ref.npz")
+    assert evaluation.fid_by_weight == {1.0: 3.5, 2.0: 2.5} and evaluation.best_weight == 2.0
+    assert "--guidance=2" in job.stage.commands[-1][1]
 
 
 def test_training_runs_share_the_budget_or_the_duration_with_the_guide():
-    """Without autoguidance one run gets all the minutes; a 'smaller' guide is its own run with guide_args and
+    """Without autoguidance one run gets all the minutes; a 'smaller' guide is its own run with guide_options and
     guide_share of the minutes (or of the duration); an 'earlier' guide splits the main run at guide_share, the
     second part resuming from the first's state."""
-    from quickstart import PRESETS, option_value, training_runs
+    from quickstart import PRESETS, render, training_runs
     p = dataclasses.replace(PRESETS["cpu"], guide_share=0.25)
-    minutes = lambda run: float(option_value(run.args, "max-minutes"))
+    minutes = lambda run: run.options["max-minutes"]
     (plain,) = training_runs(p, False, 8.0, "N")
     assert (plain.outdir, minutes(plain), plain.guide) == ("training", 8.0, False)
     guide, main = training_runs(dataclasses.replace(p, guide="smaller"), True, 8.0, "N")
-    assert (guide.outdir, minutes(guide), guide.guide, option_value(guide.args, "cbase")) == ("guide", 2.0, True, "16")
-    assert (main.outdir, minutes(main), main.guide, option_value(main.args, "cbase")) == ("training", 6.0, False, "32")
+    assert (guide.outdir, minutes(guide), guide.guide, guide.options["cbase"]) == ("guide", 2.0, True, 16)
+    assert (main.outdir, minutes(main), main.guide, main.options["cbase"]) == ("training", 6.0, False, 32)
     first, rest = training_runs(dataclasses.replace(p, guide="earlier"), True, 8.0, "N")
-    assert (first.outdir, minutes(first), first.guide, option_value(first.args, "resume")) == ("training", 2.0, True,
-                                                                                               None)
-    assert (rest.outdir, minutes(rest), rest.guide, option_value(rest.args, "resume")) == ("training", 6.0, False,
-                                                                                           "auto")
-    assert option_value(first.args, "cbase") == option_value(rest.args, "cbase") == "32"
+    assert (first.outdir, minutes(first), first.guide, first.options.get("resume")) == ("training", 2.0, True, None)
+    assert (rest.outdir, minutes(rest), rest.guide, rest.options.get("resume")) == ("training", 6.0, False, "auto")
+    assert first.options["cbase"] == rest.options["cbase"] == 32
     # Without a budget: the preset's --duration (0.3 Mimg), its share for the guide.
     guide, main = training_runs(dataclasses.replace(p, guide="smaller"), True, None, "N")
-    assert option_value(guide.args, "duration") == "0.075" and option_value(main.args, "duration") == "0.3"
+    assert "--duration=0.075" in render(guide.options) and "--duration=0.3" in render(main.options)
     first, rest = training_runs(dataclasses.replace(p, guide="earlier"), True, None, "N")
-    assert option_value(first.args, "duration") == "0.075" and option_value(rest.args, "duration") == "0.3"
-    assert "max-minutes" not in " ".join(first.args + rest.args)
+    assert "--duration=0.075" in render(first.options) and "--duration=0.3" in render(rest.options)
+    assert "max-minutes" not in {**first.options, **rest.options}
 
 
 @pytest.mark.parametrize("fp32", [False, True], ids=["bf16-machine", "fp32-machine"])
@@ -141,17 +181,41 @@ def test_every_stage_parses_the_options_the_job_gives_it(fp32):
     import fid
     import generate
     import train
-    from quickstart import PRESETS, adapt_preset, training_runs
+    from quickstart import PRESETS, adapt_preset, render, sampler_args, training_runs
     for name, preset in PRESETS.items():
         p = adapt_preset(preset, None, fp32=fp32)
-        sampler_args = [f"--steps={p.steps}", f"--batch={p.batch}", *p.generate_args, "--device=cpu"]
-        for run in training_runs(p, True, 10.0, "N"):
-            train.main.make_context("train.py", ["--outdir=o", "--data=d", *run.args, "--duration=0.01"])
+        for guide in ("smaller", "earlier"):
+            for run in training_runs(dataclasses.replace(p, guide=guide), True, 10.0, "N"):
+                train.main.make_context("train.py", ["--outdir=o", "--data=d", *render(run.options), "--duration=0.01"])
         generate.main.make_context("generate.py", ["--network=n", "--gnet=g", "--guidance=2", "--outdir=o",
-                                                   "--seeds=0-63", *sampler_args])
+                                                   "--seeds=0-63", *sampler_args(p), "--device=cpu"])
         fid.calc.make_context("calc", ["--network=n", "--gnet=g", "--guidance=2", "--ref=r", "--num=10",
-                                       *sampler_args])
-        assert ("--precision=bf16" in p.generate_args) == (not fp32 and "--precision=bf16" in preset.generate_args)
+                                       *sampler_args(p), "--device=cpu"])
+        bf16 = preset.sampler_options.get("precision") == "bf16"
+        assert (p.sampler_options.get("precision") == "bf16") == (not fp32 and bf16)
+
+
+def test_a_preset_option_no_stage_knows_stops_the_job_before_any_stage(tmp_path, monkeypatch):
+    """Every preset's options parse with the real command lines; a renamed or mistyped one (or a bad value) stops
+    the job at once, before any stage or output folder, with one line that names the preset, the script and the
+    option."""
+    import quickstart
+    from click.testing import CliRunner
+    for name, preset in quickstart.PRESETS.items():
+        quickstart.check_preset(name, preset)
+    smoke = quickstart.PRESETS["smoke"]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # main sets it; restored after the test.
+    monkeypatch.setattr(quickstart.Stage, "run_output", lambda *args: pytest.fail("a stage ran"))
+    outdir = tmp_path / "qs"
+    misspelt = {**smoke.train_options, "lr-decy": 500}
+    for changes, script, option in [(dict(train_options=misspelt), "train.py", "--lr-decy"),
+                                    (dict(guide_options={"cbase": "wide"}), "train.py", "--cbase"),
+                                    (dict(sampler_options={"S-churn": 40}), "generate.py", "--S-churn")]:
+        monkeypatch.setitem(quickstart.PRESETS, "smoke", dataclasses.replace(smoke, **changes))
+        result = CliRunner().invoke(quickstart.main, ["--preset=smoke", f"--outdir={outdir}"])
+        assert result.exit_code == 1 and result.stdout == "" and not outdir.exists(), result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"Error: preset smoke: {script} rejects its options: ") and f"'{option}'" in line
 
 
 def test_quickstart_refuses_an_earlier_run(tmp_path):
@@ -167,25 +231,28 @@ def test_preset_duration_override_budget_and_fp32_fallback():
     from quickstart import PRESETS, adapt_preset
 
     cpu = PRESETS["cpu"]
-    assert cpu.minutes == 15 and "--duration=0.3" in cpu.train_args
-    assert not any(a.startswith("--max-minutes") for a in cpu.train_args)  # The budget sets it at run time.
+    assert cpu.minutes == 15 and cpu.train_options["duration"] == 0.3
+    assert "max-minutes" not in cpu.train_options  # The budget sets it at run time.
     longer = adapt_preset(cpu, kimg=75, fp32=False)
-    assert "--duration=0.075" in longer.train_args and "--bf16=1" in longer.train_args
+    assert longer.train_options == {**cpu.train_options, "duration": 0.075} and longer.train_options["bf16"]
     assert longer.minutes is None  # Exactly 75 kimg, however long.
-    assert len(longer.train_args) == len(cpu.train_args) and longer.generate_args == cpu.generate_args
+    assert longer.sampler_options == cpu.sampler_options
     assert adapt_preset(cpu, kimg=None, fp32=False, minutes=30).minutes == 30
     assert adapt_preset(cpu, kimg=None, fp32=False).minutes == 15
-    plain = adapt_preset(PRESETS["gpu"], kimg=None, fp32=True)
-    assert "--bf16=1" not in plain.train_args and "--precision=bf16" not in plain.generate_args
-    assert "--S_churn=40" in plain.generate_args and plain.train_args[-1] == "--seed=0" and plain.minutes is None
+    gpu = PRESETS["gpu"]
+    plain = adapt_preset(gpu, kimg=None, fp32=True)
+    assert plain.train_options == {k: v for k, v in gpu.train_options.items() if k != "bf16"}
+    assert plain.sampler_options == {"S_churn": 40} and plain.minutes is None
 
 
-def test_options_replace_by_name():
-    from quickstart import option_value, with_options
-    args = ("--cbase=32", "--seed=0", "--cres=1,2,2")
-    assert with_options(args, "--cbase=16", "--max-minutes=3.5") == ("--seed=0", "--cres=1,2,2", "--cbase=16",
-                                                                      "--max-minutes=3.5")
-    assert option_value(args, "cres") == "1,2,2" and option_value(args, "arch", "ddpmpp") == "ddpmpp"
+def test_options_render_as_command_line_flags():
+    """Each option becomes --flag=value in order: floats as :g (the same text as --kimg's duration), booleans as
+    click's 1 or 0, an empty value kept (--attn= means no attention)."""
+    from quickstart import render
+    options = {"lr-decay": 500, "lr": 0.04, "duration": 0.064 / 1000, "bf16": True, "cond": False, "attn": "",
+               "cres": "1,1,2", "S_churn": 40}
+    assert render(options) == ["--lr-decay=500", "--lr=0.04", "--duration=6.4e-05", "--bf16=1", "--cond=0", "--attn=",
+                               "--cres=1,1,2", "--S_churn=40"]
 
 
 def test_evaluation_prediction_and_training_minutes_follow_the_stages():
@@ -228,9 +295,9 @@ def small_zip(tmp_path) -> str:
 
 def test_measured_costs_are_per_image_and_grow_with_the_network(small_zip):
     """The probe builds the preset's own network from train.py's options: a wider one costs more per call."""
-    from quickstart import PRESETS, measure_costs, with_options
+    from quickstart import PRESETS, measure_costs
     p = PRESETS["smoke"]
-    costs = measure_costs(p, small_zip, "cpu", guide_args=with_options(p.train_args, "--cbase=64"), batch=4)
+    costs = measure_costs(p, small_zip, "cpu", guide_options={**p.train_options, "cbase": 64}, batch=4)
     assert 0 < costs.net < costs.guide and 0 < costs.inception
 
 
@@ -252,7 +319,7 @@ def test_costs_are_probed_at_the_generation_batch(small_zip, monkeypatch):
 def test_training_launch_is_torchrun_with_a_share_of_the_cores_on_a_cpu(monkeypatch):
     """On a CPU the cpu preset trains in two processes (gloo), each with half the cores, the batch split evenly; one
     process where there is one core, on a GPU, or where the batch does not split."""
-    from quickstart import PRESETS, Launch, training_launch, with_options
+    from quickstart import PRESETS, Launch, training_launch
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     p = PRESETS["cpu"]
     two = training_launch(p, on_cpu=True, cores=2)
@@ -262,7 +329,7 @@ def test_training_launch_is_torchrun_with_a_share_of_the_cores_on_a_cpu(monkeypa
     assert training_launch(p, on_cpu=True, cores=1) == Launch()
     assert training_launch(p, on_cpu=False, cores=16) == Launch()
     assert training_launch(PRESETS["smoke"], on_cpu=True, cores=16) == Launch()  # cpu_processes = 1
-    odd = dataclasses.replace(p, train_args=with_options(p.train_args, "--batch=33"))
+    odd = dataclasses.replace(p, train_options={**p.train_options, "batch": 33})
     assert training_launch(odd, on_cpu=True, cores=2) == Launch()
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert training_launch(p, on_cpu=True, cores=2).env == {"OMP_NUM_THREADS": "3"}

@@ -1,4 +1,4 @@
-"""The named samplers (training.sampling.SAMPLERS, training.solvers, training.step_schedules): convergence orders
+"""The named samplers (training.sampling: SAMPLERS, solvers, time steps, search): convergence orders
 on a Gaussian mixture with an exact answer, the NFE budget, the paper's samplers pinned bit for bit, the schedules'
 formulas and the command-line options."""
 
@@ -15,9 +15,11 @@ from click.testing import CliRunner
 
 from benchmarks.mixture import GaussianMixtureDenoiser, exact_end_points, relative_error
 from conftest import FIXTURES, make_tiny_net
-from training import sampling, solvers
+from training import sampling
+from training.sampling import registry, solvers
+from training.sampling.gaussian import fit_gaussian
 from training.sampling import SAMPLERS, SeedRNG, ablation_sampler, draw_class_labels, draw_latents, edm_sampler
-from training.step_schedules import loguniform_sigma_steps, polyexponential_sigma_steps
+from training.sampling.time_steps import loguniform_sigma_steps, polyexponential_sigma_steps
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -142,7 +144,7 @@ def test_empirical_order_is_at_least_nominal(problem, name):
         x = SAMPLERS[name](net, z, nfe=nfe, steps_schedule=schedule, sigma_max=sigma_max)
         errors.append(relative_error(x, exact_80 if sigma_max == 80 else exact_2, net.data_scale))
     slopes = -np.diff(np.log(errors)) / np.diff(np.log(nfes))
-    assert min(slopes) >= SAMPLERS[name].solver.order - 0.25, f"{name}: errors {errors}, slopes {slopes}"
+    assert min(slopes) >= SAMPLERS[name].solver.convergence_order - 0.25, f"{name}: errors {errors}, slopes {slopes}"
 
 
 @pytest.mark.parametrize("name", STOCHASTIC)
@@ -157,7 +159,7 @@ def test_stochastic_samplers_at_eta_0_are_their_ode_solvers(problem, name):
         x = solver(lambda x_, s: net(x_, s), z * 80, sigmas, lambda x_: pytest.fail("noise drawn at eta 0"), eta=0)
         errors.append(relative_error(x, exact_80, net.data_scale))
     slopes = -np.diff(np.log(errors)) / np.log(2)
-    assert min(slopes) >= solver.order - 0.15, f"{name}: errors {errors}, slopes {slopes}"
+    assert min(slopes) >= solver.convergence_order - 0.15, f"{name}: errors {errors}, slopes {slopes}"
 
 
 @pytest.mark.parametrize("name", STOCHASTIC)
@@ -201,9 +203,9 @@ def test_nfe_bounds_the_network_calls(name, schedule):
 def test_optimized_steps_are_searched_once_on_their_own_noise(name, monkeypatch):
     """The search runs once per network and budget, on noise of its own (never the latents being sampled), and is
     not counted: every later call with nfe = N calls the network at most N times. It beats log-uniform steps."""
-    monkeypatch.setattr(sampling, "SEARCH_REFERENCE_LEVELS", 128)
-    monkeypatch.setattr(sampling, "SEARCH_MAX_EVALS", 60)
-    monkeypatch.setattr(sampling, "SEARCH_BATCH", 8)
+    monkeypatch.setattr(registry, "SEARCH_REFERENCE_LEVELS", 128)
+    monkeypatch.setattr(registry, "SEARCH_MAX_EVALS", 60)
+    monkeypatch.setattr(registry, "SEARCH_BATCH", 8)
     mixture = small_mixture()
     net = CountingNet(mixture)
     z = _latents(mixture, 8, seed=5)
@@ -269,8 +271,8 @@ def test_gaussian_first_step_fits_once_on_its_own_noise_and_is_not_counted():
     z = _latents(mixture, 8, seed=5)
     nfe, probes = 6, 2 * (4 + 1)
     x = SAMPLERS["dpmpp_3m"](net, z, nfe=nfe, steps_schedule="loguniform+gaussian")
-    assert net.calls == -(-probes // sampling.SEARCH_BATCH) + nfe
-    expected_probes = draw_latents(mixture, SeedRNG(range(sampling.GAUSSIAN_SEED, sampling.GAUSSIAN_SEED + probes)))
+    assert net.calls == -(-probes // registry.SEARCH_BATCH) + nfe
+    expected_probes = draw_latents(mixture, SeedRNG(range(registry.GAUSSIAN_SEED, registry.GAUSSIAN_SEED + probes)))
     torch.testing.assert_close(net.inputs[0], expected_probes.double() * 80, rtol=0, atol=0)
     levels = loguniform_sigma_steps(nfe + 1, 0.002, 80)
     model = SAMPLERS["dpmpp_3m"].gaussian_model(net, 80.0)
@@ -292,9 +294,9 @@ def test_gaussian_first_step_fits_once_on_its_own_noise_and_is_not_counted():
 def test_optimized_search_places_the_end_of_the_gaussian_step(monkeypatch):
     """'optimized+gaussian' searches the switch level with the others: level 0 is sigma_max, level 1 (where the
     solver starts) is free; it costs nfe calls and beats log-uniform steps with the same first step."""
-    monkeypatch.setattr(sampling, "SEARCH_REFERENCE_LEVELS", 128)
-    monkeypatch.setattr(sampling, "SEARCH_MAX_EVALS", 60)
-    monkeypatch.setattr(sampling, "SEARCH_BATCH", 8)
+    monkeypatch.setattr(registry, "SEARCH_REFERENCE_LEVELS", 128)
+    monkeypatch.setattr(registry, "SEARCH_MAX_EVALS", 60)
+    monkeypatch.setattr(registry, "SEARCH_BATCH", 8)
     mixture = small_mixture()
     z = _latents(mixture, 8, seed=5)
     nfe = 6
@@ -348,7 +350,7 @@ def test_loguniform_and_polyexponential_steps():
 def test_warped_steps_with_a_free_first_level_round_trip():
     """WarpedSteps(free_first=True): level 0 is sigma_max, levels 1.. are the warp from the free sigma_1 to
     sigma_end; fitting the warp to [sigma_max] + log-uniform levels from sigma_1 gives them back."""
-    from training.step_schedules import WarpedSteps, _fit_warp
+    from training.sampling.search import WarpedSteps, _fit_warp
     warp = WarpedSteps(7, 0.002, 80, num_knots=4, free_first=True)
     target = torch.cat([torch.tensor([80.0], dtype=torch.float64), loguniform_sigma_steps(6, 0.01, 9.0)])
     params = _fit_warp(warp, target)
@@ -404,7 +406,7 @@ def test_bad_options_get_one_line_errors():
         SAMPLERS["dpmpp_2m"](make_tiny_net(label_dim=4), torch.zeros([1, 3, 8, 8]), nfe=4,
                              steps_schedule="loguniform+gaussian")
     with pytest.raises(ValueError, match="fit_gaussian: 4 probes cannot determine an affine map of 4 values"):
-        solvers.fit_gaussian(z.expand(4, 1, 2, 2), z.expand(4, 1, 2, 2), 80.0)
+        fit_gaussian(z.expand(4, 1, 2, 2), z.expand(4, 1, 2, 2), 80.0)
 
 
 @pytest.fixture(scope="module")
@@ -465,3 +467,78 @@ def test_fid_calc_and_ema_sweep_share_the_sampler_options():
     import fid
     names = {p.name for p in fid.calc.params}
     assert {"sampler", "nfe", "steps_schedule"} <= names
+
+# ----------------------------------------------------------------------------
+# Watching the steps; solvers called directly.
+
+
+class StepRecorder:
+    """A callback that keeps what it is shown: (i, sigma, x, denoised) of each step."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, i, sigma, x, denoised):
+        self.steps.append((i, float(sigma), x.clone(), denoised.clone()))
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_named_sampler_shows_each_step_and_changes_nothing(name):
+    """The callback sees steps 0, 1, ... at the sampler's own levels (one per level; the two-stage solvers' midpoints
+    are not steps), each with D(x; sigma) of the x it shows, and the images are the same bit for bit. The levels are
+    the loguniform ones of the budget, so step i is at level i."""
+    net = GaussianMixtureDenoiser(dim=4, num_components=3, shape=(1, 2, 2))
+    z = _latents(net, 3)
+    sampler, nfe = SAMPLERS[name], 7
+    levels, _ = sampler.levels(net, z, nfe, "loguniform", 0.002, 80, 7)
+    plain = sampler(net, z, randn_like=SeedRNG([0, 1, 2]).randn_like, nfe=nfe, steps_schedule="loguniform")
+    seen = StepRecorder()
+    watched = sampler(net, z, randn_like=SeedRNG([0, 1, 2]).randn_like, nfe=nfe, steps_schedule="loguniform",
+                      callback=seen)
+    assert torch.equal(watched, plain)
+    assert [i for i, *_ in seen.steps] == list(range(len(levels)))
+    assert [sigma for _, sigma, *_ in seen.steps] == pytest.approx(levels.tolist(), rel=1e-12)
+    for _, sigma, x, denoised in seen.steps:
+        assert torch.equal(denoised, net(x, torch.tensor(sigma, dtype=torch.float64)).to(torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["edm", "edm-churn", "ablation-vp"])
+def test_paper_samplers_show_each_step_after_churn(kind):
+    """edm_sampler and ablation_sampler call back once per step with the step's start after churn: sigma(t_hat) >=
+    sigma_i, and D(x_hat / s(t_hat); sigma(t_hat)) of that x_hat (s = 1 for EDM); the images are unchanged."""
+    net = make_tiny_net(label_dim=4)
+    rng_seeds = [0, 1, 7]
+    latents, labels = draw_latents(net, SeedRNG(rng_seeds)), draw_class_labels(net, SeedRNG(rng_seeds))
+    sampler, options = {"edm": (edm_sampler, dict(num_steps=5)),
+                        "edm-churn": (edm_sampler, dict(num_steps=5, S_churn=20, S_min=0.05, S_max=30)),
+                        "ablation-vp": (ablation_sampler, dict(num_steps=5, solver="euler", discretization="vp",
+                                                               schedule="vp", scaling="vp"))}[kind]
+    with torch.no_grad():
+        plain = sampler(net, latents, labels, SeedRNG(rng_seeds).randn_like, **options)
+        seen = StepRecorder()
+        watched = sampler(net, latents, labels, SeedRNG(rng_seeds).randn_like, callback=seen, **options)
+    assert torch.equal(watched, plain) and [i for i, *_ in seen.steps] == [0, 1, 2, 3, 4]
+    sigmas = [sigma for _, sigma, *_ in seen.steps]
+    assert sigmas == sorted(sigmas, reverse=True)
+    if kind.startswith("edm"):
+        levels = sampling.edm_sigma_steps(5, 0.002, 80).tolist()
+        assert all(s >= level * (1 - 1e-6) for s, level in zip(sigmas, levels))
+        raised = [s > level * 1.1 for s, level in zip(sigmas, levels)]  # Churn raises the levels in [S_min, S_max].
+        assert raised == ([False, True, True, True, False] if kind == "edm-churn" else [False] * 5), sigmas
+        with torch.no_grad():
+            for _, sigma, x, denoised in seen.steps:
+                D = net(x, torch.tensor(sigma, dtype=torch.float64), labels).to(torch.float64)
+                torch.testing.assert_close(denoised, D, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m", "unipc_bh2", "ipndm", "lms", "dpmpp_2s"])
+def test_a_solver_called_directly_gives_the_samplers_images(name):
+    """The primary API, solver(denoise, x, sigmas) with any levels, is what the registry runs: the same images bit
+    for bit as SAMPLERS[name] on those levels."""
+    net = GaussianMixtureDenoiser(dim=4, num_components=3, shape=(1, 2, 2))
+    z = _latents(net, 3)
+    sigmas = sampling.discretize("polyexponential", 6, 0.01, 40, rho=3)
+    denoise = lambda x, sigma: net(x, sigma).to(torch.float64)  # noqa: E731
+    direct = SAMPLERS[name].solver(denoise, z * sigmas[0], sigmas)
+    registry = SAMPLERS[name](net, z, nfe=SAMPLERS[name].solver.calls_for(6), steps_schedule=sigmas)
+    assert torch.equal(direct, registry)

@@ -11,8 +11,8 @@ import torch
 
 from conftest import build_official_case, make_tiny_net
 from training import sampling
-from training.sampling import (BALANCED, DISCRETIZATIONS, SCALINGS, SCHEDULES, SeedRNG, ablation_sampler, draw_class_labels,
-                               draw_latents, edm_sampler, generate_images)
+from training.sampling import (BALANCED, PAPER_TIME_STEPS, NOISE_SCHEDULES, SCALINGS, SeedRNG, ablation_sampler,
+                               draw_class_labels, draw_latents, edm_sampler, generate_images)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -145,7 +145,7 @@ TABLE_1_COLUMNS = {  # (solver, discretization, schedule, scaling) of each colum
 
 
 @pytest.mark.parametrize("solver, discretization, schedule, scaling",
-                         list(itertools.product(("euler", "heun"), DISCRETIZATIONS, SCHEDULES, SCALINGS)))
+                         list(itertools.product(("euler", "heun"), PAPER_TIME_STEPS, NOISE_SCHEDULES, SCALINGS)))
 def test_every_table_1_combination_converges_to_the_exact_solution(solver, discretization, schedule, scaling):
     """Any sigma(t), s(t) and {t_i} solve the same ODE (Eq. 4): all must approach x(0) as N grows."""
     net = GaussianDenoiser()
@@ -259,7 +259,7 @@ def test_bad_options_are_named():
 @pytest.mark.parametrize("scaling", ["vp", "none"])
 def test_schedule_derivatives_and_inverses(schedule, scaling):
     """sigma^-1(sigma(t)) = t, and sigma'(t), s'(t) match central finite differences."""
-    sigma_of_t = SCHEDULES[schedule]()
+    sigma_of_t = NOISE_SCHEDULES[schedule]()
     s_of_t = SCALINGS[scaling](sigma_of_t)
     t = torch.tensor([0.05, 0.3, 0.9], dtype=torch.float64)
     h = 1e-6
@@ -321,3 +321,29 @@ def test_generalised_second_order_step_for_alpha_other_than_one(alpha):
         step = sampling.heun_step(lambda x, t: x * t, x0, t0, t1, alpha=alpha)
         errors.append(abs(step - x0 * torch.exp((t1 ** 2 - t0 ** 2) / 2)).item())
     assert all(6 < a / b < 10 for a, b in zip(errors, errors[1:])), errors
+
+
+def test_the_sampler_choice_is_one_rule():
+    """Options name one sampler: any of the registry's, a named sampler (heun by default); else any option only the
+    ablation sampler has, the ablation sampler; else edm_sampler. None means not given; the two kinds do not mix."""
+    from training.sampling import SamplerChoice, describe_sampler
+
+    cases = [({}, "edm"), (dict(num_steps=5, S_churn=10), "edm"), (dict(solver="euler"), "ablation"),
+             (dict(alpha=0.75), "ablation"), (dict(epsilon_s=1e-4, num_steps=4), "ablation"), (dict(nfe=7), "registry"),
+             (dict(sampler="dpmpp_2m"), "registry"), (dict(solver=None, nfe=None, num_steps=5), "edm")]
+    for options, kind in cases:
+        assert SamplerChoice.of(options).kind == kind, options
+    assert [describe_sampler(o) for o in ({}, dict(scaling="vp"), dict(nfe=7), dict(sampler="lms", num_steps=5))] == [
+        "edm_sampler", "ablation_sampler", "heun (NFE 7, edm steps)", "lms (NFE 9, edm steps)"]
+    with pytest.raises(ValueError, match="^discretization: options of the Table 1 ablation sampler"):
+        SamplerChoice.of(dict(nfe=7, discretization="vp"))
+    with pytest.raises(ValueError, match="^sampler='dpm': expected one of"):
+        SamplerChoice.of(dict(sampler="dpm"))
+
+    net = make_tiny_net(label_dim=0)
+    latents = draw_latents(net, SeedRNG([3, 4]))
+    with torch.no_grad():
+        chosen = SamplerChoice.of(dict(alpha=0.75, num_steps=4)).run(net, latents)
+        assert torch.equal(chosen, ablation_sampler(net, latents, alpha=0.75, num_steps=4))
+        edm = SamplerChoice.of(dict(num_steps=4)).run(net, latents)
+        assert torch.equal(edm, edm_sampler(net, latents, num_steps=4))

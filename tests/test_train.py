@@ -16,9 +16,9 @@ import torch
 from click.testing import CliRunner
 
 import train
-from training.augment import AugmentPipe
+from training.data.augment import AugmentPipe
 from training.networks import EDMPrecond
-from training.training_state import read_state_file
+from training.loop.state import read_state_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--cond=1", "--cbase=8", "--cres=1,2", "--batch=16", "--seed=1", "--grid=0"]

@@ -17,9 +17,12 @@ import torch
 
 from torch_utils.misc import InfiniteSampler
 from torch_utils.training_stats import StatsCollector
-from training.training_loop import batch_split, ema_beta, learning_rate, sanitize_gradients, training_loop
-from training.training_state import (atomic_torch_save, kimg_label, labelled_nimg, newest_state_file,
-                                     read_state_file)
+from training.loop.config import batch_split
+from training.loop.schedules import ema_beta, learning_rate
+from training.loop.step import sanitize_gradients
+from training.loop.training_loop import training_loop
+from training.loop.state import atomic_torch_save, read_state_file
+from training.run_files import kimg_label, labelled_nimg, newest_state_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUGMENT = dict(class_name="training.augment.AugmentPipe", p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
@@ -343,10 +346,10 @@ def test_each_step_ramps_the_learning_rate_and_moves_the_ema_by_the_formulas(fas
     n images seen before the step, and the EMA is beta * ema + (1 - beta) * net with beta = 0.5^(batch / half-life)
     (half-life 16 images here, no EMA ramp-up), applied to the weights recorded after each step."""
     from conftest import tiny_training_run
-    from training.training_loop import train_step
+    from training.loop.step import train_step
 
     run = tiny_training_run(str(tmp_path), fashion_mnist_16_zip, "cpu")
-    run.options.update(ema_halflife_kimg=0.016, ema_rampup_ratio=None)  # beta = 0.5^(8/16), far from 0 and 1.
+    run.config.ema_halflife_kimg, run.config.ema_rampup_ratio = 0.016, None  # beta = 0.5^(8/16), far from 0 and 1.
     state, base_lr, batch = run.state, 1e-3, 8
     ema = [p.detach().clone() for p in state.ema.parameters()]
     for _ in range(4):
@@ -367,7 +370,7 @@ def test_transfer_copies_the_snapshot_values_and_names_what_it_kept(tmp_path):
     from torch_utils.misc import randomize_parameters
     from training.checkpoint import save_network_pkl
     from training.networks import EDMPrecond
-    from training.training_loop import transfer_weights
+    from training.loop.setup import transfer_weights
 
     def build(label_dim: int, augment_dim: int, seed: int) -> EDMPrecond:
         torch.manual_seed(seed)

@@ -29,9 +29,9 @@ _FORMAT_VERSION = 6
 # is not persistent (only its subclasses are pickled), so 'Precond' means EDM2's.
 _registry: dict[str, type] = {}
 
-# Modules whose classes official pickles name; imported on demand when a class name is not yet known.
+# The modules that define the classes official pickles name; imported on demand when a class name is not yet known.
 # Named as strings so that torch_utils does not import training/ at import time.
-_DEFAULT_MODULES = ("training.networks", "training.loss", "training.augment")
+_DEFAULT_MODULES = ("training.networks", "training.loss", "training.data.augment")
 
 T = TypeVar("T", bound=type)
 

@@ -65,20 +65,15 @@ REFERENCE = FastPaths(sdpa=False, channels_last=False, fused_adam=False, compile
 
 
 def default_fast_paths(device: torch.device | str, network: torch.nn.Module | type | None = None) -> FastPaths:
-    """The defaults for a device type and (on a CPU) the network family, decided by measurement (README, section
-    Performance; docs/performance.md).
+    """The defaults for a device type and (on a CPU) the network family: the switches that measured faster there
+    and keep float32 results (the measurements: docs/performance.md).
 
-    CPU: sdpa and fused Adam (float32-equal, no slower) and retained host memory (bit-identical; no page faults
-    on re-allocated activations: 1.1x for the denoiser and sampling, 1.15x for FID features, 1.03x for
-    training). channels_last for EDM2's U-Net only (``network`` an EDM2 ``Precond``, instance or class): on the
-    quickstart's EDM2 network it trained 1.07x (float32) and 1.11x (bfloat16) faster and sampled 1.13-1.2x faster,
-    1.1x in float32 with oneDNN held to AVX2, while DDPM++ lost 5-20% in float32 and 12-16% in bfloat16 (its
-    group norms). compile
-    is off: inductor gained 7% in float32 and takes 1.5 (denoiser) to 6 (training step) minutes to compile on a
-    small CPU.
-    CUDA: additionally channels_last (1.1x for training and sampling on an H200, README). compile, which costs
-    minutes per process, stays opt-in there too; TF32 (2.8x training) and bf16/fp16 (3.2x) are opt-in because
-    they change float32 results (2e-4 to 4e-3 relative).
+    CPU: sdpa and fused Adam (float32-equal, no slower) and retained host memory (bit-identical; it spares the page
+    faults of re-allocated activations). channels_last for EDM2's U-Net only (``network`` an EDM2 ``Precond``,
+    instance or class): it speeds up EDM2's convolutions but slows the group norms of DDPM++ and ADM. compile is
+    off: it gains little on a CPU for minutes of compilation per process.
+    CUDA: additionally channels_last. compile, which costs minutes per process, stays opt-in there too; TF32 and
+    bf16/fp16 are opt-in because they change float32 results.
     """
     if torch.device(device).type == "cuda":
         return FastPaths(sdpa=True, channels_last=True, fused_adam=True, compile=False)
@@ -174,10 +169,9 @@ def retain_freed_memory() -> bool:
     per-allocation mmap) and the heap is not trimmed (up to 2 GB free). For the whole process, for good.
 
     By default glibc serves large blocks (activations of a few MB) with fresh mmaps, or trims them off the heap
-    when freed, so each new activation tensor page-faults and is zeroed by the kernel page by page: 13,000-15,000
-    faults per training step or denoiser call of the CIFAR-10 DDPM++ at quarter width, batch 8, and 190,000 per
-    Inception batch of 25. Values are unchanged; the process's resident memory stays at its peak instead of
-    shrinking. Returns False where the C library has no ``mallopt`` (not glibc) and nothing changed.
+    when freed, so each new activation tensor page-faults and is zeroed by the kernel page by page, thousands of
+    times per network call (counted in docs/performance.md). Values are unchanged; the process's resident memory
+    stays at its peak instead of shrinking. Returns False where the C library has no ``mallopt`` (not glibc) and nothing changed.
     """
     if platform.libc_ver()[0] != "glibc":
         return False  # macOS has no mallopt; musl's accepts these and ignores them.

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -142,7 +141,7 @@ class Workspace:
         return self.path("data", name)
 
     def _convert(self, name: str, first: int, count: int) -> None:
-        from training.dataset_tool_lib import convert_dataset
+        from training.data.convert import convert_dataset
 
         dest = self.data(name)
         if os.path.isfile(dest):
@@ -177,7 +176,7 @@ class Workspace:
 
     def real_features(self, name: str, count: int) -> np.ndarray:
         from metrics.features import compute_features, dataset_batches
-        from training.dataset import ImageFolderDataset
+        from training.data.dataset import ImageFolderDataset
 
         dataset = ImageFolderDataset(self.data(name), max_size=count)
         return compute_features(self.detector(), dataset_batches(dataset, num_workers=0), len(dataset),
@@ -227,8 +226,8 @@ class Workspace:
         return self.result(self.train_piece(config, seed))
 
     def _train(self, config: str, seed: int) -> dict:
-        from training.training_loop import training_loop
-        from training.training_state import labelled_nimg
+        from training.loop.training_loop import training_loop
+        from training.run_files import newest_snapshot
 
         options = train_options(config, self.size, seed)
         run_dir = self.path("train", f"{config}-seed{seed}")
@@ -239,7 +238,7 @@ class Workspace:
         with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # log.txt keeps the log.
             state = training_loop(**kwargs)
         seconds = time.time() - start
-        snapshot = max(glob.glob(os.path.join(run_dir, "network-snapshot-*.pkl")), key=labelled_nimg)
+        snapshot = newest_snapshot(run_dir)
         kimg = state.cur_nimg / 1e3
         return dict(config=config, seed=seed, options=options, train_args=train_args(options),
                     network_class=kwargs["network_kwargs"]["class_name"],
@@ -256,7 +255,7 @@ class Workspace:
         """FID of ``num_samples`` images (seeds 0..N-1, as generate.py makes them) of a trained network with these
         sampler options, made in memory; the NFE is counted, not computed from the step count."""
         from training.checkpoint import load_network
-        from training.generation import generated_features
+        from training.sampling.generation import generated_features
 
         trained = self.trained(config, seed)
         net = CountingDenoiser(load_network(self.path(trained["snapshot"]), device=self.device))

@@ -61,7 +61,7 @@ def _figure(ncols: int = 1, width: float = 6.4):
 
 
 def _save(fig, path: str) -> None:
-    from training.progress import save_figure
+    from training.images import save_figure
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,8 +95,8 @@ def resample(x: torch.Tensor, taps: Sequence[float] = (1, 1), mode: str = "keep"
 
 def _resample_box(x: torch.Tensor, mode: str) -> torch.Tensor:
     """The 2x2 box filter's resampling as average pooling ('down') or nearest-neighbour repetition ('up'): the
-    values of the grouped convolution (up exactly, down to float rounding), which in bfloat16 costs 2-25x more on
-    a CPU (in float32 about the same)."""
+    values of the grouped convolution (up exactly, down to float rounding), which is many times slower in bfloat16
+    on a CPU (docs/performance.md)."""
     return F.avg_pool2d(x, 2) if mode == "down" else F.interpolate(x, scale_factor=2, mode="nearest")
 
 
@@ -170,8 +170,7 @@ def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 def clip_activations(x: torch.Tensor, limit: float) -> torch.Tensor:
     """x clamped to +-limit, in place. On a CPU, where reading a value back costs no wait, x is returned untouched
     when every value is strictly inside the limit: the same values and gradient (in-place clamp's gradient is 0
-    at the limit itself), without clamp's backward mask (three passes over the activations; 4% of a small
-    U-Net's training step)."""
+    at the limit itself), without clamp's backward mask (three passes over the activations)."""
     if x.device.type == "cpu" and not torch.compiler.is_compiling() and x.abs().amax().item() < limit:
         return x
     return x.clamp_(-limit, limit)
@@ -340,6 +339,14 @@ class UNet(torch.nn.Module):
         return F.pixel_shuffle(x, self.patch_size) if self.patch_size > 1 else x
 
 
+class Coefficients(NamedTuple):
+    """What ``Precond.coefficients`` gives for sigma [N, 1, 1, 1]: the scalings of Eq. 7 around the U-Net."""
+    c_skip: torch.Tensor    # [N, 1, 1, 1]
+    c_out: torch.Tensor     # [N, 1, 1, 1]
+    c_in: torch.Tensor      # [N, 1, 1, 1]
+    c_noise: torch.Tensor   # [N]
+
+
 @persistence.persistent_class
 class Precond(torch.nn.Module):
     """EDM preconditioning (EDM paper Eq. 7 and Table 1, column 'EDM') around the magnitude-preserving U-Net,
@@ -363,11 +370,14 @@ class Precond(torch.nn.Module):
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
-    def coefficients(self, sigma: torch.Tensor) -> tuple:
-        """Table 1, EDM column: (c_skip, c_out, c_in, c_noise) for sigma [N, 1, 1, 1]; c_noise flattened to [N]."""
+    def coefficients(self, sigma: torch.Tensor) -> Coefficients:
+        """Table 1, EDM column, for sigma [N, 1, 1, 1]; c_noise flattened to [N]."""
         var_data, var_total = self.sigma_data ** 2, sigma ** 2 + self.sigma_data ** 2
+        c_skip = var_data / var_total
         c_in = 1 / var_total.sqrt()
-        return var_data / var_total, sigma * self.sigma_data * c_in, c_in, sigma.flatten().log() / 4
+        c_out = sigma * self.sigma_data * c_in
+        c_noise = sigma.flatten().log() / 4
+        return Coefficients(c_skip, c_out, c_in, c_noise)
 
     def logvar(self, c_noise: torch.Tensor) -> torch.Tensor:
         """u(sigma) [N, 1, 1, 1] of Eq. 21 for c_noise [N]."""
@@ -393,8 +403,8 @@ class Precond(torch.nn.Module):
                 return_logvar: bool = False):
         x = x.to(torch.float32)
         sigma = torch.as_tensor(sigma, device=x.device).to(torch.float32).reshape(-1, 1, 1, 1)
-        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F_x = self.unet((c_in * x).to(self.compute_dtype(x, force_fp32)), c_noise,
+        c = self.coefficients(sigma)
+        F_x = self.unet((c.c_in * x).to(self.compute_dtype(x, force_fp32)), c.c_noise,
                         self.label_batch(class_labels, x.device))
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
-        return (D_x, self.logvar(c_noise)) if return_logvar else D_x
+        D_x = c.c_skip * x + c.c_out * F_x.to(torch.float32)
+        return (D_x, self.logvar(c.c_noise)) if return_logvar else D_x

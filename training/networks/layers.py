@@ -68,8 +68,8 @@ def make_resample_filter(taps: Sequence[float]) -> torch.Tensor:
 
 def resample(x: torch.Tensor, f: torch.Tensor, up: bool, padding: int) -> torch.Tensor:
     """Upsample (transposed convolution, gain 4) or downsample (convolution) each channel of ``x`` by 2 with the
-    FIR filter ``f`` [1, 1, k, k]. On the CPU, PyTorch's bfloat16 and float16 depthwise convolutions are 5-10x
-    slower than the float32 ones (a fifth of a bf16 training step), so there they run in float32 and round back."""
+    FIR filter ``f`` [1, 1, k, k]. On the CPU, PyTorch's bfloat16 and float16 depthwise convolutions are several
+    times slower than the float32 ones (docs/performance.md), so there they run in float32 and round back."""
     dtype, channels = x.dtype, x.shape[1]
     compute_dtype = torch.float32 if x.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
     x, f = x.to(compute_dtype), f.to(compute_dtype)

@@ -10,6 +10,7 @@ trained with (needed for c_noise and for the valid sigma range).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,7 +19,16 @@ from torch_utils import persistence
 
 from .unets import DhariwalUNet, SongUNet
 
-Coefficients = tuple  # (c_skip, c_out, c_in, c_noise), each broadcastable against [N, 1, 1, 1].
+
+
+class Coefficients(NamedTuple):
+    """Eq. 7's c_skip(sigma), c_out(sigma), c_in(sigma) and c_noise(sigma), each broadcastable against
+    [N, 1, 1, 1] (a number where it does not depend on sigma)."""
+    c_skip: torch.Tensor | float
+    c_out: torch.Tensor | float
+    c_in: torch.Tensor | float
+    c_noise: torch.Tensor
+
 
 _MODEL_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 
@@ -80,9 +90,9 @@ class Precond(torch.nn.Module):
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
         dtype = self.compute_dtype(x, force_fp32)
 
-        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F_x = self.model((c_in * x).to(dtype), c_noise.flatten(), class_labels=class_labels, **model_kwargs)
-        return c_skip * x + c_out * F_x[:, :self.img_channels].to(torch.float32)
+        c = self.coefficients(sigma)
+        F_x = self.model((c.c_in * x).to(dtype), c.c_noise.flatten(), class_labels=class_labels, **model_kwargs)
+        return c.c_skip * x + c.c_out * F_x[:, :self.img_channels].to(torch.float32)
 
 
 def _as_tensor(value) -> torch.Tensor:
@@ -128,7 +138,7 @@ class VPPrecond(Precond):
         c_out = -sigma
         c_in = 1 / (sigma ** 2 + 1).sqrt()
         c_noise = (self.M - 1) * self.sigma_inv(sigma)
-        return c_skip, c_out, c_in, c_noise
+        return Coefficients(c_skip, c_out, c_in, c_noise)
 
 
 @persistence.persistent_class
@@ -146,7 +156,7 @@ class VEPrecond(Precond):
         c_out = sigma
         c_in = 1
         c_noise = (0.5 * sigma).log()
-        return c_skip, c_out, c_in, c_noise
+        return Coefficients(c_skip, c_out, c_in, c_noise)
 
 
 def iddpm_alpha_bar(j, M: int, C_2: float) -> torch.Tensor:
@@ -196,7 +206,7 @@ class iDDPMPrecond(Precond):
         c_out = -sigma
         c_in = 1 / (sigma ** 2 + 1).sqrt()
         c_noise = self.M - 1 - self.round_sigma(sigma, return_index=True).to(torch.float32)
-        return c_skip, c_out, c_in, c_noise
+        return Coefficients(c_skip, c_out, c_in, c_noise)
 
 
 @persistence.persistent_class
@@ -217,4 +227,4 @@ class EDMPrecond(Precond):
         c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
         c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
         c_noise = sigma.log() / 4
-        return c_skip, c_out, c_in, c_noise
+        return Coefficients(c_skip, c_out, c_in, c_noise)

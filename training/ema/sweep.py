@@ -3,7 +3,7 @@ the Training Dynamics of Diffusion Models", CVPR 2024, Section 3: the quality of
 length, and post-hoc EMA lets it be chosen after training).
 
 For each sigma_rel, the post-hoc EMA network is reconstructed in memory from a run's raw EMA snapshots
-(``training.phema``: the least-squares weights of Algorithm 3, the weighted average of Appendix C), its samples are
+(``training.ema``: the least-squares weights of Algorithm 3, the weighted average of Appendix C), its samples are
 made as ``generate.py`` makes them (same seeds, same sampler options) and measured as ``fid.py calc --network``
 measures them (same detector, same reference handling). So the FID reported for a sigma_rel is the one ``fid.py``
 gives for the pickle ``reconstruct_phema.py`` writes for it. Under torchrun the images of each sigma_rel are shared
@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 import dnnlib
 from torch_utils import distributed
-from training.phema import (SIGMA_REL_MAX, PosthocPlan, format_kimg, plan_reconstruction, reconstruct,
-                            reconstructed_networks)
-from training.progress import save_figure
+from training.ema.phema import SIGMA_REL_MAX
+from training.ema.reconstruct import PosthocPlan, plan_reconstruction, reconstruct, reconstructed_networks
+from training.images import save_figure
+from training.run_files import format_kimg
 
 SWEEP_JSON, SWEEP_PNG = "ema-sweep.json", "ema-sweep.png"
 
@@ -88,7 +89,7 @@ def _check_run(plan: PosthocPlan, options: EMASweepOptions) -> None:
     """The latest snapshot (whose non-network parts a phema pickle keeps) must hold a pixel-space network that
     takes ``--class``."""
     from training.checkpoint import load_network_pkl
-    from training.generation import GenerateOptions, check_network_options, check_pixel_snapshot
+    from training.sampling.generation import GenerateOptions, check_network_options, check_pixel_snapshot
     latest = plan.inputs[-1][0]
     snapshot = load_network_pkl(latest)
     check_pixel_snapshot(snapshot, latest)
@@ -100,7 +101,7 @@ def _open_reference(ref: str):
     """Reference statistics read now, or the dataset to compute them from (opened now, so that a missing one is
     reported before any work)."""
     from metrics.reference import load_reference
-    from training.dataset import ImageFolderDataset
+    from training.data.dataset import ImageFolderDataset
     if dnnlib.util.is_url(ref) or ref.lower().endswith(".npz"):
         return load_reference(ref), None
     dataset = ImageFolderDataset(ref)
@@ -145,14 +146,35 @@ def ema_sweep(options: EMASweepOptions) -> dict:
     sigma_rel as it goes, writes the JSON and the plot (and with ``save_best`` the best network's pickle) on the
     main process, and returns the results on every process: ``fid`` (sigma_rel key -> FID), ``best``, the
     settings, the files written and the seconds taken. Works alone or under torchrun."""
-    from metrics.detector import load_detector
-    from training.generation import generated_features
-    from training.perf import apply_process_settings, default_fast_paths
-
     start = time.time()
     check_options(options)
     plan = plan_reconstruction(options.indir, options.outstd, options.outkimg, options.inprefix, options.instd)
     _check_run(plan, options)
+    device, detector, ref = _open_measurement(options)
+    if distributed.is_main():
+        print(f"EMA sweep of {options.indir}: {len(plan.outstd)} sigma_rel at {format_kimg(plan.out_nimg)} kimg "
+              f"from {len(plan.inputs)} snapshots, {len(options.seeds)} images each, "
+              f"{distributed.get_world_size()} process(es) on {device}")
+    fids = _measure_each_sigma_rel(plan, options, device, detector, ref)
+    result = _summary(plan, options, detector, fids)
+    if distributed.is_main():
+        result["seconds"] = time.time() - start
+        write_json(result, result["json"])
+        plot_sweep(result, result["plot"])
+        if options.save_best:
+            result["best_pkl"] = reconstruct(options.indir, options.indir, [result["best"]["sigma_rel"]],
+                                             outkimg=options.outkimg, batch=1, inprefix=options.inprefix,
+                                             instd=options.instd, progress=False)["paths"][0]
+    distributed.barrier()
+    result["seconds"] = time.time() - start
+    return result
+
+
+def _open_measurement(options: EMASweepOptions) -> tuple[torch.device, object, dict]:
+    """(device, FID detector, reference statistics), as ``fid.py calc`` opens them; every process calls it."""
+    from metrics.detector import load_detector
+    from training.perf import apply_process_settings, default_fast_paths
+
     ref, ref_dataset = _open_reference(options.ref)
     try:
         device = distributed.init(options.device)
@@ -162,13 +184,15 @@ def ema_sweep(options: EMASweepOptions) -> dict:
     detector = load_detector(options.detector, device=device, preprocess_mode=options.preprocess)
     if ref is None:
         ref = _dataset_reference(options.ref, ref_dataset, detector, device, options)
+    return device, detector, ref
+
+
+def _measure_each_sigma_rel(plan: PosthocPlan, options: EMASweepOptions, device: torch.device, detector,
+                            ref: dict) -> dict[float, float]:
+    """FID of each reconstructed network (sigma_rel -> FID), one line each on the main process."""
+    from training.sampling.generation import generated_features
 
     main = distributed.is_main()
-    kimg = plan.out_nimg // 1000
-    if main:
-        print(f"EMA sweep of {options.indir}: {len(plan.outstd)} sigma_rel at {format_kimg(plan.out_nimg)} kimg "
-              f"from {len(plan.inputs)} snapshots, {len(options.seeds)} images each, "
-              f"{distributed.get_world_size()} process(es) on {device}")
     fids: dict[float, float] = {}
     bar = tqdm(total=len(plan.outstd), unit="sigma_rel", desc="EMA sweep", disable=not main)
     for sigma_rel, net in reconstructed_networks(plan, batch=options.reconstruct_batch, progress=False):
@@ -182,10 +206,14 @@ def ema_sweep(options: EMASweepOptions) -> dict:
             bar.write(f"sigma_rel {sigma_rel:.3f}: FID {fids[sigma_rel]:.4f}  ({time.time() - begin:.1f} s)")
         bar.update(1)
     bar.close()
+    return fids
 
+
+def _summary(plan: PosthocPlan, options: EMASweepOptions, detector, fids: dict[float, float]) -> dict:
+    """The results and settings that the JSON holds and ``ema_sweep`` returns."""
     best = min(fids, key=fids.get)
-    result = dict(
-        indir=options.indir, ref=options.ref, kimg=kimg, nimg=plan.out_nimg,
+    return dict(
+        indir=options.indir, ref=options.ref, kimg=plan.out_nimg // 1000, nimg=plan.out_nimg,
         inputs=[os.path.basename(path) for path, _ in plan.inputs],
         tracked_stds=sorted({name.sigma_rel for _, name in plan.inputs}),
         num_images=len(options.seeds), seeds=format_int_list(sorted(options.seeds)), class_idx=options.class_idx,
@@ -196,17 +224,6 @@ def ema_sweep(options: EMASweepOptions) -> dict:
         json=options.json_path or os.path.join(options.indir, SWEEP_JSON),
         plot=options.plot_path or os.path.join(options.indir, SWEEP_PNG),
         best_pkl=None)
-    if main:
-        result["seconds"] = time.time() - start
-        write_json(result, result["json"])
-        plot_sweep(result, result["plot"])
-        if options.save_best:
-            result["best_pkl"] = reconstruct(options.indir, options.indir, [best], outkimg=options.outkimg,
-                                             batch=1, inprefix=options.inprefix, instd=options.instd,
-                                             progress=False)["paths"][0]
-    distributed.barrier()
-    result["seconds"] = time.time() - start
-    return result
 
 
 def write_json(result: dict, path: str) -> None:

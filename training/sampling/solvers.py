@@ -10,14 +10,21 @@ The ODE is Eq. 4 of the EDM paper with sigma(t) = t, s(t) = 1, written in two va
 
   so that only D, a smooth function of lambda, needs approximating.
 
-Every solver here is a function ``solver(denoise, x, sigmas, randn_like) -> x at sigma = 0`` over a black-box
-``denoise(x, sigma)`` (float64), the state ``x`` at ``sigmas[0]`` and the decreasing, positive noise levels
-``sigmas`` at which ``denoise`` is called; a multistep solver calls it exactly once per level, a two-stage one
-(DPM-Solver++(2S)) twice per step and once at the last level. The step from the last level to sigma = 0 costs no
-call: ``final_denoised`` extrapolates D along the trajectory to sigma = 0 (D is a smooth function of sigma^2 there).
+Every solver here is a function, and that function is the API::
 
-``GaussianData`` solves the ODE of Gaussian data in closed form: an analytic first step from sigma_max for any
-solver, with the Gaussian fitted to the network's own outputs (``fit_gaussian``).
+    x0 = solver(denoise, x, sigmas, randn_like=torch.randn_like, callback=None, **its options)
+
+over a black-box ``denoise(x, sigma)`` (float64; sigma a 0-dim float64 tensor), the state ``x`` at ``sigmas[0]``
+(float64, e.g. unit noise times sigmas[0]) and the decreasing, positive noise levels ``sigmas`` (any of
+``time_steps``) at which ``denoise`` is called; it returns x at sigma = 0. A multistep solver calls ``denoise``
+exactly once per level, a two-stage one (DPM-Solver++(2S)) twice per step and once at the last level. The step from
+the last level to sigma = 0 costs no call: ``final_denoised`` extrapolates D along the trajectory to sigma = 0 (D is
+a smooth function of sigma^2 there). ``callback(i, sigma, x, denoised)``, if given, sees every step i: the level
+sigma = sigmas[i], the state x at which D was evaluated there and D itself, so that a caller can watch or record
+the trajectory; it changes nothing.
+
+A network is a denoiser through ``lambda x, sigma: net(x, sigma, class_labels).to(torch.float64)``. The registry
+(``registry.SAMPLERS``) wraps each solver in a ``Solver`` that knows how it spends a budget of network calls.
 
 Weights of the multistep methods are integrals of Lagrange polynomials through the past nodes, computed for the
 actual, non-uniform step sizes (Gauss-Legendre quadrature, exact to rounding for the step sizes used here).
@@ -34,6 +41,7 @@ import torch
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RandnLike = Callable[[torch.Tensor], torch.Tensor]
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (i, sigma, x, denoised)
 
 _GAUSS_NODES, _GAUSS_WEIGHTS = np.polynomial.legendre.leggauss(32)
 _GAUSS_NODES, _GAUSS_WEIGHTS = (_GAUSS_NODES + 1) / 2, _GAUSS_WEIGHTS / 2  # On [0, 1].
@@ -82,6 +90,13 @@ def log_sigma(sigma: torch.Tensor | float) -> float:
     """lambda = -log(sigma), on the host."""
     return -math.log(float(sigma))
 
+
+def report(callback: StepCallback | None, i: int, sigma: torch.Tensor, x: torch.Tensor,
+           denoised: torch.Tensor) -> None:
+    """Show step i to ``callback``, if there is one."""
+    if callback is not None:
+        callback(i, sigma, x, denoised)
+
 # ----------------------------------------------------------------------------
 # The last step, to sigma = 0.
 
@@ -104,13 +119,14 @@ def final_denoised(sigmas: Sequence[float], denoised: Sequence[torch.Tensor], po
 
 
 def dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, randn_like: RandnLike = torch.randn_like,
-             final_points: int = 2) -> torch.Tensor:
+             callback: StepCallback | None = None, final_points: int = 2) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): x_t = e^-h x_s + (1 - e^-h) ((1 + 1/(2r)) D_s - 1/(2r)
     D_{s-1}) with r = h_{s-1} / h; the first step is first order (DDIM)."""
     levels = sigmas.tolist()
     denoised = []
     for i, sigma in enumerate(levels):
         denoised.append(denoise(x, sigmas[i]))
+        report(callback, i, sigmas[i], x, denoised[-1])
         if i == len(levels) - 1:
             break
         h = log_sigma(levels[i + 1]) - log_sigma(sigma)
@@ -123,8 +139,8 @@ def dpmpp_2m(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, randn_like
 
 
 def exponential_multistep(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
-                          randn_like: RandnLike = torch.randn_like, order: int = 3, eta: float = 0,
-                          final_points: int = 2) -> torch.Tensor:
+                          randn_like: RandnLike = torch.randn_like, callback: StepCallback | None = None,
+                          order: int = 3, eta: float = 0, final_points: int = 2) -> torch.Tensor:
     """Exponential Adams-Bashforth in lambda (DPM-Solver++(kM), Lu et al. 2022b; DEIS's tAB, Zhang & Chen 2023):
     D in (*) is the polynomial through the last ``order`` evaluations, integrated exactly for the actual steps;
     the order ramps up from 1 while history accumulates.
@@ -137,6 +153,7 @@ def exponential_multistep(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tenso
     denoised = []
     for i in range(len(levels)):
         denoised.append(denoise(x, sigmas[i]))
+        report(callback, i, sigmas[i], x, denoised[-1])
         if i == len(levels) - 1:
             break
         k = min(order, len(denoised))
@@ -178,33 +195,38 @@ def _unipc_update(x_s: torch.Tensor, D_s: torch.Tensor, lambda_s: float, lambda_
 
 
 def unipc(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, randn_like: RandnLike = torch.randn_like,
-          order: int = 3, variant: str = "bh2", final_points: int = 2) -> torch.Tensor:
-    """UniPC-p (Zhao et al. 2023, Algorithms 1-2): the predictor UniP-p from the last p evaluations, then, once
-    D is evaluated at the predicted point, the corrector UniC-p, which adds that evaluation and raises the order
-    to p + 1. The next step starts from the corrected state but reuses the evaluation at the predicted one, so
-    the corrector costs no call. No corrector after the last evaluation."""
+          callback: StepCallback | None = None, predictor_order: int = 3, variant: str = "bh2",
+          final_points: int = 2) -> torch.Tensor:
+    """UniPC-p (Zhao et al. 2023, Algorithms 1-2), p = ``predictor_order``: the predictor UniP-p from the last p
+    evaluations, then, once D is evaluated at the predicted point, the corrector UniC-p, which adds that evaluation
+    and raises the order to p + 1. The next step starts from the corrected state but reuses the evaluation at the
+    predicted one, so the corrector costs no call. No corrector after the last evaluation. The callback sees each
+    predicted state with its evaluation."""
     levels = sigmas.tolist()
     lambdas = [log_sigma(s) for s in levels]
     denoised = [denoise(x, sigmas[0])]
+    report(callback, 0, sigmas[0], x, denoised[0])
     for i in range(len(levels) - 1):
-        k = min(order, len(denoised))
+        k = min(predictor_order, len(denoised))
         history = list(zip(lambdas[i + 1 - k:i], denoised[-k:-1]))[::-1]
         x_pred = _unipc_update(x, denoised[-1], lambdas[i], lambdas[i + 1], history, variant)
         D_t = denoise(x_pred, sigmas[i + 1])
+        report(callback, i + 1, sigmas[i + 1], x_pred, D_t)
         x = _unipc_update(x, denoised[-1], lambdas[i], lambdas[i + 1], history + [(lambdas[i + 1], D_t)], variant)
         denoised.append(D_t)
     return final_denoised(levels, denoised, final_points)
 
 
 def dpmpp_2s(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, randn_like: RandnLike = torch.randn_like,
-             final_points: int = 2) -> torch.Tensor:
+             callback: StepCallback | None = None, final_points: int = 2) -> torch.Tensor:
     """DPM-Solver++(2S) (Lu et al. 2022b, Algorithm 1) with the intermediate point at the middle of each step in
     lambda (r = 1/2): u = e^(-h/2) x_s + (1 - e^(-h/2)) D_s, x_t = e^-h x_s + (1 - e^-h) D(u; sigma_mid).
-    Two calls per step, one at the last level."""
+    Two calls per step, one at the last level; the callback sees the evaluations at the levels."""
     levels = sigmas.tolist()
     evaluated, denoised = [], []
     for i, sigma in enumerate(levels):
         D_s = denoise(x, sigmas[i])
+        report(callback, i, sigmas[i], x, D_s)
         evaluated.append(sigma)
         denoised.append(D_s)
         if i == len(levels) - 1:
@@ -226,7 +248,7 @@ IPNDM_COEFFICIENTS = ([1], [3 / 2, -1 / 2], [23 / 12, -16 / 12, 5 / 12], [55 / 2
 
 
 def ipndm(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, randn_like: RandnLike = torch.randn_like,
-          order: int = 4) -> torch.Tensor:
+          callback: StepCallback | None = None, order: int = 4) -> torch.Tensor:
     """iPNDM (Zhang & Chen 2023, DEIS Appendix; from PNDM, Liu et al. 2022): explicit Adams-Bashforth with the
     fixed equal-step coefficients on the slopes d_i = (x_i - D_i) / sigma_i, x_{i+1} = x_i + (sigma_{i+1} -
     sigma_i) sum_k c_k d_{i-k}, the order ramping up 1, 2, 3, 4 over the first steps. The last step goes to
@@ -234,28 +256,33 @@ def ipndm(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, randn_like: R
     levels = sigmas.tolist() + [0.0]
     slopes = []
     for i in range(len(levels) - 1):
-        slopes.append((x - denoise(x, sigmas[i])) / levels[i])
+        D = denoise(x, sigmas[i])
+        report(callback, i, sigmas[i], x, D)
+        slopes.append((x - D) / levels[i])
         coefficients = IPNDM_COEFFICIENTS[min(order, len(slopes)) - 1]
         x = x + (levels[i + 1] - levels[i]) * weighted_sum(coefficients, slopes[::-1])
     return x
 
 
 def adams_sigma(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, randn_like: RandnLike = torch.randn_like,
-                order: int = 4) -> torch.Tensor:
+                callback: StepCallback | None = None, order: int = 4) -> torch.Tensor:
     """Linear multistep (LMS; variable-step Adams-Bashforth, the iPNDM of Zhou et al. 2024 with coefficients for
     the actual steps): x_{i+1} = x_i + sum_j w_j d_j, w_j = integral_{sigma_i}^{sigma_{i+1}} l_j(sigma) dsigma over
     the last ``order`` slopes d_j = (x_j - D_j) / sigma_j. The last step goes to sigma = 0 the same way."""
     levels = sigmas.tolist() + [0.0]
     slopes = []
     for i in range(len(levels) - 1):
-        slopes.append((x - denoise(x, sigmas[i])) / levels[i])
+        D = denoise(x, sigmas[i])
+        report(callback, i, sigmas[i], x, D)
+        slopes.append((x - D) / levels[i])
         k = min(order, len(slopes))
         x = x + weighted_sum(adams_weights(levels[i + 1 - k:i + 1], levels[i], levels[i + 1]), slopes[-k:])
     return x
 
 
 def euler_ancestral(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
-                    randn_like: RandnLike = torch.randn_like, eta: float = 1) -> torch.Tensor:
+                    randn_like: RandnLike = torch.randn_like, callback: StepCallback | None = None,
+                    eta: float = 1) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020's posterior step, in the EDM parameterization): from sigma to sigma',
     sigma_up = eta sqrt(sigma'^2 (sigma^2 - sigma'^2) / sigma^2) of fresh noise and a deterministic Euler step to
     sigma_down = sqrt(sigma'^2 - sigma_up^2); eta = 1 samples the exact posterior of a Gaussian, eta = 0 is DDIM.
@@ -263,6 +290,7 @@ def euler_ancestral(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
     levels = sigmas.tolist()
     for i, sigma in enumerate(levels):
         D = denoise(x, sigmas[i])
+        report(callback, i, sigmas[i], x, D)
         if i == len(levels) - 1:
             return D
         sigma_next = levels[i + 1]
@@ -274,73 +302,18 @@ def euler_ancestral(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
     return x
 
 # ----------------------------------------------------------------------------
-# An analytic first step: the ODE of a Gaussian, solved in closed form.
-
-
-@dataclass(frozen=True)
-class GaussianData:
-    """Data N(mean, eigvecs diag(eigvals) eigvecs^T) over flattened samples of ``dim`` values (float64).
-
-    Its ideal denoiser is linear, D(x; sigma) = mean + Sigma (Sigma + sigma^2 I)^-1 (x - mean), and its
-    probability-flow ODE, dx/dsigma = sigma (Sigma + sigma^2 I)^-1 (x - mean) (Eq. 4 with sigma(t) = t, s(t) = 1),
-    is solved in closed form along each eigenvector: x(sigma) - mean scales by sqrt((lambda_k + sigma^2) /
-    (lambda_k + sigma_0^2)). At large sigma every data distribution's D is this one's to first order in 1 / sigma^2
-    (the noised density tends to the Gaussian with the data's mean and covariance), which makes ``transport`` an
-    analytic first step from sigma_max down to a level where the network's D starts to bend: the "analytical
-    teleportation" of Wang & Vastola 2023 ("The hidden linear structure in score-based models"); the analytic
-    first step of Zhou et al. 2024 (AMED, "AFS") is its special case mean = 0, Sigma = 0.
-    """
-    mean: torch.Tensor      # [dim]
-    eigvals: torch.Tensor   # [dim], >= 0
-    eigvecs: torch.Tensor   # [dim, dim], orthonormal columns
-
-    def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """The ideal denoiser of this Gaussian at ``sigma``, x: [N, ...]."""
-        shrink = self.eigvals / (self.eigvals + sigma ** 2)
-        return self._along_eigvecs(x, shrink)
-
-    def transport(self, x: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
-        """x(sigma_to) on the ODE trajectory through x = x(sigma_from), in closed form; no network call."""
-        scale = torch.sqrt((self.eigvals + sigma_to ** 2) / (self.eigvals + sigma_from ** 2))
-        return self._along_eigvecs(x, scale)
-
-    def _along_eigvecs(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(len(x), -1).to(torch.float64) - self.mean
-        return (self.mean + ((flat @ self.eigvecs) * scale) @ self.eigvecs.T).reshape(x.shape)
-
-
-def fit_gaussian(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> GaussianData:
-    """The Gaussian whose ideal denoiser at ``sigma`` is the affine least-squares fit D(x) ~ b + A x of the pairs
-    (x_i, D(x_i; sigma)) (x, denoised: [n, ...], n > dim; probes at a level where D is close to affine).
-
-    For Gaussian data A = Sigma (Sigma + sigma^2 I)^-1 and b = (I - A) mean, hence Sigma = sigma^2 A (I - A)^-1
-    and mean = (I - A)^-1 b, both in the eigenbasis of the symmetric part of A (eigenvalues clipped to [0, 1)).
-    """
-    n, dim = len(x), x[0].numel()
-    if n <= dim:
-        raise ValueError(f"fit_gaussian: {n} probes cannot determine an affine map of {dim} values (need > {dim})")
-    inputs = x.reshape(n, -1).to(torch.float64)
-    design = torch.cat([torch.ones([n, 1], dtype=torch.float64, device=inputs.device), inputs], dim=1)
-    coefficients = torch.linalg.lstsq(design, denoised.reshape(n, -1).to(torch.float64)).solution  # [1 + dim, dim]
-    offset, A = coefficients[0], coefficients[1:].T
-    a, eigvecs = torch.linalg.eigh((A + A.T) / 2)
-    a = a.clip(0, 1 - 1e-12)
-    mean = eigvecs @ ((eigvecs.T @ offset) / (1 - a))
-    return GaussianData(mean, sigma ** 2 * a / (1 - a), eigvecs)
-
-# ----------------------------------------------------------------------------
 # How a solver spends a budget of calls.
 
 
 @dataclass(frozen=True)
 class Solver:
-    """A solver with what the registry needs: calls per step (1: multistep; 2: a two-stage step, with one call at
-    the last level), its nominal order (of the deterministic part) and whether it draws noise."""
-    fn: Callable
+    """A solver function (its options bound with ``functools.partial``) with what the registry needs: calls per
+    step (1: multistep; 2: a two-stage step, with one call at the last level), the order to which its deterministic
+    part converges (what tests/test_samplers.py measures) and whether it draws noise. Called as the function is."""
+    fn: Callable | None
     calls_per_step: int = 1
-    order: int = 1
+    convergence_order: int = 1
     stochastic: bool = False
-    kwargs: tuple = ()
 
     def levels_for(self, nfe: int) -> int:
         """The most noise levels whose sampling costs at most ``nfe`` calls."""
@@ -354,5 +327,6 @@ class Solver:
         return self.calls_for(2)
 
     def __call__(self, denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
-                 randn_like: RandnLike = torch.randn_like, **options) -> torch.Tensor:
-        return self.fn(denoise, x, sigmas, randn_like, **{**dict(self.kwargs), **options})
+                 randn_like: RandnLike = torch.randn_like, callback: StepCallback | None = None,
+                 **options) -> torch.Tensor:
+        return self.fn(denoise, x, sigmas, randn_like, callback=callback, **options)

@@ -1,19 +1,15 @@
-"""What a training run shows people: the log (console and ``log.txt``), ``stats.jsonl``, TensorBoard scalars
-(when ``tensorboard`` is installed) and image grids. Only the main process writes; elsewhere these are no-ops."""
+"""What a training run shows people: the log (console and ``log.txt``), ``stats.jsonl`` and TensorBoard scalars
+(when ``tensorboard`` is installed); its image grids are written by ``training.images``. Only the main process writes;
+elsewhere these are no-ops."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import time
 
-import numpy as np
-import torch
-
 from torch_utils import distributed as dist
-from dnnlib.util import atomic_write_bytes
 
 
 # Units of a shown duration, largest first: (suffix, length in seconds).
@@ -94,41 +90,3 @@ class RunLog:
             self._stats.close()
             if self.tensorboard is not None:
                 self.tensorboard.close()
-
-
-def grid_layout(num_images: int) -> tuple[int, int]:
-    """Rows and columns of the squarest grid that holds every image."""
-    cols = max(int(math.ceil(math.sqrt(num_images))), 1)
-    return int(math.ceil(num_images / cols)), cols
-
-
-def image_grid(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """uint8 [N, C, H, W] -> one uint8 [rows * H, cols * W, C] image (unused cells black)."""
-    images = np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images)
-    N, C, H, W = images.shape
-    rows, cols = grid_layout(N)
-    canvas = np.zeros([rows * cols, C, H, W], dtype=np.uint8)
-    canvas[:N] = images
-    return canvas.reshape(rows, cols, C, H, W).transpose(0, 3, 1, 4, 2).reshape(rows * H, cols * W, C)
-
-
-def save_image_grid(images: torch.Tensor | np.ndarray, path: str) -> None:
-    """Write a uint8 NCHW batch as one PNG grid (atomically)."""
-    import PIL.Image
-
-    grid = image_grid(images)
-    image = PIL.Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid, "L" if grid.shape[2] == 1 else "RGB")
-    buffer = io.BytesIO()
-    image.save(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def save_figure(fig, path: str) -> None:
-    """Write a matplotlib figure as a PNG atomically (folders made as needed) and close it."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())

@@ -1,16 +1,10 @@
-"""Time-step schedules beyond Eq. 5, and schedules optimized for one network.
+"""Time steps optimized for one network and one solver, found once by a derivative-free search.
 
-A schedule is a decreasing tensor of N noise levels sigma_0 = sigma_max > ... > sigma_{N-1} (float64), the levels
-at which a solver calls the network; the step to sigma = 0 is the solver's own.
-
-- ``loguniform_sigma_steps``: equal steps in log(sigma), i.e. in lambda = -log(sigma), the variable of DPM-Solver
-  (Lu et al. 2022a, 'logSNR' steps).
-- ``polyexponential_sigma_steps``: log(sigma) = log(sigma_min) + (1 - i/(N-1))^rho (log(sigma_max) - log(sigma_min)),
-  denser near sigma_min for rho > 1; rho = 1 is log-uniform.
-- ``search_sigma_steps``: the steps that minimize one solver's end-point error on one network, found once by a
-  derivative-free search against a dense reference solve on the search's own noise (in the spirit of "Align Your
-  Steps", Sabour et al. 2024, and of the optimized-step searches of Xue et al. 2024, "DMN"), over a smooth warp of
-  log-uniform steps with a free last level. ``ScheduleCache`` keeps the result per network.
+``search_sigma_steps`` finds the levels that minimize a solver's end-point error against a dense reference solve on
+the search's own noise (in the spirit of "Align Your Steps", Sabour et al. 2024, and of the optimized-step searches of
+Xue et al. 2024, "DMN"), over a smooth warp of log-uniform steps with a free last level (``WarpedSteps``).
+``ScheduleCache`` keeps the results per network. What the error is, and which noise it is measured on, is the
+registry's (``registry.Sampler.optimized_levels``).
 """
 
 from __future__ import annotations
@@ -23,27 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-
-def _ramp(num_steps: int, device) -> torch.Tensor:
-    if num_steps < 2:
-        raise ValueError(f"num_steps={num_steps}: at least 2 steps are needed")
-    return torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
-
-
-def loguniform_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float,
-                           device: torch.device | str | None = None) -> torch.Tensor:
-    """sigma_i = sigma_max (sigma_min / sigma_max)^(i/(N-1)): equal steps in lambda = -log(sigma)."""
-    return sigma_max * (sigma_min / sigma_max) ** _ramp(num_steps, device)
-
-
-def polyexponential_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 2,
-                                device: torch.device | str | None = None) -> torch.Tensor:
-    """log(sigma_i) = log(sigma_min) + (1 - i/(N-1))^rho (log(sigma_max) - log(sigma_min))."""
-    log_min, log_max = math.log(sigma_min), math.log(sigma_max)
-    return torch.exp(log_min + (1 - _ramp(num_steps, device)) ** rho * (log_max - log_min))
-
-# ----------------------------------------------------------------------------
-# Optimized steps.
+from training.sampling.time_steps import loguniform_sigma_steps
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,18 @@
 """Everything a resumed run needs to continue exactly where an interrupted one stopped.
 
-``training-state-KKKKKK.pt`` is ``torch.save`` of tensors and plain data only (loadable with
-``torch.load(weights_only=True)``, so opening a file from elsewhere cannot run code): the training network's
-and the EMA's ``state_dict``, the optimizer's ``state_dict``, the progress counters (images seen, ticks), the
-position in the data stream, and the random-number-generator states of every rank (torch CPU, CUDA, numpy,
-Python). Files are written under a temporary name and renamed, so a crash while writing leaves the
-previous state intact.
+``training-state-KKKKKK.pt`` (named by ``training.run_files``) is ``torch.save`` of tensors and plain data only
+(loadable with ``torch.load(weights_only=True)``, so opening a file from elsewhere cannot run code): the training
+network's and the EMA's ``state_dict``, the optimizer's ``state_dict``, the progress counters (images seen, ticks),
+the position in the data stream, and the random-number-generator states of every rank (torch CPU, CUDA, numpy,
+Python). Files are written under a temporary name and renamed, so a crash while writing leaves the previous state
+intact.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import pickle
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,22 +24,6 @@ from torch_utils import distributed as dist
 
 FORMAT = "edm-training-state"
 VERSION = 1
-STATE_PATTERN = re.compile(r"training-state-(\d+)(?:\.(\d{3}))?\.pt")
-_KIMG_LABEL = re.compile(r"-(\d{6,})(?:\.(\d{3}))?\.[a-z]+")
-
-
-def kimg_label(nimg: int) -> str:
-    """How snapshot, sample-grid and state files name a point of training: a whole kimg as six digits, the
-    official 'KKKKKK'; otherwise the images past it as three decimals ('000000.224' is 0.224 kimg), so that
-    fractional ticks never overwrite each other's files."""
-    whole, rest = divmod(int(nimg), 1000)
-    return f"{whole:06d}" if rest == 0 else f"{whole:06d}.{rest:03d}"
-
-
-def labelled_nimg(path: str) -> int | None:
-    """The image count a file's ``kimg_label`` names (``network-snapshot-000000.224.pkl`` -> 224), or None."""
-    match = _KIMG_LABEL.search(os.path.basename(path))
-    return None if match is None else int(match.group(1)) * 1000 + int(match.group(2) or 0)
 
 
 class StateFileError(ValueError):
@@ -196,12 +178,3 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     """torch.save to a temporary file in the same folder, then rename: readers never see a partial file."""
     with dnnlib.util.atomic_open(path) as f:
         torch.save(obj, f)
-
-
-def newest_state_file(run_dir: str) -> str | None:
-    """The training-state file with the most images in ``run_dir`` (ties: the most recently written)."""
-    candidates = [p for p in glob.glob(os.path.join(run_dir, "training-state-*.pt"))
-                  if STATE_PATTERN.fullmatch(os.path.basename(p))]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: (labelled_nimg(p), os.path.getmtime(p)))

@@ -118,7 +118,7 @@ class InTrainingMetrics:
     def evaluate(self, networks: dict[str, torch.nn.Module], kimg: float) -> list[dict]:
         """One record per (network, metric): kimg, metric, value, network, num_images, seconds."""
         from metrics.evaluate import compute_metrics
-        from training.generation import generated_features
+        from training.sampling.generation import generated_features
 
         seeds = list(range(self.options.num_images))
         records = []
@@ -140,7 +140,7 @@ def dataset_reference(data_path: str, detector, device: torch.device, batch: int
     them for ``--ref=DATASET``, read from the cache when there."""
     from metrics.evaluate import cached_dataset_reference, detector_settings
     from metrics.features import compute_features, dataset_batches
-    from training.dataset import ImageFolderDataset
+    from training.data.dataset import ImageFolderDataset
 
     def features():
         dataset = ImageFolderDataset(data_path)

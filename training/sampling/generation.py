@@ -3,31 +3,30 @@
 snapshots (EDM2's img512 models: there is no VAE decoder here).
 
 Seeds are split into batches and the batches shared among processes (``torchrun``); since each image
-depends only on its seed (see ``training.sampling.generate_images``), the files are the same for any
+depends only on its seed (see ``training.sampling.sample.generate_images``), the files are the same for any
 batch size and any number of processes.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import PIL.Image
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-import dnnlib
 from metrics.features import compute_features, generated_batches
 from torch_utils import distributed
 from training.checkpoint import is_latent_snapshot, load_network_pkl
+from training.images import image_grid, save_png
 from training.perf import (apply_process_settings, check_precision, default_fast_paths, maybe_compile,
                            prepare_network)
-from training.sampling import UNCONDITIONAL, check_sampler_options, describe_sampler, generate_images, guided
+from training.sampling.guidance import UNCONDITIONAL, guided
+from training.sampling.sample import check_sampler_options, describe_sampler, generate_images
 
 
 @dataclass
@@ -52,29 +51,6 @@ def image_path(outdir: str, seed: int, subdirs: bool = False) -> str:
     """Where a seed's image goes: ``outdir/000123.png``, or ``outdir/000000/000123.png`` with subdirs."""
     folder = os.path.join(outdir, f"{seed - seed % 1000:06d}") if subdirs else outdir
     return os.path.join(folder, f"{seed:06d}.png")
-
-
-def to_pil(image: torch.Tensor) -> PIL.Image.Image:
-    """A uint8 [C, H, W] image (C = 1 or 3) as a PIL image."""
-    array = image.permute(1, 2, 0).cpu().numpy()
-    return PIL.Image.fromarray(array[:, :, 0], "L") if array.shape[2] == 1 else PIL.Image.fromarray(array, "RGB")
-
-
-def save_png(path: str, image: torch.Tensor) -> None:
-    """Write a PNG under a temporary name and rename it, so no half-written image is ever seen."""
-    buffer = io.BytesIO()
-    to_pil(image).save(buffer, format="png")
-    dnnlib.util.atomic_write_bytes(path, buffer.getvalue(), fsync=False)
-
-
-def image_grid(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, C, H, W] images as one [C, gh*H, gw*W] image, row by row, gw = ceil(sqrt(N)); empty cells black."""
-    n, c, h, w = images.shape
-    gw = math.ceil(math.sqrt(n))
-    gh = math.ceil(n / gw)
-    padded = torch.zeros([gh * gw, c, h, w], dtype=images.dtype)
-    padded[:n] = images.cpu()
-    return padded.reshape(gh, gw, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, gh * h, gw * w)
 
 
 def seed_batches(seeds: list[int], max_batch_size: int, world_size: int = 1) -> list[list[int]]:

@@ -1,0 +1,223 @@
+"""The training loop's set-up: distributed state, data, network, optimizer, the (resumed) training state and the
+in-training metrics, gathered in one ``Run``."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from torch_utils.misc import InfiniteSampler, clone_module, copy_params_and_buffers
+from torch_utils.training_stats import StatsCollector
+from training.ema.phema import PowerFunctionEMA
+from training.loop.config import TrainingConfig, TrainingConfigError, batch_split, check_network_fits_dataset
+from training.loop.monitor import InTrainingMetrics, LossBySigma, MetricsOptions
+from training.loop.progress import RunLog
+from training.loop.state import TrainingState, capture_rng_state, restore_rank_rng, restore_rng_state
+from training.perf import (FastPaths, adam_kwargs, apply_process_settings, default_fast_paths, maybe_compile,
+                           prepare_network)
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, made by ``setup``."""
+
+    config: TrainingConfig
+    device: torch.device
+    state: TrainingState
+    ddp: torch.nn.Module                 # The network to call for training (DDP-wrapped when world > 1).
+    forward: torch.nn.Module             # What the loss calls: ``ddp``, compiled when the fast path is on.
+    fast: FastPaths
+    loss_fn: Any
+    augment_pipe: Any
+    data: Iterator
+    dataset_obj: Any
+    batch_gpu: int
+    accumulation_rounds: int
+    log: RunLog
+    stats: StatsCollector
+    start_time: float
+    loss_by_sigma: LossBySigma | None = None
+    metrics: InTrainingMetrics | None = None  # FID/KID during training (--metrics); None = off.
+
+
+def seed_everything(seed: int) -> None:
+    """Seed this rank's generators (torch, numpy, Python) from the run seed and the rank: each rank draws
+    its own noise levels, noise, dropout and augmentations."""
+    rank_seed = (seed * dist.get_world_size() + dist.get_rank()) % (1 << 31)
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
+    torch.manual_seed(rank_seed)
+
+
+PREFETCH_BATCHES = 2  # Per DataLoader worker.
+
+
+def data_loader_kwargs(device: torch.device, workers: int) -> dict:
+    """DataLoader options of a training run: ``workers`` processes that each keep ``PREFETCH_BATCHES`` batches
+    ready, in pinned memory on CUDA (so the copy to the device runs asynchronously, ``non_blocking=True``)."""
+    return dict(num_workers=workers, prefetch_factor=PREFETCH_BATCHES, pin_memory=torch.device(device).type == "cuda")
+
+
+def open_data_stream(dataset_obj, seed: int, start: int, batch_gpu: int, loader_kwargs: dict) -> Iterator:
+    """This rank's endless iterator of (uint8 images, labels) batches, from global stream position ``start``."""
+    sampler = InfiniteSampler(dataset_obj, rank=dist.get_rank(), num_replicas=dist.get_world_size(), seed=seed,
+                              start=start)
+    loader_kwargs = dict(loader_kwargs)
+    if loader_kwargs.get("num_workers", 0) == 0:
+        loader_kwargs.pop("prefetch_factor", None)
+    return iter(torch.utils.data.DataLoader(dataset_obj, sampler=sampler, batch_size=batch_gpu, **loader_kwargs))
+
+
+def build_optimizer(optimizer_kwargs: dict, params, fast: FastPaths) -> torch.optim.Optimizer:
+    """The optimizer of ``optimizer_kwargs``; Adam gets the fused or the for-loop implementation as ``fast``
+    says, unless the kwargs choose one themselves."""
+    kwargs = dict(optimizer_kwargs)
+    if kwargs["class_name"] in ("torch.optim.Adam", "torch.optim.AdamW") and not {"fused", "foreach"} & kwargs.keys():
+        kwargs.update(adam_kwargs(fast))
+    return dnnlib.construct_class_by_name(params=params, **kwargs)
+
+
+def build_network(network_kwargs: dict, dataset_obj, device: torch.device) -> torch.nn.Module:
+    check_network_fits_dataset(network_kwargs, dataset_obj.resolution, dataset_obj.num_channels)
+    interface = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels,
+                     label_dim=dataset_obj.label_dim)
+    net = dnnlib.construct_class_by_name(**network_kwargs, **interface)
+    return net.train().requires_grad_(True).to(device)
+
+
+def transfer_weights(resume_pkl: str, net: torch.nn.Module, ema: torch.nn.Module, log: RunLog) -> None:
+    """Start from a snapshot's EMA weights (``--transfer``): tensors of matching name and shape are copied."""
+    from training.checkpoint import load_network_pkl
+
+    log.print(f"Loading network weights from {resume_pkl}")
+    source = load_network_pkl(resume_pkl)["ema"]
+    for attr in ("img_resolution", "img_channels"):
+        if getattr(source, attr, None) != getattr(net, attr):
+            raise TrainingConfigError(f"--transfer={resume_pkl}: the network has {attr}={getattr(source, attr, None)}"
+                                      f" but the dataset needs {getattr(net, attr)}")
+    copied = copy_params_and_buffers(source, net)
+    copy_params_and_buffers(source, ema)
+    log.print(f"Transferred {len(copied)} of {len(net.state_dict())} tensors")
+    skipped = untransferred(source, net, copied)
+    if skipped:
+        log.print(f"Kept the new initialisation of {len(skipped)}: " + "; ".join(skipped))
+
+
+def untransferred(source: torch.nn.Module, net: torch.nn.Module, copied: list[str]) -> list[str]:
+    """'name (why)' for each parameter or buffer of ``net`` that was not copied from ``source``."""
+    theirs = dict(source.named_parameters()) | dict(source.named_buffers())
+    reasons = []
+    for name, tensor in list(net.named_parameters()) + list(net.named_buffers()):
+        if name in copied:
+            continue
+        if name not in theirs:
+            reasons.append(f"{name} (not in the snapshot)")
+        else:
+            reasons.append(f"{name} (shape {list(theirs[name].shape)} there, {list(tensor.shape)} here)")
+    return reasons
+
+
+def load_state(state: TrainingState, path: str, log: RunLog, device: torch.device) -> dict:
+    """Continue from a training-state file; returns its contents (the caller restores the RNG states)."""
+    log.print(f"Loading training state from {path}")
+    data = state.load(path, device)
+    if data.get("batch_size") != state.extra["batch_size"]:
+        log.print(f"Note: the state was written with --batch={data.get('batch_size')}, now {state.extra['batch_size']}")
+    return data
+
+
+def setup(config: TrainingConfig, start_time: float) -> Run:
+    """Distributed setup, data, network, optimizer, (resumed) training state and, with ``config.metrics_kwargs``,
+    the detector and reference statistics of the in-training metrics."""
+    device = dist.init(config.device) if not isinstance(config.device, torch.device) else config.device
+    torch.backends.cudnn.benchmark = config.cudnn_benchmark
+    apply_process_settings(default_fast_paths(device).with_options(**(config.fast_paths or {})))
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    log = RunLog(config.run_dir, tensorboard=config.tensorboard)
+    batch_gpu, rounds = batch_split(config.batch_size, config.batch_gpu, dist.get_world_size())
+
+    log.print("Loading dataset...")
+    dataset_obj = dnnlib.construct_class_by_name(**config.dataset_kwargs)
+    log.print(f"{dataset_obj.name}: {len(dataset_obj)} images, {dataset_obj.resolution}x{dataset_obj.resolution}, "
+              f"{dataset_obj.num_channels} channels, {dataset_obj.label_dim} label dims")
+    state, fast = build_training_state(config, dataset_obj, device, log)
+    ddp = state.net
+    if dist.get_world_size() > 1:  # Broadcasts rank 0's initial weights; averages gradients in backward.
+        ddp = torch.nn.parallel.DistributedDataParallel(state.net,
+                                                        device_ids=[device] if device.type == "cuda" else None)
+    loss_fn = dnnlib.construct_class_by_name(**config.loss_kwargs)
+    augment_pipe = dnnlib.construct_class_by_name(**config.augment_kwargs) if config.augment_kwargs else None
+
+    if config.resume_pkl is not None:
+        transfer_weights(config.resume_pkl, state.net, state.ema, log)
+    resume_data = None if config.resume_state_dump is None else load_state(state, config.resume_state_dump, log,
+                                                                           device)
+    metrics = setup_metrics(config.metrics_kwargs, config.dataset_kwargs, device, log)
+    data = open_data_stream(dataset_obj, config.seed, state.data_position, batch_gpu, config.data_loader_kwargs)
+    # Last: nothing after this may draw random numbers before the first step.
+    if resume_data is not None and not restore_rank_rng(resume_data, device):
+        log.print(f"Note: the state was written by {resume_data.get('world_size')} processes, now "
+                  f"{dist.get_world_size()}: training continues, but not bit-exactly")
+    return Run(config=config, device=device, state=state, ddp=ddp, forward=maybe_compile(ddp, fast), fast=fast,
+               loss_fn=loss_fn, augment_pipe=augment_pipe, data=data, dataset_obj=dataset_obj, batch_gpu=batch_gpu,
+               accumulation_rounds=rounds, log=log, stats=StatsCollector(device), start_time=start_time,
+               loss_by_sigma=LossBySigma(device), metrics=metrics)
+
+
+def build_training_state(config: TrainingConfig, dataset_obj, device: torch.device,
+                         log: RunLog) -> tuple[TrainingState, FastPaths]:
+    """The network (the same initial weights for any number of processes), its EMA, the optimizer and the
+    power-function EMAs, with the fast paths they run with; seeds this rank's generators after the network."""
+    log.print("Constructing network...")
+    torch.manual_seed(config.seed)
+    net = build_network(config.network_kwargs, dataset_obj, device)
+    seed_everything(config.seed)
+    ema = clone_module(net).eval().requires_grad_(False)  # Contiguous, as snapshots are written.
+    fast = default_fast_paths(device, net).with_options(**(config.fast_paths or {}))
+    prepare_network(net, fast, precision=False)  # The precision is the network's own (--fp16, --bf16).
+    log.print(f"{type(net).__name__}: {sum(p.numel() for p in net.parameters()):,} parameters")
+    optimizer = build_optimizer(config.optimizer_kwargs, net.parameters(), fast)
+    dtype = net.compute_dtype(torch.empty(0, device=device)) if hasattr(net, "compute_dtype") else torch.float32
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    log.print(f"Fast paths: {fast.with_options(precision=precision).describe()}")
+    state = TrainingState(net=net, ema=ema, optimizer=optimizer, extra=dict(
+        batch_size=config.batch_size, seed=config.seed, network_kwargs=plain(config.network_kwargs)))
+    if config.ema_stds:
+        state.phema = PowerFunctionEMA(net, config.ema_stds)
+    return state, fast
+
+
+def setup_metrics(metrics_kwargs: dict | None, dataset_kwargs: dict, device: torch.device,
+                  log: RunLog) -> InTrainingMetrics | None:
+    """The detector and the dataset's reference statistics (computed once, then cached), when metrics are asked
+    for; the training generators are left as they were (the reference's data loader draws a seed)."""
+    from metrics.detector import DetectorError
+    from metrics.reference import ReferenceFileError
+
+    if not metrics_kwargs or not metrics_kwargs.get("metrics"):
+        return None
+    options = MetricsOptions(**metrics_kwargs)
+    log.print(f"Loading the FID detector for in-training {', '.join(options.metrics).upper()} "
+              f"({options.num_images} images, {options.num_steps} steps)...")
+    rng = capture_rng_state(device)
+    try:
+        metrics = InTrainingMetrics(options, dataset_kwargs["path"], device, log)
+    except (DetectorError, ReferenceFileError) as e:
+        raise TrainingConfigError(f"--metrics: {str(e).splitlines()[0]}") from None
+    restore_rng_state(rng, device)
+    return metrics
+
+
+def plain(value):
+    """EasyDicts and tuples as plain dicts and lists (for pickles and state files that others read)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value

@@ -1,0 +1,147 @@
+"""Time steps: the N noise levels sigma_0 > ... > sigma_{N-1} at which a sampler evaluates the network (Table 1's
+row "Time steps"; float64). The step from the last level to sigma = 0 is the solver's own.
+
+Every discretization is a builder ``(num_steps, sigma_min, sigma_max, *its own parameters, device)`` in one table,
+``TIME_STEPS``, and ``discretize(name, ...)`` picks one:
+
+- the paper's: ``edm`` (Eq. 5, ``rho``), ``vp`` (``epsilon_s``), ``ve`` (geometric in sigma^2) and ``iddpm`` (the
+  discrete levels of iDDPM, ``C_1``, ``C_2``, ``M``);
+- beyond the paper: ``loguniform``, equal steps in lambda = -log(sigma), the variable of DPM-Solver (Lu et al. 2022a,
+  'logSNR' steps), and ``polyexponential``, log(sigma) = log(sigma_min) + (1 - i/(N-1))^rho (log(sigma_max) -
+  log(sigma_min)), denser near sigma_min for rho > 1 (rho = 1 is log-uniform).
+
+The Table 1 ablation sampler chooses among the paper's (its ``discretization``); the named samplers of the registry
+among ``STEPS_SCHEDULES`` (their ``steps_schedule``: 'edm', 'loguniform', 'polyexponential[:P]', or 'optimized', the
+levels searched for one network, ``search``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from training.sampling.noise_schedules import vp_betas_for_range, vp_schedule
+
+
+def _ramp(num_steps: int, device) -> torch.Tensor:
+    """i / (N - 1) for i = 0..N-1, in float64."""
+    if num_steps < 2:
+        raise ValueError(f"num_steps={num_steps}: at least 2 steps are needed")
+    return torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
+
+
+def edm_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Eq. 5: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho."""
+    ramp = _ramp(num_steps, device)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def vp_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """VP: t_i = 1 + i/(N-1) (epsilon_s - 1), sigma_i = sigma(t_i) with the VP schedule spanning the range."""
+    t = 1 + _ramp(num_steps, device) * (epsilon_s - 1)
+    return vp_schedule(*vp_betas_for_range(sigma_min, sigma_max, epsilon_s)).sigma(t)
+
+
+def ve_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+    """VE: t_i = sigma_max^2 (sigma_min^2 / sigma_max^2)^(i/(N-1)), sigma_i = sqrt(t_i) (geometric)."""
+    t = sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** _ramp(num_steps, device)
+    return t.sqrt()
+
+
+def iddpm_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, C_1: float = 0.001, C_2: float = 0.008,
+                      M: int = 1000, device: torch.device | str | None = None) -> torch.Tensor:
+    """iDDPM: N of the discrete levels u_j that lie in [sigma_min, sigma_max], evenly spaced in index.
+
+    The official sampler takes indices round((len - 1)/(N - 1) i) of the restricted table, not the paper's
+    j0 formula; outputs match the official ones only this way.
+    """
+    u = iddpm_levels(M, C_1, C_2, device)
+    u = u[(u >= sigma_min) & (u <= sigma_max)]
+    index = ((len(u) - 1) / (num_steps - 1) * torch.arange(num_steps, dtype=torch.float64, device=u.device))
+    return u[index.round().to(torch.int64)]
+
+
+def iddpm_levels(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """iDDPM's levels u_0 > ... > u_M = 0 (Table 1): u_{j-1} = sqrt((u_j^2 + 1) / max(a_{j-1}/a_j, C_1) - 1),
+    a_j = sin^2(pi/2 j / (M (C_2 + 1))). Float64, except the ratios, which the official sampler forms in
+    float32 (integer step indices promote to the default dtype); which levels survive the range filter
+    depends on it."""
+    j = torch.arange(M + 1, device=device)
+    alpha_bar = (0.5 * np.pi * j / M / (C_2 + 1)).sin() ** 2
+    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1)
+    u = torch.zeros(M + 1, dtype=torch.float64, device=device)
+    for k in range(M, 0, -1):
+        u[k - 1] = ((u[k] ** 2 + 1) / ratio[k - 1] - 1).sqrt()
+    return u
+
+
+def loguniform_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float,
+                           device: torch.device | str | None = None) -> torch.Tensor:
+    """sigma_i = sigma_max (sigma_min / sigma_max)^(i/(N-1)): equal steps in lambda = -log(sigma)."""
+    return sigma_max * (sigma_min / sigma_max) ** _ramp(num_steps, device)
+
+
+def polyexponential_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 2,
+                                device: torch.device | str | None = None) -> torch.Tensor:
+    """log(sigma_i) = log(sigma_min) + (1 - i/(N-1))^rho (log(sigma_max) - log(sigma_min))."""
+    log_min, log_max = math.log(sigma_min), math.log(sigma_max)
+    return torch.exp(log_min + (1 - _ramp(num_steps, device)) ** rho * (log_max - log_min))
+
+
+TIME_STEPS = {"edm": edm_sigma_steps, "vp": vp_sigma_steps, "ve": ve_sigma_steps, "iddpm": iddpm_sigma_steps,
+              "loguniform": loguniform_sigma_steps, "polyexponential": polyexponential_sigma_steps}
+PAPER_TIME_STEPS = ("vp", "ve", "iddpm", "edm")  # The ablation sampler's discretizations (Table 1).
+
+
+def discretize(name: str, num_steps: int, sigma_min: float, sigma_max: float,
+               device: torch.device | str | None = None, **params) -> torch.Tensor:
+    """The levels of ``TIME_STEPS[name]`` with that discretization's own ``params`` (edm: rho; vp: epsilon_s;
+    iddpm: C_1, C_2, M; polyexponential: rho, its exponent)."""
+    if name not in TIME_STEPS:
+        raise ValueError(f"time steps '{name}': expected one of {', '.join(TIME_STEPS)}")
+    return TIME_STEPS[name](num_steps, sigma_min, sigma_max, device=device, **params)
+
+
+def default_sigma_range(discretization: str, epsilon_s: float = 1e-3) -> tuple[float, float]:
+    """The noise level range each of the paper's discretizations uses unless told otherwise (before clipping to the
+    network's range)."""
+    if discretization == "vp":
+        vp = vp_schedule(beta_d=19.9, beta_min=0.1)
+        return float(vp.sigma(epsilon_s)), float(vp.sigma(1.0))
+    return {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}[discretization]
+
+# ----------------------------------------------------------------------------
+# The named samplers' time steps: STEPS_SCHEDULES by name, with an optional analytic first step.
+
+STEPS_SCHEDULES = ("edm", "loguniform", "polyexponential", "optimized")
+GAUSSIAN_SUFFIX = "+gaussian"  # 'NAME+gaussian': the first step is analytic (``registry.Sampler.gaussian_model``).
+
+
+def split_steps_schedule(steps_schedule: str) -> tuple[str, bool]:
+    """('NAME', analytic first step?) of 'NAME' or 'NAME+gaussian'."""
+    if steps_schedule.endswith(GAUSSIAN_SUFFIX):
+        return steps_schedule[:-len(GAUSSIAN_SUFFIX)], True
+    return steps_schedule, False
+
+
+def sigma_steps(steps_schedule: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """The levels of a named steps schedule: 'edm' (Eq. 5 with ``rho``), 'loguniform', 'polyexponential' (exponent
+    2) or 'polyexponential:P' (exponent P). 'optimized' depends on a network: see ``registry.Sampler``."""
+    name, _, argument = steps_schedule.partition(":")
+    if name == "polyexponential":
+        return discretize(name, num_steps, sigma_min, sigma_max, device, rho=float(argument or 2))
+    if argument:
+        raise ValueError(f"steps_schedule='{steps_schedule}': only polyexponential takes a value (polyexponential:P)")
+    if name == "edm":
+        return discretize(name, num_steps, sigma_min, sigma_max, device, rho=rho)
+    if name == "loguniform":
+        return discretize(name, num_steps, sigma_min, sigma_max, device)
+    raise ValueError(f"steps_schedule='{steps_schedule}': expected one of {', '.join(STEPS_SCHEDULES)}")
