@@ -15,6 +15,25 @@ FASHION_MNIST_T10K = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
                                   "t10k-images-idx3-ubyte.gz")
 
 
+# The files with the longest tests (end-to-end runs of the command lines, inductor's compilation), started first so
+# that the processes of pytest-xdist finish together.
+LONGEST_FIRST = ("test_paper.py", "test_quickstart.py", "test_perf.py", "test_train.py", "test_fid.py",
+                 "test_training_loop.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order the files by LONGEST_FIRST, the others after them as collected."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, each process's PyTorch uses its share of the cores."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
 def _official_kwargs(kwargs: dict) -> dict:
     """JSON has no infinity: the spec writes float('inf') as the string 'inf'."""
     return {k: (float("inf") if v == "inf" else v) for k, v in kwargs.items()}
@@ -48,16 +67,16 @@ TINY_SONG = dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2], 
 TINY_ADM = dict(model_type="DhariwalUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
 
 
-def random_tiny_net(fast=None, seed: int = 0) -> torch.nn.Module:
-    """A 16x16 DDPM++-style EDM network with attention (label_dim 4), every weight random (the zero-initialised
-    output layer would otherwise hide the U-Net behind c_skip x), prepared for the fast paths ``fast``
-    (default: ``training.perf.REFERENCE``)."""
+def random_tiny_net(fast=None, seed: int = 0, resolution: int = 16, **unet_kwargs) -> torch.nn.Module:
+    """A 16x16 DDPM++-style EDM network with attention at 8x8 (label_dim 4; ``unet_kwargs`` replace ``TINY_SONG``'s),
+    every weight random (the zero-initialised output layer would otherwise hide the U-Net behind c_skip x), prepared
+    for the fast paths ``fast`` (default: ``training.perf.REFERENCE``)."""
     from torch_utils.misc import randomize_parameters
     from training.networks import EDMPrecond
     from training.perf import REFERENCE, prepare_network
 
     torch.manual_seed(seed)
-    net = EDMPrecond(img_resolution=16, img_channels=3, label_dim=4, dropout=0, **TINY_SONG)
+    net = EDMPrecond(img_resolution=resolution, img_channels=3, label_dim=4, dropout=0, **{**TINY_SONG, **unet_kwargs})
     return prepare_network(randomize_parameters(net, seed), REFERENCE if fast is None else fast)
 
 

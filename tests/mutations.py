@@ -463,7 +463,7 @@ def run_one(mutation: Mutation, workdir: str, timeout: float) -> Outcome:
         with open(path, "w", encoding="utf-8") as f:
             f.write(original.replace(mutation.old, mutation.new))
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutation.tests]
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *mutation.tests]
         try:
             result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -173,36 +173,42 @@ def test_multi_tensor_ema_is_bit_identical_to_the_official_loop():
 
 
 def test_network_compiles_as_one_graph_with_the_same_outputs():
-    """torch.compile traces the whole denoiser without graph breaks (fullgraph), forward and backward. The
-    'eager' backend checks the tracing, which is this code's part; inductor's kernels are checked below and
-    by the benchmark (outputs within 1e-5 of eager on cifar10-ddpmpp-c32)."""
+    """torch.compile traces the whole denoiser without graph breaks (fullgraph), and AOTAutograd derives its
+    backward as one joint graph, as for a --compile training step. The 'aot_eager' backend checks the tracing and the
+    derived graphs, which is this code's part; inductor's kernels are checked below and by the benchmark (outputs
+    within 1e-5 of eager on cifar10-ddpmpp-c32)."""
     fast = REFERENCE.with_options(sdpa=True, compile=True)
     D_ref, grads_ref = outputs_and_grads(random_tiny_net(fast), fast)
     net = random_tiny_net(fast)
-    compiled = maybe_compile(net, fast, backend="eager", fullgraph=True)
+    compiled = maybe_compile(net, fast, backend="aot_eager", fullgraph=True)
     assert compiled is not net and compiled.sigma_data == net.sigma_data  # Attributes pass through.
-    x, sigma, labels = tiny_inputs()
-    D = compiled(x, sigma, labels)
-    D.square().mean().backward()
+    try:
+        x, sigma, labels = tiny_inputs()
+        D = compiled(x, sigma, labels)
+        D.square().mean().backward()
+    finally:
+        torch._dynamo.reset()
     assert relative_error(D.detach(), D_ref) < 1e-6
     assert all(relative_error(p.grad, grads_ref[name]) < 1e-5 for name, p in net.named_parameters())
 
 
 def test_network_compiled_by_inductor_keeps_float32_results(tmp_path, monkeypatch):
-    """The --compile fast path itself: inductor's generated CPU kernels for a training step (forward and
-    backward, one graph) give the eager outputs and gradients up to float32 rounding (about a minute of
-    compilation; measured 7e-8 and 3e-6)."""
+    """The --compile fast path itself: inductor's generated CPU kernels for the denoiser (a one-level U-Net with
+    attention, as sampling calls it) give the eager outputs up to float32 rounding. Inductor's backward kernels are
+    the same code generator's; compiling them too would double the test's minute of C++ compilation, and the joint
+    graph they come from is checked above."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # Compiled here, not loaded from a cache.
     fast = REFERENCE.with_options(sdpa=True, compile=True)
-    D_ref, grads_ref = outputs_and_grads(random_tiny_net(fast), fast)
-    net = random_tiny_net(fast)
-    try:
-        D, grads = outputs_and_grads(net, fast, forward=maybe_compile(net, fast, fullgraph=True))
-    finally:
-        torch._dynamo.reset()
+    net = random_tiny_net(fast, resolution=8, channel_mult=[1]).eval()
+    x, sigma, labels = (t[:, :, 4:12, 4:12] if t.ndim == 4 else t for t in tiny_inputs())
+    with torch.no_grad():
+        D_ref = net(x, sigma, labels)
+        try:
+            D = maybe_compile(net, fast, fullgraph=True)(x, sigma, labels)
+        finally:
+            torch._dynamo.reset()
     assert list(tmp_path.rglob("*.py")) and list(tmp_path.rglob("*.so"))  # Inductor wrote and built kernels.
-    assert relative_error(D, D_ref) < 1e-6
-    assert all(relative_error(grads[name], grads_ref[name]) < 1e-5 for name in grads_ref)
+    assert relative_error(D, D_ref) < 1e-6 and relative_error(D, x) > 1e-2  # The U-Net's part is not negligible.
 
 
 _SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
