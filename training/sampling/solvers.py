@@ -244,6 +244,15 @@ def dpmpp_2s(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, randn_like
 # Solvers in sigma (the EDM parameterization): slopes d = (x - D) / sigma.
 
 
+def _slope(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, levels: list[float], i: int,
+           callback: StepCallback | None) -> torch.Tensor:
+    """dx/dsigma = (x - D(x; sigma_i)) / sigma_i at step i (``levels``: the sigmas on the host), shown to
+    ``callback``."""
+    D = denoise(x, sigmas[i])
+    report(callback, i, sigmas[i], x, D)
+    return (x - D) / levels[i]
+
+
 IPNDM_COEFFICIENTS = ([1], [3 / 2, -1 / 2], [23 / 12, -16 / 12, 5 / 12], [55 / 24, -59 / 24, 37 / 24, -9 / 24])
 
 
@@ -256,9 +265,7 @@ def ipndm(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, randn_like: R
     levels = sigmas.tolist() + [0.0]
     slopes = []
     for i in range(len(levels) - 1):
-        D = denoise(x, sigmas[i])
-        report(callback, i, sigmas[i], x, D)
-        slopes.append((x - D) / levels[i])
+        slopes.append(_slope(denoise, x, sigmas, levels, i, callback))
         coefficients = IPNDM_COEFFICIENTS[min(order, len(slopes)) - 1]
         x = x + (levels[i + 1] - levels[i]) * weighted_sum(coefficients, slopes[::-1])
     return x
@@ -272,9 +279,7 @@ def adams_sigma(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor, randn_l
     levels = sigmas.tolist() + [0.0]
     slopes = []
     for i in range(len(levels) - 1):
-        D = denoise(x, sigmas[i])
-        report(callback, i, sigmas[i], x, D)
-        slopes.append((x - D) / levels[i])
+        slopes.append(_slope(denoise, x, sigmas, levels, i, callback))
         k = min(order, len(slopes))
         x = x + weighted_sum(adams_weights(levels[i + 1 - k:i + 1], levels[i], levels[i + 1]), slopes[-k:])
     return x
