@@ -1,12 +1,13 @@
-"""Compute FID (and KID) of images, or of a network's samples, against reference statistics.
+"""Compute FID (and KID, FD-DINOv2) of images, or of a network's samples, against reference statistics.
 
-  python fid.py ref  --data=DATASET_ZIP_OR_DIR --dest=REF.npz
+  python fid.py ref  --data=DATASET_ZIP_OR_DIR --dest=REF.npz [--metrics=fid,fd_dinov2]
   python fid.py calc --images=DIR_OR_ZIP --ref=REF.npz_OR_URL_OR_DATASET [--num=50000]
   python fid.py calc --network=PKL --seeds=0-49999 --ref=...      (samples in memory, no PNGs written)
+  python fid.py calc ... --metrics=fid,fd_dinov2 [--dinov2=PATH]  (EDM2's two metrics, one sampling pass)
   torchrun --standalone --nproc_per_node=8 fid.py calc ...         (features sharded over processes)
 
-The detector is the standard FID Inception-v3 with NVIDIA's preprocessing (metrics/inception.py); the
-last line printed is the FID alone.
+The FID detector is the standard Inception-v3 with NVIDIA's preprocessing (metrics/inception.py), FD-DINOv2's
+is DINOv2 ViT-L/14 as in EDM2 (metrics/dinov2.py). The last line printed is the FID alone.
 """
 
 from __future__ import annotations
@@ -60,15 +61,16 @@ def _init_device(device: str | None):
     return device
 
 
-def _setup(device: str | None, detector: str | None, preprocess: str):
-    from metrics.detector import load_detector
-    device = _init_device(device)
-    return device, load_detector(detector, device=device, preprocess_mode=preprocess)
+def dinov2_option(fn):
+    """--dinov2: where FD-DINOv2's weights come from."""
+    from metrics.dinov2 import DINOV2_URL
+    return click.option("--dinov2", metavar="PATH|URL", default=None,
+                        help=f"DINOv2 ViT-L/14 weights for fd_dinov2  [default: {DINOV2_URL}, cached]")(fn)
 
 
 def _open_dataset(path: str, max_size: int | None = None, seed: int = 0, min_size: int = 2):
-    from training.data.dataset import ImageFolderDataset
-    dataset = ImageFolderDataset(path, max_size=max_size, random_seed=seed)
+    from training.data.dataset import open_image_dataset
+    dataset = open_image_dataset(path, max_size=max_size, random_seed=seed)
     if len(dataset) < min_size:
         raise click.ClickException(f"{path}: found {len(dataset)} images, but expected at least {min_size} "
                                    f"(use --num={len(dataset)} to evaluate fewer)")
@@ -84,22 +86,27 @@ def _dataset_features(dataset, detector, device, batch: int, workers: int):
     return features
 
 
-def _cached_dataset_features(path: str, dataset, seed: int, detector, device, batch: int, workers: int):
-    """The features of a dataset's images (the subset ``--num``/``--seed`` pick), cached by the dataset's content
-    like reference statistics, so that evaluating the same real images again (a real-data floor) is free."""
-    from metrics.evaluate import cached_dataset_reference, detector_settings
+def _cached_dataset_features(path: str, dataset, seed: int, detectors: dict, device, batch: int, workers: int):
+    """The features of a dataset's images (the subset ``--num``/``--seed`` pick) for each detector (name ->
+    features), cached by the dataset's content like reference statistics, so that evaluating the same real images
+    again (a real-data floor) is free."""
+    from metrics.evaluate import cached_dataset_references
+    from metrics.reference import LAYOUTS
     subset = [f"subset={len(dataset)},{seed}"]
-    return cached_dataset_reference(path, lambda: _dataset_features(dataset, detector, device, batch, workers),
-                                    detector_settings(detector) + subset, keep_features=True)["features"]
+    ref = cached_dataset_references(path, detectors, lambda missing: _dataset_features(dataset, missing, device,
+                                                                                       batch, workers),
+                                    subset, keep_features=True)
+    return {name: ref[LAYOUTS[name].key("features")] for name in detectors}
 
 
-def _generated_features(net, seeds: list[int], class_idx: int | str | None, sampler_kwargs: dict, detector, device,
-                        batch: int):
-    """Features of a network's samples, made in memory exactly as generate.py makes its PNGs."""
+def _generated_features(net, decode, seeds: list[int], class_idx: int | str | None, sampler_kwargs: dict, detector,
+                        device, batch: int):
+    """Features of a network's samples (made pixels by ``decode``), made in memory exactly as generate.py makes its
+    PNGs."""
     from training.sampling.generation import generated_features
     start = time.time()
     features = generated_features(net, seeds, detector, device, batch, class_idx=class_idx,
-                                  sampler_kwargs=sampler_kwargs)
+                                  sampler_kwargs=sampler_kwargs, decode=decode)
     dist.print0(_throughput(len(seeds), start))
     return features
 
@@ -109,27 +116,37 @@ def _throughput(num_images: int, start: float) -> str:
     return f"Computed features of {num_images} images in {seconds:.1f} s ({num_images / seconds:.1f} images/s)"
 
 
+METRICS_HELP = "Comma-separated: fid, kid, fd_dinov2"
+
+
 @click.group()
 def main():
-    """FID and KID with the standard Inception detector."""
+    """FID and KID with the standard Inception detector, FD-DINOv2 with EDM2's DINOv2 ViT-L/14."""
 
 
 @main.command()
 @click.option("--data", required=True, metavar="ZIP|DIR", help="Dataset of reference images")
-@click.option("--dest", required=True, metavar="NPZ", help="Where to write the statistics")
+@click.option("--dest", required=True, metavar="NPZ|PKL", help="Where to write the statistics (.pkl: EDM2's format)")
+@click.option("--metrics", "metric_names", default="fid", show_default=True,
+              help=f"{METRICS_HELP}: whose statistics to compute")
 @click.option("--features", "keep_features", is_flag=True, help="Also store the features (needed for KID)")
 @click.option("--cache", type=bool, default=True, show_default=True, metavar="BOOL",
               help="Reuse the statistics computed earlier for the same images, detector and preprocessing")
 @common_options
-def ref(data, dest, keep_features, cache, batch, workers, detector, preprocess, device):
-    """Compute reference statistics (mu, sigma) of a dataset, in the official format."""
-    from metrics.evaluate import cached_dataset_reference, detector_settings
+@dinov2_option
+def ref(data, dest, metric_names, keep_features, cache, batch, workers, detector, preprocess, device, dinov2):
+    """Compute reference statistics (mu, sigma) of a dataset for each metric; with FID alone, in the official
+    format."""
+    from metrics.evaluate import cached_dataset_references, load_detectors, parse_metrics
     from metrics.reference import save_reference
     with user_errors():
+        metrics = parse_metrics(metric_names)
         dataset = _open_dataset(data)
-        device, net = _setup(device, detector, preprocess)
-        statistics = cached_dataset_reference(data, lambda: _dataset_features(dataset, net, device, batch, workers),
-                                              detector_settings(net), keep_features=keep_features, cache=cache)
+        device = _init_device(device)
+        detectors = load_detectors(metrics, device, inception=detector, dinov2=dinov2, preprocess_mode=preprocess)
+        statistics = cached_dataset_references(
+            data, detectors, lambda missing: _dataset_features(dataset, missing, device, batch, workers),
+            keep_features=keep_features or "kid" in metrics, cache=cache)
         if dist.is_main():
             save_reference(dest, statistics)
             print(f"Saved reference statistics of {len(dataset)} images to {dest}")
@@ -157,39 +174,37 @@ def parse_class_option(ctx, param, value):
     return parse_class(value)
 
 
-def _is_statistics_file(path: str) -> bool:
-    return dnnlib.util.is_url(path) or path.lower().endswith(".npz")
-
-
 @main.command()
 @click.option("--images", metavar="DIR|ZIP", help="Images to evaluate")
 @click.option("--network", metavar="PKL|URL", help="Or: a network whose samples are evaluated in memory")
 @click.option("--seeds", metavar="LIST", help="With --network: seeds, e.g. 0-49999  [default: 0..num-1]")
 @click.option("--class", "class_idx", metavar="INT|balanced", callback=parse_class_option,
               help="With --network: class label, or 'balanced' (class = seed mod classes)  [default: random]")
-@click.option("--ref", "ref_path", required=True, metavar="NPZ|URL|ZIP|DIR",
-              help="Reference statistics, or a dataset (its statistics are cached by content hash)")
+@click.option("--ref", "ref_path", required=True, metavar="NPZ|PKL|URL|ZIP|DIR",
+              help="Reference statistics (ours, or EDM2's .pkl), or a dataset (its statistics are cached by content "
+                   "hash)")
 @click.option("--num", type=click.IntRange(min=2), default=50000, show_default=True, help="Number of images")
 @click.option("--seed", type=int, default=0, show_default=True, help="Picks the subset when there are more images")
-@click.option("--metrics", "metric_names", default="fid", show_default=True, help="Comma-separated: fid, kid")
+@click.option("--metrics", "metric_names", default="fid", show_default=True, help=METRICS_HELP)
 @click.option("--gnet", metavar="PKL|URL|uncond", help="With --network: guiding network (as generate.py's --gnet)")
 @click.option("--guidance", metavar="LIST", default="1", show_default=True, callback=_guidance_weights,
               help="With --network: guidance weight w, or several to sweep, e.g. 1.0,1.2,...,3.0")
 @click.option("--guidance-interval", "guidance_interval", metavar="LO,HI", help="Guide only for sigma in [LO, HI]",
               callback=lambda ctx, param, value: _parse_interval(value))
 @click.option("--plot", metavar="PNG", default="fid-vs-guidance.png", show_default=True,
-              help="With several --guidance values: where to plot FID against w")
+              help="With several --guidance values: where to plot FID (and FD-DINOv2) against w")
 @common_options
+@dinov2_option
 def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, gnet, guidance, guidance_interval,
-         plot, batch, workers, detector, preprocess, device, precision=None, **sampler_kwargs):
-    """Compute FID (and KID) of images, or of a network's samples, against reference statistics.
+         plot, batch, workers, detector, preprocess, device, dinov2, precision=None, **sampler_kwargs):
+    """Compute FID (and KID, FD-DINOv2) of images, or of a network's samples, against reference statistics.
 
     With --network, the sampler options are generate.py's, and the images are those generate.py would
-    write for the same seeds, never written to disk.
+    write for the same seeds, never written to disk; each image is sampled once for all the metrics.
     """
-    from metrics.detector import load_detector
-    from metrics.evaluate import cached_dataset_reference, compute_metrics, detector_settings, parse_metrics
-    from metrics.reference import load_reference
+    from metrics.evaluate import (cached_dataset_references, check_reference_for, compute_metrics, load_detectors,
+                                  parse_metrics)
+    from metrics.reference import is_statistics_file, load_reference
     from training.sampling.generation import (GenerateOptions, load_guide, load_network_once_per_node,
                                               prepare_for_sampling)
     from training.perf import check_precision
@@ -203,10 +218,12 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
         if seeds is not None and network is None:
             raise click.ClickException("--seeds goes with --network; with --images use --num and --seed")
         seed_list = dnnlib.util.parse_int_list(seeds) if seeds is not None else list(range(num))
-        ref = load_reference(ref_path) if _is_statistics_file(ref_path) else None
-        if ref is not None and "kid" in metrics and "features" not in ref:
-            raise click.ClickException(f"--ref={ref_path}: KID needs the reference's features; pass the dataset "
-                                       "as --ref, or make the file with `fid.py ref --features`")
+        ref = load_reference(ref_path) if is_statistics_file(ref_path) else None
+        if ref is not None:
+            try:
+                check_reference_for(ref, metrics)
+            except ValueError as e:
+                raise click.ClickException(f"--ref={ref_path}: {e}") from None
         dataset = _open_dataset(images, max_size=num, seed=seed, min_size=num) if images is not None else None
         device = _init_device(device)
         try:
@@ -216,22 +233,25 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
         # The network before the detector: a snapshot that cannot be sampled stops the run before any other work.
         options = GenerateOptions(network=network, seeds=seed_list, gnet=gnet, precision=precision,
                                   guidance=max(guidance, key=lambda w: w != 1))
-        sampled = None if network is None else \
-            prepare_for_sampling(load_network_once_per_node(network, device), options, device)
-        net = load_detector(detector, device=device, preprocess_mode=preprocess)
+        sampled, decode = (None, None) if network is None else load_network_once_per_node(network, device)
+        if sampled is not None:
+            sampled = prepare_for_sampling(sampled, options, device)
+        detectors = load_detectors(metrics, device, inception=detector, dinov2=dinov2, preprocess_mode=preprocess)
         if ref is None:
             ref_dataset = _open_dataset(ref_path)
-            ref = cached_dataset_reference(ref_path, lambda: _dataset_features(ref_dataset, net, device, batch, workers),
-                                           detector_settings(net), keep_features="kid" in metrics)
+            ref = cached_dataset_references(
+                ref_path, detectors, lambda missing: _dataset_features(ref_dataset, missing, device, batch, workers),
+                keep_features="kid" in metrics)
         if dataset is not None:
-            results = compute_metrics(_cached_dataset_features(images, dataset, seed, net, device, batch, workers),
-                                      ref, metrics)
+            results = compute_metrics(_cached_dataset_features(images, dataset, seed, detectors, device, batch,
+                                                               workers), ref, metrics)
         else:
             guide = load_guide(options, sampled, device)
             per_weight = {}
             for w in guidance:
                 denoiser = guided(sampled, guide, w, guidance_interval)
-                features = _generated_features(denoiser, seed_list, class_idx, sampler_kwargs, net, device, batch)
+                features = _generated_features(denoiser, decode, seed_list, class_idx, sampler_kwargs, detectors,
+                                               device, batch)
                 per_weight[w] = compute_metrics(features, ref, metrics)
                 if len(guidance) > 1:
                     dist.print0(f"guidance {w:g}: " + ", ".join(f"{k.upper()} {v:g}" for k, v in per_weight[w].items()))
@@ -245,28 +265,43 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
 
 
 def _report_guidance_sweep(per_weight: dict[float, dict[str, float]], plot: str, num_images: int) -> None:
-    """The FID of each guidance weight as a table, the best one, and a plot of FID against w (main process)."""
-    fids = {w: r["fid"] for w, r in per_weight.items() if "fid" in r}
-    if not fids or not dist.is_main():
+    """The FID (and FD-DINOv2) of each guidance weight as a table, the best weight of each, and a plot of each
+    against w (main process). EDM2 tunes the weight for each metric apart (its presets ``*-guid-fid``,
+    ``*-guid-dino``)."""
+    names = [name for name in ("fid", "fd_dinov2") if all(name in r for r in per_weight.values())]
+    if not names or not dist.is_main():
         return
-    best = min(fids, key=fids.get)
-    print("\n  guidance       FID\n" + "\n".join(f"  {w:8g}  {fid:8.3f}{'  <- best' if w == best else ''}"
-                                              for w, fid in fids.items()))
+    labels = {name: name.upper() for name in names}
+    best = {name: min(per_weight, key=lambda w: per_weight[w][name]) for name in names}
+
+    def row(w: float) -> str:
+        marks = [labels[name] for name in names if best[name] == w]
+        return (f"  {w:8g}" + "".join(f"  {per_weight[w][name]:{max(8, len(labels[name]))}.3f}" for name in names)
+                + (f"  <- best {', '.join(marks)}" if marks else ""))
+
+    print("\n  guidance" + "".join(f"  {labels[name]:>8s}" for name in names) + "\n"
+          + "\n".join(row(w) for w in per_weight))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from training.images import save_figure
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    ax.plot(list(fids), list(fids.values()), "o-", markersize=4)
-    ax.plot([best], [fids[best]], "*", color="tab:red", markersize=14, label=f"best: w {best:g}, FID {fids[best]:.3f}")
-    ax.set_xlabel("guidance weight w")
-    ax.set_ylabel(f"FID ({num_images} images)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    fig, axes = plt.subplots(len(names), 1, figsize=(6.4, 4.0 * len(names)), dpi=120, sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        values = [per_weight[w][name] for w in per_weight]
+        w_best, v_best = best[name], per_weight[best[name]][name]
+        ax.plot(list(per_weight), values, "o-", markersize=4)
+        ax.plot([w_best], [v_best], "*", color="tab:red", markersize=14,
+                label=f"best: w {w_best:g}, {labels[name]} {v_best:.3f}")
+        ax.set_ylabel(f"{labels[name]} ({num_images} images)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    axes[-1, 0].set_xlabel("guidance weight w")
     fig.tight_layout()
     save_figure(fig, plot)
-    print(f"Best guidance {best:g} (FID {fids[best]:.3f}) of {len(fids)}; plot in {plot}")
+    for name in names:
+        print(f"Best guidance {best[name]:g} ({labels[name]} {per_weight[best[name]][name]:.3f}) of {len(per_weight)}; "
+              f"plot in {plot}")
 
 
 def add_sampler_options(command: click.Command, also: tuple[str, ...] = ()) -> None:

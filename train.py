@@ -99,10 +99,20 @@ def check_edm2_options(opts: dnnlib.EasyDict) -> None:
     if opts.augment:
         raise click.ClickException(f"--augment={opts.augment}: EDM2's network takes no augmentation labels; use "
                                    f"--augment=0 with --arch=edm2")
-    if opts.preset in LATENT_PRESETS:
-        raise click.ClickException(f"--preset={opts.preset}: a latent-diffusion preset (Stable Diffusion VAE "
-                                   f"latents); this code trains on pixels only: use an edm2-img64-* preset or "
-                                   f"--arch=edm2")
+
+
+def check_latent_options(opts: dnnlib.EasyDict, dataset_obj) -> None:
+    """A dataset of latents (dataset_tool.py encode) goes with the latent presets, without augmentation, and with an
+    image reference for its metrics; the latent presets need one."""
+    if opts.preset in LATENT_PRESETS and not dataset_obj.is_latent:
+        raise click.ClickException(f"--preset={opts.preset} trains on latents of Stability's VAE, but --data="
+                                   f"{opts.data} holds images; make the latents with dataset_tool.py encode")
+    if dataset_obj.is_latent and opts.augment:
+        raise click.ClickException(f"--augment={opts.augment}: --data={opts.data} holds latents, which the "
+                                   f"augmentation pipe (made for pixels) does not apply to; use --augment=0")
+    if dataset_obj.is_latent and opts.metrics and not opts.get("metrics_ref"):
+        raise click.ClickException(f"--metrics: --data={opts.data} holds latents; give the reference of the images "
+                                   f"they were encoded from with --metrics-ref=PKL|NPZ|DIR (fid.py ref)")
 
 
 # The official augmentation setting (--augment=p): every geometric transform, x-flips always drawn.
@@ -175,6 +185,8 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
     augment = augment_config(opts)
     if augment is not None:
         c.augment_kwargs = augment
+    if dataset_obj.is_latent:
+        c.encoder_kwargs = dnnlib.EasyDict(class_name="training.encoders.StabilityVAEEncoder", vae_name=opts.vae)
 
     c.total_kimg = opts.duration * 1000
     if opts.max_minutes is not None:
@@ -343,6 +355,9 @@ def shared_from_rank0(value):
               type=click.FloatRange(min=0, min_open=True))
 @click.option("--augment", help="Non-leaking augmentation probability p, 0 = off  [default: 0.12; edm2 0]",
               metavar="FLOAT", type=click.FloatRange(min=0, max=1))
+@click.option("--vae", help="With a dataset of latents: the VAE that decodes them (sample grids, metrics; its name goes "
+              "into the snapshots), a hub name or a diffusers folder", metavar="NAME|DIR",
+              default="stabilityai/sd-vae-ft-mse", show_default=True)
 @click.option("--xflip", help="Also show every image mirrored (doubles the dataset)",
               metavar="BOOL", type=bool, default=False, show_default=True)
 # Performance-related.
@@ -384,7 +399,8 @@ def shared_from_rank0(value):
               show_default=True)
 @click.option("--grid", help="Images in the sample grid saved with each snapshot, 0 = none", metavar="INT",
               type=click.IntRange(min=0), default=64, show_default=True)
-@click.option("--metrics", help="Measure these during training (EMA networks, in memory): fid, kid  [default: none]",
+@click.option("--metrics", help="Measure these during training (EMA networks, in memory): fid, kid, fd_dinov2  "
+                                "[default: none]",
               metavar="LIST", type=str, callback=lambda ctx, param, value: _parse_metrics(value))
 @click.option("--metrics-num", "metrics_num", help="Images (seeds 0..N-1) per in-training evaluation",
               metavar="INT", type=click.IntRange(min=2), default=10000, show_default=True)
@@ -392,6 +408,10 @@ def shared_from_rank0(value):
               metavar="TICKS", type=click.IntRange(min=1))
 @click.option("--metrics-steps", "metrics_steps", help="EDM sampler steps for the in-training metrics",
               metavar="INT", type=click.IntRange(min=1), default=18, show_default=True)
+@click.option("--metrics-ref", "metrics_ref", help="Reference of the metrics: statistics (fid.py ref) or an image "
+              "dataset  [default: --data; needed for latents]", metavar="PKL|NPZ|DIR|ZIP", type=str)
+@click.option("--dinov2", help="DINOv2 ViT-L/14 weights for --metrics=fd_dinov2  [default: the official release, "
+              "cached]", metavar="PATH|URL", type=str)
 @click.option("--seed", help="Seed of the whole run  [default: drawn at random]", metavar="INT", type=int)
 @click.option("--transfer", help="Start from the weights of this network snapshot (new optimizer and counters)",
               metavar="PKL|URL", type=str)
@@ -426,7 +446,11 @@ def _parse_metrics(value: str | None) -> list[str] | None:
         return None
     from metrics.evaluate import parse_metrics
     try:
-        return parse_metrics(value)
+        metrics = parse_metrics(value)
+        if "fd_dinov2" in metrics:
+            from metrics.dinov2 import require_timm
+            require_timm()
+        return metrics
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
 
@@ -434,9 +458,17 @@ def _parse_metrics(value: str | None) -> list[str] | None:
 def metrics_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict | None:
     """metrics_kwargs (training.loop.monitor.MetricsOptions) for --metrics, or None when no metrics are asked for."""
     if not opts.metrics:
+        for name in ("metrics_ref", "dinov2"):
+            if opts.get(name):
+                raise click.ClickException(f"--{name.replace('_', '-')} goes with --metrics")
         return None
-    return dnnlib.EasyDict(metrics=list(opts.metrics), num_images=opts.metrics_num, every_ticks=opts.metrics_every,
-                           num_steps=opts.metrics_steps)
+    metrics = dnnlib.EasyDict(metrics=list(opts.metrics), num_images=opts.metrics_num,
+                              every_ticks=opts.metrics_every, num_steps=opts.metrics_steps)
+    if opts.get("metrics_ref"):
+        metrics.ref = opts.metrics_ref
+    if opts.get("dinov2"):
+        metrics.dinov2 = opts.dinov2
+    return metrics
 
 
 def check_transfer_file(path: str) -> None:
@@ -487,6 +519,7 @@ def train(opts: dnnlib.EasyDict) -> None:
         check_transfer_file(opts.transfer)
 
     dataset_obj = open_dataset(opts)
+    check_latent_options(opts, dataset_obj)
     c = build_config(opts, dataset_obj)
     check_network_fits_dataset(c.network_kwargs, dataset_obj.resolution, dataset_obj.num_channels)
     desc = run_description(opts, dataset_obj.name)

@@ -258,7 +258,7 @@ def fid_against_nfe(network: str, ref_path: str, seeds: list[int], nfes: list[in
     from training.sampling.generation import generated_features, load_sampling_network
 
     device = pick_device(device)
-    net = load_sampling_network(network, device)
+    net, decode = load_sampling_network(network, device)
     detector = load_detector(None, device=device)
     ref = load_reference(ref_path)
     results = {}
@@ -273,7 +273,7 @@ def fid_against_nfe(network: str, ref_path: str, seeds: list[int], nfes: list[in
             if schedule is not None and schedule.startswith("optimized"):  # The one-time search, timed apart.
                 SAMPLERS[name].levels(net, torch.zeros([1], device=device), nfe, schedule, 0.002, 80, 7)
             search_seconds, start = time.time() - start, time.time()
-            features = generated_features(net, seeds, detector, device, batch, progress=False,
+            features = generated_features(net, seeds, detector, device, batch, progress=False, decode=decode,
                                           sampler_kwargs=dict(sampler=name, nfe=nfe, steps_schedule=schedule))
             fid = compute_metrics(features, ref, ["fid"])["fid"]
             results[key][nfe] = dict(fid=fid, calls=solver.calls_for(solver.levels_for(nfe)),

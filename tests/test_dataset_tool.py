@@ -268,6 +268,22 @@ def test_center_crop_wide_pads_rows_and_resize():
     assert Geometry(None, 8, 8).apply(same) is same
 
 
+def test_center_crop_dhariwal_halves_by_box_then_bicubic_then_crops_the_center():
+    """ADM's crop: 300x200 -> 64 halves once (200 >= 128) to the 2x2 block means, 150x100, scales bicubically by
+    0.64 to 96x64 and keeps columns 16..79; 100x80 is only scaled (by 0.8, to 80x64) and keeps columns 8..71."""
+    image = np.random.default_rng(0).integers(0, 256, size=(200, 300, 3), dtype=np.uint8)
+    halved = image.reshape(100, 2, 150, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    bicubic = PIL.Image.fromarray(np.round(halved).astype(np.uint8)).resize((96, 64), PIL.Image.Resampling.BICUBIC)
+    cropped = Geometry("center-crop-dhariwal", 64, 64).apply(image)
+    assert cropped.shape == (64, 64, 3)
+    assert np.abs(cropped.astype(int) - np.asarray(bicubic)[:, 16:80].astype(int)).max() <= 2  # PIL rounds the box.
+    small = image[:80, :100]
+    expected = np.asarray(PIL.Image.fromarray(small).resize((80, 64), PIL.Image.Resampling.BICUBIC))[:, 8:72]
+    np.testing.assert_array_equal(Geometry("center-crop-dhariwal", 64, 64).apply(small), expected)
+    with pytest.raises(DatasetError, match="center-crop-dhariwal makes squares; give --resolution=NxN, got 64x32"):
+        Geometry("center-crop-dhariwal", 64, 32)
+
+
 def test_resolution_unifies_mixed_sizes(tmp_path):
     save_image(tmp_path / "src" / "a.png", random_images(1, h=20, w=20)[0])
     save_image(tmp_path / "src" / "b.png", random_images(1, h=10, w=14)[0])

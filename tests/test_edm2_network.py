@@ -17,7 +17,8 @@ import torch
 
 from conftest import FIXTURES, _OfficialPersistentObject, as_official
 from torch_utils import persistence
-from training.checkpoint import (UnresolvedObject, UnsafePickleError, is_latent_snapshot, load_network_pkl,
+from training.data.encoders import StabilityVAEEncoder, StandardRGBEncoder
+from training.checkpoint import (UnsafePickleError, is_latent_snapshot, load_network_pkl,
                                  save_network_pkl)
 from training.networks import EDM2Block, EDM2Precond, MPConv, MPFourier, mp_cat, mp_silu, mp_sum
 from training.networks.edm2 import normalize, resample
@@ -292,7 +293,7 @@ def test_official_pickle_loads_and_computes_official_outputs(golden, tmp_path):
     assert type(net) is EDM2Precond and type(net.unet.enc["8x8_block0"]) is EDM2Block
     assert net.unet.out_gain.dtype == torch.float16 and not net.training
     assert not is_latent_snapshot(snapshot) and snapshot["dataset_kwargs"]["max_size"] == 1281167
-    assert isinstance(snapshot["encoder"], UnresolvedObject)  # We have no encoders: the network still loads.
+    assert type(snapshot["encoder"]) is StandardRGBEncoder  # The official class, ours, loaded with no code run.
     loss_fn = snapshot["loss_fn"]
     assert getattr(loss_fn, "class_name", type(loss_fn).__name__) == "EDM2Loss"
 
@@ -322,14 +323,17 @@ def test_float16_gain_is_divided_by_sqrt_fan_in_in_float16_as_officially():
 
 
 def test_official_latent_pickle_loads(golden, tmp_path):
-    """An img512-style snapshot (StabilityVAEEncoder, whose state holds numpy arrays) loads; it is flagged as
-    working on latents."""
+    """An img512-style snapshot (StabilityVAEEncoder, whose state holds numpy arrays) loads, its encoder as our class
+    with the official scale and bias; it is flagged as working on latents."""
     path = tmp_path / "phema-0000000-0.100.pkl"
     path.write_bytes(official_edm2_pickle(golden_net(golden), encoder="StabilityVAEEncoder"))
     snapshot = load_network_pkl(str(path))
     assert type(snapshot["ema"]) is EDM2Precond and is_latent_snapshot(snapshot)
     encoder = snapshot["encoder"]
-    assert encoder.class_name == "StabilityVAEEncoder" and encoder.reason.startswith("unknown persistent class")
+    assert type(encoder) is StabilityVAEEncoder and encoder.vae_name == "stabilityai/sd-vae-ft-mse"
+    assert encoder._vae is None and encoder.batch_size == 8
+    assert np.array_equal(encoder.scale, np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28]))
+    assert np.array_equal(encoder.bias, -np.float32([5.81, 3.25, 0.12, -2.15]) * encoder.scale)
 
 
 def test_hostile_pickle_with_edm2_class_names_is_refused(golden, tmp_path):

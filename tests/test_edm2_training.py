@@ -195,14 +195,14 @@ def test_preset_sets_the_official_hyperparameters(fashion_mnist_16_zip, tmp_path
     assert config["total_kimg"] == pytest.approx((1024 << 20) / 1000)
     assert "augment_kwargs" not in config
 
-    # Explicit options win over the preset; img512 presets (latents) are refused in one line.
+    # Explicit options win over the preset; img512 presets (latents) on images are refused in one line.
     result = run_train(f"--outdir={tmp_path}", f"--data={fashion_mnist_16_zip}", "--preset=edm2-img64-m",
                        "--cbase=32", "--cres=1,2", "--lr=0.02", "--ema-std=none", "--dry-run")
     config = json.loads(result.output[result.output.index("{"):result.output.rindex("}") + 1])
     assert config["network_kwargs"]["model_channels"] == 32 and config["network_kwargs"]["dropout"] == 0.1
     assert config["optimizer_kwargs"]["lr"] == 0.02 and "ema_stds" not in config
     result = run_train(f"--outdir={tmp_path}", f"--data={fashion_mnist_16_zip}", "--preset=edm2-img512-xs")
-    assert result.exit_code != 0 and "latent-diffusion preset" in result.output
+    assert result.exit_code != 0 and "trains on latents of Stability's VAE, but --data" in result.output
     result = run_train(f"--outdir={tmp_path}", f"--data={fashion_mnist_16_zip}", "--arch=edm2", "--augment=0.1")
     assert result.exit_code != 0 and "--augment=0.1: EDM2's network takes no augmentation labels" in result.output
     result = run_train(f"--outdir={tmp_path}", f"--data={fashion_mnist_16_zip}", "--ema-std=0.5", "--dry-run")

@@ -1,6 +1,6 @@
 """ema_sweep.py and training/ema/sweep.py: the FID of each sigma_rel is the one fid.py computes for the pickle
-reconstruct_phema.py writes for it; the JSON, the plot and the best network are written; bad input gets one line;
-latent-space (EDM2 img512) snapshots are refused by the sweep, generate.py and fid.py before any sampling."""
+reconstruct_phema.py writes for it; the JSON, the plot and the best network are written; bad input gets one line.
+Latent runs (EDM2 img512): test_latents.py."""
 
 from __future__ import annotations
 
@@ -158,40 +158,3 @@ def test_library_checks_sigma_rel_and_seeds(run_dir, ref_npz):
         ema_sweep(EMASweepOptions(indir=str(run_dir), ref=ref_npz, outstd=[0.1, 0.4]))
     with pytest.raises(ValueError, match="--seeds: FID needs at least 2 images, got 1"):
         ema_sweep(EMASweepOptions(indir=str(run_dir), ref=ref_npz, outstd=[0.1], seeds=[7]))
-
-
-# ----------------------------------------------------------------------------
-# Latent-space networks (EDM2 img512): refused before sampling, in one line naming the file.
-
-LATENT_MESSAGE = ("an EDM2 latent-diffusion network (Stable Diffusion VAE latents); decoding latents to pixels is "
-                  "not supported")
-
-
-@pytest.fixture
-def latent_pkl(tmp_path) -> str:
-    """A tiny network in a snapshot as the official EDM2 code writes its img512 models (StabilityVAEEncoder)."""
-    from test_edm2_network import official_edm2_pickle
-    from training.networks import EDM2Precond
-    net = EDM2Precond(img_resolution=8, img_channels=4, label_dim=0, model_channels=8, channel_mult=[1],
-                      num_blocks=1, attn_resolutions=[], logvar_channels=8)
-    path = tmp_path / "latent" / power_snapshot_name(8192, 0.05)
-    path.parent.mkdir()
-    path.write_bytes(official_edm2_pickle(net, encoder="StabilityVAEEncoder"))
-    return str(path)
-
-
-def test_latent_snapshots_are_refused_in_one_line(latent_pkl, ref_npz, tmp_path):
-    from fid import main as fid_main
-    from generate import main as generate_main
-    from training.sampling.generation import load_sampling_network
-    with pytest.raises(ValueError, match="decoding latents to pixels is not supported"):
-        load_sampling_network(latent_pkl)
-    out = tmp_path / "out"
-    _assert_one_line_error(_sweep(f"--indir={os.path.dirname(latent_pkl)}", f"--ref={ref_npz}", "--outstd=0.1",
-                                  "--num=4", "--device=cpu"), f"Error: {latent_pkl}: {LATENT_MESSAGE}")
-    _assert_one_line_error(_invoke(generate_main, f"--network={latent_pkl}", f"--outdir={out}", "--seeds=0-3",
-                                   "--device=cpu"), f"Error: {latent_pkl}: {LATENT_MESSAGE}")
-    _assert_one_line_error(_invoke(fid_main, "calc", f"--network={latent_pkl}", "--seeds=0-3", f"--ref={ref_npz}",
-                                   "--device=cpu", "--detector=/no/detector/needed.pt"),
-                           f"Error: {latent_pkl}: {LATENT_MESSAGE}")
-    assert not out.exists() and os.listdir(os.path.dirname(latent_pkl)) == [os.path.basename(latent_pkl)]

@@ -171,6 +171,22 @@ def test_in_memory_network_evaluation_equals_generate_then_calc(fid_detector, tm
     assert float(kid_line.split(":")[1]) == pytest.approx(kernel_inception_distance(on_disk, on_disk), rel=1e-4)
 
 
+def test_guidance_sweep_reports_the_best_weight_of_each_frechet_metric(tmp_path, capsys):
+    """With FD-DINOv2 too, the table has a column per metric and each metric its own best weight and plot."""
+    from fid import _report_guidance_sweep
+    plot = tmp_path / "sweep.png"
+    per_weight = {1.0: dict(fid=5.0, kid=0.1, fd_dinov2=300.0), 1.5: dict(fid=3.5, kid=0.2, fd_dinov2=250.0),
+                  2.0: dict(fid=4.0, kid=0.3, fd_dinov2=200.0)}
+    _report_guidance_sweep(per_weight, str(plot), 16)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["guidance", "FID", "FD_DINOV2"]
+    assert lines[2].split() == ["1.5", "3.500", "250.000", "<-", "best", "FID"]
+    assert lines[3].split() == ["2", "4.000", "200.000", "<-", "best", "FD_DINOV2"]
+    assert lines[4:] == [f"Best guidance 1.5 (FID 3.500) of 3; plot in {plot}",
+                         f"Best guidance 2 (FD_DINOV2 200.000) of 3; plot in {plot}"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # ----------------------------------------------------------------------------
 # Bad input: one clear line, nothing written.
 

@@ -133,3 +133,22 @@ def test_compute_metrics_and_metric_names():
     assert parse_metrics("FID, kid,fid") == ["fid", "kid"]
     with pytest.raises(ValueError, match="unknown metric 'is'"):
         parse_metrics("fid,is")
+
+
+def test_each_frechet_metric_compares_its_own_detectors_statistics():
+    """FID compares the Inception's features with 'mu'/'sigma', FD-DINOv2 DINOv2's with 'fd_dinov2_mu'/'_sigma'
+    (small dimensions here: compute_metrics does not mind the size)."""
+    rng = np.random.default_rng(3)
+    inception, dinov2 = rng.standard_normal([40, 6]), rng.standard_normal([40, 4]) + 1
+    inception_ref, dinov2_ref = rng.standard_normal([30, 6]) * 2, rng.standard_normal([30, 4])
+    ref = {**reference_from_features(inception_ref), **reference_from_features(dinov2_ref, detector="dinov2")}
+    assert sorted(ref) == ["fd_dinov2_mu", "fd_dinov2_sigma", "mu", "sigma"]
+    result = compute_metrics({"inception": inception, "dinov2": dinov2}, ref, ["fd_dinov2", "fid"])
+    assert list(result) == ["fd_dinov2", "fid"]
+    assert result["fid"] == pytest.approx(frechet_distance(*feature_statistics(inception),
+                                                           *feature_statistics(inception_ref)))
+    assert result["fd_dinov2"] == pytest.approx(frechet_distance(*feature_statistics(dinov2),
+                                                                 *feature_statistics(dinov2_ref)))
+    assert compute_metrics(inception, ref, ["fid"]) == {"fid": result["fid"]}  # The Inception's features alone.
+    assert parse_metrics("fid,FD_DINOv2") == ["fid", "fd_dinov2"]
+

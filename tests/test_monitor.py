@@ -1,5 +1,5 @@
 """training/loop/monitor.py and its place in the loop: the loss by noise level (per-image losses summed per sigma bucket
-on the device), and FID/KID during training (the number fid.py gives for the same snapshot, seeds and count;
+on the device), and FID/KID/FD-DINOv2 during training (the number fid.py gives for the same snapshot, seeds and count;
 metrics.jsonl; resume still bit-exact with metrics on)."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import FASHION_MNIST_T10K, tiny_training_run
+from conftest import FASHION_MNIST_T10K, make_tiny_net, tiny_training_run
+from test_dinov2 import dinov2_checkpoint, tiny_dinov2  # noqa: F401 (fixtures)
 from test_training_loop import assert_same_tensors, tiny_config
 from torch_utils.training_stats import StatsCollector
 from training.loop.monitor import SIGMA_EDGES, LossBySigma, sigma_bucket_names
@@ -190,3 +191,44 @@ def test_train_py_refuses_unknown_metrics(fashion_mnist_8_zip, tmp_path):
     result = CliRunner().invoke(main, [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--metrics=fid,is",
                                        "--dry-run"])
     assert result.exit_code != 0 and "unknown metric 'is'" in result.output and "Traceback" not in result.output
+
+
+def test_in_training_fd_dinov2_equals_fid_py_and_shares_its_cached_reference(eight_images, tiny_dinov2, tmp_path,
+                                                                             fid_cache_dir, closed_form_frechet,
+                                                                             single_thread):
+    """--metrics=fid,fd_dinov2 (a small DINOv2 of the same class): both metrics from one sampling pass, each the
+    number `fid.py calc --network --ref=DATASET` prints for the same network, seeds and steps, which reads both
+    statistics of the dataset from the cache the run wrote."""
+    from fid import main as fid_main
+    from training.checkpoint import save_network_pkl
+    from training.loop.monitor import InTrainingMetrics, MetricsOptions
+
+    options = MetricsOptions(metrics=["fid", "fd_dinov2"], num_images=4, num_steps=2, batch=4, dinov2=tiny_dinov2)
+    monitor = InTrainingMetrics(options, eight_images, torch.device("cpu"))
+    net = make_tiny_net(label_dim=10, resolution=16)
+    records = monitor.evaluate({"ema": net}, kimg=1.0)
+    assert [(r["metric"], r["network"], r["num_images"]) for r in records] == [("fid", "ema", 4),
+                                                                                ("fd_dinov2", "ema", 4)]
+    assert monitor.latest.keys() == {"fid", "fd_dinov2"}
+
+    snapshot = str(tmp_path / "net.pkl")
+    save_network_pkl(snapshot, dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs={}))
+    result = CliRunner().invoke(fid_main, ["calc", f"--network={snapshot}", "--seeds=0-3", f"--ref={eight_images}",
+                                           "--steps=2", "--batch=4", "--metrics=fid,fd_dinov2",
+                                           f"--dinov2={tiny_dinov2}", "--device=cpu"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Features of" not in result.output
+    assert float(result.output.strip().splitlines()[-1]) == pytest.approx(monitor.latest["fid"], rel=1e-5)
+    fd_line = [line for line in result.output.splitlines() if line.startswith("FD_DINOV2: ")][0]
+    assert float(fd_line.split()[1]) == pytest.approx(monitor.latest["fd_dinov2"], rel=1e-5)
+
+
+def test_train_py_without_timm_refuses_fd_dinov2_in_one_line(fashion_mnist_8_zip, tmp_path, monkeypatch):
+    import sys
+    from train import main
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    result = CliRunner().invoke(main, [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}",
+                                       "--metrics=fid,fd_dinov2", "--dry-run"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "fd_dinov2 needs the timm package: pip install -r requirements-extras.txt" in result.output

@@ -198,11 +198,11 @@ def test_bundle_refuses_what_the_official_loader_cannot_run(tmp_path, monkeypatc
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "a.py").write_text("import numpy as np\n\ndef helper():\n    return 1\n")
-    (package / "b.py").write_text("from .a import helper\nimport dnnlib\n")
+    (package / "b.py").write_text("from .a import helper\nimport click\n")
     (package / "c.py").write_text("from .a import helper\n\nnp = 3\n")
     (package / "d.py").write_text("from .a import helper\n\ndef f():\n    return helper()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ValueError, match=r"bundlepkg.b line 2: 'import dnnlib' is not available"):
+    with pytest.raises(ValueError, match=r"bundlepkg.b line 2: 'import click' is not available"):
         snapshot_source.joined_source(("bundlepkg.a", "bundlepkg.b"))
     with pytest.raises(ValueError, match=r"top-level names with two meanings: np"):
         snapshot_source.joined_source(("bundlepkg.a", "bundlepkg.c"))

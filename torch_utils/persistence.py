@@ -31,7 +31,7 @@ _registry: dict[str, type] = {}
 
 # The modules that define the classes official pickles name; imported on demand when a class name is not yet known.
 # Named as strings so that torch_utils does not import training/ at import time.
-_DEFAULT_MODULES = ("training.networks", "training.loss", "training.data.augment")
+_DEFAULT_MODULES = ("training.networks", "training.loss", "training.data.augment", "training.data.encoders")
 
 T = TypeVar("T", bound=type)
 
@@ -53,12 +53,24 @@ def persistent_class(cls: T) -> T:
 
     def __reduce__(self):
         meta = dict(type="class", version=_FORMAT_VERSION, module_src=module_source(type(self).__module__),
-                    class_name=type(self).__name__, state=dict(self.__dict__))
+                    class_name=type(self).__name__, state=_pickled_state(self))
         return _reconstruct_persistent_obj, (meta,)
 
     cls.__init__ = __init__
     cls.__reduce__ = __reduce__
     return cls
+
+
+def _pickled_state(obj: Any) -> dict:
+    """What a persistent object's pickle records: its ``__dict__``, or what its class's own ``__getstate__`` returns
+    (to leave out what must not be pickled, e.g. a loaded network, as the official persistence also lets a class
+    do). torch's ``Module.__getstate__`` is not one of those, so networks are pickled as their ``__dict__``."""
+    for cls in type(obj).__mro__:
+        if cls in (torch.nn.Module, object):
+            break
+        if "__getstate__" in vars(cls):
+            return dict(obj.__getstate__())
+    return dict(obj.__dict__)
 
 
 def is_persistent(obj: Any) -> bool:

@@ -8,9 +8,10 @@ the same text share one module (and ``isinstance`` between them works). Our clas
 that import each other, which such a module cannot do. So the classes of a *bundle* of modules all carry one
 text: the bundle's sources joined in order, with the imports between them dropped.
 
-The joined text may import only the standard library, numpy, torch and the names the official
-``torch_utils.persistence`` / ``torch_utils.misc`` also have; ``joined_source`` checks this, and that no
-top-level name means two different things in two of the joined modules, and refuses otherwise.
+The joined text may import only the standard library, numpy, torch, diffusers (for EDM2's VAE encoder), the
+``dnnlib`` package and the names the official ``torch_utils.persistence`` / ``torch_utils.misc`` also have;
+``joined_source`` checks this, and that no top-level name means two different things in two of the joined modules,
+and refuses otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from typing import Sequence
 
 # What the official torch_utils offers to code that runs inside its loader.
 OFFICIAL_TORCH_UTILS = {"persistence": {"persistent_class", "is_persistent", "import_hook"}, "misc": None}
-_THIRD_PARTY_ROOTS = {"numpy", "torch"}
+# diffusers: the official EDM2 environment has it for its latent models, whose encoder loads the VAE with it.
+_THIRD_PARTY_ROOTS = {"numpy", "torch", "diffusers"}
+# Packages of the official release on the loader's path, importable whole (code uses only what both releases have).
+_OFFICIAL_PACKAGES = {"dnnlib"}
 
 _bundles: dict[str, tuple[str, ...]] = {}
 
@@ -83,6 +87,8 @@ def _is_allowed_external(module: str, names: Sequence[str] | None) -> bool:
     root, _, rest = module.partition(".")
     if root in _THIRD_PARTY_ROOTS or root in sys.stdlib_module_names:
         return True
+    if root in _OFFICIAL_PACKAGES and not rest and names is None:
+        return True
     if root != "torch_utils" or names is None:
         return False
     if not rest:
@@ -114,14 +120,15 @@ def _check_imports(piece: _Piece, bundle: Sequence[str], bindings: dict) -> None
                 continue
             if not _is_allowed_external(module, names):
                 raise ValueError(f"{piece.where(node)}: 'from {module} import ...' is not available in the official "
-                                 f"loader (allowed: the standard library, numpy, torch, torch_utils.persistence/misc)")
+                                 f"loader (allowed: the standard library, numpy, torch, diffusers, "
+                                 f"torch_utils.persistence/misc)")
             for alias in node.names:
                 bindings.setdefault(alias.asname or alias.name, set()).add(("from", module, alias.name))
         else:
             for alias in node.names:
                 if alias.name in bundle or not _is_allowed_external(alias.name, None):
                     raise ValueError(f"{piece.where(node)}: 'import {alias.name}' is not available in the official "
-                                     f"loader (allowed: the standard library, numpy, torch)")
+                                     f"loader (allowed: the standard library, numpy, torch, diffusers, dnnlib)")
                 bound = alias.asname or alias.name.split(".")[0]
                 bindings.setdefault(bound, set()).add(("import", alias.name if alias.asname else bound))
 

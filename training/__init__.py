@@ -19,11 +19,13 @@ from torch_utils import persistence
 persistence.declare_bundle("training.networks.layers", "training.networks.unets", "training.networks.precond",
                            "training.loss", "training.data.augment")
 # EDM2's network is a bundle of its own: its class names (Precond, UNet, ...) are the official EDM2 ones, and
-# 'Precond' is also the name of the EDM preconditioners' base class above.
+# 'Precond' is also the name of the EDM preconditioners' base class above. So are EDM2's encoders.
 persistence.declare_bundle("training.networks.edm2")
+persistence.declare_bundle("training.data.encoders")
 
 # Class paths that the official releases' configs and snapshots (and ours, which keep them) name, where the module
 # now lives elsewhere.
 dnnlib.util.declare_moved_module("training.dataset", "training.data.dataset")
 dnnlib.util.declare_moved_module("training.augment", "training.data.augment")
 dnnlib.util.declare_moved_module("training.networks_edm2", "training.networks.edm2")
+dnnlib.util.declare_moved_module("training.encoders", "training.data.encoders")

@@ -25,10 +25,10 @@ from tqdm import tqdm
 from training.data.dataset import DATASET_JSON, DatasetError, FileStore, image_to_array
 from training.data.sources import SourceItem, open_source
 
-TRANSFORMS = ("center-crop", "center-crop-wide")
+TRANSFORMS = ("center-crop", "center-crop-wide", "center-crop-dhariwal")
 
 # ----------------------------------------------------------------------------------------------------------------
-# Geometry: resize, center-crop, center-crop-wide.
+# Geometry: resize, center-crop, center-crop-wide, center-crop-dhariwal.
 
 
 def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -51,6 +51,20 @@ def _crop_to_aspect(array: np.ndarray, width: int, height: int) -> np.ndarray:
     return array[top:top + crop_h]
 
 
+def _center_crop_dhariwal(array: np.ndarray, size: int) -> np.ndarray:
+    """ADM's ImageNet preprocessing (Dhariwal & Nichol 2021), which EDM2 uses for ImageNet-512: halve the image with a
+    box filter while its short side is at least ``2 size``, scale it bicubically so that the short side is ``size``
+    (each side rounded), then cut out the centered ``size x size`` square."""
+    image = PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=PIL.Image.Resampling.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=PIL.Image.Resampling.BICUBIC)
+    array = image_to_array(image)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    return array[top:top + size, left:left + size]
+
+
 @dataclass(frozen=True)
 class Geometry:
     """What happens to each image's size: nothing, a resize, or a centered crop and then a resize.
@@ -58,7 +72,8 @@ class Geometry:
     - no transform: resize to ``width x height`` when a resolution is given and the image differs;
     - ``center-crop``: crop the center to the output's aspect ratio (square for NxN), then resize;
     - ``center-crop-wide``: crop the center to the wide ``width:height`` aspect, resize, then pad with black
-      rows above and below to a ``width x width`` square (the official treatment of wide images, e.g. LSUN cars).
+      rows above and below to a ``width x width`` square (the official treatment of wide images, e.g. LSUN cars);
+    - ``center-crop-dhariwal``: ADM's ImageNet crop (``_center_crop_dhariwal``), for square outputs.
     """
 
     transform: str | None = None
@@ -74,12 +89,17 @@ class Geometry:
         if self.transform == "center-crop-wide" and self.width < self.height:
             raise DatasetError(f"--transform=center-crop-wide needs a wide --resolution (width >= height), "
                                f"e.g. 512x384; got {self.width}x{self.height}")
+        if self.transform == "center-crop-dhariwal" and self.width != self.height:
+            raise DatasetError(f"--transform=center-crop-dhariwal makes squares; give --resolution=NxN, got "
+                               f"{self.width}x{self.height}")
 
     def apply(self, array: np.ndarray) -> np.ndarray:
         if self.width is None:
             return array
         if self.transform is None:
             return _resize(array, self.width, self.height)
+        if self.transform == "center-crop-dhariwal":
+            return _center_crop_dhariwal(array, self.width)
         array = _resize(_crop_to_aspect(array, self.width, self.height), self.width, self.height)
         if self.transform == "center-crop":
             return array
@@ -275,7 +295,7 @@ def _check_shape(result: Converted, first_shape: tuple[int, int, int] | None, ha
                            f"source images to one kind")
 
 
-def _labels_json(labels: list[tuple[str, Any]]) -> tuple[bytes, int | None]:
+def labels_json(labels: list[tuple[str, Any]]) -> tuple[bytes, int | None]:
     """The dataset.json text and the number of classes (None without class labels)."""
     values = [label for _name, label in labels]
     if not values or any(v is None for v in values):
@@ -355,7 +375,7 @@ def convert_dataset(source: str, dest: str, max_images: int | None = None, trans
         written = _write_images(results, writer, bar, total, skip_bad, resolution is not None, log)
         if not written.labels:
             raise DatasetError(f"--source={source}: none of its {len(written.skipped)} images could be read")
-        metadata, num_classes = _labels_json(written.labels)
+        metadata, num_classes = labels_json(written.labels)
         writer.add(DATASET_JSON, metadata)
         writer.commit()
     except BaseException:

@@ -5,6 +5,9 @@ opens in a folder), stored in subfolders of 1000 (``00000/img00000000.png``), wi
 ``dataset.json`` = ``{"labels": [["00000/img00000000.png", 6], ...]}`` or ``{"labels": null}``.
 Integer labels are class indices (returned one-hot); lists of numbers are kept as float vectors.
 This is the official EDM format, so datasets made by the official tools read here and vice versa.
+
+A dataset of latents (``dataset_tool.py encode``, EDM2's format) holds ``.npy`` files instead, one raw latent
+``[C, H, W]`` float32 each (``00000/img-mean-std-00000000.npy``; see ``encoders``); it is read the same way.
 """
 
 from __future__ import annotations
@@ -34,8 +37,15 @@ def _readable_extensions() -> frozenset[str]:
 IMAGE_EXTENSIONS = _readable_extensions()
 
 
+LATENT_EXTENSION = ".npy"
+
+
 def is_image_file(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_latent_file(name: str) -> bool:
+    return name.lower().endswith(LATENT_EXTENSION)
 
 
 def _is_hidden(name: str) -> bool:
@@ -103,6 +113,18 @@ class FileStore:
         except (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as e:
             raise DatasetError(f"{self.location(name)}: not a readable image ({e}); replace or remove the file"
                                ) from None
+
+    def read_latent(self, name: str) -> np.ndarray:
+        """A raw latent: the float32 ``[C, H, W]`` array of a ``.npy`` file (no pickled objects)."""
+        data = self.read_bytes(name)
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{self.location(name)}: not a readable .npy file ({e}); replace or remove it") from None
+        if array.ndim != 3 or not np.issubdtype(array.dtype, np.floating):
+            raise DatasetError(f"{self.location(name)}: a latent must be a float [C, H, W] array, got "
+                               f"{array.dtype} {list(array.shape)}; re-create the dataset with dataset_tool.py encode")
+        return np.ascontiguousarray(array, dtype=np.float32)
 
     def location(self, name: str) -> str:
         """Where a file is, for messages: ``archive.zip:00000/img00000000.png`` or a folder path."""
@@ -231,10 +253,12 @@ def one_hot(class_index: int, num_classes: int) -> np.ndarray:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images (uint8 ``[C, H, W]``) and labels (float32 one-hot, or ``[0]`` when unlabelled) of a ZIP or folder.
+    """Images (uint8 ``[C, H, W]``) or raw latents (float32 ``[C, H, W]``, ``is_latent``) and labels (float32
+    one-hot, or ``[0]`` when unlabelled) of a ZIP or folder.
 
     ``max_size`` keeps a random subset (seeded by ``random_seed``, in file order); ``xflip`` appends a mirrored
-    copy of every image (the second half of the indices are the flips), as the official reader does.
+    copy of every image (the second half of the indices are the flips), as the official reader does. Latents are
+    never mirrored: the mirror of a latent is not the latent of the mirrored image.
     """
 
     def __init__(self, path: str, resolution: int | None = None, use_labels: bool = False,
@@ -245,10 +269,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self._cache = cache
         self._cached_images: dict[int, np.ndarray] = {}
         self._store = FileStore(path)
-        self._image_fnames = [name for name in self._store.names if is_image_file(name)]
+        latents = [name for name in self._store.names if is_latent_file(name)]
+        self._image_fnames = latents or [name for name in self._store.names if is_image_file(name)]
         if not self._image_fnames:
             raise DatasetError(f"{path}: no image files found; convert your images into a dataset with "
                                f"dataset_tool.py")
+        self.is_latent = bool(latents)
+        if self.is_latent and any(is_image_file(name) for name in self._store.names):
+            raise DatasetError(f"{path}: holds both images and latents (.npy); a dataset is one or the other")
+        if self.is_latent and xflip:
+            raise DatasetError(f"{path}: a dataset of latents cannot be mirrored (xflip): the mirror of a latent is "
+                               f"not the latent of the mirrored image; leave out --xflip")
         self.name = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
         self._raw_shape = [len(self._image_fnames), *self._load_raw_image(0).shape]
         if resolution is not None and tuple(self._raw_shape[2:]) != (resolution, resolution):
@@ -271,13 +302,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                f"with dataset_tool.py --resolution=NxN or --transform=center-crop")
         return height
 
-    num_channels = property(lambda self: self._raw_shape[1], doc="C: 1 (grayscale) or 3 (color) (int).")
+    num_channels = property(lambda self: self._raw_shape[1],
+                            doc="C: 1 (grayscale) or 3 (color), or a raw latent's channels (int).")
     image_shape = property(lambda self: self._raw_shape[1:], doc="``[C, H, W]`` of every image (list of int).")
 
     # Reading.
 
     def _load_raw_image(self, raw_idx: int) -> np.ndarray:
-        return self._store.read_image(self._image_fnames[raw_idx]).transpose(2, 0, 1)
+        name = self._image_fnames[raw_idx]
+        if is_latent_file(name):
+            return self._store.read_latent(name)
+        return self._store.read_image(name).transpose(2, 0, 1)
 
     def _load_raw_labels(self) -> np.ndarray | None:
         if DATASET_JSON not in self._store.names:
@@ -337,3 +372,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def close(self) -> None:
         self._store.close()
+
+
+def open_image_dataset(path: str, **kwargs) -> ImageFolderDataset:
+    """An ``ImageFolderDataset`` of images, for what compares images (FID, FD-DINOv2 references): a dataset of
+    latents is refused in one line, since its statistics would not be those of images."""
+    dataset = ImageFolderDataset(path, **kwargs)
+    if dataset.is_latent:
+        raise DatasetError(f"{path}: holds latents (dataset_tool.py encode), not images; give the image dataset "
+                           f"they were encoded from, or its reference statistics (fid.py ref)")
+    return dataset

@@ -85,26 +85,26 @@ def sigma_rel_key(sigma_rel: float) -> str:
     return format(sigma_rel, "g")
 
 
-def _check_run(plan: PosthocPlan, options: EMASweepOptions) -> None:
-    """The latest snapshot (whose non-network parts a phema pickle keeps) must hold a pixel-space network that
-    takes ``--class``."""
+def _check_run(plan: PosthocPlan, options: EMASweepOptions, device: torch.device):
+    """The decoder of the run's samples (``snapshot_decoder``: pixels, or latents through the run's VAE), from the
+    latest snapshot (whose non-network parts a phema pickle keeps), checked to take ``--class``."""
     from training.checkpoint import load_network_pkl
-    from training.sampling.generation import GenerateOptions, check_network_options, check_pixel_snapshot
+    from training.sampling.generation import GenerateOptions, check_network_options, snapshot_decoder
     latest = plan.inputs[-1][0]
     snapshot = load_network_pkl(latest)
-    check_pixel_snapshot(snapshot, latest)
     check_network_options(snapshot["ema"], GenerateOptions(network=latest, seeds=options.seeds,
                                                            class_idx=options.class_idx))
+    return snapshot_decoder(snapshot, latest, device)
 
 
 def _open_reference(ref: str):
     """Reference statistics read now, or the dataset to compute them from (opened now, so that a missing one is
     reported before any work)."""
-    from metrics.reference import load_reference
-    from training.data.dataset import ImageFolderDataset
-    if dnnlib.util.is_url(ref) or ref.lower().endswith(".npz"):
+    from metrics.reference import is_statistics_file, load_reference
+    from training.data.dataset import open_image_dataset
+    if is_statistics_file(ref):
         return load_reference(ref), None
-    dataset = ImageFolderDataset(ref)
+    dataset = open_image_dataset(ref)
     if len(dataset) < 2:
         raise ValueError(f"{ref}: found {len(dataset)} images, but a reference needs at least 2")
     return None, dataset
@@ -149,13 +149,13 @@ def ema_sweep(options: EMASweepOptions) -> dict:
     start = time.time()
     check_options(options)
     plan = plan_reconstruction(options.indir, options.outstd, options.outkimg, options.inprefix, options.instd)
-    _check_run(plan, options)
+    decode = _check_run(plan, options, "cpu")  # Before any measuring; a VAE moves to the device when first used.
     device, detector, ref = _open_measurement(options)
     if distributed.is_main():
         print(f"EMA sweep of {options.indir}: {len(plan.outstd)} sigma_rel at {format_kimg(plan.out_nimg)} kimg "
               f"from {len(plan.inputs)} snapshots, {len(options.seeds)} images each, "
               f"{distributed.get_world_size()} process(es) on {device}")
-    fids = _measure_each_sigma_rel(plan, options, device, detector, ref)
+    fids = _measure_each_sigma_rel(plan, options, device, detector, ref, decode)
     result = _summary(plan, options, detector, fids)
     if distributed.is_main():
         result["seconds"] = time.time() - start
@@ -188,7 +188,7 @@ def _open_measurement(options: EMASweepOptions) -> tuple[torch.device, object, d
 
 
 def _measure_each_sigma_rel(plan: PosthocPlan, options: EMASweepOptions, device: torch.device, detector,
-                            ref: dict) -> dict[float, float]:
+                            ref: dict, decode) -> dict[float, float]:
     """FID of each reconstructed network (sigma_rel -> FID), one line each on the main process."""
     from training.sampling.generation import generated_features
 
@@ -200,7 +200,7 @@ def _measure_each_sigma_rel(plan: PosthocPlan, options: EMASweepOptions, device:
         net = net.to(device).eval()
         features = generated_features(net, options.seeds, detector, device, options.batch,
                                       class_idx=options.class_idx, sampler_kwargs=options.sampler_kwargs,
-                                      desc=f"sigma_rel {sigma_rel:.3f}")
+                                      desc=f"sigma_rel {sigma_rel:.3f}", decode=decode)
         fids[sigma_rel] = _fid_on_main(features, ref, device)
         if main:
             bar.write(f"sigma_rel {sigma_rel:.3f}: FID {fids[sigma_rel]:.4f}  ({time.time() - begin:.1f} s)")

@@ -48,6 +48,7 @@ class TrainingConfig:
     ema_stds: list[float] | None = None  # EDM2: sigma_rel of the power-function EMAs to track; None = none.
     label_dropout: float = 0            # Probability of training an image without its label (for guidance).
     metrics_kwargs: dict | None = None  # training.loop.monitor.MetricsOptions: FID/KID during training; None = off.
+    encoder_kwargs: dict | None = None  # training.data.encoders: raw latents -> the network's; None = pixels.
 
     def __post_init__(self):
         self.ema_stds = list(self.ema_stds or [])

@@ -104,8 +104,11 @@ def save_snapshot(run: Run) -> str:
                         for std, module in run.state.phema.emas.items())
         for ema_path, module in emas.items():
             ema = clone_module(module, device="cpu").eval().requires_grad_(False)
-            save_network_pkl(ema_path, dict(ema=ema, loss_fn=run.loss_fn, augment_pipe=run.augment_pipe,
-                                             dataset_kwargs=plain(run.config.dataset_kwargs)))
+            data = dict(ema=ema, loss_fn=run.loss_fn, augment_pipe=run.augment_pipe,
+                        dataset_kwargs=plain(run.config.dataset_kwargs))
+            if run.config.encoder_kwargs:  # Latents: the official EDM2 code, and ours, decode through it.
+                data["encoder"] = run.encoder
+            save_network_pkl(ema_path, data)
         if run.config.grid_images:
             save_sample_grid(run, os.path.join(run.config.run_dir, samples_name(run.state.cur_nimg)))
     return path
@@ -120,15 +123,21 @@ def save_data_grid(run: Run) -> None:
     if dist.is_main() and run.config.grid_images:
         count = min(run.config.grid_images, len(run.dataset_obj))
         images = np.stack([run.dataset_obj[i][0] for i in range(count)])
+        if run.config.encoder_kwargs:  # Raw latents: their means, decoded.
+            raw = torch.from_numpy(images).to(run.device)
+            with torch.no_grad():
+                images = run.encoder.decode(run.encoder.encode_latents(raw, sample=False))
         save_image_grid(images, os.path.join(run.config.run_dir, "samples-data.png"))
 
 
 @torch.no_grad()
 def save_sample_grid(run: Run, path: str) -> None:
     """Images from the EMA network for fixed seeds (EDM sampler, a few steps)."""
-    from training.sampling import generate_images
+    from training.sampling import generate_images, to_uint8
 
-    images = generate_images(run.state.ema, grid_seeds(run), device=run.device, num_steps=run.config.grid_steps)
+    decode = run.encoder.decode if run.config.encoder_kwargs else to_uint8
+    images = generate_images(run.state.ema, grid_seeds(run), device=run.device, num_steps=run.config.grid_steps,
+                             decode=decode)
     save_image_grid(images, path)
 
 

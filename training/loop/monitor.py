@@ -2,8 +2,9 @@
 
 - the loss by noise level: the training loss averaged in fixed buckets of ln(sigma), the view of EDM's Fig. 5
   and EDM2's Fig. 5 (where in sigma the network still has something to learn), reported each tick;
-- FID/KID of the EMA networks (and of each power-function EMA of EDM2, Section 3.1), sampled in memory with
-  fid.py's sharded generator for fixed seeds 0..N-1, against the training dataset's cached statistics.
+- FID/KID/FD-DINOv2 of the EMA networks (and of each power-function EMA of EDM2, Section 3.1), sampled in memory
+  with fid.py's sharded generator for fixed seeds 0..N-1 (each image once for all the metrics), against the
+  training dataset's cached statistics.
 
 The losses of training/loss.py draw sigma themselves and keep the official call ``loss_fn(net, images, labels,
 augment_pipe)``; the loop learns each image's sigma from the network call (``SigmaRecorder``), so neither the
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -76,18 +77,21 @@ class LossBySigma:
 
 
 # ----------------------------------------------------------------------------
-# FID/KID during training.
+# FID/KID/FD-DINOv2 during training.
 
 @dataclass
 class MetricsOptions:
     """``train.py --metrics ...``: what to measure, on how many samples, how often."""
 
-    metrics: list[str]                   # 'fid', 'kid'.
+    metrics: list[str]                   # 'fid', 'kid', 'fd_dinov2'.
     num_images: int = 10000              # Seeds 0..num_images-1, the same at every evaluation.
     every_ticks: int | None = None       # None = with each network snapshot.
     num_steps: int = 18                  # EDM sampler steps (its default: Heun, Eq. 5, rho = 7).
     batch: int = 64                      # Images per batch per process.
     detector: str | None = None          # FID Inception weights; None = metrics.detector's default.
+    dinov2: str | None = None            # DINOv2 ViT-L/14 weights (fd_dinov2); None = the official release's URL.
+    ref: str | None = None               # Reference: statistics (fid.py ref) or an image dataset; None = the
+                                         # training dataset (of images: latents need the images' reference).
 
 
 def network_label(sigma_rel: float | None = None) -> str:
@@ -96,18 +100,25 @@ def network_label(sigma_rel: float | None = None) -> str:
 
 
 class InTrainingMetrics:
-    """Loads the detector and the dataset's reference statistics once (every process calls this), then
-    evaluates networks in memory. The reference is shared with ``fid.py calc --ref=DATASET`` (same cache key)."""
+    """Loads the detectors and the dataset's reference statistics once (every process calls this), then
+    evaluates networks in memory. The reference is shared with ``fid.py calc --ref=DATASET`` (same cache keys)."""
 
-    def __init__(self, options: MetricsOptions, data_path: str, device: torch.device, log=None):
-        from metrics.detector import load_detector
-        from metrics.evaluate import parse_metrics
+    def __init__(self, options: MetricsOptions, data_path: str, device: torch.device, log=None,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        from metrics.evaluate import check_reference_for, load_detectors, parse_metrics
+        from metrics.reference import is_statistics_file, load_reference
 
         self.options = options
         self.metrics = parse_metrics(options.metrics)
         self.device = device
-        self.detector = load_detector(options.detector, device=device)
-        self.ref = dataset_reference(data_path, self.detector, device, options.batch, keep_features="kid" in self.metrics)
+        self.decode = decode  # The network's samples -> pixels (None: pixel networks, to_uint8).
+        ref_path = options.ref or data_path
+        statistics = load_reference(ref_path) if is_statistics_file(ref_path) else None
+        if statistics is not None:
+            check_reference_for(statistics, self.metrics)
+        self.detectors = load_detectors(self.metrics, device, inception=options.detector, dinov2=options.dinov2)
+        self.ref = statistics if statistics is not None else dataset_reference(
+            ref_path, self.detectors, device, options.batch, keep_features="kid" in self.metrics)
         self.latest: dict[str, float] = {}  # metric -> value of the latest evaluation of 'ema'.
 
     def due(self, tick: int, done: bool, snapshot: bool) -> bool:
@@ -124,8 +135,10 @@ class InTrainingMetrics:
         records = []
         for label, net in networks.items():
             start = time.time()
-            features = generated_features(net, seeds, self.detector, self.device, self.options.batch,
-                                          sampler_kwargs=dict(num_steps=self.options.num_steps), progress=False)
+            decode = {} if self.decode is None else dict(decode=self.decode)
+            features = generated_features(net, seeds, self.detectors, self.device, self.options.batch,
+                                          sampler_kwargs=dict(num_steps=self.options.num_steps), progress=False,
+                                          **decode)
             values = compute_metrics(features, self.ref, self.metrics)
             seconds = time.time() - start
             records += [dict(kimg=kimg, metric=name, value=value, network=label, num_images=len(seeds),
@@ -135,17 +148,17 @@ class InTrainingMetrics:
         return records
 
 
-def dataset_reference(data_path: str, detector, device: torch.device, batch: int, keep_features: bool) -> dict:
-    """Statistics of every image of the dataset at ``data_path`` (no x-flips, no subset), as ``fid.py`` computes
-    them for ``--ref=DATASET``, read from the cache when there."""
-    from metrics.evaluate import cached_dataset_reference, detector_settings
+def dataset_reference(data_path: str, detectors: dict, device: torch.device, batch: int, keep_features: bool) -> dict:
+    """Statistics of every image of the dataset at ``data_path`` (no x-flips, no subset) for each detector (name ->
+    detector), as ``fid.py`` computes them for ``--ref=DATASET``, read from the cache when there."""
+    from metrics.evaluate import cached_dataset_references
     from metrics.features import compute_features, dataset_batches
-    from training.data.dataset import ImageFolderDataset
+    from training.data.dataset import open_image_dataset
 
-    def features():
-        dataset = ImageFolderDataset(data_path)
+    def features(missing: dict) -> dict:
+        dataset = open_image_dataset(data_path)
         dist.print0(f"Computing the reference statistics of {dataset.name} ({len(dataset)} images) for the metrics")
-        return compute_features(detector, dataset_batches(dataset, 0), len(dataset), batch, device,
+        return compute_features(missing, dataset_batches(dataset, 0), len(dataset), batch, device,
                                 desc=f"Features of {dataset.name}")
 
-    return cached_dataset_reference(data_path, features, detector_settings(detector), keep_features=keep_features)
+    return cached_dataset_references(data_path, detectors, features, keep_features=keep_features)

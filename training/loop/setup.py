@@ -14,6 +14,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils.misc import InfiniteSampler, clone_module, copy_params_and_buffers
 from torch_utils.training_stats import StatsCollector
+from training.data.encoders import Encoder, StandardRGBEncoder
 from training.ema.phema import PowerFunctionEMA
 from training.loop.config import TrainingConfig, TrainingConfigError, batch_split, check_network_fits_dataset
 from training.loop.monitor import InTrainingMetrics, LossBySigma, MetricsOptions
@@ -28,6 +29,7 @@ class Run:
     """Everything the loop works with, made by ``setup``."""
 
     config: TrainingConfig
+    encoder: Encoder                     # The dataset's raw latents -> the network's (pixels: x / 127.5 - 1).
     device: torch.device
     state: TrainingState
     ddp: torch.nn.Module                 # The network to call for training (DDP-wrapped when world > 1).
@@ -83,10 +85,12 @@ def build_optimizer(optimizer_kwargs: dict, params, fast: FastPaths) -> torch.op
     return dnnlib.construct_class_by_name(params=params, **kwargs)
 
 
-def build_network(network_kwargs: dict, dataset_obj, device: torch.device) -> torch.nn.Module:
-    check_network_fits_dataset(network_kwargs, dataset_obj.resolution, dataset_obj.num_channels)
-    interface = dict(img_resolution=dataset_obj.resolution, img_channels=dataset_obj.num_channels,
-                     label_dim=dataset_obj.label_dim)
+def build_network(network_kwargs: dict, dataset_obj, device: torch.device,
+                  encoder: Encoder | None = None) -> torch.nn.Module:
+    """The network of ``network_kwargs`` for the dataset's images, or for the latents ``encoder`` makes of them."""
+    channels = (encoder or StandardRGBEncoder()).latent_channels(dataset_obj.num_channels)
+    check_network_fits_dataset(network_kwargs, dataset_obj.resolution, channels)
+    interface = dict(img_resolution=dataset_obj.resolution, img_channels=channels, label_dim=dataset_obj.label_dim)
     net = dnnlib.construct_class_by_name(**network_kwargs, **interface)
     return net.train().requires_grad_(True).to(device)
 
@@ -146,7 +150,8 @@ def setup(config: TrainingConfig, start_time: float) -> Run:
     dataset_obj = dnnlib.construct_class_by_name(**config.dataset_kwargs)
     log.print(f"{dataset_obj.name}: {len(dataset_obj)} images, {dataset_obj.resolution}x{dataset_obj.resolution}, "
               f"{dataset_obj.num_channels} channels, {dataset_obj.label_dim} label dims")
-    state, fast = build_training_state(config, dataset_obj, device, log)
+    encoder = build_encoder(config.encoder_kwargs, device)
+    state, fast = build_training_state(config, dataset_obj, encoder, device, log)
     ddp = state.net
     if dist.get_world_size() > 1:  # Broadcasts rank 0's initial weights; averages gradients in backward.
         ddp = torch.nn.parallel.DistributedDataParallel(state.net,
@@ -158,25 +163,26 @@ def setup(config: TrainingConfig, start_time: float) -> Run:
         transfer_weights(config.resume_pkl, state.net, state.ema, log)
     resume_data = None if config.resume_state_dump is None else load_state(state, config.resume_state_dump, log,
                                                                            device)
-    metrics = setup_metrics(config.metrics_kwargs, config.dataset_kwargs, device, log)
+    metrics = setup_metrics(config.metrics_kwargs, config.dataset_kwargs, device, log,
+                            decode=encoder.decode if config.encoder_kwargs else None)
     data = open_data_stream(dataset_obj, config.seed, state.data_position, batch_gpu, config.data_loader_kwargs)
     # Last: nothing after this may draw random numbers before the first step.
     if resume_data is not None and not restore_rank_rng(resume_data, device):
         log.print(f"Note: the state was written by {resume_data.get('world_size')} processes, now "
                   f"{dist.get_world_size()}: training continues, but not bit-exactly")
-    return Run(config=config, device=device, state=state, ddp=ddp, forward=maybe_compile(ddp, fast), fast=fast,
-               loss_fn=loss_fn, augment_pipe=augment_pipe, data=data, dataset_obj=dataset_obj, batch_gpu=batch_gpu,
-               accumulation_rounds=rounds, log=log, stats=StatsCollector(device), start_time=start_time,
-               loss_by_sigma=LossBySigma(device), metrics=metrics)
+    return Run(config=config, encoder=encoder, device=device, state=state, ddp=ddp, forward=maybe_compile(ddp, fast),
+               fast=fast, loss_fn=loss_fn, augment_pipe=augment_pipe, data=data, dataset_obj=dataset_obj,
+               batch_gpu=batch_gpu, accumulation_rounds=rounds, log=log, stats=StatsCollector(device),
+               start_time=start_time, loss_by_sigma=LossBySigma(device), metrics=metrics)
 
 
-def build_training_state(config: TrainingConfig, dataset_obj, device: torch.device,
+def build_training_state(config: TrainingConfig, dataset_obj, encoder: Encoder, device: torch.device,
                          log: RunLog) -> tuple[TrainingState, FastPaths]:
     """The network (the same initial weights for any number of processes), its EMA, the optimizer and the
     power-function EMAs, with the fast paths they run with; seeds this rank's generators after the network."""
     log.print("Constructing network...")
     torch.manual_seed(config.seed)
-    net = build_network(config.network_kwargs, dataset_obj, device)
+    net = build_network(config.network_kwargs, dataset_obj, device, encoder)
     seed_everything(config.seed)
     ema = clone_module(net).eval().requires_grad_(False)  # Contiguous, as snapshots are written.
     fast = default_fast_paths(device, net).with_options(**(config.fast_paths or {}))
@@ -193,22 +199,41 @@ def build_training_state(config: TrainingConfig, dataset_obj, device: torch.devi
     return state, fast
 
 
+def build_encoder(encoder_kwargs: dict | None, device: torch.device) -> Encoder:
+    """The encoder of ``encoder_kwargs`` (pixels without), its VAE loaded now so that a missing one stops the run
+    before any work."""
+    from training.data.encoders import VAEError
+    if not encoder_kwargs:
+        return StandardRGBEncoder()
+    encoder = dnnlib.construct_class_by_name(**encoder_kwargs)
+    try:
+        encoder.init(device)
+    except VAEError as e:
+        raise TrainingConfigError(f"--vae: {e}") from None
+    return encoder
+
+
 def setup_metrics(metrics_kwargs: dict | None, dataset_kwargs: dict, device: torch.device,
-                  log: RunLog) -> InTrainingMetrics | None:
-    """The detector and the dataset's reference statistics (computed once, then cached), when metrics are asked
-    for; the training generators are left as they were (the reference's data loader draws a seed)."""
+                  log: RunLog, decode=None) -> InTrainingMetrics | None:
+    """The detectors and the reference statistics (the dataset's computed once, then cached), when metrics are
+    asked for; the training generators are left as they were (the reference's data loader draws a seed).
+    ``decode`` makes the samples of a latent network pixels; the reference is then ``--metrics-ref``'s."""
     from metrics.detector import DetectorError
     from metrics.reference import ReferenceFileError
+    from training.data.dataset import DatasetError
 
     if not metrics_kwargs or not metrics_kwargs.get("metrics"):
         return None
     options = MetricsOptions(**metrics_kwargs)
+    if decode is not None and options.ref is None:
+        raise TrainingConfigError(f"--metrics: {dataset_kwargs['path']} holds latents; give the reference of the "
+                                  f"images they were encoded from with --metrics-ref=PKL|NPZ|DIR (fid.py ref)")
     log.print(f"Loading the FID detector for in-training {', '.join(options.metrics).upper()} "
               f"({options.num_images} images, {options.num_steps} steps)...")
     rng = capture_rng_state(device)
     try:
-        metrics = InTrainingMetrics(options, dataset_kwargs["path"], device, log)
-    except (DetectorError, ReferenceFileError) as e:
+        metrics = InTrainingMetrics(options, dataset_kwargs["path"], device, log, decode=decode)
+    except (DetectorError, ReferenceFileError, DatasetError, ValueError) as e:
         raise TrainingConfigError(f"--metrics: {str(e).splitlines()[0]}") from None
     restore_rng_state(rng, device)
     return metrics

@@ -24,7 +24,7 @@ def accumulate_gradients(run: Run) -> None:
         sync = contextlib.nullcontext() if last or run.ddp is run.state.net else run.ddp.no_sync()
         with sync:
             images, labels = next(run.data)
-            images = images.to(run.device, non_blocking=True).to(torch.float32) / 127.5 - 1
+            images = run.encoder.encode_latents(images.to(run.device, non_blocking=True))
             labels = drop_labels(labels.to(run.device, non_blocking=True), run.config.label_dropout)
             loss = run.loss_fn(net=net, images=as_memory_format(images, run.fast), labels=labels,
                                augment_pipe=run.augment_pipe)

@@ -1,6 +1,7 @@
-"""Sampling to image files, or to FID detector features in memory: the library behind ``generate.py`` and
-``fid.py calc --network``. Both load networks through ``load_network_once_per_node``, which refuses latent-space
-snapshots (EDM2's img512 models: there is no VAE decoder here).
+"""Sampling to image files, or to detector features in memory: the library behind ``generate.py`` and
+``fid.py calc --network``. Both load networks through ``load_network_once_per_node``, which gives the network and
+the way its samples become pixels: ``to_uint8`` for pixel networks, the snapshot's encoder's ``decode`` for latent
+ones (EDM2's img512 models, through Stability's VAE: ``training.data.encoders``).
 
 Seeds are split into batches and the batches shared among processes (``torchrun``); since each image
 depends only on its seed (see ``training.sampling.sample.generate_images``), the files are the same for any
@@ -13,6 +14,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -21,12 +23,14 @@ from tqdm.auto import tqdm
 
 from metrics.features import compute_features, generated_batches
 from torch_utils import distributed
-from training.checkpoint import is_latent_snapshot, load_network_pkl
+from training.checkpoint import UnresolvedObject, load_network_pkl
 from training.images import image_grid, save_png
 from training.perf import (apply_process_settings, check_precision, default_fast_paths, maybe_compile,
                            prepare_network)
 from training.sampling.guidance import UNCONDITIONAL, guided
-from training.sampling.sample import check_sampler_options, describe_sampler, generate_images
+from training.sampling.sample import check_sampler_options, describe_sampler, generate_images, to_uint8
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]  # A sampler's output -> uint8 pixels [N, C, H, W].
 
 
 @dataclass
@@ -68,33 +72,51 @@ def _all_gather_objects(obj) -> list:
     return gathered
 
 
-def check_pixel_snapshot(snapshot: dict, source: str) -> None:
-    """Refuse, in one line naming ``source``, a snapshot whose network samples Stable Diffusion VAE latents
-    (EDM2's img512 models): without the VAE's decoder its samples are not images."""
-    if is_latent_snapshot(snapshot):
-        raise ValueError(f"{source}: an EDM2 latent-diffusion network (Stable Diffusion VAE latents); decoding "
-                         f"latents to pixels is not supported")
+class SamplingNetwork(NamedTuple):
+    """A snapshot's network in eval mode, and how its samples become pixels."""
+
+    net: torch.nn.Module
+    decode: Decoder
 
 
-def load_sampling_network(network: str, device: torch.device | str | None = None) -> torch.nn.Module:
-    """The network of a snapshot (path, URL or official name) to sample images from, in eval mode on ``device``;
-    latent-space snapshots are refused (``check_pixel_snapshot``)."""
+def snapshot_decoder(snapshot: dict, source: str, device: torch.device | str) -> Decoder:
+    """How the samples of a snapshot's network become uint8 pixels: ``to_uint8`` without an encoder (EDM's and our
+    pixel snapshots), else the encoder's ``decode`` (EDM2's, official or ours), its VAE loaded now on ``device`` so
+    that a missing one is reported before any sampling."""
+    from training.data.encoders import VAEError
+    encoder = snapshot.get("encoder")
+    if encoder is None:
+        return to_uint8
+    if isinstance(encoder, UnresolvedObject):
+        raise ValueError(f"{source}: its encoder is a '{encoder.class_name}', which this code does not know; "
+                         f"cannot turn its samples into images")
+    try:
+        encoder.init(device)
+    except VAEError as e:
+        raise ValueError(f"{source}: {e}") from None
+    return encoder.decode
+
+
+def load_sampling_network(network: str, device: torch.device | str | None = None) -> SamplingNetwork:
+    """The network of a snapshot (path, URL or official name) to sample images from, in eval mode on ``device``,
+    and its decoder (``snapshot_decoder``)."""
+    device = device or "cpu"
     snapshot = load_network_pkl(network)
-    check_pixel_snapshot(snapshot, network)
-    return snapshot["ema"].to(device or "cpu").eval()
+    decode = snapshot_decoder(snapshot, network, device)
+    return SamplingNetwork(snapshot["ema"].to(device).eval(), decode)
 
 
-def load_network_once_per_node(network: str, device: torch.device) -> torch.nn.Module:
-    """``load_sampling_network``, rank 0 first (downloading a URL into the cache), the others then reading the
-    cached copy. Every process calls it."""
+def load_network_once_per_node(network: str, device: torch.device) -> SamplingNetwork:
+    """``load_sampling_network``, rank 0 first (downloading a URL, or a VAE, into the cache), the others then
+    reading the cached copy. Every process calls it."""
     if not distributed.is_main():
         distributed.barrier()
     try:
-        net = load_sampling_network(network, device=device)
+        loaded = load_sampling_network(network, device=device)
     finally:
         if distributed.is_main():
             distributed.barrier()
-    return net
+    return loaded
 
 
 def load_guide(options: GenerateOptions, net: torch.nn.Module, device: torch.device):
@@ -111,7 +133,7 @@ def load_guide(options: GenerateOptions, net: torch.nn.Module, device: torch.dev
             raise ValueError(f"--gnet={UNCONDITIONAL}: {options.network} is unconditional; classifier-free guidance "
                              f"needs a class-conditional network")
         return UNCONDITIONAL
-    guide = prepare_for_sampling(load_network_once_per_node(options.gnet, device), options, device)
+    guide = prepare_for_sampling(load_network_once_per_node(options.gnet, device).net, options, device)
     ours = (net.img_channels, net.img_resolution)
     theirs = (getattr(guide, "img_channels", None), getattr(guide, "img_resolution", None))
     if theirs != ours:
@@ -131,15 +153,20 @@ def sampling_denoiser(options: GenerateOptions, net: torch.nn.Module, device: to
 
 def generated_features(net: torch.nn.Module, seeds: list[int], detector, device: torch.device | str,
                        batch_size: int = 64, class_idx: int | str | None = None, sampler_kwargs: dict | None = None,
-                       progress: bool = True, desc: str = "Generating and measuring") -> np.ndarray:
-    """Detector features [len(seeds), 2048] float32 of the images ``generate_to_files`` writes for ``seeds`` with
+                       progress: bool = True, desc: str = "Generating and measuring",
+                       decode: Decoder = to_uint8) -> np.ndarray | dict:
+    """Detector features [len(seeds), D] float32 of the images ``generate_to_files`` writes for ``seeds`` with
     these sampler options (None: the default), made in memory and never written: each image depends only on its
     seed, so the features are the PNGs' for any batch size. Under torchrun each process samples its share of
-    every global batch (``metrics.features.compute_features``); all processes return all features."""
+    every global batch (``metrics.features.compute_features``); all processes return all features.
+
+    ``detector`` may be several (name -> detector, e.g. FID's Inception and FD-DINOv2's ViT): each image is
+    sampled once and measured by each, and the result is name -> features. ``decode`` makes the samples pixels
+    (``SamplingNetwork.decode``)."""
     sampler_kwargs = {k: v for k, v in (sampler_kwargs or {}).items() if v is not None}
 
     def generate(batch_seeds: list[int]) -> torch.Tensor:
-        return generate_images(net, batch_seeds, class_idx=class_idx, device=device, **sampler_kwargs)
+        return generate_images(net, batch_seeds, class_idx=class_idx, device=device, decode=decode, **sampler_kwargs)
 
     return compute_features(detector, generated_batches(generate, seeds), len(seeds), batch_size, device,
                             progress=progress, desc=desc)
@@ -195,7 +222,7 @@ def generate_to_files(options: GenerateOptions) -> dict:
         check_precision(options.precision, device)
     except ValueError as e:
         raise ValueError(f"--precision={options.precision}: {e}") from None
-    net = load_network_once_per_node(options.network, device)
+    net, decode = load_network_once_per_node(options.network, device)
     check_network_options(net, options)
     net = sampling_denoiser(options, prepare_for_sampling(net, options, device), device)
     sampler_kwargs = {k: v for k, v in options.sampler_kwargs.items() if v is not None}
@@ -209,7 +236,8 @@ def generate_to_files(options: GenerateOptions) -> dict:
             batch = round_batches[rank]
             if not batch:
                 continue
-            images = generate_images(net, batch, class_idx=options.class_idx, device=device, **sampler_kwargs).cpu()
+            images = generate_images(net, batch, class_idx=options.class_idx, device=device, decode=decode,
+                                     **sampler_kwargs).cpu()
             if options.outdir:
                 for seed, image in zip(batch, images):
                     save_png(image_path(options.outdir, seed, options.subdirs), image)

@@ -101,9 +101,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_images(net, seeds: Sequence[int], class_idx: int | str | None = None,
-                    device: torch.device | str | None = None, **sampler_kwargs) -> torch.Tensor:
+                    device: torch.device | str | None = None, decode: Callable[[torch.Tensor], torch.Tensor] = to_uint8,
+                    **sampler_kwargs) -> torch.Tensor:
     """Images for ``seeds`` exactly as generate.py saves them: uint8 [len(seeds), C, H, W] on ``device``
-    (default: the network's). Each image depends only on its seed, the network and the sampler options."""
+    (default: the network's). Each image depends only on its seed, the network and the sampler options. ``decode``
+    turns the sampler's output into pixels: ``to_uint8`` for a network of pixels, an encoder's ``decode`` for one of
+    latents (``training.data.encoders``)."""
     if len(seeds) == 0:
         raise ValueError("no seeds given")
     if device is None:
@@ -111,4 +114,4 @@ def generate_images(net, seeds: Sequence[int], class_idx: int | str | None = Non
     rng = SeedRNG(seeds, device)
     latents = draw_latents(net, rng)
     class_labels = draw_class_labels(net, rng, class_idx)
-    return to_uint8(run_sampler(net, latents, class_labels, randn_like=rng.randn_like, **sampler_kwargs))
+    return decode(run_sampler(net, latents, class_labels, randn_like=rng.randn_like, **sampler_kwargs))
