@@ -40,6 +40,11 @@ PRECONDITIONERS = {  # --precond: (network, loss), Table 1.
     "edm": ("training.networks.EDMPrecond", "training.loss.EDMLoss"),
 }
 EDM2_NETWORK, EDM2_LOSS = "training.networks.edm2.Precond", "training.loss.EDM2Loss"
+# --consistency: ECT's loss (training/loss.py ConsistencyLoss), its p(t) (Geng et al. 2024, CIFAR-10), and the gap
+# t - r halved CT_STAGES times over --duration unless --ct-stage says how often.
+CONSISTENCY_LOSS = "training.loss.ConsistencyLoss"
+CONSISTENCY_DEFAULTS = dict(p_mean=-1.1, p_std=2.0)
+CT_STAGES = 8
 
 # Defaults of the options that depend on the architecture: EDM's (Table 2, config F) and EDM2's (its img64
 # presets: P_mean, P_std, lr, decay; Adam's beta2 of its Appendix D.2; no augmentation or dropout; one
@@ -72,8 +77,12 @@ LATENT_PRESETS = tuple(name for name in PRESETS if name.startswith("edm2-img512-
 
 def resolve_defaults(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     """The options with --preset and the architecture's defaults filled in where not given on the command line
-    (given options always win)."""
+    (given options always win); --consistency draws t from ECT's p(t) unless --p-mean/--p-std say otherwise."""
     opts = dnnlib.EasyDict(opts)
+    if opts.get("consistency"):
+        for key, value in CONSISTENCY_DEFAULTS.items():
+            if opts.get(key) is None:
+                opts[key] = value
     if opts.get("preset"):
         for key, value in PRESETS[opts.preset].items():
             if opts.get(key) is None:
@@ -217,7 +226,14 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
 
 def loss_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     """loss_kwargs: the --precond column's loss, or EDM2's uncertainty-weighted one; log-normal p_train from
-    --p-mean/--p-std where the loss has one (EDM, EDM2)."""
+    --p-mean/--p-std where the loss has one (EDM, EDM2). With --consistency: ECT's consistency loss, whatever the
+    network and preconditioning."""
+    if opts.get("consistency"):
+        stage_kimg = opts.ct_stage if opts.get("ct_stage") else opts.duration * 1000 / CT_STAGES
+        return dnnlib.EasyDict(class_name=CONSISTENCY_LOSS, P_mean=opts.p_mean, P_std=opts.p_std, c=opts.ct_huber,
+                               stage_nimg=max(1, round(stage_kimg * 1000)))
+    if opts.get("ct_stage") is not None:
+        raise click.ClickException("--ct-stage goes with --consistency")
     class_name = EDM2_LOSS if opts.arch == "edm2" else PRECONDITIONERS[opts.precond][1]
     config = dnnlib.EasyDict(class_name=class_name)
     if class_name in (EDM2_LOSS, PRECONDITIONERS["edm"][1]):
@@ -347,6 +363,12 @@ def shared_from_rank0(value):
               callback=parse_float_list)
 @click.option("--dropout", help="Dropout in the U-Net blocks  [default: 0.13; edm2 0]", metavar="FLOAT",
               type=click.FloatRange(min=0, max=1))
+@click.option("--consistency", help="Tune into a consistency model for 1-4 step sampling (ECT; start from a "
+              "trained network with --transfer; sample with --sampler=consistency)", is_flag=True)
+@click.option("--ct-stage", "ct_stage", help="With --consistency: images per stage, after each of which the gap "
+              "t - r halves  [default: --duration / 8]", metavar="KIMG", type=click.FloatRange(min=0, min_open=True))
+@click.option("--ct-huber", "ct_huber", help="With --consistency: c of the pseudo-Huber distance (0: ECT's L2 "
+              "norm)", metavar="FLOAT", type=click.FloatRange(min=0), default=0, show_default=True)
 @click.option("--label-dropout", help="Train this fraction of images without their label (classifier-free guidance)",
               metavar="FLOAT", type=click.FloatRange(min=0, max=1), default=0, show_default=True)
 @click.option("--p-mean", help="Mean of ln(sigma) in training  [default: -1.2; edm2 -0.8]", metavar="FLOAT",

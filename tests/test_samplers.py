@@ -23,8 +23,9 @@ from training.sampling.time_steps import loguniform_sigma_steps, polyexponential
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
+# The ODE and SDE solvers; the consistency sampler (a consistency model's, tests/test_consistency.py) is neither.
 DETERMINISTIC = [name for name, sampler in SAMPLERS.items() if not sampler.solver.stochastic]
-STOCHASTIC = [name for name, sampler in SAMPLERS.items() if sampler.solver.stochastic]
+STOCHASTIC = [name for name, sampler in SAMPLERS.items() if sampler.solver.stochastic and sampler.solver.solves_ode]
 
 
 class CountingNet:
@@ -194,9 +195,10 @@ def test_nfe_bounds_the_network_calls(name, schedule):
         SAMPLERS[name](net, z, nfe=nfe, steps_schedule=schedule)
         assert net.calls <= nfe and net.calls >= nfe - 1, (nfe, net.calls)
         assert all(x.shape[0] == 3 for x in net.inputs)
-    with pytest.raises(ValueError, match=f"nfe=1: '{name}' needs at least {SAMPLERS[name].solver.min_nfe} network "
-                                         f"calls"):
-        SAMPLERS[name](net, z, nfe=1, steps_schedule=schedule)
+    too_few = SAMPLERS[name].solver.min_nfe - 1
+    with pytest.raises(ValueError, match=f"nfe={too_few}: '{name}' needs at least {SAMPLERS[name].solver.min_nfe} "
+                                         f"network calls"):
+        SAMPLERS[name](net, z, nfe=too_few, steps_schedule=schedule)
 
 
 @pytest.mark.parametrize("name", ["unipc_bh2", "dpmpp_2s"])
@@ -486,7 +488,8 @@ class StepRecorder:
 def test_every_named_sampler_shows_each_step_and_changes_nothing(name):
     """The callback sees steps 0, 1, ... at the sampler's own levels (one per level; the two-stage solvers' midpoints
     are not steps), each with D(x; sigma) of the x it shows, and the images are the same bit for bit. The levels are
-    the loguniform ones of the budget, so step i is at level i."""
+    the loguniform ones of the budget, so step i is at level i; the consistency sampler never calls the last,
+    sigma_min)."""
     net = GaussianMixtureDenoiser(dim=4, num_components=3, shape=(1, 2, 2))
     z = _latents(net, 3)
     sampler, nfe = SAMPLERS[name], 7
@@ -496,8 +499,9 @@ def test_every_named_sampler_shows_each_step_and_changes_nothing(name):
     watched = sampler(net, z, randn_like=SeedRNG([0, 1, 2]).randn_like, nfe=nfe, steps_schedule="loguniform",
                       callback=seen)
     assert torch.equal(watched, plain)
-    assert [i for i, *_ in seen.steps] == list(range(len(levels)))
-    assert [sigma for _, sigma, *_ in seen.steps] == pytest.approx(levels.tolist(), rel=1e-12)
+    called = levels if sampler.solver.solves_ode else levels[:-1]
+    assert [i for i, *_ in seen.steps] == list(range(len(called)))
+    assert [sigma for _, sigma, *_ in seen.steps] == pytest.approx(called.tolist(), rel=1e-12)
     for _, sigma, x, denoised in seen.steps:
         assert torch.equal(denoised, net(x, torch.tensor(sigma, dtype=torch.float64)).to(torch.float64))
 

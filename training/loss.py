@@ -99,3 +99,68 @@ class EDM2Loss(EDMLoss):
         extra = {} if augment_labels is None else dict(augment_labels=augment_labels)
         D_yn, logvar = net(y + n, sigma, labels, return_logvar=True, **extra)
         return self.weight(sigma) / logvar.exp() * ((D_yn - y) ** 2) + logvar
+
+
+# ----------------------------------------------------------------------------
+# Consistency tuning: Easy Consistency Tuning (ECT; Geng et al. 2024, "Consistency Models Made Easy"), which turns a
+# trained denoiser D into a consistency model f(x, t) = D(x; t) (Song et al. 2023). The preconditioning holds the
+# boundary condition f(x, 0) = x: every Table 1 column has c_skip(0) = 1 and c_out(0) = 0.
+
+
+def ect_r(t: torch.Tensor, stage: int, q: float = 2, k: float = 8, b: float = 1) -> torch.Tensor:
+    """ECT's mapping from t to the nearer level r < t (its Eq. 12 with the sigmoid n(t)):
+
+        r = t (1 - n(t) / q^(stage + 1)),  n(t) = 1 + k sigmoid(-b t),  clamped at 0,
+
+    so the gap t - r = t n(t) / q^(stage + 1) halves (q = 2) with every stage: at stage 0 most r are 0 (a
+    denoising loss, where the tuning starts from), later r approaches t (the consistency condition)."""
+    n = 1 + k * torch.sigmoid(-b * t)
+    return (t * (1 - n / q ** (stage + 1))).clamp(min=0)
+
+
+def pseudo_huber(difference: torch.Tensor, c: float) -> torch.Tensor:
+    """Per image: sqrt(||difference||^2 + c^2) - c (Song & Dhariwal 2023's pseudo-Huber distance); c = 0 is the
+    L2 norm ||difference||, which is ECT's adaptive weighting of the squared distance with p = 1/2."""
+    squared = difference.to(torch.float32).square().flatten(1).sum(1)
+    # The floor keeps the gradient of a zero difference at 0 for c = 0 (sqrt's slope there is infinite).
+    return (squared + c ** 2).clamp(min=torch.finfo(torch.float32).tiny).sqrt() - c
+
+
+@persistence.persistent_class
+class ConsistencyLoss:
+    """ECT's consistency loss (Geng et al. 2024, Eq. 9 with its Eq. 12 mapping):
+
+        loss = d(f(y + t n, t), stopgrad f(y + r n, r)) / (t - r),   ln t ~ N(P_mean, P_std^2),   r = ect_r(t),
+
+    the same noise n on both sides (and the same dropout masks), d the pseudo-Huber distance with ``c``, and
+    f(y + 0 n, 0) = y where r = 0. The stage counts the images seen: stage = images // ``stage_nimg`` (the training
+    loop calls ``set_progress``), so a resumed run continues on the same schedule. Returned per image [N, 1, 1, 1]."""
+
+    def __init__(self, P_mean: float = -1.1, P_std: float = 2.0, q: float = 2, k: float = 8, b: float = 1,
+                 c: float = 0.0, stage_nimg: int = 1 << 20):
+        self.P_mean, self.P_std = P_mean, P_std
+        self.q, self.k, self.b, self.c = q, k, b, c
+        self.stage_nimg = int(stage_nimg)
+        self.stage = 0
+
+    # How the training loop's grids and metrics sample what this loss trains: two calls of the consistency sampler.
+    sampler_kwargs = dict(sampler="consistency", nfe=2)
+
+    def set_progress(self, cur_nimg: int) -> None:
+        self.stage = int(cur_nimg) // self.stage_nimg
+
+    def sample_t(self, shape, device: torch.device) -> torch.Tensor:
+        return (torch.randn(shape, device=device) * self.P_std + self.P_mean).exp()
+
+    def __call__(self, net, images: torch.Tensor, labels: torch.Tensor | None = None, augment_pipe=None) -> torch.Tensor:
+        t = self.sample_t([images.shape[0], 1, 1, 1], images.device)
+        r = ect_r(t, self.stage, self.q, self.k, self.b)
+        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        extra = {} if augment_labels is None else dict(augment_labels=augment_labels)
+        n = torch.randn_like(y)
+        devices = [y.device] if y.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):  # The student then draws the same dropout.
+            at_r = net(y + r * n, r.clamp(min=1e-8), labels, **extra).to(torch.float32) if bool((r > 0).any()) else y
+            target = torch.where(r > 0, at_r, y.to(torch.float32))
+        at_t = net(y + t * n, t, labels, **extra)
+        return (pseudo_huber(at_t - target, self.c) / (t - r).flatten()).reshape(-1, 1, 1, 1)

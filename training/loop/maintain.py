@@ -136,7 +136,8 @@ def save_sample_grid(run: Run, path: str) -> None:
     from training.sampling import generate_images, to_uint8
 
     decode = run.encoder.decode if run.config.encoder_kwargs else to_uint8
-    images = generate_images(run.state.ema, grid_seeds(run), device=run.device, num_steps=run.config.grid_steps,
+    sampler = getattr(run.loss_fn, "sampler_kwargs", None) or dict(num_steps=run.config.grid_steps)
+    images = generate_images(run.state.ema, grid_seeds(run), device=run.device, **sampler,
                              decode=decode)
     save_image_grid(images, path)
 

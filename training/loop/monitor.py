@@ -104,7 +104,7 @@ class InTrainingMetrics:
     evaluates networks in memory. The reference is shared with ``fid.py calc --ref=DATASET`` (same cache keys)."""
 
     def __init__(self, options: MetricsOptions, data_path: str, device: torch.device, log=None,
-                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None, sampler_kwargs: dict | None = None):
         from metrics.evaluate import check_reference_for, load_detectors, parse_metrics
         from metrics.reference import is_statistics_file, load_reference
 
@@ -112,6 +112,7 @@ class InTrainingMetrics:
         self.metrics = parse_metrics(options.metrics)
         self.device = device
         self.decode = decode  # The network's samples -> pixels (None: pixel networks, to_uint8).
+        self.sampler_kwargs = sampler_kwargs or dict(num_steps=options.num_steps)  # EDM's Heun by default.
         ref_path = options.ref or data_path
         statistics = load_reference(ref_path) if is_statistics_file(ref_path) else None
         if statistics is not None:
@@ -137,7 +138,7 @@ class InTrainingMetrics:
             start = time.time()
             decode = {} if self.decode is None else dict(decode=self.decode)
             features = generated_features(net, seeds, self.detectors, self.device, self.options.batch,
-                                          sampler_kwargs=dict(num_steps=self.options.num_steps), progress=False,
+                                          sampler_kwargs=self.sampler_kwargs, progress=False,
                                           **decode)
             values = compute_metrics(features, self.ref, self.metrics)
             seconds = time.time() - start

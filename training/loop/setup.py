@@ -164,7 +164,8 @@ def setup(config: TrainingConfig, start_time: float) -> Run:
     resume_data = None if config.resume_state_dump is None else load_state(state, config.resume_state_dump, log,
                                                                            device)
     metrics = setup_metrics(config.metrics_kwargs, config.dataset_kwargs, device, log,
-                            decode=encoder.decode if config.encoder_kwargs else None)
+                            decode=encoder.decode if config.encoder_kwargs else None,
+                            sampler_kwargs=getattr(loss_fn, "sampler_kwargs", None))
     data = open_data_stream(dataset_obj, config.seed, state.data_position, batch_gpu, config.data_loader_kwargs)
     # Last: nothing after this may draw random numbers before the first step.
     if resume_data is not None and not restore_rank_rng(resume_data, device):
@@ -214,10 +215,11 @@ def build_encoder(encoder_kwargs: dict | None, device: torch.device) -> Encoder:
 
 
 def setup_metrics(metrics_kwargs: dict | None, dataset_kwargs: dict, device: torch.device,
-                  log: RunLog, decode=None) -> InTrainingMetrics | None:
+                  log: RunLog, decode=None, sampler_kwargs: dict | None = None) -> InTrainingMetrics | None:
     """The detectors and the reference statistics (the dataset's computed once, then cached), when metrics are
     asked for; the training generators are left as they were (the reference's data loader draws a seed).
-    ``decode`` makes the samples of a latent network pixels; the reference is then ``--metrics-ref``'s."""
+    ``decode`` makes the samples of a latent network pixels; the reference is then ``--metrics-ref``'s.
+    ``sampler_kwargs``: how to sample (None: EDM's Heun with the options' steps)."""
     from metrics.detector import DetectorError
     from metrics.reference import ReferenceFileError
     from training.data.dataset import DatasetError
@@ -232,7 +234,8 @@ def setup_metrics(metrics_kwargs: dict | None, dataset_kwargs: dict, device: tor
               f"({options.num_images} images, {options.num_steps} steps)...")
     rng = capture_rng_state(device)
     try:
-        metrics = InTrainingMetrics(options, dataset_kwargs["path"], device, log, decode=decode)
+        metrics = InTrainingMetrics(options, dataset_kwargs["path"], device, log, decode=decode,
+                                    sampler_kwargs=sampler_kwargs)
     except (DetectorError, ReferenceFileError, DatasetError, ValueError) as e:
         raise TrainingConfigError(f"--metrics: {str(e).splitlines()[0]}") from None
     restore_rng_state(rng, device)

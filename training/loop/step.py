@@ -18,6 +18,8 @@ def accumulate_gradients(run: Run) -> None:
     Gradients are those of the loss summed over images divided by the per-rank batch (then averaged over
     ranks by DDP): the mean over the global batch, whatever the split."""
     per_rank = run.batch_gpu * run.accumulation_rounds
+    if hasattr(run.loss_fn, "set_progress"):  # Losses on a schedule of images seen (ConsistencyLoss's stages).
+        run.loss_fn.set_progress(run.state.cur_nimg)
     net = SigmaRecorder(run.forward)  # The loss draws each image's sigma; the network call shows it.
     for round_idx in range(run.accumulation_rounds):
         last = round_idx == run.accumulation_rounds - 1

@@ -98,6 +98,9 @@ class Sampler:
             sigmas = steps_schedule.to(torch.float64)
         else:
             steps_schedule, gaussian = split_steps_schedule(steps_schedule)
+            if gaussian and not self.solver.solves_ode:
+                raise ValueError(f"steps_schedule='{steps_schedule}{GAUSSIAN_SUFFIX}': the analytic first step is an "
+                                 f"ODE step; '{self.name}' samples a consistency model")
             if gaussian and (self.paper_step is not None):
                 raise ValueError(f"steps_schedule='{steps_schedule}{GAUSSIAN_SUFFIX}': the paper's samplers "
                                  f"'heun' and 'euler' stay as they are; '{self.name}' takes no analytic first step")
@@ -203,6 +206,9 @@ SAMPLERS: dict[str, Sampler] = {
                                    stochastic=True)),
     "dpmpp_3m_sde": Sampler(Solver(partial(solvers.exponential_multistep, order=3, eta=1.0), convergence_order=3,
                                    stochastic=True)),
+    # For consistency models (train.py --consistency): one call per level, fresh noise between them.
+    "consistency": Sampler(Solver(solvers.multistep_consistency, convergence_order=0, stochastic=True,
+                                  solves_ode=False)),
 }
 
 

@@ -306,6 +306,24 @@ def euler_ancestral(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
             x = x + sigma_up * randn_like(x)
     return x
 
+
+def multistep_consistency(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
+                          randn_like: RandnLike = torch.randn_like, callback: StepCallback | None = None
+                          ) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1) for a consistency model f = ``denoise``: the
+    image f(x, sigma_0) from x = sigma_0 z, then, at each further level tau but the last, fresh noise brings it back
+    to tau, x = f + sqrt(tau^2 - sigma_min^2) n, and f is applied again. ``sigmas[-1]`` is sigma_min, where f is
+    the identity: it is never called there, so N levels cost N - 1 calls (1 call: one-step generation)."""
+    levels = sigmas.tolist()
+    sigma_min = levels[-1]
+    D = denoise(x, sigmas[0])
+    report(callback, 0, sigmas[0], x, D)
+    for i in range(1, len(levels) - 1):
+        x = D + math.sqrt(levels[i] ** 2 - sigma_min ** 2) * randn_like(D)
+        D = denoise(x, sigmas[i])
+        report(callback, i, sigmas[i], x, D)
+    return D
+
 # ----------------------------------------------------------------------------
 # How a solver spends a budget of calls.
 
@@ -314,17 +332,23 @@ def euler_ancestral(denoise: Denoise, x: torch.Tensor, sigmas: torch.Tensor,
 class Solver:
     """A solver function (its options bound with ``functools.partial``) with what the registry needs: calls per
     step (1: multistep; 2: a two-stage step, with one call at the last level), the order to which its deterministic
-    part converges (what tests/test_samplers.py measures) and whether it draws noise. Called as the function is."""
+    part converges (what tests/test_samplers.py measures) and whether it draws noise. Called as the function is.
+    ``solves_ode`` False: not an ODE solver but a consistency model's sampler, with no call at the last level."""
     fn: Callable | None
     calls_per_step: int = 1
     convergence_order: int = 1
     stochastic: bool = False
+    solves_ode: bool = True
 
     def levels_for(self, nfe: int) -> int:
         """The most noise levels whose sampling costs at most ``nfe`` calls."""
+        if not self.solves_ode:
+            return nfe + 1
         return nfe if self.calls_per_step == 1 else (nfe + 1) // 2
 
     def calls_for(self, num_levels: int) -> int:
+        if not self.solves_ode:
+            return num_levels - 1
         return num_levels if self.calls_per_step == 1 else 2 * num_levels - 1
 
     @property

@@ -1,0 +1,127 @@
+"""Few-step generation by consistency tuning (train.py --consistency, ECT) against its teacher, at the quickstart's
+protocol: FID of 1,000 samples against the statistics of 1,000 held-out images.
+
+    # The teacher: the cpu preset's network (quickstart.py), then tune it and measure both
+    python quickstart.py --outdir=qs --preset=cpu --kimg=60
+    python benchmarks/consistency.py --run=qs --kimg=20 --outdir=ct-runs \\
+        --out=benchmarks/results/consistency-cpu.json --plot=docs/consistency-cpu.png
+
+The tuning starts from the run's last snapshot with the preset's architecture, for --kimg thousand images; its FID
+is measured with the consistency sampler at NFE 1, 2 and 4, the teacher's with the preset's sampler (UniPC,
+log-uniform steps) at NFE 15 and 35, unguided and autoguided by the run's 'earlier' guide at the preset's weight.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import click
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from quickstart import PRESETS, render  # noqa: E402
+
+PRESET = PRESETS["cpu"]
+TUNING = {"lr": 0.005, "lr-decay": 0, "lr-rampup": 0, "ema": 0.002, "ema-std": "none", "dropout": 0}
+
+
+def run(command: list[str]) -> str:
+    print("$", " ".join(command), flush=True)
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise click.ClickException(f"{command[1]} failed: {proc.stderr.strip().splitlines()[-1]}")
+    return proc.stdout
+
+
+def snapshots(run_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(run_dir, "network-snapshot-*.pkl")),
+                  key=lambda p: float(re.search(r"network-snapshot-([\d.]+)\.pkl", p).group(1)))
+
+
+def fid(network: str, ref: str, num: int, sampler: list[str], gnet: str | None = None, guidance: float = 1) -> dict:
+    """FID of ``num`` images for seeds 0..num-1, balanced classes, made in memory (fid.py calc --network)."""
+    start = time.time()
+    guide = [f"--gnet={gnet}", f"--guidance={guidance:g}"] if gnet and guidance != 1 else []
+    out = run([sys.executable, "fid.py", "calc", f"--network={network}", f"--ref={ref}", f"--seeds=0-{num - 1}",
+               "--class=balanced", "--batch=100", *sampler, *guide])
+    value = float(out.strip().splitlines()[-1])
+    print(f"  FID {value:.2f} ({time.time() - start:.0f} s)", flush=True)
+    return dict(fid=value, seconds=time.time() - start)
+
+
+@click.command()
+@click.option("--run", "qs", help="A quickstart.py --preset=cpu output folder", metavar="DIR", required=True)
+@click.option("--kimg", help="Tuning length in thousands of images", type=float, default=20, show_default=True)
+@click.option("--ct-stage", "ct_stage", help="train.py --ct-stage  [default: train.py's]", type=float)
+@click.option("--outdir", help="Where the tuning run goes", metavar="DIR", required=True)
+@click.option("--out", help="JSON to write", metavar="JSON", required=True)
+@click.option("--plot", help="PNG to write", metavar="PNG")
+@click.option("--skip-teacher", is_flag=True, help="Measure the tuned network only")
+def main(qs: str, kimg: float, ct_stage: float | None, outdir: str, out: str, plot: str | None, skip_teacher: bool):
+    """Tune the quickstart's network into a consistency model and compare FIDs."""
+    ref, data = os.path.join(qs, "reference.npz"), os.path.join(qs, "train.zip")
+    teacher_snapshots = snapshots(os.path.join(qs, "training"))
+    teacher, guide = teacher_snapshots[-1], teacher_snapshots[0]
+    teacher_kimg = float(re.search(r"([\d.]+)\.pkl$", teacher).group(1))
+    num = PRESET.num_eval
+    results = dict(teacher=teacher, teacher_kimg=teacher_kimg, guide=guide, guidance=PRESET.guidance[0],
+                   protocol=f"{num} samples (seeds 0-{num - 1}, balanced classes) vs {PRESET.num_ref} held-out images",
+                   tuning=dict(kimg=kimg, options=dict(TUNING, **({"ct-stage": ct_stage} if ct_stage else {}))))
+
+    start = time.time()
+    options = {**PRESET.train_options, **TUNING, "duration": kimg / 1000, "tick": kimg / 4, "snap": 1000,
+               "dump": 1000}
+    extra = [f"--ct-stage={ct_stage:g}"] if ct_stage else []
+    run([sys.executable, "train.py", f"--outdir={outdir}", "--nosubdir", f"--data={data}", *render(options),
+         "--consistency", f"--transfer={teacher}", *extra])
+    tuned = snapshots(outdir)[-1]
+    results["tuning"].update(snapshot=tuned, minutes=(time.time() - start) / 60)
+
+    results["consistency"] = {nfe: fid(tuned, ref, num, ["--sampler=consistency", f"--nfe={nfe}"])
+                              for nfe in (1, 2, 4)}
+    if not skip_teacher:
+        results["teacher_fid"] = {}
+        for w in (1.0, PRESET.guidance[0]):
+            for nfe in (15, 35):
+                sampler = ["--sampler=unipc_bh2", f"--nfe={nfe}", "--steps-schedule=loguniform"]
+                results["teacher_fid"][f"w={w:g} nfe={nfe}"] = dict(fid(teacher, ref, num, sampler, guide, w),
+                                                                   nfe=nfe, guidance=w)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    if plot:
+        plot_results(results, plot)
+    print(json.dumps({k: v for k, v in results.items() if k in ("consistency", "teacher_fid")}, indent=1))
+
+
+def plot_results(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    nfes = sorted(results["consistency"], key=int)
+    ax.plot([int(n) for n in nfes], [results["consistency"][n]["fid"] for n in nfes], "o-",
+            label=f"consistency-tuned ({results['tuning']['kimg']:g} kimg)")
+    for label, style in (("w=1", "s--"), (f"w={results['guidance']:g}", "^--")):
+        points = sorted((v["nfe"], v["fid"]) for k, v in results.get("teacher_fid", {}).items() if k.startswith(label))
+        if points:
+            ax.plot(*zip(*points), style, label=f"teacher, UniPC, {'unguided' if label == 'w=1' else 'autoguided ' + label}")
+    ax.set_xscale("log")
+    ax.set_xticks([1, 2, 4, 15, 35])
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("network calls per image (NFE)")
+    ax.set_ylabel("FID (1,000 samples)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()

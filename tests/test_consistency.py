@@ -1,0 +1,282 @@
+"""Consistency tuning (training/loss.py ConsistencyLoss, ECT) and the consistency sampler (SAMPLERS['consistency']):
+the loss against its formula, the r(t) mapping, the boundary condition of every preconditioning, the sampler's calls,
+Gaussian data where the consistency function is known in closed form, and train.py --consistency end to end."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from training.loss import ConsistencyLoss, EDMLoss, ect_r, pseudo_huber
+from training.sampling import SAMPLERS
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+class Affine(torch.nn.Module):
+    """D(x; sigma) = a(sigma) x + b(sigma) with fixed smooth a, b: a denoiser whose every call is easy to redo."""
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        return x / (1 + sigma ** 2) + 0.3 * torch.tanh(sigma)
+
+
+# ----------------------------------------------------------------------------
+# The loss and its schedule.
+
+def test_r_of_t_is_ects_mapping():
+    """r = t (1 - (1 + 8 sigmoid(-t)) / 2^(stage + 1)), clamped at 0: values, r < t, r growing with the stage
+    toward t."""
+    t = torch.tensor([0.01, 0.5, 2.0, 10.0, 80.0], dtype=torch.float64)
+    expected = [max(0.0, v * (1 - (1 + 8 / (1 + math.exp(v))) / 2)) for v in t.tolist()]
+    assert ect_r(t, 0).tolist() == pytest.approx(expected, rel=1e-12)
+    assert ect_r(torch.tensor([10.0], dtype=torch.float64), 0).item() == pytest.approx(4.998183, rel=1e-6)
+    previous = torch.zeros_like(t)
+    for stage in range(12):
+        r = ect_r(t, stage)
+        assert bool((r < t).all()) and bool((r >= previous).all())
+        previous = r
+    assert bool((ect_r(t, 20) / t > 0.9999).all())
+    gap = t - ect_r(t, 6)
+    assert torch.allclose(gap, t * (1 + 8 * torch.sigmoid(-t)) / 2 ** 7)  # Past the clamp the gap halves each stage.
+
+
+@pytest.mark.parametrize("c", [0.0, 0.03])
+def test_loss_is_the_weighted_distance_of_the_two_calls(c):
+    """The loss, per image, is pseudo-Huber(D(y + t n; t) - D(y + r n; r)) / (t - r), with D(y + 0 n; 0) = y, for the
+    t, r and n it draws: the same draws redone here from the same seed."""
+    loss_fn = ConsistencyLoss(c=c, stage_nimg=1000)
+    loss_fn.set_progress(1500)
+    assert loss_fn.stage == 1
+    y = torch.randn([64, 1, 2, 2], generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(7)
+    loss = loss_fn(Affine(), y)
+    torch.manual_seed(7)
+    t = (torch.randn([64, 1, 1, 1]) * 2.0 - 1.1).exp()
+    n = torch.randn_like(y)
+    r = t * (1 - (1 + 8 * torch.sigmoid(-t)) / 4)
+    r = r.clamp(min=0)
+    net = Affine()
+    target = torch.where(r > 0, net(y + r * n, r.clamp(min=1e-8)), y)
+    distance = (net(y + t * n, t) - target).square().flatten(1).sum(1)
+    expected = ((distance + c ** 2).sqrt() - c) / (t - r).flatten()
+    assert bool((r == 0).any()) and bool((r > 0).any())  # Both branches are exercised.
+    assert loss.shape == (64, 1, 1, 1)
+    torch.testing.assert_close(loss.flatten(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_target_gets_no_gradient_and_shares_the_dropout_masks():
+    """Gradients flow through the call at t only; both calls draw the same dropout mask."""
+    masks = []
+
+    class Dropped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones([]))
+
+        def forward(self, x, sigma, class_labels=None):
+            mask = torch.nn.functional.dropout(torch.ones_like(x), p=0.5, training=True)
+            masks.append(mask)
+            return self.w * x * mask / (1 + torch.as_tensor(sigma).reshape(-1, 1, 1, 1) ** 2)
+
+    net = Dropped()
+    loss_fn = ConsistencyLoss(stage_nimg=1)
+    loss_fn.set_progress(3)
+    loss_fn(net, torch.randn([16, 1, 2, 2])).sum().backward()
+    assert len(masks) == 2 and torch.equal(masks[0], masks[1])
+    w = net.w.grad.item()
+    assert math.isfinite(w) and w != 0
+
+
+# ----------------------------------------------------------------------------
+# The boundary condition f(x, 0) = x.
+
+@pytest.mark.parametrize("precond", ["VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond", "edm2"])
+def test_every_preconditioning_holds_the_boundary_condition(precond):
+    from training import networks
+    from training.networks.edm2 import Precond as EDM2Precond
+    torch.manual_seed(0)
+    if precond == "edm2":
+        net = EDM2Precond(img_resolution=8, img_channels=1, label_dim=0, model_channels=8, channel_mult=[1],
+                          num_blocks=1, attn_resolutions=[])
+    else:
+        net = getattr(networks, precond)(img_resolution=8, img_channels=1, model_type="SongUNet", model_channels=8,
+                                         channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    with torch.no_grad():  # Away from the initialization, whose last layers are zero.
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn([2, 1, 8, 8])
+    with torch.no_grad():
+        near_zero = net(x, torch.full([2], 1e-6))
+        farther = net(x, torch.full([2], 0.5))
+    assert (near_zero - x).abs().max() < 1e-4 < (farther - x).abs().max()
+
+
+# ----------------------------------------------------------------------------
+# The sampler.
+
+@pytest.mark.parametrize("nfe", [1, 2, 4])
+def test_consistency_sampler_calls_f_once_per_level_and_renoises_between(nfe):
+    """NFE n: n calls, the first at sigma_max on sigma_max z, each later one at its level tau on
+    f + sqrt(tau^2 - sigma_min^2) n' (sigma_min, the last level, never called)."""
+    calls = []
+
+    def f(x, sigma, class_labels=None):
+        calls.append((x.clone(), float(sigma)))
+        return torch.full_like(x, 0.25)
+
+    z = torch.randn([3, 1, 2, 2], dtype=torch.float64)
+    noises = [torch.randn([3, 1, 2, 2], dtype=torch.float64) for _ in range(nfe)]
+    drawn = iter(noises)
+    x = SAMPLERS["consistency"](f, z, nfe=nfe, randn_like=lambda _: next(drawn))
+    levels = SAMPLERS["consistency"].levels(f, z, nfe, None, 0.002, 80, 7)[0].tolist()
+    assert len(calls) == nfe and len(levels) == nfe + 1 and levels[0] == 80 and levels[-1] == pytest.approx(0.002)
+    assert torch.equal(calls[0][0], z * 80) and calls[0][1] == 80
+    for i in range(1, nfe):
+        assert calls[i][1] == levels[i]
+        torch.testing.assert_close(calls[i][0], 0.25 + math.sqrt(levels[i] ** 2 - levels[-1] ** 2) * noises[i - 1])
+    assert torch.equal(x, torch.full_like(z, 0.25))
+    with pytest.raises(ValueError, match="analytic first step is an ODE step; 'consistency' samples a consistency"):
+        SAMPLERS["consistency"](f, z, nfe=2, steps_schedule="edm+gaussian")
+    with pytest.raises(ValueError, match="'consistency' draws noise; the search fits deterministic samplers only"):
+        SAMPLERS["consistency"](f, z, nfe=2, steps_schedule="optimized")
+
+
+MU, S = 0.3, 0.5
+
+
+def gaussian_consistency_function(x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+    """The exact f for N(MU, S^2) data: MU + (x - MU) S / sqrt(S^2 + t^2)."""
+    t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+    return MU + (x - MU) * S / (S ** 2 + t ** 2).sqrt()
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 4])
+def test_the_exact_consistency_function_samples_the_data(nfe):
+    """With the closed-form f of Gaussian data, 1, 2 and 4 calls give N(MU, S^2) samples (up to sigma_max's
+    finite size: relative 1e-4 in the std, MU S / sigma_max in the mean)."""
+    z = torch.randn([40000, 1, 2, 2], generator=torch.Generator().manual_seed(nfe), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(100 + nfe)
+    x = SAMPLERS["consistency"](gaussian_consistency_function, z, nfe=nfe,
+                                randn_like=lambda y: torch.randn(y.shape, generator=generator, dtype=y.dtype))
+    assert abs(x.mean().item() - MU) < 0.006 and abs(x.std().item() / S - 1) < 0.006
+
+
+class GaussianDenoiser(torch.nn.Module):
+    """EDM preconditioning around a per-sigma affine map: D = c_skip x + c_out (a(c_noise) c_in x + b(c_noise)), a
+    and b small MLPs of c_noise = ln(sigma) / 4: able to represent both the denoiser and the consistency function
+    of Gaussian data."""
+
+    def __init__(self, sigma_data: float = 0.5):
+        super().__init__()
+        self.sigma_data = sigma_data
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2))
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
+        sd = self.sigma_data
+        c_skip, c_out = sd ** 2 / (sigma ** 2 + sd ** 2), sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sigma ** 2 + sd ** 2).sqrt()
+        a, b = self.mlp((sigma.log() / 4).reshape(-1, 1)).reshape(-1, 2, 1, 1).unbind(1)
+        return c_skip * x + c_out * (a.unsqueeze(1) * c_in * x + b.unsqueeze(1))
+
+
+def _train(net, loss_fn, steps: int, lr: float, seed: int) -> None:
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    data = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    for step in range(steps):
+        if hasattr(loss_fn, "set_progress"):
+            loss_fn.set_progress(step * 256)
+        y = MU + S * torch.randn([256, 1, 2, 2], generator=data)
+        optimizer.zero_grad()
+        loss_fn(net, y).mean().backward()
+        optimizer.step()
+
+
+def _error_to_closed_form(net) -> float:
+    z = torch.randn([512, 1, 2, 2], generator=torch.Generator().manual_seed(9))
+    errors = []
+    with torch.no_grad():
+        for t in (0.1, 0.3, 1.0, 3.0, 10.0):
+            x = MU + math.sqrt(S ** 2 + t ** 2) * z
+            errors.append((net(x, t) - gaussian_consistency_function(x, t)).square().mean().sqrt().item())
+    return max(errors)
+
+
+def test_tuning_a_gaussian_denoiser_moves_it_toward_the_consistency_function():
+    """A denoiser trained on N(MU, S^2) data (EDM's loss) is far from the consistency function; ECT's tuning moves it
+    within a fifth of that distance."""
+    net = GaussianDenoiser()
+    _train(net, EDMLoss(P_mean=-0.5, P_std=1.5), steps=400, lr=1e-2, seed=0)
+    before = _error_to_closed_form(net)
+    _train(net, ConsistencyLoss(stage_nimg=40 * 256), steps=400, lr=3e-3, seed=1)
+    after = _error_to_closed_form(net)
+    assert before > 0.05 and after < before / 5, (before, after)
+
+
+# ----------------------------------------------------------------------------
+# train.py --consistency, generate.py --sampler=consistency.
+
+TINY = ["--cond=1", "--arch=ddpmpp", "--cbase=8", "--cres=1,2", "--blocks=1", "--batch=8", "--seed=1", "--grid=4",
+        "--lr-rampup=0", "--workers=0", "--device=cpu", "--dropout=0.1"]
+
+
+def test_train_py_tunes_a_snapshot_resumes_bit_exactly_and_generate_py_samples_it(fashion_mnist_8_zip, tmp_path):
+    import train
+    from generate import main as generate_main
+    from training.checkpoint import load_network_pkl
+    from training.loop.state import read_state_file
+
+    def invoke(outdir, *extra):
+        return CliRunner().invoke(train.main, [f"--outdir={outdir}", "--nosubdir", f"--data={fashion_mnist_8_zip}",
+                                               *TINY, *extra])
+
+    teacher = invoke(tmp_path / "teacher", "--duration=0.000032", "--tick=0.016", "--snap=1", "--dump=100")
+    assert teacher.exit_code == 0, teacher.output
+    snapshot = str(tmp_path / "teacher" / "network-snapshot-000000.032.pkl")
+    tune = ["--consistency", f"--transfer={snapshot}", "--duration=0.000048", "--tick=0.016", "--snap=1", "--dump=1",
+            "--ct-stage=0.016"]
+    tuned = invoke(tmp_path / "tuned", *tune)
+    assert tuned.exit_code == 0, tuned.output
+    data = load_network_pkl(str(tmp_path / "tuned" / "network-snapshot-000000.048.pkl"))
+    loss_fn = data["loss_fn"]
+    assert type(loss_fn).__name__ == "ConsistencyLoss" and (loss_fn.P_mean, loss_fn.P_std) == (-1.1, 2.0)
+    assert loss_fn.stage_nimg == 16  # Stages 0, 1, 2 begin at 0, 16 and 32 images.
+    # Resumed from its state at 24 images, the run ends with the same weights: the stage follows the image count.
+    again = invoke(tmp_path / "again", *tune[:1], "--duration=0.000048", "--tick=0.016", "--snap=1", "--dump=1",
+                   "--ct-stage=0.016", f"--resume={tmp_path / 'tuned' / 'training-state-000000.024.pt'}")
+    assert again.exit_code == 0, again.output
+    straight, resumed = (read_state_file(str(tmp_path / run / "training-state-000000.048.pt"))
+                         for run in ("tuned", "again"))
+    assert all(torch.equal(straight["net"][k], resumed["net"][k]) for k in straight["net"])
+
+    out = tmp_path / "out"
+    for nfe in (1, 2, 4):
+        result = CliRunner().invoke(generate_main, [f"--network={tmp_path / 'tuned' / 'network-snapshot-000000.048.pkl'}",
+                                                    f"--outdir={out}/{nfe}", "--seeds=0-3", "--sampler=consistency",
+                                                    f"--nfe={nfe}", "--device=cpu"])
+        assert result.exit_code == 0, result.output
+        assert f"consistency (NFE {nfe}, edm steps)" in result.output
+        assert len(os.listdir(out / str(nfe))) == 4
+
+
+def test_consistency_options_are_checked(fashion_mnist_8_zip, tmp_path):
+    import train
+    result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--ct-stage=1"])
+    assert result.exit_code != 0 and "--ct-stage goes with --consistency" in result.output
+    result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--consistency",
+                                             "--p-mean=-0.5", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    import json
+    config = json.loads(result.output[result.output.index("{"):result.output.rindex("}") + 1])
+    assert config["loss_kwargs"]["class_name"] == "training.loss.ConsistencyLoss"
+    assert (config["loss_kwargs"]["P_mean"], config["loss_kwargs"]["P_std"]) == (-0.5, 2.0)
+    assert config["loss_kwargs"]["stage_nimg"] == round(200e6 / 8)
+    assert not np.isnan(config["loss_kwargs"]["c"])
+    assert pseudo_huber(torch.tensor([[3.0, 4.0]]), 0.0).item() == 5.0
