@@ -65,6 +65,15 @@ class Preset:
     # reports the best of them.
     cpu_processes: int = 1  # train.py processes on a CPU (torchrun, gloo), as many as there are cores up to this:
     # single-thread processes keep a few cores busier than the threads of one process do.
+    few_step_options: Options = dataclasses.field(default_factory=lambda: dict(FEW_STEP_OPTIONS))  # --few-step: the
+    # consistency tuning's train.py options that replace train_options' (docs/consistency.md).
+
+
+# --few-step: tune the trained network for a third of its images into a consistency model (train.py --consistency),
+# with a flat learning rate and a short EMA (--transfer has no EMA ramp-up), and measure it at NFE 1 and 2.
+FEW_STEP_SHARE = 1 / 3
+FEW_STEP_NFES = (1, 2)
+FEW_STEP_OPTIONS = {"lr-rampup": 0, "lr-decay": 0, "ema": 0.002, "ema-std": "none", "grid": 0}
 
 
 # What each preset's choices are for; the measurements behind them are in docs/quickstart-notes.md. duration is in
@@ -83,12 +92,13 @@ PRESETS = {
         sampler_options={"precision": "bf16", "sampler": "unipc_bh2", "nfe": 15, "steps-schedule": "loguniform",
                          "class": "balanced"}, resolution=28, minutes=15,
         autoguidance=True, guidance=(2.5,), guide="earlier", guide_share=1 / 3,
-        guide_options={"cbase": 16, "seed": 1}, cpu_processes=2),
+        guide_options={"cbase": 16, "seed": 1}, cpu_processes=2, few_step_options={**FEW_STEP_OPTIONS, "lr": 0.005}),
     "gpu": Preset(train_images=5000, num_eval=5000, num_ref=5000, batch=500, train_options={
         "arch": "ddpmpp", "precond": "edm", "cbase": 128, "cres": "1,2,2", "blocks": 2, "attn": "16", "batch": 256,
         "lr": 1e-3, "lr-rampup": 10, "ema": 0.5, "ema-rampup": 0.1, "dropout": 0.1, "augment": 0, "bf16": True,
         "duration": 0.3, "tick": 50, "snap": 1000, "dump": 1000, "grid": 64, "seed": 0},
-        sampler_options={"precision": "bf16", "S_churn": 40}, guide_options={"cbase": 64, "seed": 1}),
+        sampler_options={"precision": "bf16", "S_churn": 40}, guide_options={"cbase": 64, "seed": 1},
+        few_step_options={**FEW_STEP_OPTIONS, "lr": 1e-4}),
     "smoke": Preset(train_images=256, num_eval=16, num_ref=32, steps=4, batch=16, resolution=28, train_options={
         "arch": "ddpmpp", "precond": "edm", "cond": True, "cbase": 8, "cres": "1,1", "blocks": 1, "attn": "16",
         "batch": 16, "lr": 1e-3, "lr-rampup": 0, "ema": 0.001, "dropout": 0, "augment": 0, "duration": 0.000064,
@@ -117,6 +127,8 @@ def check_preset(name: str, p: Preset) -> None:
     for command, script, args in [
             (train.main, "train.py", [*training, *render(p.train_options)]),
             (train.main, "train.py", [*training, *render({**p.train_options, **p.guide_options})]),
+            (train.main, "train.py", [*training, *render({**p.train_options, **p.few_step_options}),
+                                      "--consistency", "--transfer=t"]),
             (generate.main, "generate.py", ["--outdir=o", *sampling]),
             (fid.calc, "fid.py calc", ["--ref=r", "--num=10", *sampling])]:
         try:
@@ -450,6 +462,7 @@ class Job:
     launch: Launch
     stage: Stage
     start: float
+    few_step: bool = False
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.outdir, *parts)
@@ -468,7 +481,8 @@ class Job:
 
 
 def resolve_job(preset_name: str, outdir: str, device: str | None, kimg: float | None, minutes: float | None,
-                autoguidance: bool | None, guidance: tuple[float, ...] | None, guide: str | None) -> Job:
+                autoguidance: bool | None, guidance: tuple[float, ...] | None, guide: str | None,
+                few_step: bool = False) -> Job:
     """The job the command line asks for, with its output folder made (refused if it holds an earlier run)."""
     p = adapt_preset(PRESETS[preset_name], kimg, fp32=cuda_lacks_bf16(device) or cpu_lacks_bf16(device),
                      minutes=minutes)
@@ -483,9 +497,10 @@ def resolve_job(preset_name: str, outdir: str, device: str | None, kimg: float |
     if os.path.exists(os.path.join(outdir, "summary.json")):
         raise click.ClickException(f"--outdir={outdir} already holds a quickstart run; remove it or pick another")
     os.makedirs(outdir, exist_ok=True)
-    stage = Stage(total=9 if autoguidance else 8, log_path=os.path.join(outdir, "commands.txt"))
+    stages = (9 if autoguidance else 8) + (2 + len(FEW_STEP_NFES) if few_step else 0)
+    stage = Stage(total=stages, log_path=os.path.join(outdir, "commands.txt"))
     return Job(preset_name, p, outdir, device, autoguidance, training_launch(p, on_cpu=runs_on_cpu(device)), stage,
-               start=time.time())
+               start=time.time(), few_step=few_step)
 
 
 def print_header(job: Job) -> None:
@@ -653,6 +668,41 @@ def evaluate_guided(job: Job, trained: Trained, reference: str) -> Evaluation:
     return Evaluation(by_weight[best], samples, grid, by_weight, best)
 
 
+@dataclasses.dataclass(frozen=True)
+class FewStep:
+    """The consistency-tuned network (--few-step): its snapshot, its tuning kimg, its FID at each NFE and the grid of
+    its one-step samples."""
+    snapshot: str
+    kimg: float
+    fid_by_nfe: dict[int, float]
+    grid: str
+
+
+def tune_few_step(job: Job, data: Datasets, trained: Trained, reference: str) -> FewStep:
+    """train.py --consistency from the trained snapshot for FEW_STEP_SHARE of its images, then its FID at each of
+    FEW_STEP_NFES (the consistency sampler, in memory) and a grid of 64 one-step images."""
+    p, n = job.preset, job.preset.num_eval
+    kimg = trained.kimg * FEW_STEP_SHARE
+    options = {**p.train_options, **p.few_step_options, "duration": kimg / 1000, "snap": 1000, "dump": 1000}
+    options.pop("max-minutes", None)
+    job.stage.run(f"Tune into a consistency model for {kimg:.1f} kimg (ECT)", [
+        "train.py", f"--outdir={job.path('few-step')}", "--nosubdir", f"--data={data.train}", "--workers=0",
+        *render(options), "--consistency", f"--transfer={trained.snapshot}", *job.device_args], job.launch)
+    snapshot = newest_snapshot(job.path("few-step"))
+    sampler_options = {k: v for k, v in p.sampler_options.items() if k not in ("sampler", "nfe", "steps-schedule",
+                                                                               "S_churn")}
+    common = [*render({"batch": p.batch, **sampler_options}), "--sampler=consistency", *job.device_args]
+    fids = {}
+    for nfe in FEW_STEP_NFES:
+        fids[nfe] = fid_value(job.stage.run(f"FID of {n} consistency samples in memory, NFE {nfe}", [
+            "fid.py", "calc", f"--network={snapshot}", f"--ref={reference}", f"--num={n}", f"--nfe={nfe}", *common]))
+    grid = job.path("few-step-grid.png")
+    job.stage.run("Generate 64 one-step images", [
+        "generate.py", f"--network={snapshot}", f"--outdir={job.path('few-step-samples')}", "--seeds=0-63",
+        f"--grid={grid}", "--nfe=1", *common])
+    return FewStep(snapshot, kimg, fids, grid)
+
+
 def dashboard(job: Job) -> str:
     """plot_run.py on the training run; returns the PNG's path."""
     png = job.path("dashboard.png")
@@ -662,7 +712,7 @@ def dashboard(job: Job) -> str:
 
 
 def summarize(job: Job, floor: float, budget: Budget, trained: Trained, evaluation: Evaluation, reference: str,
-              dashboard_png: str) -> dict:
+              dashboard_png: str, tuned: FewStep | None = None) -> dict:
     """Write summary.json, everything the job measured and made, and print its lines; returns what it holds."""
     p, total_seconds = job.preset, time.time() - job.start
     summary = dict(preset=job.preset_name, fid=evaluation.fid, real_data_floor=floor, num_eval=p.num_eval,
@@ -680,6 +730,9 @@ def summarize(job: Job, floor: float, budget: Budget, trained: Trained, evaluati
                        fid_by_guidance={f"{w:g}": v for w, v in guided.items()}, best_guidance=evaluation.best_weight,
                        fid_unguided=guided.get(1.0),
                        guidance_plot=job.path("fid-vs-guidance.png") if len(guided) > 1 else None)
+    if tuned is not None:
+        summary.update(few_step_snapshot=tuned.snapshot, few_step_kimg=tuned.kimg, few_step_grid=tuned.grid,
+                       fid_few_step={str(nfe): value for nfe, value in tuned.fid_by_nfe.items()})
     with open(job.path("summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print_summary(job, summary, total_seconds)
@@ -698,10 +751,15 @@ def print_summary(job: Job, summary: dict, total_seconds: float) -> None:
     if job.autoguidance and summary["fid_unguided"] is not None and summary["best_guidance"] != 1.0:
         click.echo(f"  unguided FID        {summary['fid_unguided']:8.2f}   (the same samples' seeds without the "
                    "guide)")
+    for nfe, value in summary.get("fid_few_step", {}).items():
+        click.echo(f"  few-step FID        {value:8.2f}   (consistency-tuned {summary['few_step_kimg']:.1f} kimg, "
+                   f"NFE {nfe}; the teacher above: NFE {job.nfe})")
     click.echo(f"  real-data floor     {summary['real_data_floor']:8.2f}   ({n} other real vs. the same {m} reference "
                f"images)")
     click.echo(f"  training            {summary['kimg']:8.1f}   kimg")
     click.echo(f"  sample grid         {summary['grid']}")
+    if "few_step_grid" in summary:
+        click.echo(f"  one-step grid       {summary['few_step_grid']}")
     click.echo(f"  network snapshot    {summary['snapshot']}")
     click.echo(f"  training log/stats  {summary['training_run']}")
     click.echo(f"  training dashboard  {summary['dashboard']}")
@@ -731,15 +789,18 @@ def print_summary(job: Job, summary: dict, total_seconds: float) -> None:
 @click.option("--guide", type=click.Choice(["smaller", "earlier"]), default=None,
               help="With autoguidance: a smaller network trained for a share of the time, or the main network's own "
               "snapshot after that share  [default: the preset's; cpu: earlier]")
+@click.option("--few-step", "few_step", is_flag=True,
+              help="Then tune the network into a consistency model for a third of its images and report its FID at "
+              "NFE 1 and 2, with a grid of one-step samples (not part of --minutes)")
 def main(outdir: str, preset: str, device: str | None, kimg: float | None, minutes: float | None,
-         autoguidance: bool | None, guidance: tuple[float, ...] | None, guide: str | None) -> None:
+         autoguidance: bool | None, guidance: tuple[float, ...] | None, guide: str | None, few_step: bool) -> None:
     """Train a small EDM model on the embedded Fashion-MNIST and report the FID of its samples."""
     # OpenMP threads that sleep rather than spin while waiting (unless the user chose), here and in every stage, set
     # before torch loads: on a CPU shared with other work, spinning threads hold up the descheduled ones they wait for.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     preset_name = pick_preset(preset)
     check_preset(preset_name, PRESETS[preset_name])
-    job = resolve_job(preset_name, outdir, device, kimg, minutes, autoguidance, guidance, guide)
+    job = resolve_job(preset_name, outdir, device, kimg, minutes, autoguidance, guidance, guide, few_step)
     print_header(job)
     data = convert(job)
     reference = reference_statistics(job, data)
@@ -747,8 +808,9 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
     budget = time_budget(job, data)
     trained = train_networks(job, data, budget.minutes)
     evaluation = evaluate(job, trained, reference)
+    tuned = tune_few_step(job, data, trained, reference) if job.few_step else None
     dashboard_png = dashboard(job)
-    summarize(job, floor, budget, trained, evaluation, reference, dashboard_png)
+    summarize(job, floor, budget, trained, evaluation, reference, dashboard_png, tuned)
 
 
 if __name__ == "__main__":

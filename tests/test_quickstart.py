@@ -375,3 +375,30 @@ def test_bf16_dropped_on_cpus_without_bf16_instructions(tmp_path):
     assert cpu_lacks_bf16("cpu", cpuinfo=str(without))
     assert cpu_lacks_bf16("cpu", cpuinfo=str(tmp_path / "missing"))  # Cannot tell: fp32.
     assert not cpu_lacks_bf16("cuda", cpuinfo=str(without))  # GPUs are cuda_lacks_bf16's to judge.
+
+
+def test_few_step_tunes_a_third_of_the_images_then_measures_nfe_1_and_2(tmp_path, monkeypatch):
+    """--few-step: train.py --consistency from the trained snapshot for a third of its kimg with the preset's tuning
+    options, fid.py calc at NFE 1 and 2 with the consistency sampler (the preset's class and precision options, none
+    of its sampler's), and 64 one-step images in a grid; the summary reports both FIDs."""
+    import quickstart
+    from quickstart import Datasets, Trained, tune_few_step
+    job = dataclasses.replace(_job(tmp_path, autoguidance=None, guidance=None, guide=None), few_step=True,
+                              preset=dataclasses.replace(quickstart.PRESETS["cpu"], num_eval=16))
+    monkeypatch.setattr(quickstart, "newest_snapshot", lambda folder: os.path.join(folder, "net-ct.pkl"))
+    data = Datasets("train.zip", "reference.zip", "held-out.zip")
+    tuned = tune_few_step(job, data, Trained(snapshot="net.pkl", kimg=60.0), "ref.npz")
+    (tune_title, tune), (_, fid1), (_, fid2), (grid_title, generate) = job.stage.commands
+    assert tune_title == "Tune into a consistency model for 20.0 kimg (ECT)"
+    assert tune[:5] == ["train.py", f"--outdir={tmp_path / 'qs' / 'few-step'}", "--nosubdir", "--data=train.zip",
+                        "--workers=0"]
+    assert tune[-3:] == ["--consistency", "--transfer=net.pkl", "--device=cpu"]
+    assert "--duration=0.02" in tune and "--lr=0.005" in tune and "--ema=0.002" in tune and "--lr-decay=0" in tune
+    snapshot = str(tmp_path / "qs" / "few-step" / "net-ct.pkl")
+    for nfe, fid in ((1, fid1), (2, fid2)):
+        assert fid[:6] == ["fid.py", "calc", f"--network={snapshot}", "--ref=ref.npz", "--num=16", f"--nfe={nfe}"]
+        assert "--sampler=consistency" in fid and "--class=balanced" in fid
+        assert not any(a.startswith(("--steps-schedule", "--sampler=unipc")) for a in fid)
+    assert grid_title == "Generate 64 one-step images" and "--nfe=1" in generate and "--seeds=0-63" in generate
+    assert tuned.fid_by_nfe == {1: 12.5, 2: 12.5} and tuned.kimg == 20.0
+    assert tuned.grid == str(tmp_path / "qs" / "few-step-grid.png")
