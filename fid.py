@@ -193,10 +193,13 @@ def parse_class_option(ctx, param, value):
               callback=lambda ctx, param, value: _parse_interval(value))
 @click.option("--plot", metavar="PNG", default="fid-vs-guidance.png", show_default=True,
               help="With several --guidance values: where to plot FID (and FD-DINOv2) against w")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
+              help="With --network: measure K disjoint seed sets (the seeds, then the seeds shifted by max + 1, ...) "
+                   "and report the minimum, mean and spread (the paper: the minimum of three)")
 @common_options
 @dinov2_option
 def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, gnet, guidance, guidance_interval,
-         plot, batch, workers, detector, preprocess, device, dinov2, precision=None, **sampler_kwargs):
+         plot, repeats, batch, workers, detector, preprocess, device, dinov2, precision=None, **sampler_kwargs):
     """Compute FID (and KID, FD-DINOv2) of images, or of a network's samples, against reference statistics.
 
     With --network, the sampler options are generate.py's, and the images are those generate.py would
@@ -217,6 +220,8 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
             raise click.ClickException("give either --images=DIR|ZIP or --network=PKL (with --seeds)")
         if seeds is not None and network is None:
             raise click.ClickException("--seeds goes with --network; with --images use --num and --seed")
+        if repeats > 1 and (network is None or len(guidance) > 1):
+            raise click.ClickException(f"--repeats={repeats} goes with --network and one --guidance weight")
         seed_list = dnnlib.util.parse_int_list(seeds) if seeds is not None else list(range(num))
         ref = load_reference(ref_path) if is_statistics_file(ref_path) else None
         if ref is not None:
@@ -247,6 +252,15 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
                                                                workers), ref, metrics)
         else:
             guide = load_guide(options, sampled, device)
+            if repeats > 1:
+                denoiser = guided(sampled, guide, guidance[0], guidance_interval)
+                per_repeat = [compute_metrics(_generated_features(denoiser, decode, seed_set, class_idx, sampler_kwargs,
+                                                                  detectors, device, batch), ref, metrics)
+                              for seed_set in disjoint_seed_sets(seed_list, repeats)]
+                results = _report_repeats(per_repeat, seed_list)
+                _print_results(results)
+                dist.shutdown()
+                return
             per_weight = {}
             for w in guidance:
                 denoiser = guided(sampled, guide, w, guidance_interval)
@@ -262,6 +276,28 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
             results = per_weight[guidance[0]]
     _print_results(results)
     dist.shutdown()
+
+
+def disjoint_seed_sets(seeds: list[int], repeats: int) -> list[list[int]]:
+    """``repeats`` seed sets: ``seeds``, then ``seeds`` shifted by (max + 1), 2 (max + 1), ...: disjoint, the same size."""
+    shift = max(seeds) + 1
+    return [[s + k * shift for s in seeds] for k in range(repeats)]
+
+
+def _report_repeats(per_repeat: list[dict[str, float]], seeds: list[int]) -> dict[str, float]:
+    """One line per seed set, then each metric's minimum, mean and standard deviation (ddof 1) over the sets; returns
+    the minimum of each, as the paper reports FID (the minimum of three 50,000-image sets)."""
+    import numpy as np
+    for k, values in enumerate(per_repeat):
+        first, last = seeds[0] + k * (max(seeds) + 1), seeds[-1] + k * (max(seeds) + 1)
+        dist.print0(f"seeds {first}..{last}: " + ", ".join(f"{n.upper()} {v:g}" for n, v in values.items()))
+    summary = {}
+    for name in per_repeat[0]:
+        values = np.array([r[name] for r in per_repeat])
+        summary[name] = float(values.min())
+        dist.print0(f"{name.upper()} over {len(values)} seed sets: min {values.min():g}, mean {values.mean():g}, "
+                    f"std {values.std(ddof=1):g}")
+    return summary
 
 
 def _report_guidance_sweep(per_weight: dict[float, dict[str, float]], plot: str, num_images: int) -> None:

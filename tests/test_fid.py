@@ -267,3 +267,37 @@ def test_num_reaches_fid_py_under_torchrun_as_the_readme_writes_it(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "ambiguous option" not in output and "No such option" not in output
     assert "Error: ref.npz: cannot read reference statistics" in output, output[-2000:]
+
+
+def test_repeats_measure_disjoint_seed_sets_and_report_min_mean_and_spread(fid_detector, tmp_path, monkeypatch):
+    """--repeats=3 with --seeds=0-3: seeds 0-3, 4-7 and 8-11, each FID that of generate_images' images for them (the
+    closed form |mu|^2 + Tr(sigma) against a zero reference), then the minimum, mean and std; the minimum last."""
+    import metrics.evaluate
+    from metrics.reference import save_reference
+    from training.checkpoint import save_network_pkl
+    from training.sampling import generate_images
+
+    monkeypatch.setattr(metrics.evaluate, "frechet_distance",
+                        lambda mu1, sigma1, mu2, sigma2: float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1)))
+    net = make_tiny_net(label_dim=4)
+    pkl, ref = str(tmp_path / "net.pkl"), str(tmp_path / "ref.npz")
+    save_network_pkl(pkl, dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs={}))
+    save_reference(ref, dict(mu=np.zeros(2048), sigma=np.zeros([2048, 2048])))
+    result = _fid_cli("calc", f"--network={pkl}", "--seeds=0-3", f"--ref={ref}", "--repeats=3", "--batch=4",
+                      "--steps=3")
+    assert result.exit_code == 0, result.output
+    expected = []
+    for first in (0, 4, 8):
+        features = fid_detector(generate_images(net, list(range(first, first + 4)), num_steps=3)).numpy()
+        mu, sigma = feature_statistics(features)
+        expected.append(float(np.sum(mu ** 2) + np.trace(sigma)))
+    lines = result.output.strip().splitlines()
+    for first, value in zip((0, 4, 8), expected):
+        line = next(line for line in lines if line.startswith(f"seeds {first}..{first + 3}: FID "))
+        assert float(line.split()[-1]) == pytest.approx(value, rel=1e-5)
+    summary = next(line for line in lines if line.startswith("FID over 3 seed sets: "))
+    numbers = [float(part.split()[-1]) for part in summary.removeprefix("FID over 3 seed sets: ").split(", ")]
+    assert numbers == pytest.approx([min(expected), np.mean(expected), np.std(expected, ddof=1)], rel=1e-4)
+    assert float(lines[-1]) == pytest.approx(min(expected), rel=1e-5)
+    refused = _fid_cli("calc", f"--network={pkl}", f"--ref={ref}", "--repeats=2", "--guidance=1,2", "--gnet=uncond")
+    assert refused.exit_code != 0 and "--repeats=2 goes with --network and one --guidance weight" in refused.output

@@ -546,3 +546,138 @@ def test_a_solver_called_directly_gives_the_samplers_images(name):
     direct = SAMPLERS[name].solver(denoise, z * sigmas[0], sigmas)
     registry = SAMPLERS[name](net, z, nfe=SAMPLERS[name].solver.calls_for(6), steps_schedule=sigmas)
     assert torch.equal(direct, registry)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_and_schedule_runs_or_is_refused_before_any_call(name, monkeypatch):
+    """Every sampler with every schedule, with and without '+gaussian': it samples within its budget, or it is refused
+    with a one-line ValueError before the network is called (no search, no fit, no sampling first)."""
+    from training.sampling.time_steps import STEPS_SCHEDULES
+    monkeypatch.setattr(registry, "SEARCH_MAX_EVALS", 8)  # The search's path, not its result, is the point here.
+    for schedule in [*STEPS_SCHEDULES, *(f"{s}+gaussian" for s in STEPS_SCHEDULES)]:
+        net = CountingNet(GaussianMixtureDenoiser(dim=4, num_components=2, shape=(1, 2, 2), seed=5))
+        z = _latents(net.net, 2)
+        nfe = max(SAMPLERS[name].solver.min_nfe, 5)
+        try:
+            x = SAMPLERS[name](net, z, nfe=nfe, steps_schedule=schedule)
+        except ValueError as e:
+            assert net.calls == 0 and "\n" not in str(e), (schedule, net.calls, str(e))
+            continue
+        assert x.shape == z.shape and bool(torch.isfinite(x).all()), schedule
+
+
+# ----------------------------------------------------------------------------
+# The multistep updates pinned to their formulas on steps of unequal length in lambda (EDM's rho = 7 levels), where
+# the ratio of successive steps matters.
+
+class ScriptedDenoiser:
+    """Returns a fixed tensor per call, whatever x is: the updates' arithmetic can then be redone exactly."""
+
+    def __init__(self, outputs):
+        self.outputs, self.calls = outputs, 0
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        return self.outputs[self.calls - 1]
+
+
+def _scripted(num: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn([2, 1, 2, 2], generator=g, dtype=torch.float64) for _ in range(num)]
+
+
+def _edm_levels(n: int, rho: float = 7, lo: float = 0.002, hi: float = 80) -> list[float]:
+    return [(hi ** (1 / rho) + i / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for i in range(n)]
+
+
+def _lagrange_integral(nodes: list[float], lambda_s: float, lambda_t: float, j: int) -> float:
+    """Integral over [lambda_s, lambda_t] of e^-(lambda_t - lambda) l_j(lambda), l_j the Lagrange basis polynomial of
+    ``nodes`` (Gauss-Legendre, 40 points: exact to rounding for these smooth integrands)."""
+    u, w = np.polynomial.legendre.leggauss(40)
+    lam = lambda_s + (u + 1) / 2 * (lambda_t - lambda_s)
+    basis = np.prod([(lam - m) / (nodes[j] - m) for k, m in enumerate(nodes) if k != j], axis=0)
+    return float(np.sum(w * np.exp(-(lambda_t - lam)) * basis) * (lambda_t - lambda_s) / 2)
+
+
+def _watched(solver, levels, outputs, **options):
+    seen = []
+    solver(ScriptedDenoiser(outputs), outputs[0] * 0 + 1.0, torch.tensor(levels, dtype=torch.float64),
+           callback=lambda i, sigma, x, D: seen.append(x.clone()), **options)
+    return seen
+
+
+def test_dpmpp_2m_is_its_update_formula_on_unequal_steps():
+    """x_{i+1} = (sigma_{i+1} / sigma_i) x_i - (e^-h - 1) ((1 + 1/(2r)) D_i - 1/(2r) D_{i-1}), r = h_{i-1} / h_i,
+    h_i = lambda_{i+1} - lambda_i, lambda = -ln sigma; the first step DDIM's."""
+    levels, outputs = _edm_levels(7), _scripted(7)
+    seen = _watched(solvers.dpmpp_2m, levels, outputs)
+    lam = [-math.log(s) for s in levels]
+    x = torch.ones_like(outputs[0])
+    for i in range(len(levels) - 1):
+        torch.testing.assert_close(seen[i], x, rtol=1e-12, atol=1e-12)
+        h = lam[i + 1] - lam[i]
+        D = outputs[i]
+        if i > 0:
+            r = (lam[i] - lam[i - 1]) / h
+            assert abs(r - 1) > 0.05  # Unequal steps: a wrong r would show.
+            D = (1 + 1 / (2 * r)) * outputs[i] - 1 / (2 * r) * outputs[i - 1]
+        x = levels[i + 1] / levels[i] * x - math.expm1(-h) * D
+    torch.testing.assert_close(seen[-1], x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", [3, 4])
+def test_dpmpp_km_integrates_the_interpolating_polynomial_exactly(order):
+    """DPM-Solver++(kM): x_{i+1} = e^-h x_i + sum_j D_j integral e^-(lambda_{i+1} - lambda) l_j(lambda) dlambda over
+    the step, l_j the Lagrange polynomials through the last min(k, i + 1) lambdas (quadrature here)."""
+    levels, outputs = _edm_levels(8), _scripted(8, seed=order)
+    seen = _watched(partial_solver(order), levels, outputs)
+    lam = [-math.log(s) for s in levels]
+    x = torch.ones_like(outputs[0])
+    for i in range(len(levels) - 1):
+        torch.testing.assert_close(seen[i], x, rtol=1e-10, atol=1e-10)
+        nodes = lam[max(0, i + 1 - order):i + 1]
+        used = outputs[max(0, i + 1 - order):i + 1]
+        x = math.exp(-(lam[i + 1] - lam[i])) * x + sum(
+            _lagrange_integral(nodes, lam[i], lam[i + 1], j) * D for j, D in enumerate(used))
+    torch.testing.assert_close(seen[-1], x, rtol=1e-10, atol=1e-10)
+
+
+def partial_solver(order: int):
+    from functools import partial
+    return partial(solvers.exponential_multistep, order=order)
+
+
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+def test_unipc_is_its_predictor_corrector_formula_on_unequal_steps(variant):
+    """UniPC with a first-order predictor (Zhao et al. 2023, data prediction) written out: the predictor is DDIM's
+    step x_t = e^-h x_s + (1 - e^-h) D_s; once D_t is evaluated, the corrector redoes the step as
+    x_t = e^-h x_s + (1 - e^-h) D_s + B(h) (D_t - D_s) / 2 (one difference, r = 1, a = 1/2), B(h) = h ('bh1') or
+    1 - e^-h ('bh2'). The steps are unequal in lambda, so h differs at every step."""
+    from functools import partial
+    levels, outputs = _edm_levels(6), _scripted(6, seed=11)
+    seen = _watched(partial(solvers.unipc, predictor_order=1, variant=variant), levels, outputs)
+    lam = [-math.log(s) for s in levels]
+    B = (lambda h: h) if variant == "bh1" else (lambda h: -math.expm1(-h))
+    x = torch.ones_like(outputs[0])
+    for i in range(len(levels) - 1):
+        torch.testing.assert_close(seen[i], x, rtol=1e-12, atol=1e-12)
+        if i > 0:  # Correct the step from i - 1 now that D_i is known.
+            h = lam[i] - lam[i - 1]
+            x_prev = previous
+            x = math.exp(-h) * x_prev - math.expm1(-h) * outputs[i - 1] + B(h) * 0.5 * (outputs[i] - outputs[i - 1])
+        previous = x
+        h = lam[i + 1] - lam[i]
+        x = math.exp(-h) * x - math.expm1(-h) * outputs[i]
+    assert len(seen) == len(levels)
+
+
+def test_rho_reaches_the_named_samplers_edm_levels():
+    """--rho with a named sampler on the 'edm' schedule: the levels the solver runs at are Eq. 5's with that rho."""
+    from training.sampling import run_sampler
+    net = GaussianMixtureDenoiser(dim=4, num_components=2, shape=(1, 2, 2))
+    z = _latents(net, 2)
+    for rho in (3.0, 7.0):
+        seen = []
+        run_sampler(net, z, sampler="dpmpp_2m", nfe=6, steps_schedule="edm", rho=rho,
+                    callback=lambda i, sigma, x, D: seen.append(float(sigma)))
+        assert seen == pytest.approx(_edm_levels(6, rho=rho), rel=1e-12)

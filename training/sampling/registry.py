@@ -63,17 +63,19 @@ class Sampler:
             raise ValueError(f"S_churn/S_min/S_max: churn (Algorithm 2) applies to the paper's samplers 'heun' and "
                              f"'euler', not to '{name}'")
         sigmas, gaussian = self.levels(net, latents, nfe, steps_schedule, sigma_min, sigma_max, rho)
+        return self.sample(net, latents, class_labels, sigmas, gaussian, randn_like, callback, churn)
+
+    def sample(self, net, latents: torch.Tensor, class_labels: torch.Tensor | None, sigmas: torch.Tensor,
+               gaussian: bool = False, randn_like: RandnLike = torch.randn_like,
+               callback: StepCallback | None = None, churn: Churn = Churn()) -> torch.Tensor:
+        """The solver on ``sigmas`` from x = latents sigmas[0]; with ``gaussian``, x first goes from sigmas[0]
+        to sigmas[1] analytically (``gaussian_model``) and the network is called from sigmas[1] on. The paper's
+        samplers run the paper's ``solve`` (Algorithm 1, with ``churn`` Algorithm 2) to sigma = 0."""
         if self.paper_step is not None:
             flow = ProbabilityFlow(linear_schedule(), no_scaling())
             return solve(net, latents, class_labels, append_zero(sigmas), flow, self.paper_step, churn, randn_like,
                          callback)
-        return self.sample(net, latents, class_labels, sigmas, gaussian, randn_like, callback)
 
-    def sample(self, net, latents: torch.Tensor, class_labels: torch.Tensor | None, sigmas: torch.Tensor,
-               gaussian: bool = False, randn_like: RandnLike = torch.randn_like,
-               callback: StepCallback | None = None) -> torch.Tensor:
-        """The solver on ``sigmas`` from x = latents sigmas[0]; with ``gaussian``, x first goes from sigmas[0]
-        to sigmas[1] analytically (``gaussian_model``) and the network is called from sigmas[1] on."""
         def denoise(x, sigma):
             return net(x, sigma, class_labels).to(torch.float64)
 
