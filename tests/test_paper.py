@@ -211,7 +211,7 @@ def _load(outdir, name: str) -> dict:
 def test_smoke_writes_every_promised_file(smoke):
     import PIL.Image
     outdir = smoke["outdir"]
-    for name in ("table2", "fig2", "fig4"):
+    for name in ("table2", "fig2", "fig5b"):
         assert PIL.Image.open(outdir / f"{name}.png").format == "PNG"
         assert (outdir / f"{name}.md").read_text().startswith("**")
         data = _load(outdir, name)
@@ -240,7 +240,7 @@ def test_smoke_table2_numbers_and_markdown_agree(smoke):
     assert len(data["steps"]) == 5 and data["ordering"]["paper"] == "F < E < D < C < B < A"
 
 
-def test_smoke_fig2_and_fig4_curves_and_markdown_agree(smoke):
+def test_smoke_fig2_and_fig5b_curves_and_markdown_agree(smoke):
     fig2 = _load(smoke["outdir"], "fig2")
     assert list(fig2["networks"]) == ["A", "F"] and list(fig2["samplers"]) == ["original", "heun_edm_steps", "edm"]
     rows = iter(_markdown_rows((smoke["outdir"] / "fig2.md").read_text(), "network"))
@@ -251,30 +251,30 @@ def test_smoke_fig2_and_fig4_curves_and_markdown_agree(smoke):
             for p in points:
                 assert next(rows) == [network["title"], fig2["samplers"][sampler]["title"], str(p["nfe"]),
                                       f"{p['fid']:.2f}"]
-    fig4 = _load(smoke["outdir"], "fig4")
-    assert fig4["network"]["config"] == "A" and [p["S_churn"] for p in fig4["points"]] == [0, 40]
+    fig5b = _load(smoke["outdir"], "fig5b")
+    assert fig5b["network"]["config"] == "A" and [p["S_churn"] for p in fig5b["points"]] == [0, 40]
     # Algorithm 2's gamma_i = min(S_churn / N, sqrt(2) - 1) at N = 3 steps: 0, and 40 / 3 capped.
-    assert [p["gamma"] for p in fig4["points"]] == [0, pytest.approx(2 ** 0.5 - 1)]
-    rows = _markdown_rows((smoke["outdir"] / "fig4.md").read_text(), "S_churn")
-    assert rows == [[f"{p['S_churn']:g}", f"{p['gamma']:.3f}", f"{p['fid']:.2f}"] for p in fig4["points"]]
+    assert [p["gamma"] for p in fig5b["points"]] == [0, pytest.approx(2 ** 0.5 - 1)]
+    rows = _markdown_rows((smoke["outdir"] / "fig5b.md").read_text(), "S_churn")
+    assert rows == [[f"{p['S_churn']:g}", f"{p['gamma']:.3f}", f"{p['fid']:.2f}"] for p in fig5b["points"]]
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])
-def test_fig4_churn_values_are_distinct_samplers(name):
+def test_fig5b_churn_values_are_distinct_samplers(name):
     """Past S_churn = N (sqrt(2) - 1), Algorithm 2's gamma_i is capped and every S_churn is the same sampler, so a
     size's curve has at most one point there (the cpu size's first run had S_churn 10-80 at 18 steps: four
     identical FIDs)."""
     from benchmarks.paper.configs import SIZES
     size = SIZES[name]
-    cap = size.fig4_steps * (2 ** 0.5 - 1)
-    assert list(size.fig4_churn) == sorted(set(size.fig4_churn)) and size.fig4_churn[0] == 0
-    assert sum(churn >= cap for churn in size.fig4_churn) <= 1 and len(size.fig4_churn) >= 5
+    cap = size.fig5b_steps * (2 ** 0.5 - 1)
+    assert list(size.fig5b_churn) == sorted(set(size.fig5b_churn)) and size.fig5b_churn[0] == 0
+    assert sum(churn >= cap for churn in size.fig5b_churn) <= 1 and len(size.fig5b_churn) >= 5
 
 
 def test_rerun_skips_every_finished_piece(smoke):
     assert smoke["after"] == smoke["before"]  # No training run, snapshot or evaluation was written again.
     for line in ("table2: 13 pieces (0 run now, 13 done before)", "fig2: 11 pieces (0 run now, 11 done before)",
-                 "fig4: 4 pieces (0 run now, 4 done before)"):
+                 "fig5b: 4 pieces (0 run now, 4 done before)"):
         assert line in smoke["second"]
 
 

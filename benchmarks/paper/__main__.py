@@ -3,7 +3,7 @@ Fashion-MNIST, one command each (docs/paper-miniature.md).
 
     python -m benchmarks.paper table2 --size=cpu     # configs A-F x 3 seeds, FID at NFE 35
     python -m benchmarks.paper fig2 --size=cpu       # FID against NFE per sampler step, VP and EDM networks
-    python -m benchmarks.paper fig4 --size=cpu       # FID against S_churn
+    python -m benchmarks.paper fig5b --size=cpu       # FID against S_churn
     python -m benchmarks.paper all --size=cpu        # the three, about two hours on two CPU cores
 
 Every command is resumable: run it again and finished pieces are skipped. --size=gpu is bigger (more images, a
@@ -89,17 +89,17 @@ def fig2(size, outdir, device):
 
 @main.command()
 @common_options
-@click.option("--config", type=click.Choice(list(TABLE2)), default=experiments.FIG4_DEFAULT_CONFIG,
+@click.option("--config", type=click.Choice(list(TABLE2)), default=experiments.FIG5B_DEFAULT_CONFIG,
               show_default=True, help="The network: Table 2's config (its first training seed)")
-def fig4(size, outdir, device, config):
+def fig5b(size, outdir, device, config):
     """Stochastic sampling (Section 4): FID against S_churn of Algorithm 2 for one network."""
-    run_experiments(open_workspace(size, outdir, device), ["fig4"], fig4=dict(config=config))
+    run_experiments(open_workspace(size, outdir, device), ["fig5b"], fig5b=dict(config=config))
 
 
 @main.command(name="all")
 @common_options
 def run_all(size, outdir, device):
-    """Table 2, then Figure 2, then Figure 4 (which reuse Table 2's networks)."""
+    """Table 2, then Figure 2, then Figure 5b (which reuse Table 2's networks)."""
     run_experiments(open_workspace(size, outdir, device), list(experiments.EXPERIMENTS))
 
 

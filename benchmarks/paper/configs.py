@@ -89,9 +89,9 @@ class Size:
     fig2_samples: int             # Generated images per Figure 2 point.
     fig2_euler_steps: tuple[int, ...]  # Steps of the original (Euler) sampler: NFE = steps.
     fig2_heun_steps: tuple[int, ...]   # Steps of the Heun samplers: NFE = 2 steps - 1.
-    fig4_samples: int             # Generated images per Figure 4 point.
-    fig4_steps: int               # Heun steps of Algorithm 2.
-    fig4_churn: tuple[float, ...]  # S_churn values. Algorithm 2's gamma_i = min(S_churn / steps, sqrt(2) - 1)
+    fig5b_samples: int            # Generated images per Figure 5b point.
+    fig5b_steps: int              # Heun steps of Algorithm 2.
+    fig5b_churn: tuple[float, ...] # S_churn values. Algorithm 2's gamma_i = min(S_churn / steps, sqrt(2) - 1)
                                    # stops growing at S_churn = 0.414 steps (7.5 at 18 steps): one value past it.
     batch: int = 100              # Sampling and detector batch.
     tick_kimg: float = 1          # Training status line every this many kimg (log.txt).
@@ -104,18 +104,18 @@ SIZES: dict[str, Size] = {
     # Every stage at toy size, for CI (a few minutes; most of it is the 2048-dimensional FID of each piece).
     "smoke": Size(name="smoke", kimg=0.032, seeds=(0,), batch_scale=1 / 32, cbase=4, blocks=1, train_images=256,
                   num_ref=32, table2_samples=16, table2_steps=4, fig2_samples=16, fig2_euler_steps=(2, 4),
-                  fig2_heun_steps=(2,), fig4_samples=16, fig4_steps=3, fig4_churn=(0, 40), batch=16,
+                  fig2_heun_steps=(2,), fig5b_samples=16, fig5b_steps=3, fig5b_churn=(0, 40), batch=16,
                   tick_kimg=0.016),
     # About two hours on two CPU cores, one thread (docs/paper-miniature.md: the measured pieces behind it).
     "cpu": Size(name="cpu", kimg=6.4, seeds=(0, 1, 2), batch_scale=1 / 16, cbase=16, blocks=1, train_images=5000,
                 num_ref=1000, table2_samples=200, table2_steps=18, fig2_samples=100,
-                fig2_euler_steps=(8, 16, 32, 64, 128), fig2_heun_steps=(3, 5, 9, 18, 32), fig4_samples=200,
-                fig4_steps=18, fig4_churn=(0, 1, 2, 4, 6, 10)),
+                fig2_euler_steps=(8, 16, 32, 64, 128), fig2_heun_steps=(3, 5, 9, 18, 32), fig5b_samples=200,
+                fig5b_steps=18, fig5b_churn=(0, 1, 2, 4, 6, 10)),
     # One modern GPU, about an hour (estimated from the quickstart's GPU rates, not measured).
     "gpu": Size(name="gpu", kimg=128, seeds=(0, 1, 2), batch_scale=1 / 4, cbase=64, blocks=2, train_images=5000,
                 num_ref=5000, table2_samples=5000, table2_steps=18, fig2_samples=2000,
                 fig2_euler_steps=(8, 16, 32, 64, 128, 256, 512), fig2_heun_steps=(3, 5, 9, 18, 32, 64),
-                fig4_samples=5000, fig4_steps=18, fig4_churn=(0, 1, 2, 4, 6, 10), batch=500, tick_kimg=10),
+                fig5b_samples=5000, fig5b_steps=18, fig5b_churn=(0, 1, 2, 4, 6, 10), batch=500, tick_kimg=10),
 }
 
 

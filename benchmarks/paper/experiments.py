@@ -5,9 +5,9 @@ writes ``<name>.json`` (every number), ``<name>.md`` (the table) and ``<name>.pn
   sampler at its NFE.
 - ``fig2``: FID against NFE for the VP baseline (config A) and the EDM-trained network (config F) under the
   original sampler and the sampler improvements of Section 3 (Figure 2, the columns of Table 1).
-- ``fig4``: FID against S_churn of Algorithm 2 for one network (Section 4, Figure 4).
+- ``fig5b``: FID against S_churn of Algorithm 2 for one network (Section 4, Figure 5b).
 
-The networks of ``fig2`` and ``fig4`` are ``table2``'s runs of the first training seed; whichever command runs
+The networks of ``fig2`` and ``fig5b`` are ``table2``'s runs of the first training seed; whichever command runs
 first trains them.
 """
 
@@ -33,8 +33,8 @@ FIG2_SAMPLERS = {
                 kwargs=dict(solver="heun", discretization="edm", schedule="linear", scaling="none")),
 }
 FIG2_NETWORKS = {"A": "VP baseline (config A)", "F": "EDM-trained (config F)"}
-FIG4_DEFAULT_CONFIG = "A"  # The paper's Figure 4 evaluates the baseline networks.
-FIG4_SAMPLER = "Algorithm 2 with S_min = 0, S_max = inf, S_noise = 1"  # Only S_churn varies.
+FIG5B_DEFAULT_CONFIG = "A"  # The paper's Figure 5b evaluates the baseline networks.
+FIG5B_SAMPLER = "Algorithm 2 with S_min = 0, S_max = inf, S_noise = 1"  # Only S_churn varies.
 
 
 def nfe_of(solver: str, num_steps: int) -> int:
@@ -150,38 +150,38 @@ def fig2(ws: Workspace) -> RunSummary:
 
 
 # ----------------------------------------------------------------------------
-# Figure 4 (Section 4: stochastic sampling).
+# Figure 5b (Section 4: stochastic sampling).
 
-def fig4_fid_piece(ws: Workspace, config: str, churn: float) -> Piece:
+def fig5b_fid_piece(ws: Workspace, config: str, churn: float) -> Piece:
     seed = ws.size.seeds[0]
-    kwargs = dict(num_steps=ws.size.fig4_steps, S_churn=churn)
-    return ws.fid_piece(f"eval/fig4/{config}-seed{seed}-churn{churn:g}.json", f"FID {config} S_churn {churn:g}",
-                        config, seed, kwargs, ws.size.fig4_samples)
+    kwargs = dict(num_steps=ws.size.fig5b_steps, S_churn=churn)
+    return ws.fid_piece(f"eval/fig5b/{config}-seed{seed}-churn{churn:g}.json", f"FID {config} S_churn {churn:g}",
+                        config, seed, kwargs, ws.size.fig5b_samples)
 
 
-def fig4(ws: Workspace, config: str = FIG4_DEFAULT_CONFIG) -> RunSummary:
+def fig5b(ws: Workspace, config: str = FIG5B_DEFAULT_CONFIG) -> RunSummary:
     """FID against S_churn (Algorithm 2; S_min, S_max and S_noise at their neutral values) for one trained
     network."""
     from training.sampling import Churn
     check_config(config)
     machine = machine_description(ws.device)
     seed = ws.size.seeds[0]
-    pieces = [ws.floor_piece(ws.size.fig4_samples), ws.train_piece(config, seed)]
-    pieces += [fig4_fid_piece(ws, config, churn) for churn in ws.size.fig4_churn]
-    summary = ws.run(pieces, "Figure 4")
-    points = [dict(S_churn=churn, gamma=Churn(S_churn=churn).gamma(1.0, ws.size.fig4_steps),
-                   fid=ws.result(fig4_fid_piece(ws, config, churn))["fid"]) for churn in ws.size.fig4_churn]
+    pieces = [ws.floor_piece(ws.size.fig5b_samples), ws.train_piece(config, seed)]
+    pieces += [fig5b_fid_piece(ws, config, churn) for churn in ws.size.fig5b_churn]
+    summary = ws.run(pieces, "Figure 5b")
+    points = [dict(S_churn=churn, gamma=Churn(S_churn=churn).gamma(1.0, ws.size.fig5b_steps),
+                   fid=ws.result(fig5b_fid_piece(ws, config, churn))["fid"]) for churn in ws.size.fig5b_churn]
     data = dict(
-        _header(ws, "fig4", summary, machine),
+        _header(ws, "fig5b", summary, machine),
         network=dict(config=config, seed=seed, title=f"{TABLE2[config].title} (config {config}, seed {seed})"),
-        protocol=dict(num_samples=ws.size.fig4_samples, num_ref=ws.size.num_ref, steps=ws.size.fig4_steps,
-                      nfe=nfe_of("heun", ws.size.fig4_steps), sampler=FIG4_SAMPLER, floor=_floor(ws, ws.size.fig4_samples)),
+        protocol=dict(num_samples=ws.size.fig5b_samples, num_ref=ws.size.num_ref, steps=ws.size.fig5b_steps,
+                      nfe=nfe_of("heun", ws.size.fig5b_steps), sampler=FIG5B_SAMPLER, floor=_floor(ws, ws.size.fig5b_samples)),
         points=points)
-    _finish(ws, "fig4", data, report.fig4_markdown, report.plot_fig4)
+    _finish(ws, "fig5b", data, report.fig5b_markdown, report.plot_fig5b)
     return summary
 
 
-EXPERIMENTS = {"table2": table2, "fig2": fig2, "fig4": fig4}
+EXPERIMENTS = {"table2": table2, "fig2": fig2, "fig5b": fig5b}
 
 
 def outputs(ws: Workspace, name: str) -> list[str]:

@@ -127,7 +127,7 @@ class Workspace:
         """(file, first embedded image, count): the training images, the held-out reference images, and the floor's
         real images (held-out after the reference where enough are left, else the first training images)."""
         size = self.size
-        num_floor = max(size.table2_samples, size.fig2_samples, size.fig4_samples)
+        num_floor = max(size.table2_samples, size.fig2_samples, size.fig5b_samples)
         if size.train_images > HELD_OUT_START or size.num_ref > NUM_SOURCE_IMAGES - HELD_OUT_START:
             raise ValueError(f"size '{size.name}': at most {HELD_OUT_START} training and {HELD_OUT_START} "
                              f"reference images")

@@ -1,5 +1,5 @@
 """Markdown tables and plots of the miniature, made from the experiments' JSON results only (nothing is computed
-twice): ``table2_markdown`` / ``plot_table2``, ``fig2_markdown`` / ``plot_fig2``, ``fig4_markdown`` / ``plot_fig4``.
+twice): ``table2_markdown`` / ``plot_table2``, ``fig2_markdown`` / ``plot_fig2``, ``fig5b_markdown`` / ``plot_fig5b``.
 FIDs are shown with two decimals."""
 
 from __future__ import annotations
@@ -170,9 +170,9 @@ def plot_fig2(data: dict, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Figure 4.
+# Figure 5b.
 
-FIG4_COLUMNS = ("S_churn", "gamma_i", "FID")
+FIG5B_COLUMNS = ("S_churn", "gamma_i", "FID")
 
 
 def churn_cap(steps: int) -> float:
@@ -180,7 +180,7 @@ def churn_cap(steps: int) -> float:
     return steps * (2 ** 0.5 - 1)
 
 
-def fig4_markdown(data: dict) -> str:
+def fig5b_markdown(data: dict) -> str:
     """FID at each S_churn of Algorithm 2 for one network."""
     protocol = data["protocol"]
     head = (f"**Stochastic sampling in miniature** (size `{data['size']}`; {machine_line(data['machine'])}). "
@@ -192,10 +192,10 @@ def fig4_markdown(data: dict) -> str:
     tail = (f"Lowest FID {fmt(best['fid'])} at S_churn {best['S_churn']:g} (0 is the deterministic sampler). "
             f"gamma_i = min(S_churn / {protocol['steps']}, sqrt(2) - 1) at every step (Algorithm 2): larger S_churn "
             f"than {churn_cap(protocol['steps']):.2f} is the same sampler.")
-    return "\n".join([head, "", *markdown_table(FIG4_COLUMNS, rows), "", tail]) + "\n"
+    return "\n".join([head, "", *markdown_table(FIG5B_COLUMNS, rows), "", tail]) + "\n"
 
 
-def plot_fig4(data: dict, path: str) -> None:
+def plot_fig5b(data: dict, path: str) -> None:
     fig, axes = _figure(width=5.2)
     ax = axes[0, 0]
     points = data["points"]
