@@ -4,9 +4,11 @@
   python plot_run.py RUN_A RUN_B --out=compare.png
 
 A dashboard shows, where the run logged them: the loss against kimg (smoothed), the loss by noise level at a few
-points in training (EDM's Fig. 5 view), FID/KID against kimg (metrics.jsonl, from train.py --metrics), the
-learning rate and the EMA half-life, images per second, memory, and the latest sample grid. It reads only
-stats.jsonl, metrics.jsonl and samples-*.png; nothing is computed again.
+points in training (EDM's Fig. 5 view, without the untrained tick 0), FID/KID/FD-DINOv2 against kimg, a line per
+network (metrics.jsonl, from train.py --metrics), the learning rate and the EMA half-life, images per second,
+memory, and the latest sample grid. The loss axes are logarithmic only when every value on them is positive
+(EDM2's loss, with its learned log-variance term, goes below zero). It reads only stats.jsonl, metrics.jsonl and
+samples-*.png; nothing is computed again. ``build_dashboard`` returns the matplotlib figure and its axes by panel.
 """
 
 from __future__ import annotations
@@ -16,11 +18,17 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 
 import dnnlib
+
+if TYPE_CHECKING:
+    import matplotlib.axes
+    import matplotlib.figure
 
 SAMPLES = re.compile(r"samples-(\d+(?:\.\d+)?)\.png$")
 
@@ -30,10 +38,38 @@ class NotARunError(ValueError):
 
 
 def read_jsonl(path: str) -> list[dict]:
+    """One dict per line of ``path`` ([] without the file). A last line without its newline that is not JSON yet
+    is a running training's line being written, and is left out; any other bad line is a one-line error."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.readlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) and not line.endswith("\n"):
+                break
+            raise NotARunError(f"{path}:{number}: not a JSON line") from None
+        if not isinstance(record, dict):
+            raise NotARunError(f"{path}:{number}: not a JSON object")
+        records.append(record)
+    return records
+
+
+METRIC_KEYS = ("kimg", "metric", "value", "network")
+
+
+def check_metrics(path: str, records: list[dict]) -> list[dict]:
+    """The records of ``metrics.jsonl``, each with kimg, metric, value and network, or a one-line error."""
+    for number, record in enumerate(records, start=1):
+        missing = [key for key in METRIC_KEYS if key not in record]
+        if missing:
+            raise NotARunError(f"{path}: record {number} has no {', '.join(missing)}")
+    return records
 
 
 def load_run(run_dir: str) -> dict:
@@ -43,9 +79,10 @@ def load_run(run_dir: str) -> dict:
     stats = read_jsonl(os.path.join(run_dir, "stats.jsonl"))
     if not stats:
         raise NotARunError(f"{run_dir}: not a training run (no stats.jsonl with any tick in it)")
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
     grids = sorted((float(m.group(1)), name) for name in os.listdir(run_dir) if (m := SAMPLES.match(name)))
     return dict(name=os.path.basename(os.path.normpath(run_dir)), stats=stats,
-                metrics=read_jsonl(os.path.join(run_dir, "metrics.jsonl")),
+                metrics=check_metrics(metrics_path, read_jsonl(metrics_path)),
                 grid=os.path.join(run_dir, grids[-1][1]) if grids else None)
 
 
@@ -86,7 +123,20 @@ def loss_by_sigma(stat: dict, buckets) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------
 # Panels: each draws on an axis and says whether it had data.
 
+def value_scale(values: list[np.ndarray]) -> str:
+    """The y scale that shows every value: "log" when all are positive, else "linear" (EDM2's loss, with its
+    learned log-variance term, goes below zero and would fall off a log axis)."""
+    flat = np.concatenate([np.ravel(v) for v in values]) if values else np.array([])
+    return "log" if flat.size and bool((flat > 0).all()) else "linear"
+
+
+def plotted_y(ax) -> list[np.ndarray]:
+    """The y data of every line on ``ax``."""
+    return [np.asarray(line.get_ydata(), dtype=np.float64) for line in ax.get_lines()]
+
+
 def panel_loss(ax, runs: list[dict]) -> bool:
+    """The loss against kimg, raw (faint) and smoothed, on a log axis only when every value is positive."""
     drawn = False
     for run in runs:
         kimg, loss = series(run["stats"], "Loss/loss")
@@ -94,16 +144,27 @@ def panel_loss(ax, runs: list[dict]) -> bool:
             line, = ax.plot(kimg, loss, alpha=0.25)
             ax.plot(kimg, smooth(loss), color=line.get_color(), label=run["name"])
             drawn = True
-    ax.set(title="Training loss (smoothed)", xlabel="kimg", ylabel="loss", yscale="log")
+    ax.set(title="Training loss (smoothed)", xlabel="kimg", ylabel="loss", yscale=value_scale(plotted_y(ax)))
     return drawn
 
 
+def trained_ticks(ticks: list[dict]) -> list[dict]:
+    """``ticks`` without tick 0 (one step from the initial network, whose loss dwarfs the rest) when later ticks
+    exist. Tick 0 is ``Progress/tick`` 0 (a resumed run continues the count), else the first tick logged."""
+    if any("Progress/tick" in s for s in ticks):
+        later = [s for s in ticks if s.get("Progress/tick", {}).get("mean") != 0]
+    else:
+        later = ticks[1:]
+    return later or ticks
+
+
 def panel_loss_by_sigma(ax, runs: list[dict], points: int = 4) -> bool:
-    """The loss by sigma at ``points`` ticks spread over the run (one run), or at the last tick (several)."""
+    """The loss by sigma at ``points`` ticks spread over the run (one run), or at the last tick (several); tick 0
+    left out when there are later ticks, and a log y axis only when every value is positive."""
     drawn = False
     for run in runs:
         buckets = sigma_buckets(run["stats"])
-        ticks = [s for s in run["stats"] if any(name in s and s[name]["num"] for name, _, _ in buckets)]
+        ticks = trained_ticks([s for s in run["stats"] if any(name in s and s[name]["num"] for name, _, _ in buckets)])
         if not ticks:
             continue
         chosen = [ticks[-1]] if len(runs) > 1 else [ticks[i] for i in sorted(set(
@@ -113,22 +174,37 @@ def panel_loss_by_sigma(ax, runs: list[dict], points: int = 4) -> bool:
             label = run["name"] if len(runs) > 1 else f"{tick['Progress/kimg']['mean']:g} kimg"
             ax.plot(x, y, "o-", markersize=3, label=label)
             drawn = True
-    ax.set(title="Loss by noise level", xlabel="sigma", ylabel="mean loss", xscale="log")
+    ax.set(title="Loss by noise level", xlabel="sigma", ylabel="mean loss", xscale="log",
+           yscale=value_scale(plotted_y(ax)))
     return drawn
 
 
+METRIC_NAMES = {"fid": "FID", "kid": "KID", "fd_dinov2": "FD-DINOv2"}
+
+
+def metric_points(records: list[dict], metric: str, network: str) -> tuple[np.ndarray, np.ndarray]:
+    """(kimg, value) of one metric of one network, by kimg, finite values only."""
+    points = sorted((float(r["kimg"]), float(r["value"])) for r in records
+                    if r["metric"] == metric and r["network"] == network and r["value"] is not None
+                    and math.isfinite(r["value"]))
+    return np.array([p[0] for p in points]), np.array([p[1] for p in points])
+
+
 def panel_metric(ax, runs: list[dict], metric: str) -> bool:
+    """One metric (metrics.jsonl) against kimg: a line per network (and run)."""
     drawn = False
     for run in runs:
         networks = dict.fromkeys(r["network"] for r in run["metrics"] if r["metric"] == metric)
         for network in networks:
-            rows = [r for r in run["metrics"] if r["metric"] == metric and r["network"] == network]
-            label = network if len(runs) == 1 else f"{run['name']} {network}"
-            ax.plot([r["kimg"] for r in rows], [r["value"] for r in rows], "o-", markersize=3, label=label)
-            drawn = True
-    num = {r["num_images"] for run in runs for r in run["metrics"] if r["metric"] == metric}
-    ax.set(title=f"{metric.upper()} ({', '.join(str(n) for n in sorted(num))} images)", xlabel="kimg",
-           ylabel=metric.upper())
+            kimg, value = metric_points(run["metrics"], metric, network)
+            if len(kimg):
+                label = network if len(runs) == 1 else f"{run['name']} {network}"
+                ax.plot(kimg, value, "o-", markersize=3, label=label)
+                drawn = True
+    name = METRIC_NAMES.get(metric, metric.upper())
+    num = {r["num_images"] for run in runs for r in run["metrics"] if r["metric"] == metric and "num_images" in r}
+    images = f" ({', '.join(str(n) for n in sorted(num))} images)" if num else ""
+    ax.set(title=f"{name}{images}", xlabel="kimg", ylabel=name)
     return drawn
 
 
@@ -196,8 +272,15 @@ def panels_for(runs: list[dict]) -> list[tuple[str, callable]]:
     return panels
 
 
-def dashboard(runs: list[dict], out: str, title: str) -> list[str]:
-    """Write one PNG with a panel per kind of data the runs have; returns the titles of the panels drawn."""
+@dataclass
+class Dashboard:
+    """A drawn dashboard: the matplotlib Figure and its axes by panel name, in dashboard order."""
+    figure: matplotlib.figure.Figure
+    axes: dict[str, matplotlib.axes.Axes]
+
+
+def build_dashboard(runs: list[dict], title: str) -> Dashboard:
+    """The figure with a panel per kind of data the runs have (a panel without data leaves no gap)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -206,11 +289,11 @@ def dashboard(runs: list[dict], out: str, title: str) -> list[str]:
     cols = 3
     rows = math.ceil(len(candidates) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), dpi=100, squeeze=False)
-    drawn, slots = [], list(axes.flat)
+    drawn, slots = {}, list(axes.flat)
     for name, draw in candidates:
         ax = slots[len(drawn)]
         if draw(ax):
-            drawn.append(name)
+            drawn[name] = ax
             ax.grid(True, alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize="small")
@@ -220,11 +303,24 @@ def dashboard(runs: list[dict], out: str, title: str) -> list[str]:
         fig.delaxes(ax)
     fig.suptitle(title)
     fig.tight_layout()
+    return Dashboard(fig, drawn)
+
+
+def save_dashboard(board: Dashboard, out: str) -> None:
+    """Write the dashboard as a PNG at ``out`` (atomically) and close its figure."""
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
+    board.figure.savefig(buffer, format="png")
+    plt.close(board.figure)
     dnnlib.util.atomic_write_bytes(out, buffer.getvalue())
-    return drawn
+
+
+def dashboard(runs: list[dict], out: str, title: str) -> list[str]:
+    """Write one PNG with a panel per kind of data the runs have; returns the names of the panels drawn."""
+    board = build_dashboard(runs, title)
+    save_dashboard(board, out)
+    return list(board.axes)
 
 
 def plot_runs(run_dirs: list[str], out: str | None = None) -> dict[str, list[str]]:

@@ -319,6 +319,16 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("fid.py calc --repeats: the seed sets overlap", "fid.py",
        "    shift = max(seeds) + 1\n", "    shift = 1\n",
        "tests/test_fid.py::test_repeats_measure_disjoint_seed_sets_and_report_min_mean_and_spread"),
+    # --- plot_run.py: the dashboard shows the truth.
+    _m("plot_run: the loss on a log axis whatever its sign", "plot_run.py",
+       'ylabel="loss", yscale=value_scale(plotted_y(ax))', 'ylabel="loss", yscale="log"',
+       "tests/test_plot_run.py::test_a_loss_below_zero_is_on_a_linear_axis_that_holds_it"),
+    _m("plot_run: loss by sigma scaled by the untrained tick 0", "plot_run.py",
+       "ticks = trained_ticks([s for s", "ticks = ([s for s",
+       "tests/test_plot_run.py::test_loss_by_sigma_leaves_out_tick_0_when_later_ticks_exist"),
+    _m("plot_run: every network's metric values on each network's line", "plot_run.py",
+       'r["metric"] == metric and r["network"] == network and r["value"]', 'r["metric"] == metric and r["value"]',
+       "tests/test_plot_run.py::test_metrics_panels_come_with_metrics_jsonl_a_line_per_network"),
     # --- Consistency tuning.
     _m("consistency: the gap t - r halves one stage late", "training/loss.py",
        "return (t * (1 - n / q ** (stage + 1))).clamp(min=0)", "return (t * (1 - n / q ** stage)).clamp(min=0)",

@@ -11,7 +11,9 @@ import PIL.Image
 import pytest
 from click.testing import CliRunner
 
-from plot_run import load_run, main, plot_runs, smooth
+import numpy as np
+
+from plot_run import build_dashboard, load_run, main, plot_runs, smooth
 from test_training_loop import tiny_config
 from training.loop.training_loop import training_loop
 
@@ -76,3 +78,107 @@ def test_a_folder_that_is_not_a_run_is_one_line(tmp_path):
 
 def test_smoothing_is_an_exponential_moving_average():
     assert smooth([0.0, 3.0, 3.0], span=2).tolist() == pytest.approx([0, 2, 8 / 3])
+
+
+# ----------------------------------------------------------------------------
+# Synthetic runs in the format of training/loop/progress.py: the axes hold the data, at a scale that shows it.
+
+BUCKETS = ("Loss/sigma_0.002-0.01", "Loss/sigma_0.2-0.5", "Loss/sigma_20-80")
+
+
+def stat(mean: float, num: int = 8) -> dict:
+    return dict(num=num, mean=mean, std=0.1)
+
+
+def write_run(run_dir, losses: list[float], by_sigma: list[tuple[float, ...]], metrics: list[dict] | None = None):
+    """stats.jsonl with tick i at kimg 0.5 i, its loss and its loss in each of BUCKETS; metrics.jsonl if given."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "stats.jsonl"), "w") as f:
+        for tick, (loss, buckets) in enumerate(zip(losses, by_sigma)):
+            line = {"Progress/tick": stat(tick, 1), "Progress/kimg": stat(0.5 * tick, 1), "Loss/loss": stat(loss)}
+            line.update((name, stat(value)) for name, value in zip(BUCKETS, buckets))
+            f.write(json.dumps(dict(line, timestamp=1e9 + tick)) + "\n")
+    if metrics is not None:
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(dict(record, num_images=64, seconds=1.0)) + "\n" for record in metrics)
+    return str(run_dir)
+
+
+# EDM2: the loss with its learned log-variance term starts near 1 and goes below zero.
+EDM2_LOSS = [1.1, 0.4, -0.2, -0.6, -0.9, -1.0]
+EDM2_BY_SIGMA = [(1.5, 1.2, 1.0), (0.2, 0.5, 0.3), (-0.5, -0.1, -0.2), (-0.9, -0.4, -0.5), (-1.2, -0.6, -0.8),
+                 (-1.3, -0.7, -0.9)]
+# DDPM++ (EDM's loss): positive throughout; tick 0 (the initial network) dwarfs the rest.
+DDPMPP_LOSS = [40.0, 0.9, 0.6, 0.5, 0.45, 0.4]
+DDPMPP_BY_SIGMA = [(500.0, 30.0, 2.0), (0.05, 0.4, 0.9), (0.03, 0.3, 0.8), (0.025, 0.28, 0.75), (0.02, 0.26, 0.7),
+                   (0.02, 0.25, 0.7)]
+
+
+def board_of(run_dir: str):
+    """The dashboard of one run, its figure closed (the axes keep their data)."""
+    import matplotlib.pyplot as plt
+
+    board = build_dashboard([load_run(run_dir)], "test")
+    plt.close(board.figure)
+    return board
+
+
+def assert_limits_hold_every_line(ax):
+    lo, hi = ax.get_ylim()
+    values = np.concatenate([line.get_ydata() for line in ax.get_lines()])
+    assert len(values) and lo <= values.min() and values.max() <= hi, (lo, hi, values.min(), values.max())
+
+
+def test_a_loss_below_zero_is_on_a_linear_axis_that_holds_it(tmp_path):
+    axes = board_of(write_run(tmp_path / "edm2", EDM2_LOSS, EDM2_BY_SIGMA)).axes
+    for name in ("loss", "loss by sigma"):
+        assert axes[name].get_yscale() == "linear", name
+        assert_limits_hold_every_line(axes[name])
+    raw = axes["loss"].get_lines()[0].get_ydata()
+    assert list(raw) == pytest.approx(EDM2_LOSS)
+
+
+def test_a_positive_loss_is_on_a_log_axis_that_holds_it(tmp_path):
+    axes = board_of(write_run(tmp_path / "ddpmpp", DDPMPP_LOSS, DDPMPP_BY_SIGMA)).axes
+    for name in ("loss", "loss by sigma"):
+        assert axes[name].get_yscale() == "log", name
+        assert_limits_hold_every_line(axes[name])
+
+
+def test_loss_by_sigma_leaves_out_tick_0_when_later_ticks_exist(tmp_path):
+    ax = board_of(write_run(tmp_path / "ddpmpp", DDPMPP_LOSS, DDPMPP_BY_SIGMA)).axes["loss by sigma"]
+    shown = [tuple(line.get_ydata()) for line in ax.get_lines()]
+    assert DDPMPP_BY_SIGMA[0] not in shown and tuple(DDPMPP_BY_SIGMA[-1]) in shown
+    assert "0 kimg" not in [line.get_label() for line in ax.get_lines()]
+    assert ax.get_ylim()[1] < 10  # Scaled by the trained curves, not by the initial network's 500.
+    only = board_of(write_run(tmp_path / "one", DDPMPP_LOSS[:1], DDPMPP_BY_SIGMA[:1])).axes["loss by sigma"]
+    assert [tuple(line.get_ydata()) for line in only.get_lines()] == [DDPMPP_BY_SIGMA[0]]
+
+
+def test_metrics_panels_come_with_metrics_jsonl_a_line_per_network(tmp_path):
+    assert not {"fid", "kid", "fd_dinov2"} & set(board_of(write_run(tmp_path / "bare", EDM2_LOSS, EDM2_BY_SIGMA)).axes)
+    records = [dict(kimg=kimg, metric=metric, value=value + (network == "ema-0.100"), network=network)
+               for kimg, fid in ((2.0, 40.0), (0.5, 90.0), (1.0, 60.0))  # Out of order, as after a resume.
+               for metric, value in (("fid", fid), ("kid", fid / 1000), ("fd_dinov2", 10 * fid))
+               for network in ("ema", "ema-0.100")]
+    axes = board_of(write_run(tmp_path / "metrics", EDM2_LOSS, EDM2_BY_SIGMA, records)).axes
+    assert list(axes)[:5] == ["loss", "loss by sigma", "fid", "kid", "fd_dinov2"]
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in axes["fid"].get_lines()}
+    assert lines == {"ema": ([0.5, 1.0, 2.0], [90.0, 60.0, 40.0]), "ema-0.100": ([0.5, 1.0, 2.0], [91.0, 61.0, 41.0])}
+    assert [list(line.get_ydata()) for line in axes["kid"].get_lines()][0] == pytest.approx([0.09, 0.06, 0.04])
+    assert axes["fd_dinov2"].get_title().startswith("FD-DINOv2") and len(axes["fd_dinov2"].get_lines()) == 2
+
+
+def test_bad_jsonl_is_one_line_and_a_half_written_last_line_is_skipped(tmp_path):
+    run_dir = write_run(tmp_path / "run", EDM2_LOSS, EDM2_BY_SIGMA, [dict(kimg=1.0, metric="fid", network="ema")])
+    result = CliRunner().invoke(main, [run_dir])
+    assert result.exit_code != 0 and result.output.strip().splitlines() == [
+        f"Error: {os.path.join(run_dir, 'metrics.jsonl')}: record 1 has no value"]
+    os.remove(os.path.join(run_dir, "metrics.jsonl"))
+    with open(os.path.join(run_dir, "stats.jsonl"), "a") as f:
+        f.write('{"Progress/kimg": {"num": 1, "me')  # The training is writing this tick right now.
+    assert len(load_run(run_dir)["stats"]) == len(EDM2_LOSS)
+    with open(os.path.join(run_dir, "stats.jsonl"), "a") as f:
+        f.write("\n{}\n")
+    assert CliRunner().invoke(main, [run_dir]).output.strip().splitlines() == [
+        f"Error: {os.path.join(run_dir, 'stats.jsonl')}:{len(EDM2_LOSS) + 1}: not a JSON line"]
