@@ -685,7 +685,7 @@ def tune_few_step(job: Job, data: Datasets, trained: Trained, reference: str) ->
     kimg = trained.kimg * FEW_STEP_SHARE
     options = {**p.train_options, **p.few_step_options, "duration": kimg / 1000, "snap": 1000, "dump": 1000}
     options.pop("max-minutes", None)
-    job.stage.run(f"Tune into a consistency model for {kimg:.1f} kimg (ECT)", [
+    job.stage.run(f"Tune into a consistency model for {kimg:.3g} kimg (ECT)", [
         "train.py", f"--outdir={job.path('few-step')}", "--nosubdir", f"--data={data.train}", "--workers=0",
         *render(options), "--consistency", f"--transfer={trained.snapshot}", *job.device_args], job.launch)
     snapshot = newest_snapshot(job.path("few-step"))
@@ -752,7 +752,7 @@ def print_summary(job: Job, summary: dict, total_seconds: float) -> None:
         click.echo(f"  unguided FID        {summary['fid_unguided']:8.2f}   (the same samples' seeds without the "
                    "guide)")
     for nfe, value in summary.get("fid_few_step", {}).items():
-        click.echo(f"  few-step FID        {value:8.2f}   (consistency-tuned {summary['few_step_kimg']:.1f} kimg, "
+        click.echo(f"  few-step FID        {value:8.2f}   (consistency-tuned {summary['few_step_kimg']:.3g} kimg, "
                    f"NFE {nfe}; the teacher above: NFE {job.nfe})")
     click.echo(f"  real-data floor     {summary['real_data_floor']:8.2f}   ({n} other real vs. the same {m} reference "
                f"images)")

@@ -389,7 +389,7 @@ def test_few_step_tunes_a_third_of_the_images_then_measures_nfe_1_and_2(tmp_path
     data = Datasets("train.zip", "reference.zip", "held-out.zip")
     tuned = tune_few_step(job, data, Trained(snapshot="net.pkl", kimg=60.0), "ref.npz")
     (tune_title, tune), (_, fid1), (_, fid2), (grid_title, generate) = job.stage.commands
-    assert tune_title == "Tune into a consistency model for 20.0 kimg (ECT)"
+    assert tune_title == "Tune into a consistency model for 20 kimg (ECT)"
     assert tune[:5] == ["train.py", f"--outdir={tmp_path / 'qs' / 'few-step'}", "--nosubdir", "--data=train.zip",
                         "--workers=0"]
     assert tune[-3:] == ["--consistency", "--transfer=net.pkl", "--device=cpu"]
