@@ -5,7 +5,6 @@ loaded from a checkpoint in the official release's layout; reference files (ours
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import sys
 
@@ -223,16 +222,7 @@ def test_the_official_vit_l14_checkpoint_layout_fits_timms_vit_l14():
 # ----------------------------------------------------------------------------
 # FD-DINOv2 through fid.py.
 
-def _fid_cli(*args: str):
-    from fid import main
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def _write_pngs(folder, images: np.ndarray) -> str:
-    os.makedirs(folder, exist_ok=True)
-    for i, image in enumerate(images):
-        PIL.Image.fromarray(image.transpose(1, 2, 0)).save(os.path.join(folder, f"img{i:08d}.png"))
-    return str(folder)
+from test_fid import _fid_cli, _write_pngs  # noqa: E402 (fid.py's runner and image folders, shared)
 
 
 @pytest.fixture(scope="module")

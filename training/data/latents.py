@@ -89,6 +89,31 @@ def _holds_latents(path: str) -> bool:
         dataset.close()
 
 
+def write_dataset(dest: str, batches: Iterator[list[tuple[str, bytes, object]]], total: int,
+                  progress: bool = True) -> tuple[int, int | None]:
+    """Write ``batches`` of (archive name, file bytes, label) and then ``dataset.json`` to ``dest``, atomically: on any
+    error, or an interrupt, nothing is left there. Returns (files written, classes)."""
+    writer = DatasetWriter(dest)
+    labels = []
+    bar = tqdm(total=total, unit="img", disable=not progress, desc=os.path.basename(dest))
+    try:
+        for batch in batches:
+            for name, data, label in batch:
+                writer.add(name, data)
+                labels.append((name, label))
+            bar.update(len(batch))
+        metadata, num_classes = labels_json(labels)
+        writer.add(DATASET_JSON, metadata)
+        writer.commit()
+    except BaseException:
+        bar.leave = False
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    return len(labels), num_classes
+
+
 def encode_dataset(source: str, dest: str, vae_name: str = DEFAULT_VAE, max_images: int | None = None,
                    first_image: int = 0, batch: int = 8, device: torch.device | str = "cpu",
                    progress: bool = True) -> LatentSummary:
@@ -99,12 +124,17 @@ def encode_dataset(source: str, dest: str, vae_name: str = DEFAULT_VAE, max_imag
     _check_dest(dest)
     total, batches, store = _rgb_batches(source, first_image, max_images, batch)
     encoder = StabilityVAEEncoder(vae_name=vae_name, batch_size=batch)
-    encoder.init(device)
-    factor = 2 ** (len(encoder._vae.config.block_out_channels) - 1)
-    writer = DatasetWriter(dest)
-    labels, first_shape = [], None
-    bar = tqdm(total=total, unit="img", disable=not progress, desc=os.path.basename(dest))
     try:
+        encoder.init(device)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    factor = 2 ** (len(encoder._vae.config.block_out_channels) - 1)
+    first_shape, latent_shape, written = None, (), 0
+
+    def encoded():
+        nonlocal first_shape, latent_shape, written
         for images in batches:
             first_shape = first_shape or images[0][0].shape
             for array, _ in images:
@@ -113,23 +143,17 @@ def encode_dataset(source: str, dest: str, vae_name: str = DEFAULT_VAE, max_imag
             pixels = torch.from_numpy(np.stack([a for a, _ in images])).permute(0, 3, 1, 2).contiguous().to(device)
             with torch.no_grad():
                 latents = encoder.encode_pixels(pixels).cpu().numpy()
-            for latent, (_, label) in zip(latents, images):
-                name = latent_archive_name(len(labels))
-                writer.add(name, npy_bytes(latent))
-                labels.append((name, label))
-            bar.update(len(images))
-        metadata, num_classes = labels_json(labels)
-        writer.add(DATASET_JSON, metadata)
-        writer.commit()
-    except BaseException:
-        bar.leave = False
-        writer.abort()
-        raise
+            latent_shape = tuple(latents.shape[1:])
+            yield [(latent_archive_name(written + i), npy_bytes(latent), label)
+                   for i, (latent, (_, label)) in enumerate(zip(latents, images))]
+            written += len(images)
+
+    try:
+        count, num_classes = write_dataset(dest, encoded(), total, progress)
     finally:
-        bar.close()
         if store is not None:
             store.close()
-    return LatentSummary(dest, len(labels), tuple(latents.shape[1:]), num_classes, "latents")
+    return LatentSummary(dest, count, latent_shape, num_classes, "latents")
 
 
 def _check_encodable(shape: tuple[int, ...], first_shape: tuple[int, ...], factor: int, source: str) -> None:
@@ -152,32 +176,22 @@ def decode_dataset(source: str, dest: str, vae_name: str = DEFAULT_VAE, max_imag
         raise DatasetError(f"--source={source}: a dataset of images, not latents; decode takes what encode wrote")
     total = len(dataset) if max_images is None else min(len(dataset), max_images)
     encoder = StabilityVAEEncoder(vae_name=vae_name, batch_size=batch)
-    writer = DatasetWriter(dest)
-    labels, shape = [], None
-    bar = tqdm(total=total, unit="img", disable=not progress, desc=os.path.basename(dest))
-    try:
+    shapes = []
+
+    def decoded():
         for start in range(0, total, batch):
             indices = range(start, min(start + batch, total))
             raw = torch.from_numpy(np.stack([dataset[i][0] for i in indices])).to(device)
             with torch.no_grad():
                 images = encoder.decode(encoder.encode_latents(raw, sample=False)).permute(0, 2, 3, 1).cpu().numpy()
-            for i, image in zip(indices, images):
-                shape = image.shape
-                name = archive_name(len(labels))
-                writer.add(name, encode_png(image))
-                labels.append((name, _label_of(dataset, i)))
-            bar.update(len(indices))
-        metadata, num_classes = labels_json(labels)
-        writer.add(DATASET_JSON, metadata)
-        writer.commit()
-    except BaseException:
-        bar.leave = False
-        writer.abort()
-        raise
+            shapes.append(images.shape[1:])
+            yield [(archive_name(i), encode_png(image), _label_of(dataset, i)) for i, image in zip(indices, images)]
+
+    try:
+        count, num_classes = write_dataset(dest, decoded(), total, progress)
     finally:
-        bar.close()
         dataset.close()
-    return LatentSummary(dest, len(labels), tuple(shape), num_classes, "images")
+    return LatentSummary(dest, count, tuple(shapes[-1]) if shapes else (), num_classes, "images")
 
 
 def _label_of(dataset: ImageFolderDataset, index: int):
