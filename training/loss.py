@@ -150,7 +150,8 @@ class ConsistencyLoss:
         self.stage = int(cur_nimg) // self.stage_nimg
 
     def sample_t(self, shape, device: torch.device) -> torch.Tensor:
-        return (torch.randn(shape, device=device) * self.P_std + self.P_mean).exp()
+        """ln t ~ N(P_mean, P_std^2)."""
+        return (self.P_mean + self.P_std * torch.randn(shape, device=device)).exp()
 
     def __call__(self, net, images: torch.Tensor, labels: torch.Tensor | None = None, augment_pipe=None) -> torch.Tensor:
         t = self.sample_t([images.shape[0], 1, 1, 1], images.device)
