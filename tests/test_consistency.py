@@ -277,6 +277,6 @@ def test_consistency_options_are_checked(fashion_mnist_8_zip, tmp_path):
     config = json.loads(result.output[result.output.index("{"):result.output.rindex("}") + 1])
     assert config["loss_kwargs"]["class_name"] == "training.loss.ConsistencyLoss"
     assert (config["loss_kwargs"]["P_mean"], config["loss_kwargs"]["P_std"]) == (-0.5, 2.0)
-    assert config["loss_kwargs"]["stage_nimg"] == round(200e6 / 8)
+    assert config["loss_kwargs"]["stage_nimg"] == round(200e6 / 4)
     assert not np.isnan(config["loss_kwargs"]["c"])
     assert pseudo_huber(torch.tensor([[3.0, 4.0]]), 0.0).item() == 5.0
