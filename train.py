@@ -17,6 +17,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from dnnlib.util import atomic_write_bytes
 from training.checkpoint import load_network_pkl
+from training.data.encoders import DEFAULT_VAE
 from training.perf import check_precision
 from training.loop.config import TrainingConfigError, check_network_fits_dataset
 from training.loop.setup import data_loader_kwargs
@@ -379,7 +380,7 @@ def shared_from_rank0(value):
               metavar="FLOAT", type=click.FloatRange(min=0, max=1))
 @click.option("--vae", help="With a dataset of latents: the VAE that decodes them (sample grids, metrics; its name goes "
               "into the snapshots), a hub name or a diffusers folder", metavar="NAME|DIR",
-              default="stabilityai/sd-vae-ft-mse", show_default=True)
+              default=DEFAULT_VAE, show_default=True)
 @click.option("--xflip", help="Also show every image mirrored (doubles the dataset)",
               metavar="BOOL", type=bool, default=False, show_default=True)
 # Performance-related.

@@ -26,6 +26,9 @@ import torch
 from torch_utils import persistence
 
 
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # EDM2's ImageNet-512 models' VAE.
+
+
 class VAEError(ValueError):
     """A VAE that cannot be loaded (diffusers missing, an unknown name or folder); one line."""
 
@@ -76,7 +79,7 @@ class StabilityVAEEncoder(Encoder):
     512x512 with inputs in [0, 1]) define the standardization: scale = final_std / raw_std, bias = final_mean -
     raw_mean * scale, in float32."""
 
-    def __init__(self, vae_name: str = "stabilityai/sd-vae-ft-mse", raw_mean=(5.81, 3.25, 0.12, -2.15),
+    def __init__(self, vae_name: str = DEFAULT_VAE, raw_mean=(5.81, 3.25, 0.12, -2.15),
                  raw_std=(4.17, 4.62, 3.71, 3.28), final_mean: float = 0, final_std: float = 0.5,
                  batch_size: int = 8):
         self.vae_name = vae_name
@@ -157,12 +160,3 @@ def load_vae(name: str, device: torch.device | str = "cpu"):
         raise VAEError(f"VAE '{name}': cannot load it ({first}); give a diffusers AutoencoderKL folder or hub name"
                        ) from None
     return vae.eval().requires_grad_(False).to(device)
-
-
-def encoder_for_raw_channels(raw_channels: int, vae_name: str = "stabilityai/sd-vae-ft-mse") -> Encoder:
-    """The encoder of a dataset whose raw latents have ``raw_channels``: 1 or 3, pixels; 8, the VAE's mean and std."""
-    if raw_channels in (1, 3):
-        return StandardRGBEncoder()
-    if raw_channels == 8:
-        return StabilityVAEEncoder(vae_name=vae_name)
-    raise ValueError(f"{raw_channels} channels: expected images (1 or 3) or the VAE's raw latents (8)")

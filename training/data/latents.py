@@ -21,10 +21,9 @@ from tqdm import tqdm
 
 from training.data.convert import DatasetWriter, Geometry, ImageConverter, archive_name, encode_png, labels_json
 from training.data.dataset import DATASET_JSON, DatasetError, ImageFolderDataset
-from training.data.encoders import StabilityVAEEncoder
+from training.data.encoders import DEFAULT_VAE, StabilityVAEEncoder
 from training.data.sources import SourceItem, open_source
 
-DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 
 
 def latent_archive_name(index: int) -> str:

@@ -107,11 +107,12 @@ class InTrainingMetrics:
                  decode: Callable[[torch.Tensor], torch.Tensor] | None = None, sampler_kwargs: dict | None = None):
         from metrics.evaluate import check_reference_for, load_detectors, parse_metrics
         from metrics.reference import is_statistics_file, load_reference
+        from training.sampling.sample import to_uint8
 
         self.options = options
         self.metrics = parse_metrics(options.metrics)
         self.device = device
-        self.decode = decode  # The network's samples -> pixels (None: pixel networks, to_uint8).
+        self.decode = decode or to_uint8  # The network's samples -> pixels.
         self.sampler_kwargs = sampler_kwargs or dict(num_steps=options.num_steps)  # EDM's Heun by default.
         ref_path = options.ref or data_path
         statistics = load_reference(ref_path) if is_statistics_file(ref_path) else None
@@ -136,10 +137,8 @@ class InTrainingMetrics:
         records = []
         for label, net in networks.items():
             start = time.time()
-            decode = {} if self.decode is None else dict(decode=self.decode)
             features = generated_features(net, seeds, self.detectors, self.device, self.options.batch,
-                                          sampler_kwargs=self.sampler_kwargs, progress=False,
-                                          **decode)
+                                          sampler_kwargs=self.sampler_kwargs, progress=False, decode=self.decode)
             values = compute_metrics(features, self.ref, self.metrics)
             seconds = time.time() - start
             records += [dict(kimg=kimg, metric=name, value=value, network=label, num_images=len(seeds),
