@@ -3,9 +3,9 @@
   python plot_run.py training-runs/00003-cifar10-32x32-cond-ddpmpp-edm
   python plot_run.py RUN_A RUN_B --out=compare.png
 
-A dashboard shows, where the run logged them: the loss against kimg (smoothed), the loss by noise level at a few
-points in training (EDM's Fig. 5 view, without the untrained tick 0), FID/KID/FD-DINOv2 against kimg, a line per
-network (metrics.jsonl, from train.py --metrics), the learning rate and the EMA half-life, images per second,
+A dashboard shows, where the run logged them: the loss against kimg (smoothed in long runs) and the loss by noise
+level at a few points in training (EDM's Fig. 5 view), both without the untrained tick 0; FID/KID/FD-DINOv2 against
+kimg, a line per network (metrics.jsonl, from train.py --metrics); the learning rate and the EMA half-life, images per second,
 memory, and the latest sample grid. The loss axes are logarithmic only when every value on them is positive
 (EDM2's loss, with its learned log-variance term, goes below zero). It reads only stats.jsonl, metrics.jsonl and
 samples-*.png; nothing is computed again. ``build_dashboard`` returns the matplotlib figure and its axes by panel.
@@ -94,8 +94,15 @@ def series(stats: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([p[0] for p in points]), np.array([p[1] for p in points])) if points else (np.array([]),) * 2
 
 
+def smoothing_span(num_ticks: int, most: int = 10) -> int:
+    """Ticks in the loss's smoothing window: a tenth of the run, at most ``most``. A short run is not smoothed, since
+    a window as long as the run would carry the untrained tick 0's loss to the end of the curve."""
+    return max(1, min(most, num_ticks // 10))
+
+
 def smooth(values: np.ndarray, span: int = 10) -> np.ndarray:
-    """Exponential moving average with the weight of a ``span``-tick window (alpha = 2 / (span + 1))."""
+    """Exponential moving average with the weight of a ``span``-tick window (alpha = 2 / (span + 1)); span 1 is the
+    values themselves."""
     alpha, out, acc = 2 / (span + 1), np.empty_like(values, dtype=np.float64), None
     for i, v in enumerate(values):
         acc = v if acc is None else acc + alpha * (v - acc)
@@ -136,15 +143,19 @@ def plotted_y(ax) -> list[np.ndarray]:
 
 
 def panel_loss(ax, runs: list[dict]) -> bool:
-    """The loss against kimg, raw (faint) and smoothed, on a log axis only when every value is positive."""
-    drawn = False
+    """The loss against kimg, raw (faint) and smoothed over a tenth of the run (at most 10 ticks), tick 0 left out
+    when there are later ticks, on a log axis only when every value is positive."""
+    drawn = smoothed = False
     for run in runs:
-        kimg, loss = series(run["stats"], "Loss/loss")
+        kimg, loss = series(trained_ticks(run["stats"]), "Loss/loss")
         if len(kimg):
             line, = ax.plot(kimg, loss, alpha=0.25)
-            ax.plot(kimg, smooth(loss), color=line.get_color(), label=run["name"])
+            span = smoothing_span(len(loss))
+            ax.plot(kimg, smooth(loss, span), color=line.get_color(), label=run["name"])
+            smoothed = smoothed or span > 1
             drawn = True
-    ax.set(title="Training loss (smoothed)", xlabel="kimg", ylabel="loss", yscale=value_scale(plotted_y(ax)))
+    ax.set(title="Training loss" + (" (smoothed)" if smoothed else ""), xlabel="kimg", ylabel="loss",
+           yscale=value_scale(plotted_y(ax)))
     return drawn
 
 

@@ -82,6 +82,32 @@ def test_bad_config_or_size_is_one_clear_error():
         check_size("huge")
 
 
+def test_kimg_changes_only_the_training_length_and_the_schedules_keep_their_share():
+    from benchmarks.paper.configs import SIZES, TABLE2, train_options, with_training_length
+    cpu = SIZES["cpu"]
+    longer = with_training_length(cpu, 96)
+    assert (longer.name, longer.kimg) == ("cpu-96kimg", 96)
+    assert dataclasses.replace(longer, name="cpu", kimg=6.4) == cpu
+    for name, (_, _, _, _, rampup, ema, *_) in PAPER.items():
+        options = train_options(name, longer, seed=0)
+        assert options["duration"] == pytest.approx(0.096) and options["batch"] == train_options(name, cpu, 0)["batch"]
+        assert options["lr_rampup"] == pytest.approx(rampup / 200 * 96), name  # 5% of the run for B-F, as at 6.4.
+        assert options["ema"] == pytest.approx(ema / 200 * 0.096), name
+    for kimg in (90, 0.1, 0, -32):  # 90,000 images are 2,812.5 batches of 32; 100 are 12.5 batches of 8.
+        with pytest.raises(ValueError, match=rf"^--kimg={kimg:g}: expected a positive number of images that every "
+                                             r"config's batch \(8, 32 at size 'cpu'\) divides$"):
+            with_training_length(cpu, kimg)
+    assert len(TABLE2) == len(PAPER)
+
+
+def test_kimg_that_a_batch_does_not_divide_is_one_line_on_the_command_line(tmp_path):
+    result = _run(["fig2", "--size=smoke", "--kimg=0.01", f"--outdir={tmp_path}"], timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("Error: --kimg=0.01: expected a positive number of images "
+                                                      "that every config's batch (4, 16 at size 'smoke') divides")
+    assert not os.listdir(tmp_path)  # Refused before the folder was prepared.
+
+
 def test_training_arguments_build_each_configs_network_loss_and_schedule(fashion_mnist_zip, tmp_path):
     """train.py's own parser and build_config turn each config's options into the training_loop() arguments; config
     D is EDM preconditioning with the VP loss, which train.py's --precond alone cannot express."""

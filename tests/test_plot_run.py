@@ -78,6 +78,7 @@ def test_a_folder_that_is_not_a_run_is_one_line(tmp_path):
 
 def test_smoothing_is_an_exponential_moving_average():
     assert smooth([0.0, 3.0, 3.0], span=2).tolist() == pytest.approx([0, 2, 8 / 3])
+    assert smooth([5.0, 1.0, 2.0], span=1).tolist() == [5, 1, 2]
 
 
 # ----------------------------------------------------------------------------
@@ -135,7 +136,7 @@ def test_a_loss_below_zero_is_on_a_linear_axis_that_holds_it(tmp_path):
         assert axes[name].get_yscale() == "linear", name
         assert_limits_hold_every_line(axes[name])
     raw = axes["loss"].get_lines()[0].get_ydata()
-    assert list(raw) == pytest.approx(EDM2_LOSS)
+    assert list(raw) == pytest.approx(EDM2_LOSS[1:])  # Tick 0 left out.
 
 
 def test_a_positive_loss_is_on_a_log_axis_that_holds_it(tmp_path):
@@ -143,6 +144,27 @@ def test_a_positive_loss_is_on_a_log_axis_that_holds_it(tmp_path):
     for name in ("loss", "loss by sigma"):
         assert axes[name].get_yscale() == "log", name
         assert_limits_hold_every_line(axes[name])
+
+
+def test_the_smoothed_loss_of_a_short_run_is_its_loss_and_a_long_run_is_averaged_over_10_ticks(tmp_path):
+    """A 13-tick run smoothed over 10 ticks showed a loss of 0.9 at its end where every tick after the third logged
+    below 0.1: tick 0's loss of 11.5 carried through. Tick 0 is left out, and a tenth of the run, at most 10 ticks,
+    is the window."""
+    short = [11.5, 1.4, 0.06] + [0.05 - 0.01 * i for i in range(10)]
+    lines = board_of(write_run(tmp_path / "short", short, [(1.0, 1.0, 1.0)] * len(short))).axes["loss"].get_lines()
+    assert list(lines[1].get_ydata()) == pytest.approx(short[1:])  # Tick 0 left out, the rest as logged.
+    assert list(lines[1].get_xdata()) == pytest.approx([0.5 * tick for tick in range(1, len(short))])
+    assert board_of(str(tmp_path / "short")).axes["loss"].get_title() == "Training loss"
+    long = [40.0, 7.0] + [1.0 + (i % 2) for i in range(198)]  # Alternating 1 and 2 after two large first ticks.
+    lines = board_of(write_run(tmp_path / "long", long, [(1.0, 1.0, 1.0)] * len(long))).axes["loss"].get_lines()
+    alpha = 2 / 11
+    expected, acc = [], None
+    for v in long[1:]:
+        acc = v if acc is None else acc + alpha * (v - acc)
+        expected.append(acc)
+    assert list(lines[1].get_ydata()) == pytest.approx(expected)
+    assert board_of(str(tmp_path / "long")).axes["loss"].get_title() == "Training loss (smoothed)"
+    assert 1.4 < lines[1].get_ydata()[-1] < 1.6  # The mean of 1 and 2, tick 1 forgotten.
 
 
 def test_loss_by_sigma_leaves_out_tick_0_when_later_ticks_exist(tmp_path):

@@ -21,7 +21,7 @@ import click
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from benchmarks.paper import experiments  # noqa: E402
-from benchmarks.paper.configs import SIZES, TABLE2  # noqa: E402
+from benchmarks.paper.configs import SIZES, TABLE2, with_training_length  # noqa: E402
 from benchmarks.paper.pieces import Workspace  # noqa: E402
 
 
@@ -33,13 +33,17 @@ def common_options(fn):
                      help="Output folder, one per size; rerunning into it skips finished pieces  "
                           "[default: paper-miniature/<size>]"),
         click.option("--device", metavar="DEV", default=None, help="cpu, cuda, cuda:1  [default: CUDA if available]"),
+        click.option("--kimg", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Train every network on this many thousand images instead of the size's  "
+                          "[default: the size's; its folder is then paper-miniature/<size>-<kimg>kimg]"),
     ]):
         fn = option(fn)
     return fn
 
 
-def open_workspace(size: str | None, outdir: str | None, device: str | None) -> Workspace:
-    """The device (picked automatically unless given), the size, and the prepared output folder."""
+def open_workspace(size: str | None, outdir: str | None, device: str | None, kimg: float | None) -> Workspace:
+    """The device (picked automatically unless given), the size (with its training length changed by --kimg), and
+    the prepared output folder."""
     import torch
     from torch_utils import distributed as dist
 
@@ -47,9 +51,15 @@ def open_workspace(size: str | None, outdir: str | None, device: str | None) -> 
         picked = dist.init(device)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from None
-    name = size or ("gpu" if picked.type == "cuda" else "cpu")
-    ws = Workspace(outdir or os.path.join("paper-miniature", name), SIZES[name], picked)
-    click.echo(f"Size '{name}' on {picked} ({torch.get_num_threads()} CPU threads); output in {ws.outdir}")
+    chosen = SIZES[size or ("gpu" if picked.type == "cuda" else "cpu")]
+    if kimg is not None:
+        try:
+            chosen = with_training_length(chosen, kimg)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+    ws = Workspace(outdir or os.path.join("paper-miniature", chosen.name), chosen, picked)
+    click.echo(f"Size '{chosen.name}' ({chosen.kimg:g} kimg per network) on {picked} "
+               f"({torch.get_num_threads()} CPU threads); output in {ws.outdir}")
     try:
         ws.prepare()
     except ValueError as e:
@@ -75,32 +85,32 @@ def main():
 
 @main.command()
 @common_options
-def table2(size, outdir, device):
+def table2(size, outdir, device, kimg):
     """Table 2: configs A-F, each trained with every seed on the same number of images, FID at NFE 35."""
-    run_experiments(open_workspace(size, outdir, device), ["table2"])
+    run_experiments(open_workspace(size, outdir, device, kimg), ["table2"])
 
 
 @main.command()
 @common_options
-def fig2(size, outdir, device):
+def fig2(size, outdir, device, kimg):
     """Figure 2: FID against NFE for the VP baseline (A) and the EDM network (F), per sampler improvement."""
-    run_experiments(open_workspace(size, outdir, device), ["fig2"])
+    run_experiments(open_workspace(size, outdir, device, kimg), ["fig2"])
 
 
 @main.command()
 @common_options
 @click.option("--config", type=click.Choice(list(TABLE2)), default=experiments.FIG5B_DEFAULT_CONFIG,
               show_default=True, help="The network: Table 2's config (its first training seed)")
-def fig5b(size, outdir, device, config):
+def fig5b(size, outdir, device, kimg, config):
     """Stochastic sampling (Section 4): FID against S_churn of Algorithm 2 for one network."""
-    run_experiments(open_workspace(size, outdir, device), ["fig5b"], fig5b=dict(config=config))
+    run_experiments(open_workspace(size, outdir, device, kimg), ["fig5b"], fig5b=dict(config=config))
 
 
 @main.command(name="all")
 @common_options
-def run_all(size, outdir, device):
+def run_all(size, outdir, device, kimg):
     """Table 2, then Figure 2, then Figure 5b (which reuse Table 2's networks)."""
-    run_experiments(open_workspace(size, outdir, device), list(experiments.EXPERIMENTS))
+    run_experiments(open_workspace(size, outdir, device, kimg), list(experiments.EXPERIMENTS))
 
 
 if __name__ == "__main__":

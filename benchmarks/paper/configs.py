@@ -131,6 +131,17 @@ def check_size(name: str) -> Size:
     return SIZES[name]
 
 
+def with_training_length(size: Size, kimg: float) -> Size:
+    """``size`` with every config trained on ``kimg`` thousand images instead: the schedules (ramp-up, EMA) keep
+    their share of the run, as they do at the size's own length. Refused unless every config's batch divides it."""
+    images = kimg * 1000
+    batches = sorted({size.batch_of(config) for config in TABLE2.values()})
+    if kimg <= 0 or images != round(images) or any(round(images) % batch for batch in batches):
+        raise ValueError(f"--kimg={kimg:g}: expected a positive number of images that every config's batch "
+                         f"({', '.join(map(str, batches))} at size '{size.name}') divides")
+    return dataclasses.replace(size, name=f"{size.name}-{kimg:g}kimg", kimg=kimg)
+
+
 def fraction_of_run(mimg: float) -> float:
     """A duration of the paper's schedule as a fraction of its 200-Mimg run."""
     return mimg / PAPER_DURATION_MIMG
