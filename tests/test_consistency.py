@@ -4,6 +4,7 @@ Gaussian data where the consistency function is known in closed form, and train.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -87,10 +88,28 @@ def test_the_target_gets_no_gradient_and_shares_the_dropout_masks():
     net = Dropped()
     loss_fn = ConsistencyLoss(stage_nimg=1)
     loss_fn.set_progress(3)
-    loss_fn(net, torch.randn([16, 1, 2, 2])).sum().backward()
+    y = torch.randn([16, 1, 4, 4], generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    loss_fn(net, y).sum().backward()
     assert len(masks) == 2 and torch.equal(masks[0], masks[1])
-    w = net.w.grad.item()
-    assert math.isfinite(w) and w != 0
+    # The gradient redone from the same draws: d/dw of |f_w(y + t n, t) - T| / (t - r), with T computed at w = 1 and
+    # held constant; through both calls (no stop-gradient) it is another number.
+    torch.manual_seed(5)
+    t = (torch.randn([16, 1, 1, 1]) * 2.0 - 1.1).exp()
+    n = torch.randn_like(y)
+    r = ect_r(t, 3, 2, 8, 1)
+    grads = {}
+    for stop in (True, False):
+        w = torch.ones([], requires_grad=True)
+        f = lambda x, sigma: w * x * masks[1] / (1 + sigma ** 2)
+        at_r = f(y + r * n, r)
+        target = torch.where(r > 0, at_r.detach() if stop else at_r, y)
+        distance = (f(y + t * n, t) - target).square().flatten(1).sum(1).sqrt()
+        (distance / (t - r).flatten()).sum().backward()
+        grads[stop] = w.grad.item()
+    assert bool((r > 0).any()) and math.isfinite(grads[True])
+    assert net.w.grad.item() == pytest.approx(grads[True], rel=1e-5)
+    assert abs(grads[False] - grads[True]) > 0.1 * abs(grads[True])
 
 
 # ----------------------------------------------------------------------------
@@ -248,6 +267,12 @@ def test_train_py_tunes_a_snapshot_resumes_bit_exactly_and_generate_py_samples_i
     loss_fn = data["loss_fn"]
     assert type(loss_fn).__name__ == "ConsistencyLoss" and (loss_fn.P_mean, loss_fn.P_std) == (-1.1, 2.0)
     assert loss_fn.stage_nimg == 16  # Stages 0, 1, 2 begin at 0, 16 and 32 images.
+    # The training loop sets the stage from the image count before each step: the stage of a tick's last step (it
+    # starts at kimg - 8 images) is (kimg - 8) // 16.
+    with open(tmp_path / "tuned" / "stats.jsonl") as f:
+        ticks = [json.loads(line) for line in f]
+    logged = [(round(t["Progress/kimg"]["mean"] * 1000), t["Progress/ct_stage"]["mean"]) for t in ticks]
+    assert logged == [(nimg, (nimg - 8) // 16) for nimg in (8, 24, 40, 48)]
     # Resumed from its state at 24 images, the run ends with the same weights: the stage follows the image count.
     again = invoke(tmp_path / "again", *tune[:1], "--duration=0.000048", "--tick=0.016", "--snap=1", "--dump=1",
                    "--ct-stage=0.016", f"--resume={tmp_path / 'tuned' / 'training-state-000000.024.pt'}")

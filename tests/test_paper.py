@@ -203,6 +203,33 @@ def test_interrupted_training_run_is_trained_again_from_the_start(tmp_path):
     assert os.path.isfile(tmp_path / result["snapshot"]) and result["loss_class"] == LOSS["vp"]
 
 
+def test_sampling_error_is_the_rms_difference_in_8_bit_levels_against_images_made_once(tmp_path):
+    """Figure 2's error column: 127.5 sqrt(mean((x - x_converged)^2)) over every pixel of every image, the converged
+    images sampled once and read back from the output folder."""
+    import numpy as np
+    import torch
+    from benchmarks.paper.configs import SIZES
+    from benchmarks.paper.pieces import Workspace
+    ws = Workspace(str(tmp_path), SIZES["smoke"], torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    made = {4: rng.uniform(-1, 1, (3, 1, 2, 2)).astype(np.float32), 16: rng.uniform(-1, 1, (3, 1, 2, 2))}
+    calls = []
+
+    def fake_samples(config, seed, kwargs, num):
+        calls.append(kwargs["num_steps"])
+        return made[kwargs["num_steps"]].astype(np.float32)
+
+    ws.samples = fake_samples
+    for _ in range(2):
+        result = ws.result(ws.error_piece(f"eval/e{_}.json", "e", "A", 0, dict(num_steps=4), dict(num_steps=16), 3))
+        a, b = made[4].astype(np.float64).ravel(), made[16].astype(np.float32).astype(np.float64).ravel()
+        expected = 127.5 * (sum((x - y) ** 2 for x, y in zip(a, b)) / len(a)) ** 0.5
+        assert result["rms_error"] == pytest.approx(expected, rel=1e-12)
+        assert result["converged_kwargs"] == dict(num_steps=16) and result["num_samples"] == 3
+    assert calls == [4, 16, 4]  # The converged images were made once, then read back.
+    assert len(os.listdir(tmp_path / "eval" / "converged")) == 1
+
+
 # ----------------------------------------------------------------------------
 # The smoke size end to end, through the command line.
 
@@ -249,7 +276,7 @@ def test_smoke_writes_every_promised_file(smoke):
         assert result["images"] == 32 and result["train_seconds"] > 0 and (outdir / result["snapshot"]).is_file()
         assert (outdir / "train" / f"{config}-seed0" / "stats.jsonl").is_file()
     assert "Done: table2: 13 pieces (13 run now, 0 done before)" in smoke["first"]
-    assert "fig2: 11 pieces (8 run now, 3 done before)" in smoke["first"]  # The floor and networks of table2.
+    assert "fig2: 19 pieces (16 run now, 3 done before)" in smoke["first"]  # The floor and networks of table2.
 
 
 def test_smoke_table2_numbers_and_markdown_agree(smoke):
@@ -276,13 +303,30 @@ def test_smoke_fig2_and_fig5b_curves_and_markdown_agree(smoke):
         for sampler, points in network["curves"].items():
             for p in points:
                 assert next(rows) == [network["title"], fig2["samplers"][sampler]["title"], str(p["nfe"]),
-                                      f"{p['fid']:.2f}"]
+                                      f"{p['fid']:.2f}", f"{p['rms_error']:.2f}"]
     fig5b = _load(smoke["outdir"], "fig5b")
     assert fig5b["network"]["config"] == "A" and [p["S_churn"] for p in fig5b["points"]] == [0, 40]
     # Algorithm 2's gamma_i = min(S_churn / N, sqrt(2) - 1) at N = 3 steps: 0, and 40 / 3 capped.
     assert [p["gamma"] for p in fig5b["points"]] == [0, pytest.approx(2 ** 0.5 - 1)]
     rows = _markdown_rows((smoke["outdir"] / "fig5b.md").read_text(), "S_churn")
     assert rows == [[f"{p['S_churn']:g}", f"{p['gamma']:.3f}", f"{p['fid']:.2f}"] for p in fig5b["points"]]
+
+
+def test_smoke_fig2_error_is_the_images_distance_to_the_same_sampler_at_4x_its_most_steps(smoke):
+    """The original sampler's point at 2 Euler steps against 16 (4 x its curve's most, 4), made here again from the
+    snapshot with generate_images, unrounded."""
+    import torch
+    from training.checkpoint import load_network
+    from training.sampling import generate_images
+    fig2 = _load(smoke["outdir"], "fig2")
+    train = json.loads((smoke["outdir"] / "train" / "A-seed0.json").read_text())
+    net = load_network(str(smoke["outdir"] / train["snapshot"]), device="cpu")
+    kwargs = dict(solver="euler", discretization="vp", schedule="vp", scaling="vp")
+    made = {n: generate_images(net, range(16), decode=lambda x: x, num_steps=n, **kwargs).double() for n in (2, 16)}
+    expected = 127.5 * torch.sqrt(torch.mean((made[2] - made[16]) ** 2)).item()
+    point = fig2["networks"]["A"]["curves"]["original"][0]
+    assert point["steps"] == 2 and point["rms_error"] == pytest.approx(expected, rel=1e-5) and expected > 0
+    assert fig2["protocol"]["converged_factor"] == 4
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu"])
@@ -299,7 +343,7 @@ def test_fig5b_churn_values_are_distinct_samplers(name):
 
 def test_rerun_skips_every_finished_piece(smoke):
     assert smoke["after"] == smoke["before"]  # No training run, snapshot or evaluation was written again.
-    for line in ("table2: 13 pieces (0 run now, 13 done before)", "fig2: 11 pieces (0 run now, 11 done before)",
+    for line in ("table2: 13 pieces (0 run now, 13 done before)", "fig2: 19 pieces (0 run now, 19 done before)",
                  "fig5b: 4 pieces (0 run now, 4 done before)"):
         assert line in smoke["second"]
 

@@ -4,7 +4,8 @@ writes ``<name>.json`` (every number), ``<name>.md`` (the table) and ``<name>.pn
 - ``table2``: configs A-F (Table 2) x the size's training seeds, each evaluated with the paper's deterministic
   sampler at its NFE.
 - ``fig2``: FID against NFE for the VP baseline (config A) and the EDM-trained network (config F) under the
-  original sampler and the sampler improvements of Section 3 (Figure 2, the columns of Table 1).
+  original sampler and the sampler improvements of Section 3 (Figure 2, the columns of Table 1), and each point's
+  sampling error (its images against the same sampler's with many more steps).
 - ``fig5b``: FID against S_churn of Algorithm 2 for one network (Section 4, Figure 5b).
 
 The networks of ``fig2`` and ``fig5b`` are ``table2``'s runs of the first training seed; whichever command runs
@@ -33,6 +34,8 @@ FIG2_SAMPLERS = {
                 kwargs=dict(solver="heun", discretization="edm", schedule="linear", scaling="none")),
 }
 FIG2_NETWORKS = {"A": "VP baseline (config A)", "F": "EDM-trained (config F)"}
+# Each point's sampling error is measured against the same sampler at this many times the curve's most steps.
+FIG2_CONVERGED_FACTOR = 4
 FIG5B_DEFAULT_CONFIG = "A"  # The paper's Figure 5b evaluates the baseline networks.
 FIG5B_SAMPLER = "Algorithm 2 with S_min = 0, S_max = inf, S_noise = 1"  # Only S_churn varies.
 
@@ -111,12 +114,16 @@ def table2(ws: Workspace) -> RunSummary:
 # ----------------------------------------------------------------------------
 # Figure 2.
 
+def fig2_steps(ws: Workspace, sampler: str) -> tuple[int, ...]:
+    """The step counts of one sampler's curve."""
+    euler = FIG2_SAMPLERS[sampler]["kwargs"]["solver"] == "euler"
+    return ws.size.fig2_euler_steps if euler else ws.size.fig2_heun_steps
+
+
 def fig2_points(ws: Workspace) -> list[tuple[str, str, int]]:
     """(config, sampler, steps) of every point of the figure."""
-    steps_of = lambda sampler: ws.size.fig2_euler_steps if FIG2_SAMPLERS[sampler]["kwargs"]["solver"] == "euler" \
-        else ws.size.fig2_heun_steps
     return [(config, sampler, steps) for config in FIG2_NETWORKS for sampler in FIG2_SAMPLERS
-            for steps in steps_of(sampler)]
+            for steps in fig2_steps(ws, sampler)]
 
 
 def fig2_fid_piece(ws: Workspace, config: str, sampler: str, steps: int) -> Piece:
@@ -126,6 +133,17 @@ def fig2_fid_piece(ws: Workspace, config: str, sampler: str, steps: int) -> Piec
                         f"FID {config} {sampler} {steps} steps", config, seed, kwargs, ws.size.fig2_samples)
 
 
+def fig2_error_piece(ws: Workspace, config: str, sampler: str, steps: int) -> Piece:
+    """The point's sampling error: its images against the same sampler's at FIG2_CONVERGED_FACTOR times the
+    curve's most steps, same seeds."""
+    seed = ws.size.seeds[0]
+    kwargs = dict(FIG2_SAMPLERS[sampler]["kwargs"], num_steps=steps)
+    converged = dict(kwargs, num_steps=FIG2_CONVERGED_FACTOR * max(fig2_steps(ws, sampler)))
+    return ws.error_piece(f"eval/fig2/{config}-seed{seed}-{sampler}-steps{steps}-error.json",
+                          f"error {config} {sampler} {steps} steps", config, seed, kwargs, converged,
+                          ws.size.fig2_samples)
+
+
 def fig2(ws: Workspace) -> RunSummary:
     """Figure 2 in miniature: FID against NFE of the trained VP baseline and EDM network under each sampler step."""
     machine = machine_description(ws.device)
@@ -133,16 +151,19 @@ def fig2(ws: Workspace) -> RunSummary:
     pieces = [ws.floor_piece(ws.size.fig2_samples)]
     pieces += [ws.train_piece(config, ws.size.seeds[0]) for config in FIG2_NETWORKS]
     pieces += [fig2_fid_piece(ws, *point) for point in points]
+    pieces += [fig2_error_piece(ws, *point) for point in points]
     summary = ws.run(pieces, "Figure 2")
     networks = {config: dict(title=f"{title}, seed {ws.size.seeds[0]}", curves={s: [] for s in FIG2_SAMPLERS})
                 for config, title in FIG2_NETWORKS.items()}
     for config, sampler, steps in points:
         result = ws.result(fig2_fid_piece(ws, config, sampler, steps))
-        networks[config]["curves"][sampler].append(dict(steps=steps, nfe=result["nfe"], fid=result["fid"]))
+        error = ws.result(fig2_error_piece(ws, config, sampler, steps))["rms_error"]
+        networks[config]["curves"][sampler].append(dict(steps=steps, nfe=result["nfe"], fid=result["fid"],
+                                                        rms_error=error))
     data = dict(
         _header(ws, "fig2", summary, machine),
         protocol=dict(num_samples=ws.size.fig2_samples, num_ref=ws.size.num_ref,
-                      floor=_floor(ws, ws.size.fig2_samples)),
+                      floor=_floor(ws, ws.size.fig2_samples), converged_factor=FIG2_CONVERGED_FACTOR),
         samplers={name: dict(title=s["title"], **s["kwargs"]) for name, s in FIG2_SAMPLERS.items()},
         networks=networks)
     _finish(ws, "fig2", data, report.fig2_markdown, report.plot_fig2)

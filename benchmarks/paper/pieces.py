@@ -13,7 +13,8 @@ Layout of an output folder (one per size):
     reference.npz                   Inception statistics of the reference images (computed once, then reused)
     train/<config>-seed<k>/         the training run (log.txt, stats.jsonl, training_options.json, snapshot)
     train/<config>-seed<k>.json     its result: images seen, wall-clock, parameters, options, snapshot
-    eval/<experiment>/<piece>.json  one FID evaluation: FID, measured NFE, samples, seconds
+    eval/<experiment>/<piece>.json  one FID evaluation: FID, measured NFE, samples, seconds (or a sampling error)
+    eval/converged/<...>.npy        the images a sampling error is measured against (many steps), made once
     eval/floor-<n>.json             the real-data floor at n images
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -266,6 +268,44 @@ class Workspace:
         return dict(config=config, seed=seed, sampler_kwargs=sampler_kwargs, num_samples=num_samples,
                     num_ref=self.size.num_ref, nfe=int(nfe) if nfe.is_integer() else nfe,
                     fid=self.fid_of_features(features))
+
+    def error_piece(self, key: str, label: str, config: str, seed: int, sampler_kwargs: dict,
+                    converged_kwargs: dict, num_samples: int) -> Piece:
+        return Piece(key, label, lambda: self._sampling_error(config, seed, sampler_kwargs, converged_kwargs,
+                                                              num_samples))
+
+    def _sampling_error(self, config: str, seed: int, sampler_kwargs: dict, converged_kwargs: dict,
+                        num_samples: int) -> dict:
+        """The sampler's discretization error: the RMS difference, in 8-bit levels (images in [-1, 1] times 127.5),
+        between its images and the same seeds' images at ``converged_kwargs`` (the same sampler with many more
+        steps), before rounding to pixels. It depends on the solver, not on how good the network's images are."""
+        images = self.samples(config, seed, sampler_kwargs, num_samples)
+        converged = self.converged_samples(config, seed, converged_kwargs, num_samples)
+        rms = float(np.sqrt(np.mean((images.astype(np.float64) - converged) ** 2)) * 127.5)
+        return dict(config=config, seed=seed, sampler_kwargs=sampler_kwargs, converged_kwargs=converged_kwargs,
+                    num_samples=num_samples, rms_error=rms)
+
+    def samples(self, config: str, seed: int, sampler_kwargs: dict, num_samples: int) -> np.ndarray:
+        """Images [N, C, H, W] float32 in about [-1, 1] for seeds 0..N-1, as the sampler leaves them (not rounded)."""
+        from training.checkpoint import load_network
+        from training.sampling import generate_images
+
+        net = load_network(self.path(self.trained(config, seed)["snapshot"]), device=self.device)
+        seeds = list(range(num_samples))
+        batches = [generate_images(net, seeds[i:i + self.size.batch], device=self.device, decode=lambda x: x,
+                                   **sampler_kwargs) for i in range(0, num_samples, self.size.batch)]
+        return torch.cat(batches).float().cpu().numpy()
+
+    def converged_samples(self, config: str, seed: int, sampler_kwargs: dict, num_samples: int) -> np.ndarray:
+        """``samples`` at these settings, made once per output folder (an .npy beside the results), then read back."""
+        name = "-".join(f"{k}{v}" for k, v in sorted(sampler_kwargs.items()))
+        path = self.path("eval", "converged", f"{config}-seed{seed}-{name}-n{num_samples}.npy")
+        if not os.path.isfile(path):
+            buffer = io.BytesIO()
+            np.save(buffer, self.samples(config, seed, sampler_kwargs, num_samples))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write_bytes(path, buffer.getvalue(), fsync=False)
+        return np.load(path)
 
     def floor_piece(self, num_images: int) -> Piece:
         return Piece(f"eval/floor-{num_images}.json", f"floor {num_images}", lambda: self._floor(num_images))

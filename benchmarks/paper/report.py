@@ -53,11 +53,11 @@ def markdown_table(columns: Sequence[str], rows: list[Sequence[str]]) -> list[st
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
-def _figure(ncols: int = 1, width: float = 6.4):
+def _figure(ncols: int = 1, width: float = 6.4, nrows: int = 1):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt.subplots(1, ncols, figsize=(width * ncols, 4.2), dpi=110, squeeze=False)
+    return plt.subplots(nrows, ncols, figsize=(width * ncols, 4.2 * nrows), dpi=110, squeeze=False)
 
 
 def _save(fig, path: str) -> None:
@@ -127,7 +127,7 @@ def plot_table2(data: dict, path: str) -> None:
 # ----------------------------------------------------------------------------
 # Figure 2.
 
-FIG2_COLUMNS = ("network", "sampler", "NFE", "FID")
+FIG2_COLUMNS = ("network", "sampler", "NFE", "FID", "RMS error (8-bit levels)")
 
 
 def fig2_markdown(data: dict) -> str:
@@ -136,11 +136,14 @@ def fig2_markdown(data: dict) -> str:
     for network in data["networks"].values():
         for sampler, points in network["curves"].items():
             for p in points:
-                rows.append([network["title"], data["samplers"][sampler]["title"], str(p["nfe"]), fmt(p["fid"])])
+                rows.append([network["title"], data["samplers"][sampler]["title"], str(p["nfe"]), fmt(p["fid"]),
+                             fmt(p["rms_error"])])
     protocol = data["protocol"]
     head = (f"**Figure 2 in miniature** (size `{data['size']}`; {machine_line(data['machine'])}). FID of "
             f"{protocol['num_samples']} samples (seeds 0-{protocol['num_samples'] - 1}, the same at every NFE) "
-            f"against {protocol['num_ref']} held-out reference images; real-data floor {fmt(protocol['floor'])}.")
+            f"against {protocol['num_ref']} held-out reference images; real-data floor {fmt(protocol['floor'])}. RMS "
+            f"error: the images against the same sampler's with {protocol['converged_factor']}x the curve's most "
+            f"steps (same seeds, before rounding to pixels).")
     best = []
     for network in data["networks"].values():
         parts = [f"{data['samplers'][s]['title']} {fmt(min(p['fid'] for p in pts))}"
@@ -150,10 +153,21 @@ def fig2_markdown(data: dict) -> str:
 
 
 def plot_fig2(data: dict, path: str) -> None:
-    """FID against NFE (log axis), one panel per network, one curve per sampler."""
+    """FID against NFE (log axis), one panel per network, one curve per sampler; below, each point's sampling
+    error (log-log: the slope is the solver's order in NFE)."""
     from matplotlib.ticker import ScalarFormatter
     networks = list(data["networks"].values())
-    fig, axes = _figure(len(networks), width=5.2)
+    fig, axes = _figure(len(networks), width=5.2, nrows=2)
+    for ax, network in zip(axes[1], networks):
+        for sampler, points in network["curves"].items():
+            ax.plot([p["nfe"] for p in points], [p["rms_error"] for p in points], "o-", markersize=4,
+                    label=data["samplers"][sampler]["title"])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set(xlabel="NFE", ylabel="RMS error to converged (8-bit levels)")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize="x-small")
     for ax, network in zip(axes[0], networks):
         for sampler, points in network["curves"].items():
             ax.plot([p["nfe"] for p in points], [p["fid"] for p in points], "o-", markersize=4,

@@ -87,6 +87,8 @@ def report_progress(run: Run, tick: Tick) -> None:
     run.stats.report0("Progress/lr", run.state.optimizer.param_groups[0]["lr"])
     halflife = ema_halflife_nimg(run.state.cur_nimg, run.config.ema_halflife_kimg, run.config.ema_rampup_ratio)
     run.stats.report0("Progress/ema_halflife_kimg", halflife / 1000)
+    if hasattr(run.loss_fn, "stage"):  # Consistency tuning: the stage of the tick's last step.
+        run.stats.report0("Progress/ct_stage", run.loss_fn.stage)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     run.log.print(status_line(values, run.metrics.latest if run.metrics is not None else None))
