@@ -5,8 +5,8 @@
 
 A dashboard shows, where the run logged them: the loss against kimg (smoothed in long runs) and the loss by noise
 level at a few points in training (EDM's Fig. 5 view), both without the untrained tick 0; FID/KID/FD-DINOv2 against
-kimg, a line per network (metrics.jsonl, from train.py --metrics); the learning rate and the EMA half-life, images per second,
-memory, and the latest sample grid. The loss axes are logarithmic only when every value on them is positive
+kimg, a line per network (metrics.jsonl, from train.py --metrics); the learning rate and the EMA half-life, images
+per second, memory, and the latest sample grid. The loss axes are logarithmic only when every value on them is positive
 (EDM2's loss, with its learned log-variance term, goes below zero). It reads only stats.jsonl, metrics.jsonl and
 samples-*.png; nothing is computed again. ``build_dashboard`` returns the matplotlib figure and its axes by panel.
 """

@@ -126,9 +126,13 @@ def fig2_points(ws: Workspace) -> list[tuple[str, str, int]]:
             for steps in fig2_steps(ws, sampler)]
 
 
+def fig2_sampler_kwargs(sampler: str, steps: int) -> dict:
+    return dict(FIG2_SAMPLERS[sampler]["kwargs"], num_steps=steps)
+
+
 def fig2_fid_piece(ws: Workspace, config: str, sampler: str, steps: int) -> Piece:
     seed = ws.size.seeds[0]
-    kwargs = dict(FIG2_SAMPLERS[sampler]["kwargs"], num_steps=steps)
+    kwargs = fig2_sampler_kwargs(sampler, steps)
     return ws.fid_piece(f"eval/fig2/{config}-seed{seed}-{sampler}-steps{steps}.json",
                         f"FID {config} {sampler} {steps} steps", config, seed, kwargs, ws.size.fig2_samples)
 
@@ -137,8 +141,8 @@ def fig2_error_piece(ws: Workspace, config: str, sampler: str, steps: int) -> Pi
     """The point's sampling error: its images against the same sampler's at FIG2_CONVERGED_FACTOR times the
     curve's most steps, same seeds."""
     seed = ws.size.seeds[0]
-    kwargs = dict(FIG2_SAMPLERS[sampler]["kwargs"], num_steps=steps)
-    converged = dict(kwargs, num_steps=FIG2_CONVERGED_FACTOR * max(fig2_steps(ws, sampler)))
+    kwargs = fig2_sampler_kwargs(sampler, steps)
+    converged = fig2_sampler_kwargs(sampler, FIG2_CONVERGED_FACTOR * max(fig2_steps(ws, sampler)))
     return ws.error_piece(f"eval/fig2/{config}-seed{seed}-{sampler}-steps{steps}-error.json",
                           f"error {config} {sampler} {steps} steps", config, seed, kwargs, converged,
                           ws.size.fig2_samples)
