@@ -68,6 +68,7 @@ LOOP_TESTS = tuple(f"tests/test_training_loop.py::test_{name}" for name in (
     "each_step_ramps_the_learning_rate_and_moves_the_ema_by_the_formulas",
     "transfer_copies_the_snapshot_values_and_names_what_it_kept"))
 LOSS_SCALING_TEST = "tests/test_perf.py::test_loss_scaling_multiplies_the_loops_gradients"
+SAVED_RESUME_TEST = "tests/test_saved_runs.py::test_saved_training_state_resumes_to_the_uninterrupted_runs_weights"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # --- The bugs issue 17 found unnoticed.
@@ -129,6 +130,10 @@ MUTATIONS: tuple[Mutation, ...] = (
        "torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)", "pass", *LOOP_TESTS),
     _m("loop: a resumed run ends its first tick after one step", LOOP,
        "first=state.cur_tick == 0", "first=True", *LOOP_TESTS),
+    _m("state: a resume leaves Adam's moments fresh", "training/loop/state.py",
+       'self.optimizer.load_state_dict(data["optimizer_state"])', "pass", SAVED_RESUME_TEST),
+    _m("state: a resume leaves the RNG states unrestored", "training/loop/state.py",
+       "restore_rng_state(states[dist.get_rank()], device)", "pass", SAVED_RESUME_TEST),
     _m("state: fractional kimg names collide", RUN_FILES,
        'return f"{whole:06d}" if rest == 0 else f"{whole:06d}.{rest:03d}"', 'return f"{whole:06d}"',
        *LOOP_TESTS),
@@ -380,6 +385,12 @@ MUTATIONS: tuple[Mutation, ...] = (
        "parts.append(torch.cat([distribution.mean, distribution.std], dim=1))",
        "parts.append(torch.cat([distribution.mean, distribution.mean], dim=1))",
        f"{LATENT_TESTS}::test_encode_writes_the_official_layout_of_raw_latents"),
+    _m("latents: an uncached VAE is asked of an unreachable hub", ENCODERS,
+       "            if offline is not None:\n", "            if offline is None and False:\n",
+       f"{LATENT_TESTS}::test_a_hub_name_that_is_not_cached_is_one_line_at_once_when_the_hub_cannot_be_reached"),
+    _m("latents: HF_HUB_OFFLINE read as unset", ENCODERS,
+       'os.environ.get("HF_HUB_OFFLINE", "")', '""',
+       f"{LATENT_TESTS}::test_a_hub_name_that_is_not_cached_is_one_line_at_once_when_the_hub_cannot_be_reached"),
     _m("latents: generate.py ignores the snapshot's encoder", GEN,
        "    return encoder.decode\n", "    return to_uint8\n",
        f"{LATENT_TESTS}::test_generate_and_fid_decode_official_latent_pickles_with_and_without_guidance"),

@@ -48,7 +48,10 @@ def test_files_hold_the_images_of_their_seeds(network_pkl, tmp_path):
                   "--subdirs", "--batch", "4", "--grid", str(tmp_path / "grid.png"), *SAMPLER_ARGS)
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("Generated 6 images with edm_sampler")
-    expected = generate_images(make_tiny_net(label_dim=4), seeds, **SAMPLER_KWARGS)
+    # In the CLI's batches: a seed's image is the same in any batch to float rounding only (test_sampling checks the
+    # float samples), and kernels chosen per batch size may round a value across a level.
+    net = make_tiny_net(label_dim=4)
+    expected = torch.cat([generate_images(net, seeds[i:i + 4], **SAMPLER_KWARGS) for i in (0, 4)])
     for seed, image in zip(seeds, expected):
         path = tmp_path / "out" / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
         assert torch.equal(_read_png(path), image)
@@ -147,7 +150,10 @@ def test_two_processes_write_the_same_files_as_one(network_pkl, tmp_path):
     assert "2 process(es)" in result.stdout and result.stdout.count("Generated 5 images") == 1
     bar = [part for part in re.split(r"[\r\n]", result.stderr) if part.startswith("Generating")]
     assert bar and "5/5" in bar[-1]  # The main process's bar counts both processes' images.
-    expected = generate_images(make_tiny_net(label_dim=4), seeds, **SAMPLER_KWARGS)
+    # In the CLI's batches: a seed's image is the same in any batch to float rounding only (test_sampling checks the
+    # float samples), and kernels chosen per batch size may round a value across a level.
+    net = make_tiny_net(label_dim=4)
+    expected = torch.cat([generate_images(net, seeds[i:i + 4], **SAMPLER_KWARGS) for i in (0, 4)])
     for seed, image in zip(seeds, expected):
         assert torch.equal(_read_png(tmp_path / "out" / f"{seed:06d}.png"), image)
     assert torch.equal(_read_png(tmp_path / "grid.png"), image_grid(expected))

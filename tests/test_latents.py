@@ -118,6 +118,56 @@ def test_missing_vae_and_missing_diffusers_are_one_line(tmp_path, monkeypatch):
         load_vae(str(tmp_path))
 
 
+def test_a_hub_name_that_is_not_cached_is_one_line_at_once_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    """Offline, huggingface_hub would retry for about 25 s a call; load_vae asks it nothing. HF_HUB_OFFLINE set after
+    the hub library was imported counts, and so does an endpoint that refuses the connection (a port just closed)."""
+    import socket
+
+    import huggingface_hub  # noqa: F401  (imported first: the variable below is set after it has read its own)
+    from training.data import encoders
+    monkeypatch.setenv("EDM_CACHE_DIR", str(tmp_path / "cache"))
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    asked = []
+
+    def from_pretrained(*args, **kwargs):
+        asked.append(kwargs)
+        raise OSError("not cached")
+
+    monkeypatch.setattr("diffusers.AutoencoderKL.from_pretrained", from_pretrained)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(VAEError, match=r"^VAE 'someone/absent-vae': cannot load it \(not in the cache .*diffusers, "
+                                       r"and HF_HUB_OFFLINE is set\); give a diffusers"):
+        load_vae("someone/absent-vae")
+    assert [kwargs["local_files_only"] for kwargs in asked] == [True]  # The cache only, never the hub.
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    assert encoders.hub_unreachable_reason().startswith(f"127.0.0.1:{port} cannot be reached")
+    asked.clear()
+    with pytest.raises(VAEError, match=f"cannot load it .*127.0.0.1:{port} cannot be reached"):
+        load_vae("someone/absent-vae")
+    assert [kwargs.get("local_files_only") for kwargs in asked] == [True]
+
+    # Reachable (a listening socket), or behind a proxy: the download is attempted.
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listening.getsockname()[1]}")
+        assert encoders.hub_unreachable_reason() is None
+        asked.clear()
+        with pytest.raises(VAEError, match="cannot load it \\(not cached\\)"):
+            load_vae("someone/absent-vae")
+        assert [kwargs.get("local_files_only") for kwargs in asked] == [True, None]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert encoders.hub_unreachable_reason() is None
+
+
 def test_encode_writes_the_official_layout_of_raw_latents(latent_zip, image_zip, tiny_vae):
     """One float32 [8, H/2, W/2] .npy per image named as the official tool names it, the VAE's latent mean and std of
     the image / 255 (grayscale repeated to RGB), labels in dataset.json; read back as a dataset of latents."""
@@ -369,10 +419,18 @@ def test_generate_and_fid_decode_official_latent_pickles_with_and_without_guidan
     net, guide = tiny_latent_net(0), tiny_latent_net(1)
     main_pkl = official_latent_pickle(tmp_path / "main.pkl", net, tiny_vae)
     guide_pkl = official_latent_pickle(tmp_path / "guide.pkl", guide, tiny_vae)
-    net16, guide16 = (load_network_pkl(p)["ema"] for p in (main_pkl, guide_pkl))  # The stored float16 weights.
+    # The stored float16 weights, in the memory format that the CLIs give EDM2's U-Net on a CPU (channels_last): the
+    # same kernels as theirs, so the same float rounding.
+    net16, guide16 = (load_network_pkl(p)["ema"].to(memory_format=torch.channels_last) for p in (main_pkl, guide_pkl))
     seeds = [0, 1, 2, 3]
-    plain = decoded_by_formula(tiny_vae, sampled_latents(net16, seeds))
-    autoguided = decoded_by_formula(tiny_vae, sampled_latents(guided(net16, guide16, 2.0), seeds))
+
+    def by_formula(denoiser, batch: int) -> torch.Tensor:
+        """In the CLI's batches of seeds: a seed's float latents match across batch sizes only to rounding (the kernels
+        may differ with the batch), which the truncation to uint8 can turn into a level."""
+        return torch.cat([decoded_by_formula(tiny_vae, sampled_latents(denoiser, seeds[i:i + batch]))
+                          for i in range(0, len(seeds), batch)])
+
+    plain, autoguided = by_formula(net16, 3), by_formula(guided(net16, guide16, 2.0), 3)
     assert plain.shape == (4, 3, 16, 16) and not torch.equal(plain, autoguided)
 
     for name, extra, expected in (("plain", [], plain), ("guided", [f"--gnet={guide_pkl}", "--guidance=2"], autoguided)):
@@ -388,7 +446,7 @@ def test_generate_and_fid_decode_official_latent_pickles_with_and_without_guidan
                                            f"--steps={STEPS}", "--batch=4", "--device=cpu", f"--gnet={guide_pkl}",
                                            "--guidance=2"])
     assert result.exit_code == 0, result.output
-    assert torch.equal(torch.cat(recorder.seen), autoguided)
+    assert torch.equal(torch.cat(recorder.seen), by_formula(guided(net16, guide16, 2.0), 4))
 
 
 def test_ema_sweep_and_in_training_metrics_decode_latent_runs(tiny_vae, tmp_path, recorder, zero_ref, single_thread):

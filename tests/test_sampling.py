@@ -12,7 +12,7 @@ import torch
 from conftest import build_official_case, make_tiny_net
 from training import sampling
 from training.sampling import (BALANCED, PAPER_TIME_STEPS, NOISE_SCHEDULES, SCALINGS, SeedRNG, ablation_sampler,
-                               draw_class_labels, draw_latents, edm_sampler, generate_images)
+                               draw_class_labels, draw_latents, edm_sampler, generate_images, to_uint8)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -44,11 +44,19 @@ def _unit_noise(shape, seed: int = 0) -> torch.Tensor:
 
 
 def test_seeds_draw_the_official_latents_and_labels(official_vectors):
+    """Seed s's latents are the first torch.randn of a generator seeded with s mod 2^32 (the official
+    StackedRandomGenerator's rule), exactly; they are the official code's numbers to the rounding of torch's Gaussian
+    kernel, whose vectorised Box-Muller (AVX2, AVX-512) gave the saved bits and whose scalar one
+    (ATEN_CPU_CAPABILITY=default) differs from them by up to 1.5e-6; the class labels are integers, equal everywhere."""
     case = official_vectors["EDMPrecond-DDPM++-cond"]
     golden = case["edm_sampler"]
     net = build_official_case(case)
     rng = SeedRNG(golden["seeds"])
-    assert torch.equal(draw_latents(net, rng), golden["latents"])
+    latents = draw_latents(net, rng)
+    by_rule = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(seed % 2**32))
+                           for seed in golden["seeds"]])
+    assert torch.equal(latents, by_rule)
+    torch.testing.assert_close(latents, golden["latents"], rtol=0, atol=1e-5)
     assert torch.equal(draw_class_labels(net, rng), golden["class_labels"])
 
 
@@ -61,7 +69,13 @@ def test_edm_sampler_reproduces_the_official_images(official_vectors):
     assert images.dtype == torch.float64
     torch.testing.assert_close(images, golden["images_float"], rtol=0, atol=1e-5)
     uint8 = generate_images(net, golden["seeds"], num_steps=golden["num_steps"])
-    assert uint8.dtype == torch.uint8 and torch.equal(uint8, golden["images_uint8"])
+    # The official uint8 images, except where an official float lies within the float tolerance of a level boundary
+    # (the nearest is 4.9e-7 away, the kernels of AVX-512, AVX2 and SSE4.1 CPUs 2.4e-7 off): there either level.
+    low, high = to_uint8(golden["images_float"] - 1e-5), to_uint8(golden["images_float"] + 1e-5)
+    assert torch.equal(to_uint8(golden["images_float"]), golden["images_uint8"]) and (low != high).sum() < 20
+    assert uint8.dtype == torch.uint8 and torch.equal(torch.where(low == high, uint8, golden["images_uint8"]),
+                                                      golden["images_uint8"])
+    assert ((uint8 == low) | (uint8 == high)).all()
 
 # ----------------------------------------------------------------------------
 # Determinism: a seed's image does not depend on its batch.

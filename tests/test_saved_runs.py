@@ -2,8 +2,9 @@
 load, sample the images that code sampled from them, and resume to the weights of the uninterrupted run.
 
 Bit for bit on the CPU that wrote them (AVX2); elsewhere oneDNN's float32 kernels may round the tiny networks'
-convolutions differently (see test_samplers), so the float samples are compared to 1e-5 of their range, and the uint8
-images, truncated from them, to one level.
+convolutions differently (see test_samplers), so the float samples are compared to 1e-5 of their range, the uint8
+images, truncated from them, to one level, and the resumed weights to the spread that training steps make of that
+rounding (``RESUME_SPREAD``).
 """
 
 from __future__ import annotations
@@ -79,14 +80,31 @@ def test_saved_snapshots_sample_the_images_they_gave(case, expected):
     assert (images.int() - expected["images"][name].int()).abs().max() <= 1
 
 
+# How far 15 resumed steps from the saved state may end from the weights the saving CPU reached, as a fraction of how
+# far those steps moved them: ||ours - saved|| / ||saved - state at 272 images||, over all tensors of the state dict.
+# Adam at lr 1e-2 on a tiny network turns float rounding into visible changes of the weights, so other kernels cannot
+# give the saved bits. Measured (docs/testing.md): 0 under the saving CPU's kernels (AVX2); 0.0020-0.0033 under
+# AVX-512, under AVX2 with ATen's default kernels and under SSE4.1 ones; a resume that loses the RNG state gives 0.49,
+# one that loses Adam's moments 1.5.
+RESUME_SPREAD = 0.02
+
+
+def _relative_distance(ours: dict, theirs: dict, start: dict) -> float:
+    def flat(state: dict) -> torch.Tensor:
+        return torch.cat([state[name].double().flatten() for name in sorted(theirs)])
+    return ((flat(ours) - flat(theirs)).norm() / (flat(theirs) - flat(start)).norm()).item()
+
+
 def test_saved_training_state_resumes_to_the_uninterrupted_runs_weights(fashion_mnist_8_zip, tmp_path, expected):
     """train.py --resume from the saved state at 272 images runs the last 15 steps and ends where the uninterrupted run
-    of the earlier code ended (make.py checked that equality when it saved them)."""
+    of the earlier code ended (make.py checked that equality when it saved them), to the spread of float kernels
+    across CPUs. (Resuming bit-exactly on one machine: test_training_loop.py, test_edm2_training.py.)"""
     state = os.path.join(SAVED, "ddpmpp", "training-state-000000.272.pt")
     MAKE.train(str(tmp_path), fashion_mnist_8_zip, "ddpmpp", f"--resume={state}")
     final = torch.load(tmp_path / "training-state-000000.512.pt", weights_only=True)
+    start = torch.load(state, weights_only=True)
     for key in ("net", "ema"):
         ours, theirs = final[key], expected[f"resumed_{key}"]
         assert ours.keys() == theirs.keys()
-        for name in ours:
-            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=f"{key}.{name}")
+        assert all(ours[name].dtype == theirs[name].dtype and ours[name].shape == theirs[name].shape for name in ours)
+        assert _relative_distance(ours, theirs, start[key]) < RESUME_SPREAD, key

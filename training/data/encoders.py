@@ -19,6 +19,8 @@ pickles load here, and ours in the official code; the VAE itself is never pickle
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
 
 import numpy as np
 import torch
@@ -128,10 +130,29 @@ class StabilityVAEEncoder(Encoder):
         return images.clamp(0, 1).mul(255).to(torch.uint8)
 
 
+def hub_unreachable_reason(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be asked for a download now, or None when it may be. huggingface_hub retries an
+    unreachable host with back-off for about 25 s a call, so an offline machine asks it nothing: ``HF_HUB_OFFLINE``
+    (read now, not when the hub library was imported), or no TCP connection to ``HF_ENDPOINT`` (default
+    huggingface.co) within ``timeout`` seconds. Behind a proxy the connection is the proxy's to make: not probed."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(var) for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port} cannot be reached ({e.strerror or type(e).__name__})"
+    return None
+
+
 def load_vae(name: str, device: torch.device | str = "cpu"):
     """``diffusers.AutoencoderKL.from_pretrained(name)`` in eval mode without gradients, on ``device``: a local folder
     (written by ``save_pretrained``) or a hub name, downloaded once into the cache folder's ``diffusers`` (local files
-    first, so that a cached VAE needs no network)."""
+    first, so that a cached VAE needs no network; a hub that cannot be reached is one line at once, see
+    :func:`hub_unreachable_reason`)."""
     try:
         import diffusers
     except ImportError:
@@ -143,20 +164,24 @@ def load_vae(name: str, device: torch.device | str = "cpu"):
     def load(*args, **kwargs):
         return diffusers.AutoencoderKL.from_pretrained(*args, low_cpu_mem_usage=False, **kwargs)
 
+    advice = "give a diffusers AutoencoderKL folder or hub name"
     if os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
         name = os.path.expanduser(name)
         if not os.path.isdir(name):
-            raise VAEError(f"VAE '{name}': no such folder; give a diffusers AutoencoderKL folder or hub name")
+            raise VAEError(f"VAE '{name}': no such folder; {advice}")
+    vae = None
+    if not os.path.isdir(name):
+        try:
+            vae = load(name, cache_dir=cache_dir, local_files_only=True)
+        except (OSError, ValueError):
+            offline = hub_unreachable_reason()
+            if offline is not None:
+                raise VAEError(f"VAE '{name}': cannot load it (not in the cache {cache_dir}, and {offline}); "
+                               f"{advice}") from None
     try:
-        if os.path.isdir(name):
-            vae = load(name)
-        else:
-            try:
-                vae = load(name, cache_dir=cache_dir, local_files_only=True)
-            except (OSError, ValueError):
-                vae = load(name, cache_dir=cache_dir)
+        if vae is None:
+            vae = load(name) if os.path.isdir(name) else load(name, cache_dir=cache_dir)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VAEError(f"VAE '{name}': cannot load it ({first}); give a diffusers AutoencoderKL folder or hub name"
-                       ) from None
+        raise VAEError(f"VAE '{name}': cannot load it ({first}); {advice}") from None
     return vae.eval().requires_grad_(False).to(device)
