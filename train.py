@@ -88,6 +88,10 @@ def resolve_defaults(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
         for key, value in PRESETS[opts.preset].items():
             if opts.get(key) is None:
                 opts[key] = value
+    if opts.get("cond") is None:
+        opts.cond = bool(opts.get("preset"))  # train_edm2.py trains class-conditional by default; EDM's train.py not.
+    if opts.get("fp16") is None and not opts.get("preset"):
+        opts.fp16 = False  # With a preset, resolve_fp16 decides once the device is known.
     if opts.get("arch") is None:
         opts.arch = "ddpmpp"
     defaults = EDM2_DEFAULTS if opts.arch == "edm2" else EDM_DEFAULTS
@@ -95,6 +99,19 @@ def resolve_defaults(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
         if opts.get(key) is None:
             opts[key] = value
     return opts
+
+
+def resolve_fp16(opts: dnnlib.EasyDict, device: torch.device) -> str | None:
+    """--fp16 where not given: off, as EDM's train.py, except under --preset, whose official script (train_edm2.py)
+    trains in fp16 by default: on then, where the device runs fp16 (CUDA). Elsewhere such a run stays in float32, and
+    the note returned says so (None when there is nothing to say)."""
+    if opts.get("fp16") is not None:
+        return None
+    opts.fp16 = bool(opts.get("preset")) and not opts.get("bf16") and device.type == "cuda"
+    if opts.get("preset") and not opts.get("bf16") and not opts.fp16:
+        return (f"--preset={opts.preset} trains in fp16 as train_edm2.py does, which runs on CUDA only: this run on "
+                f"{device.type} is float32 (--bf16=1 for mixed precision here, --fp16=0 to say float32)")
+    return None
 
 
 def check_edm2_options(opts: dnnlib.EasyDict) -> None:
@@ -168,7 +185,7 @@ def network_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     if opts.augment:  # The network is told which augmentation each image had.
         config.augment_dim = AUGMENT_DIM
     config.dropout = opts.dropout
-    config.use_fp16 = opts.fp16
+    config.use_fp16 = bool(opts.fp16)
     if opts.bf16:
         config.use_bf16 = True
     return config
@@ -318,8 +335,8 @@ def shared_from_rank0(value):
 @click.option("--outdir", help="Folder for the run directories", metavar="DIR", type=str, required=True)
 @click.option("--data", help="Training images: a dataset ZIP or folder (dataset_tool.py)",
               metavar="ZIP|DIR", type=str, required=True)
-@click.option("--cond", help="Condition on the dataset's class labels",
-              metavar="BOOL", type=bool, default=False, show_default=True)
+@click.option("--cond", help="Condition on the dataset's class labels  [default: 0; 1 with --preset, as "
+              "train_edm2.py]", metavar="BOOL", type=bool)
 @click.option("--arch", help="U-Net: DDPM++, NCSN++, ADM or EDM2's magnitude-preserving one  [default: ddpmpp]",
               type=click.Choice(list(ARCHITECTURES)))
 @click.option("--preset", help="An official EDM2 configuration (sets --arch=edm2 and its hyperparameters; options "
@@ -384,8 +401,8 @@ def shared_from_rank0(value):
 @click.option("--xflip", help="Also show every image mirrored (doubles the dataset)",
               metavar="BOOL", type=bool, default=False, show_default=True)
 # Performance-related.
-@click.option("--fp16", help="Enable mixed-precision training (CUDA)", metavar="BOOL", type=bool, default=False,
-              show_default=True)
+@click.option("--fp16", help="Enable mixed-precision training (CUDA)  [default: 0; 1 with --preset on CUDA, as "
+              "train_edm2.py]", metavar="BOOL", type=bool)
 @click.option("--bf16", help="Run the U-Net in bfloat16", metavar="BOOL", type=bool, default=False, show_default=True)
 @click.option("--ls", help="Multiply the loss by this before backward (fp16)",
               metavar="FLOAT", type=click.FloatRange(min=0, min_open=True), default=1,
@@ -531,6 +548,7 @@ def train(opts: dnnlib.EasyDict) -> None:
         raise click.ClickException("--transfer and --resume cannot be used together")
     if opts.fp16 and opts.bf16:
         raise click.ClickException("--fp16 and --bf16 cannot be used together")
+    fp16_note = resolve_fp16(opts, dist.get_device())
     if opts.fp16:
         try:
             check_precision("fp16", dist.get_device())
@@ -556,6 +574,8 @@ def train(opts: dnnlib.EasyDict) -> None:
     dist.print0(f"Output directory: {run_dir}" + (f" (resuming {resume})" if resume else ""))
     for warning in config_warnings(c):
         dist.print0(f"Warning: {warning}")
+    if fp16_note is not None:
+        dist.print0(f"Note: {fp16_note}")
     if opts.dry_run:
         dist.print0("Dry run; exiting.")
         return

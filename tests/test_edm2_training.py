@@ -210,6 +210,43 @@ def test_preset_sets_the_official_hyperparameters(fashion_mnist_16_zip, tmp_path
     assert not os.listdir(tmp_path)
 
 
+def test_presets_train_conditional_and_in_fp16_on_cuda_as_train_edm2_py_unless_told(fashion_mnist_16_zip, tmp_path,
+                                                                                      monkeypatch):
+    """The official train_edm2.py defaults to --cond=1 and --fp16=1; EDM's train.py to neither. A preset takes the
+    former (each overridable), a run without one the latter; where fp16 cannot run (not CUDA), a preset's run is
+    float32 and says so in one line."""
+    import json
+
+    import dnnlib
+    import train
+
+    def dry_run(*args):
+        result = run_train(f"--outdir={tmp_path}", f"--data={fashion_mnist_16_zip}", "--dry-run", "--device=cpu", *args)
+        assert result.exit_code == 0, result.output
+        notes = [line for line in result.output.splitlines() if line.startswith("Note: ")]
+        return json.loads(result.output[result.output.index("{"):result.output.rindex("}") + 1]), notes
+
+    config, notes = dry_run("--preset=edm2-img64-xs")
+    assert config["dataset_kwargs"]["use_labels"] is True and config["network_kwargs"]["use_fp16"] is False
+    assert notes == ["Note: --preset=edm2-img64-xs trains in fp16 as train_edm2.py does, which runs on CUDA only: this "
+                     "run on cpu is float32 (--bf16=1 for mixed precision here, --fp16=0 to say float32)"]
+    config, notes = dry_run("--preset=edm2-img64-xs", "--cond=0", "--fp16=0")
+    assert config["dataset_kwargs"]["use_labels"] is False and config["network_kwargs"]["use_fp16"] is False and notes == []
+    config, notes = dry_run("--preset=edm2-img64-xs", "--bf16=1")
+    assert config["network_kwargs"]["use_fp16"] is False and config["network_kwargs"]["use_bf16"] is True and notes == []
+    config, notes = dry_run("--arch=edm2")
+    assert config["dataset_kwargs"]["use_labels"] is False and config["network_kwargs"]["use_fp16"] is False and notes == []
+    assert not os.listdir(tmp_path)
+
+    # On CUDA (decided from the device alone), the preset's fp16 is on unless --fp16=0 or --bf16=1 says otherwise.
+    cuda = torch.device("cuda")
+    for given, expected in ((dict(), True), (dict(fp16=False), False), (dict(bf16=True), False)):
+        opts = train.resolve_defaults(dnnlib.EasyDict(preset="edm2-img64-xs", fp16=None, bf16=False) | given)
+        assert train.resolve_fp16(opts, cuda) is None and opts.fp16 is expected
+    opts = train.resolve_defaults(dnnlib.EasyDict(fp16=None, bf16=False))
+    assert opts.fp16 is False and train.resolve_fp16(opts, cuda) is None and opts.fp16 is False
+
+
 def test_ema_std_works_for_edm_networks_too(fashion_mnist_16_zip, tmp_path):
     result = run_train(f"--outdir={tmp_path}", f"--data={fashion_mnist_16_zip}", "--cbase=8", "--cres=1,2",
                        "--blocks=1", "--attn=", "--batch=16", "--duration=0.000032", "--tick=0.016", "--snap=1",
