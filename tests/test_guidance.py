@@ -64,6 +64,27 @@ def test_guided_denoiser_is_the_formula():
                                            rtol=1e-5, atol=1e-5)
 
 
+def test_an_unconditional_guide_is_called_without_labels():
+    """EDM2's classifier-free guidance presets guide a conditional network by a separate unconditional one."""
+    class RecordingLabels:
+        label_dim = 0
+
+        def __init__(self, net):
+            self.net, self.seen = net, []
+
+        def __call__(self, x, sigma, class_labels=None):
+            self.seen.append(class_labels)
+            return self.net(x, sigma, class_labels)
+
+    net, guide = make_tiny_net(label_dim=4).eval(), RecordingLabels(make_tiny_net(label_dim=0, seed=1).eval())
+    x, labels = torch.randn(3, 3, 16, 16), torch.eye(4)[[0, 2, 3]]
+    with torch.no_grad():
+        D, D_g = net(x, 1.0, labels), guide.net(x, 1.0)
+        torch.testing.assert_close(GuidedDenoiser(net, guide, 1.4)(x, 1.0, labels), D_g + 1.4 * (D - D_g),
+                                   rtol=1e-5, atol=1e-5)
+    assert guide.seen == [None]
+
+
 def test_weight_one_is_the_unguided_sampler_bit_for_bit_and_never_calls_the_guide():
     net, guide = make_tiny_net(label_dim=4).eval(), Counting(make_tiny_net(label_dim=4, seed=1).eval())
     kwargs = dict(num_steps=4, S_churn=10, S_min=0.01, S_max=20)
@@ -158,9 +179,11 @@ def read_png(path) -> torch.Tensor:
     return torch.from_numpy(np.array(PIL.Image.open(path))).permute(2, 0, 1)
 
 
-@pytest.mark.parametrize("gnet, extra", [("gnet", []), ("uncond", []), ("gnet", ["--guidance-interval=0.5,5"])])
+@pytest.mark.parametrize("gnet, extra", [("gnet", []), ("uncond", []), ("gnet", ["--guidance-interval=0.5,5"]),
+                                         ("unconditional", [])])
 def test_generate_cli_writes_the_guided_images(snapshots, tmp_path, gnet, extra):
-    guide = UNCONDITIONAL if gnet == "uncond" else make_tiny_net(label_dim=4, seed=1)
+    guide = UNCONDITIONAL if gnet == "uncond" else make_tiny_net(label_dim=0) if gnet == "unconditional" else \
+        make_tiny_net(label_dim=4, seed=1)
     interval = (0.5, 5.0) if extra else None
     result = run_generate(f"--network={snapshots['net']}", f"--gnet={snapshots.get(gnet, gnet)}", "--guidance=2.5",
                           f"--outdir={tmp_path}", "--seeds=3-5", "--steps=5", "--device=cpu", *extra)

@@ -139,9 +139,10 @@ def load_guide(options: GenerateOptions, net: torch.nn.Module, device: torch.dev
     if theirs != ours:
         raise ValueError(f"--gnet={options.gnet}: makes {theirs[0]}-channel {theirs[1]}x{theirs[1]} images, the "
                          f"network {ours[0]}-channel {ours[1]}x{ours[1]}")
-    if getattr(guide, "label_dim", 0) != getattr(net, "label_dim", 0):
-        raise ValueError(f"--gnet={options.gnet}: has {getattr(guide, 'label_dim', 0)} classes, the network "
-                         f"{getattr(net, 'label_dim', 0)}")
+    guide_classes, classes = getattr(guide, "label_dim", 0), getattr(net, "label_dim", 0)
+    if guide_classes and guide_classes != classes:  # An unconditional guide is EDM2's classifier-free guidance.
+        raise ValueError(f"--gnet={options.gnet}: has {guide_classes} classes, the network {classes}; a guide has "
+                         f"the network's classes or none")
     return guide
 
 

@@ -10,7 +10,8 @@ UNCONDITIONAL = "uncond"  # The guide of classifier-free guidance: the network i
 class GuidedDenoiser:
     """D_w(x; sigma) = D_g(x; sigma) + w (D(x; sigma) - D_g(x; sigma)) for a guiding denoiser D_g.
 
-    ``guide`` is another network (autoguidance, Karras et al. 2024: a smaller or less-trained version of ``net``)
+    ``guide`` is another network (autoguidance, Karras et al. 2024: a smaller or less-trained version of ``net``;
+    or, as EDM2's classifier-free guidance presets, a separate unconditional network, called without labels)
     or ``UNCONDITIONAL`` (classifier-free guidance, Ho and Salimans 2022: ``net`` itself with a zero label
     vector, as trained with label dropout; both evaluated in one batched call). With ``interval`` = (sigma_lo,
     sigma_hi) the guidance applies only at noise levels inside it (Kynkaanniemi et al. 2024), and the guide is
@@ -49,7 +50,8 @@ class GuidedDenoiser:
         if self.guide is UNCONDITIONAL:
             D, D_g = self._with_and_without_labels(x, sigma, class_labels, **kwargs)
         else:
-            D, D_g = self.net(x, sigma, class_labels, **kwargs), self.guide(x, sigma, class_labels, **kwargs)
+            guide_labels = class_labels if getattr(self.guide, "label_dim", 0) else None  # EDM2's unconditional guides.
+            D, D_g = self.net(x, sigma, class_labels, **kwargs), self.guide(x, sigma, guide_labels, **kwargs)
         return D_g.to(D.dtype).lerp(D, self.weight)
 
     def _with_and_without_labels(self, x, sigma, class_labels, **kwargs):
