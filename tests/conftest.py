@@ -17,8 +17,8 @@ FASHION_MNIST_T10K = os.path.join(os.path.dirname(os.path.dirname(os.path.abspat
 
 # The files with the longest tests (end-to-end runs of the command lines, inductor's compilation), started first so
 # that the processes of pytest-xdist finish together.
-LONGEST_FIRST = ("test_paper.py", "test_quickstart.py", "test_perf.py", "test_train.py", "test_fid.py",
-                 "test_training_loop.py")
+LONGEST_FIRST = ("test_paper.py", "test_quickstart.py", "test_readme.py", "test_perf.py", "test_train.py",
+                 "test_fid.py", "test_training_loop.py")
 
 
 def pytest_collection_modifyitems(config, items):
