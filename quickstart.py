@@ -76,7 +76,7 @@ FEW_STEP_NFES = (1, 2)
 FEW_STEP_OPTIONS = {"lr-rampup": 0, "lr-decay": 0, "ema": 0.002, "ema-std": "none", "grid": 0}
 
 
-# What each preset's choices are for; the measurements behind them are in docs/quickstart-notes.md. duration is in
+# What each preset's choices are for; the measurements behind them are in docs/quickstart-history.md. duration is in
 # Mimg, as in train.py. The cpu preset spends its 15 minutes on training wherever it can: EDM2's network, loss and
 # Adam beta2 at lr 0.04 measured best of the recipes and learning rates tried at the kimg the budget trains; 32
 # channels down to 14x14 (--cres=1,1,2) make a cheaper decoder whose extra images outweigh its capacity; two

@@ -190,3 +190,36 @@ def test_few_step_example_tunes_the_quickstarts_network_as_written(tmp_path, fas
     assert options["network_kwargs"]["model_channels"] == 32 and options["network_kwargs"]["channel_mult"] == [1, 1, 2]
     assert "with consistency (NFE 2" in result.stdout
     assert sorted(os.listdir(tmp_path / "few-step")) == [f"{seed:06d}.png" for seed in range(4)]
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation but hyphens dropped, spaces to hyphens."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_every_relative_link_of_the_readme_and_docs_resolves():
+    """Each link to a file of the repository names one that exists, and each #anchor a heading of its page."""
+    pages = ["README.md"] + [os.path.join("docs", name) for name in sorted(os.listdir(os.path.join(REPO_ROOT, "docs")))
+                             if name.endswith(".md")]
+    anchors = {}
+    for page in pages:
+        with open(os.path.join(REPO_ROOT, page)) as f:
+            text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+        anchors[page] = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+    checked = 0
+    for page in pages:
+        with open(os.path.join(REPO_ROOT, page)) as f:
+            text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            assert os.path.exists(os.path.join(REPO_ROOT, resolved)), f"{page}: {target}: no such file"
+            if anchor and resolved.endswith(".md"):
+                assert anchor in anchors[resolved], f"{page}: {target}: no such heading"
+            checked += 1
+    assert checked > 50
+    assert github_anchor("Few-step generation (consistency tuning)") == "few-step-generation-consistency-tuning"
+    assert github_anchor("Autoguidance, first measured (2026-11-27)") == "autoguidance-first-measured-2026-11-27"
