@@ -223,3 +223,53 @@ def test_every_relative_link_of_the_readme_and_docs_resolves():
     assert checked > 50
     assert github_anchor("Few-step generation (consistency tuning)") == "few-step-generation-consistency-tuning"
     assert github_anchor("Autoguidance, first measured (2026-11-27)") == "autoguidance-first-measured-2026-11-27"
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    """(page, code) of every Python block of the README and docs/."""
+    pages = ["README.md"] + [os.path.join("docs", name) for name in sorted(os.listdir(os.path.join(REPO_ROOT, "docs")))
+                             if name.endswith(".md")]
+    blocks = []
+    for page in pages:
+        with open(os.path.join(REPO_ROOT, page)) as f:
+            blocks += [(page, code) for code in re.findall(r"```python\n(.*?)```", f.read(), re.S)]
+    return blocks
+
+
+def test_every_python_block_of_the_readme_and_docs_runs(tmp_path, monkeypatch, single_thread):
+    """Each block runs as written, with these stand-ins: for the names a block uses without defining them (``net``,
+    ``latents``, ``class_labels``/``labels``, ``denoise``, ``x``, ``edm_sampler``) a tiny unconditional network and its
+    noise; for any URL or file a block opens a tiny class-conditional snapshot; 'cuda' is this machine's device."""
+    import torch
+
+    import dnnlib
+    from conftest import make_tiny_net
+    from torch_utils.distributed import pick_device
+    from training.checkpoint import save_network_pkl
+    from training.sampling import SeedRNG, draw_latents, edm_sampler, registry
+
+    stand_in = str(tmp_path / "stand-in.pkl")
+    save_network_pkl(stand_in, dict(ema=make_tiny_net(label_dim=10, resolution=4), loss_fn=None, augment_pipe=None,
+                                    dataset_kwargs={}))
+    opened = []
+
+    def serve_locally(url, return_filename=False, **kwargs):
+        opened.append(url)
+        return stand_in if return_filename else open(stand_in, "rb")
+
+    monkeypatch.setattr(dnnlib.util, "open_url", serve_locally)
+    for name, value in (("SEARCH_BATCH", 4), ("SEARCH_REFERENCE_LEVELS", 64), ("SEARCH_MAX_EVALS", 12)):
+        monkeypatch.setattr(registry, name, value)  # A short 'optimized' search: seconds, not a minute.
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks()
+    assert {page for page, _ in blocks} >= {"README.md", "docs/samplers.md", "docs/formats.md"}
+    device = str(pick_device())
+    for page, code in blocks:
+        net = make_tiny_net(label_dim=0, resolution=4)
+        latents = draw_latents(net, SeedRNG([0, 1]))
+        namespace = dict(net=net, latents=latents, class_labels=None, labels=None, edm_sampler=edm_sampler,
+                         denoise=lambda x, sigma: net(x, sigma).to(torch.float64))
+        namespace["x"] = latents.to(torch.float64) * 80
+        with torch.no_grad():
+            exec(compile(code.replace('"cuda"', repr(device)), page, "exec"), namespace)
+    assert len(opened) >= 2  # The README's pretrained name and formats.md's snapshot file.

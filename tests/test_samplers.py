@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from benchmarks.mixture import GaussianMixtureDenoiser, exact_end_points, relative_error
 from conftest import FIXTURES, make_tiny_net
+from test_sampling import GaussianDenoiser as IsotropicGaussian
 from training import sampling
 from training.sampling import registry, solvers
 from training.sampling.gaussian import fit_gaussian
@@ -111,6 +112,39 @@ def test_registry_heun_and_euler_are_the_papers(churn):
                                                                                num_steps=5, solver="euler", **churn))):
             ours = SAMPLERS[name](net, latents, labels, SeedRNG([0, 1, 7]).randn_like, nfe=nfe, **churn)
             assert torch.equal(ours, reference(SeedRNG([0, 1, 7]))), name
+
+
+def test_every_registry_entrys_solver_runs_on_a_denoiser_and_levels():
+    """``SAMPLERS[name].solver(denoise, x, sigmas)``, the API docs/samplers.md shows, works for every name. The
+    paper's Heun is Algorithm 1 written out here (Heun steps, Euler to 0), to rounding; the ODE solvers approach the
+    exact end point of a Gaussian's probability flow as their levels multiply."""
+    data = IsotropicGaussian(mu=0.3, sigma_data=0.5)
+    denoise = lambda x, sigma: data(x, sigma)  # noqa: E731
+    sigmas = sampling.edm_sigma_steps(12, 0.002, 80, 7)
+    x = torch.randn([4, 1, 4, 4], generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigmas[0]
+    exact = data.exact_flow(x, 80, 0)
+    for name, sampler in SAMPLERS.items():
+        noise = torch.Generator().manual_seed(1)
+        out = sampler.solver(denoise, x, sigmas,
+                             lambda t: torch.randn(t.shape, generator=noise, dtype=t.dtype))
+        assert out.shape == x.shape and out.dtype == torch.float64 and bool(out.isfinite().all()), name
+        if sampler.solver.solves_ode and not sampler.solver.stochastic:  # Four times the levels: closer.
+            finer = sampling.edm_sigma_steps(48, 0.002, 80, 7)
+            out_finer = sampler.solver(denoise, x / sigmas[0] * finer[0], finer)
+            assert (out_finer - exact).abs().max() < 0.5 * (out - exact).abs().max(), name
+
+    by_hand = x.clone()
+    levels = [*sigmas.tolist(), 0.0]
+    for i, (t, t_next) in enumerate(zip(levels[:-1], levels[1:])):
+        d = (by_hand - denoise(by_hand, torch.tensor(t, dtype=torch.float64))) / t
+        euler = by_hand + (t_next - t) * d
+        if t_next > 0:
+            d_next = (euler - denoise(euler, torch.tensor(t_next, dtype=torch.float64))) / t_next
+            by_hand = by_hand + (t_next - t) * (d + d_next) / 2
+        else:
+            by_hand = euler
+    torch.testing.assert_close(SAMPLERS["heun"].solver(denoise, x, sigmas), by_hand, rtol=1e-12, atol=1e-12)
+
 
 # ----------------------------------------------------------------------------
 # Convergence orders on the mixture.

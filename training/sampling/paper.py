@@ -116,15 +116,23 @@ class Churn:
 def solve(net, latents: torch.Tensor, class_labels: torch.Tensor | None, t_steps: torch.Tensor,
           flow: ProbabilityFlow, step: Callable, churn: Churn = Churn(),
           randn_like: RandnLike = torch.randn_like, callback: StepCallback | None = None) -> torch.Tensor:
-    """Integrate the ODE from t_0 to t_N = 0 (Algorithm 1 with Algorithm 2's churn).
+    """Integrate the ODE from t_0 to t_N = 0 (Algorithm 1 with Algorithm 2's churn), from x_0 = z sigma(t_0) s(t_0)
+    for the unit noise z = ``latents`` (``integrate``)."""
+    x = latents.to(torch.float64) * (flow.sigma(t_steps[0]) * flow.s(t_steps[0]))
+    return integrate(net, x, class_labels, t_steps, flow, step, churn, randn_like, callback)
 
-    x_0 = z sigma(t_0) s(t_0). Each step applies churn, then ``step``; the last step, to sigma = 0, is always
-    Euler. Churn noise is drawn at every step (multiplied by 0 when gamma is 0), as the official samplers do,
-    so each seed's random stream, and hence its image, matches theirs. ``callback(i, sigma, x, denoised)`` sees
-    each step's start after churn: sigma(t_hat), x_hat and the step's first D(x_hat / s; sigma(t_hat)).
+
+def integrate(net, x: torch.Tensor, class_labels: torch.Tensor | None, t_steps: torch.Tensor,
+              flow: ProbabilityFlow, step: Callable, churn: Churn = Churn(),
+              randn_like: RandnLike = torch.randn_like, callback: StepCallback | None = None) -> torch.Tensor:
+    """Integrate the ODE from x (float64) at t_0 to t_N = 0 (Algorithm 1 with Algorithm 2's churn).
+
+    Each step applies churn, then ``step``; the last step, to sigma = 0, is always Euler. Churn noise is drawn at
+    every step (multiplied by 0 when gamma is 0), as the official samplers do, so each seed's random stream, and
+    hence its image, matches theirs. ``callback(i, sigma, x, denoised)`` sees each step's start after churn:
+    sigma(t_hat), x_hat and the step's first D(x_hat / s; sigma(t_hat)).
     """
     num_steps = len(t_steps) - 1
-    x = latents.to(torch.float64) * (flow.sigma(t_steps[0]) * flow.s(t_steps[0]))
     gammas = churn.gammas(flow, t_steps)
     step_denoised = []  # D of each slope in the current step.
 
@@ -140,6 +148,43 @@ def solve(net, latents: torch.Tensor, class_labels: torch.Tensor | None, t_steps
         if callback is not None:
             callback(i, flow.sigma(t_hat), x_hat, step_denoised[0])
     return x
+
+
+class _DenoiserAsNetwork:
+    """A solver's ``denoise(x, sigma)`` called as ``integrate`` calls a network, with the network's
+    ``round_sigma`` where it has one (churn's raised levels are snapped by it)."""
+
+    def __init__(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 rounding: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.denoise = denoise
+        if rounding is not None:
+            self.round_sigma = rounding
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
+        return self.denoise(x, sigma)
+
+
+def heun(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
+         randn_like: RandnLike = torch.randn_like, callback: StepCallback | None = None, churn: Churn = Churn(),
+         round_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Algorithm 1 (with ``churn``, Algorithm 2) as a solver of ``solvers``' API: Heun steps in sigma(t) = t,
+    s(t) = 1 between the levels ``sigmas`` from x at sigmas[0], then an Euler step to sigma = 0. ``round_sigma``: the
+    network's, for churn's raised levels. On ``edm_sigma_steps`` it is ``edm_sampler``, bit for bit."""
+    return _paper_levels(heun_step, denoise, x, sigmas, randn_like, callback, churn, round_sigma)
+
+
+def euler(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor,
+          randn_like: RandnLike = torch.randn_like, callback: StepCallback | None = None, churn: Churn = Churn(),
+          round_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``heun`` with Euler steps throughout (Table 1's first-order solver)."""
+    return _paper_levels(euler_step, denoise, x, sigmas, randn_like, callback, churn, round_sigma)
+
+
+def _paper_levels(step: Callable, denoise, x: torch.Tensor, sigmas: torch.Tensor, randn_like: RandnLike,
+                  callback: StepCallback | None, churn: Churn, rounding) -> torch.Tensor:
+    flow = ProbabilityFlow(linear_schedule(), no_scaling())
+    return integrate(_DenoiserAsNetwork(denoise, rounding), x, None, append_zero(sigmas), flow, step, churn,
+                     randn_like, callback)
 
 
 def round_sigma(net, sigma: torch.Tensor) -> torch.Tensor:

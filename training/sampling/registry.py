@@ -17,9 +17,8 @@ import torch
 
 from training.sampling import solvers
 from training.sampling.gaussian import GaussianData, fit_gaussian
-from training.sampling.paper import (Churn, ProbabilityFlow, append_zero, clip_to_network_range, euler_step,
-                                     heun_step, round_sigma, solve)
-from training.sampling.noise_schedules import linear_schedule, no_scaling
+from training.sampling import paper
+from training.sampling.paper import Churn, clip_to_network_range, round_sigma
 from training.sampling.search import ScheduleCache, search_sigma_steps
 from training.sampling.seeds import SeedRNG, draw_class_labels, draw_latents
 from training.sampling.solvers import Solver, StepCallback
@@ -37,9 +36,9 @@ OPTIMIZED_SCHEDULES = ScheduleCache()
 
 @dataclass(frozen=True)
 class Sampler:
-    """``solver`` on the levels of ``steps_schedule`` (its default). With ``paper_step`` (``euler_step`` or
-    ``heun_step``) it runs the paper's ``solve``, churn included: 'heun' on the 'edm' schedule with nfe = 2N - 1 is
-    ``edm_sampler`` with num_steps = N, bit for bit.
+    """``solver`` on the levels of ``steps_schedule`` (its default). ``paper``: the paper's Heun or Euler
+    (``paper.heun``, ``paper.euler``), which take Algorithm 2's churn: 'heun' on the 'edm' schedule with
+    nfe = 2N - 1 is ``edm_sampler`` with num_steps = N, bit for bit.
 
     'NAME+gaussian' schedules take an analytic first step: N + 1 levels of NAME (the switch level sigma_1 searched
     with the rest for 'optimized+gaussian'), the step from sigma_0 = sigma_max to sigma_1 the closed-form ODE
@@ -47,7 +46,7 @@ class Sampler:
     on its own noise by ``gaussian_model``, its calls not counted), the solver from sigma_1 on with the N calls."""
     solver: Solver
     steps_schedule: str = "edm"
-    paper_step: Callable | None = None
+    paper: bool = False
 
     def __call__(self, net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
                  randn_like: RandnLike = torch.randn_like, nfe: int = 35,
@@ -59,7 +58,7 @@ class Sampler:
         images [N, C, H, W]. ``callback(i, sigma, x, denoised)`` sees every step (``solvers``)."""
         name = self.name
         churn = Churn(S_churn, S_min, S_max, S_noise)
-        if self.paper_step is None and churn != Churn(S_noise=S_noise):
+        if not self.paper and churn != Churn(S_noise=S_noise):
             raise ValueError(f"S_churn/S_min/S_max: churn (Algorithm 2) applies to the paper's samplers 'heun' and "
                              f"'euler', not to '{name}'")
         sigmas, gaussian = self.levels(net, latents, nfe, steps_schedule, sigma_min, sigma_max, rho)
@@ -70,12 +69,7 @@ class Sampler:
                callback: StepCallback | None = None, churn: Churn = Churn()) -> torch.Tensor:
         """The solver on ``sigmas`` from x = latents sigmas[0]; with ``gaussian``, x first goes from sigmas[0]
         to sigmas[1] analytically (``gaussian_model``) and the network is called from sigmas[1] on. The paper's
-        samplers run the paper's ``solve`` (Algorithm 1, with ``churn`` Algorithm 2) to sigma = 0."""
-        if self.paper_step is not None:
-            flow = ProbabilityFlow(linear_schedule(), no_scaling())
-            return solve(net, latents, class_labels, append_zero(sigmas), flow, self.paper_step, churn, randn_like,
-                         callback)
-
+        samplers get ``churn`` (Algorithm 2) and the network's ``round_sigma``."""
         def denoise(x, sigma):
             return net(x, sigma, class_labels).to(torch.float64)
 
@@ -83,6 +77,9 @@ class Sampler:
         if gaussian:
             model = self.gaussian_model(net, float(sigmas[0]), latents.device)
             x, sigmas = model.transport(x, float(sigmas[0]), float(sigmas[1])), sigmas[1:]
+        if self.paper:
+            return self.solver(denoise, x, sigmas, randn_like, callback, churn=churn,
+                               round_sigma=getattr(net, "round_sigma", None))
         return self.solver(denoise, x, sigmas, randn_like, callback)
 
     @property
@@ -103,7 +100,7 @@ class Sampler:
             if gaussian and not self.solver.solves_ode:
                 raise ValueError(f"steps_schedule='{steps_schedule}{GAUSSIAN_SUFFIX}': the analytic first step is an "
                                  f"ODE step; '{self.name}' samples a consistency model")
-            if gaussian and (self.paper_step is not None):
+            if gaussian and self.paper:
                 raise ValueError(f"steps_schedule='{steps_schedule}{GAUSSIAN_SUFFIX}': the paper's samplers "
                                  f"'heun' and 'euler' stay as they are; '{self.name}' takes no analytic first step")
             if nfe < self.solver.min_nfe:
@@ -188,8 +185,8 @@ class Sampler:
 
 SAMPLERS: dict[str, Sampler] = {
     # The paper's (Algorithm 1): Euler and Heun on Eq. 5's steps.
-    "euler": Sampler(Solver(None, convergence_order=1), paper_step=euler_step),
-    "heun": Sampler(Solver(None, calls_per_step=2, convergence_order=2), paper_step=heun_step),
+    "euler": Sampler(Solver(paper.euler, convergence_order=1), paper=True),
+    "heun": Sampler(Solver(paper.heun, calls_per_step=2, convergence_order=2), paper=True),
     # Data prediction in lambda = -log(sigma): DPM-Solver++ (Lu et al. 2022b), UniPC (Zhao et al. 2023).
     "dpmpp_2m": Sampler(Solver(solvers.dpmpp_2m, convergence_order=2)),
     "dpmpp_3m": Sampler(Solver(partial(solvers.exponential_multistep, order=3), convergence_order=3)),

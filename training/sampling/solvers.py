@@ -334,7 +334,7 @@ class Solver:
     step (1: multistep; 2: a two-stage step, with one call at the last level), the order to which its deterministic
     part converges (what tests/test_samplers.py measures) and whether it draws noise. Called as the function is.
     ``solves_ode`` False: not an ODE solver but a consistency model's sampler, with no call at the last level."""
-    fn: Callable | None
+    fn: Callable
     calls_per_step: int = 1
     convergence_order: int = 1
     stochastic: bool = False
