@@ -28,6 +28,7 @@ from dnnlib.util import parse_int_list
 from torch_utils import distributed
 from training.sampling.generation import GenerateOptions, generate_to_files
 from training.sampling import BALANCED, SAMPLERS, STEPS_SCHEDULES, sigma_steps, split_steps_schedule
+from training.sampling.time_steps import DEFAULT_NUM_STEPS
 
 
 def _seeds(ctx, param, value):
@@ -92,7 +93,7 @@ def parse_steps_schedule(value: str | None) -> str | None:
 @click.option("--grid", help="Also save all images as one grid PNG", metavar="PNG")
 @click.option("--device", help="cpu, cuda, cuda:1, ...  [default: cuda if available]", metavar="DEVICE")
 @click.option("--steps", "num_steps", help="Time steps N of the sampler (NFE 2N-1 with Heun)", metavar="INT", type=click.IntRange(min=2),
-              default=18, show_default=True)
+              default=DEFAULT_NUM_STEPS, show_default=True)
 @click.option("--sigma_min", help="Smallest sigma of the time steps  [default: the discretization's]", metavar="FLOAT",
               type=click.FloatRange(min=0, min_open=True))
 @click.option("--sigma_max", help="Largest sigma of the time steps  [default: the discretization's]", metavar="FLOAT",

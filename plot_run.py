@@ -17,7 +17,6 @@ import io
 import json
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,12 +24,12 @@ import click
 import numpy as np
 
 import dnnlib
+from training.run_files import newest_sample_grid
 
 if TYPE_CHECKING:
     import matplotlib.axes
     import matplotlib.figure
 
-SAMPLES = re.compile(r"samples-(\d+(?:\.\d+)?)\.png$")
 
 
 class NotARunError(ValueError):
@@ -80,10 +79,8 @@ def load_run(run_dir: str) -> dict:
     if not stats:
         raise NotARunError(f"{run_dir}: not a training run (no stats.jsonl with any tick in it)")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    grids = sorted((float(m.group(1)), name) for name in os.listdir(run_dir) if (m := SAMPLES.match(name)))
     return dict(name=os.path.basename(os.path.normpath(run_dir)), stats=stats,
-                metrics=check_metrics(metrics_path, read_jsonl(metrics_path)),
-                grid=os.path.join(run_dir, grids[-1][1]) if grids else None)
+                metrics=check_metrics(metrics_path, read_jsonl(metrics_path)), grid=newest_sample_grid(run_dir))
 
 
 def series(stats: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -24,6 +24,7 @@ from training.loop.setup import data_loader_kwargs
 from training.loop.training_loop import training_loop
 from training.loop.state import StateFileError, read_state_file
 from training.run_files import labelled_nimg, newest_state_file
+from training.sampling.time_steps import DEFAULT_NUM_STEPS
 
 ARCHITECTURES = {
     "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
@@ -447,7 +448,7 @@ def shared_from_rank0(value):
 @click.option("--metrics-every", "metrics_every", help="Evaluate every this many ticks  [default: with each snapshot]",
               metavar="TICKS", type=click.IntRange(min=1))
 @click.option("--metrics-steps", "metrics_steps", help="EDM sampler steps for the in-training metrics",
-              metavar="INT", type=click.IntRange(min=1), default=18, show_default=True)
+              metavar="INT", type=click.IntRange(min=1), default=DEFAULT_NUM_STEPS, show_default=True)
 @click.option("--metrics-ref", "metrics_ref", help="Reference of the metrics: statistics (fid.py ref) or an image "
               "dataset  [default: --data; needed for latents]", metavar="PKL|NPZ|DIR|ZIP", type=str)
 @click.option("--dinov2", help="DINOv2 ViT-L/14 weights for --metrics=fd_dinov2  [default: the official release, "

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks.suite import CONFIGS, MEASUREMENTS, Settings, format_table, run_benchmark  # noqa: E402
 from dnnlib.util import atomic_write_bytes  # noqa: E402
 from torch_utils.distributed import pick_device  # noqa: E402
+from training.sampling.time_steps import DEFAULT_NUM_STEPS  # noqa: E402
 
 
 def _csv(ctx, param, value: str) -> list[str]:
@@ -48,7 +49,7 @@ def _csv(ctx, param, value: str) -> list[str]:
 @click.option("--measure", help=f"What to measure ({', '.join(MEASUREMENTS)})", metavar="LIST",
               default=",".join(MEASUREMENTS), show_default=True, callback=_csv)
 @click.option("--steps", "num_steps", help="Sampler steps (NFE = 2 steps - 1)", metavar="INT",
-              type=click.IntRange(min=2), default=18, show_default=True)
+              type=click.IntRange(min=2), default=DEFAULT_NUM_STEPS, show_default=True)
 @click.option("--fid-batch", help="Images per FID-feature batch", metavar="INT", type=click.IntRange(min=1),
               default=8, show_default=True)
 @click.option("--rounds", help="Timed rounds (the median is reported)", metavar="INT", type=click.IntRange(min=1),

@@ -13,10 +13,8 @@ log-uniform steps) at NFE 15 and 35, unguided and autoguided by the run's 'earli
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from quickstart import PRESETS, adapt_preset, cpu_lacks_bf16, render  # noqa: E402
+from training.run_files import labelled_nimg, snapshots  # noqa: E402
 
 PRESET = adapt_preset(PRESETS["cpu"], kimg=None, fp32=cpu_lacks_bf16(None))  # bf16 only where the CPU has it.
 TUNING = {"lr": 0.005, "lr-decay": 0, "lr-rampup": 0, "ema": 0.002, "ema-std": "none", "dropout": 0}
@@ -40,16 +39,9 @@ def run(command: list[str]) -> str:
     return proc.stdout
 
 
-def snapshots(run_dir: str) -> list[str]:
-    """The run's traditional-EMA snapshots (not the power-function EMAs' -S.SSS ones), oldest first."""
-    kimg = {path: re.fullmatch(r"network-snapshot-([\d.]+)\.pkl", os.path.basename(path))
-            for path in glob.glob(os.path.join(run_dir, "network-snapshot-*.pkl"))}
-    return sorted((p for p, m in kimg.items() if m), key=lambda p: float(kimg[p].group(1)))
-
-
 def earlier_guide(run_dir: str, kimg: float) -> str:
     """The 'earlier' guide of the quickstart: the run's snapshot nearest ``kimg`` (a share of its training)."""
-    return min(snapshots(run_dir), key=lambda p: abs(float(re.search(r"([\d.]+)\.pkl$", p).group(1)) - kimg))
+    return min(snapshots(run_dir), key=lambda p: abs(labelled_nimg(p) / 1000 - kimg))
 
 
 def fid(network: str, ref: str, num: int, sampler: list[str], gnet: str | None = None, guidance: float = 1) -> dict:
@@ -75,7 +67,7 @@ def main(qs: str, kimg: float, ct_stage: float | None, outdir: str, out: str, pl
     """Tune the quickstart's network into a consistency model and compare FIDs."""
     ref, data = os.path.join(qs, "reference.npz"), os.path.join(qs, "train.zip")
     teacher = snapshots(os.path.join(qs, "training"))[-1]
-    teacher_kimg = float(re.search(r"([\d.]+)\.pkl$", teacher).group(1))
+    teacher_kimg = labelled_nimg(teacher) / 1000
     guide = earlier_guide(os.path.join(qs, "training"), teacher_kimg * PRESET.guide_share)
     num = PRESET.num_eval
     results = dict(teacher=teacher, teacher_kimg=teacher_kimg, guide=guide, guidance=PRESET.guidance[0],

@@ -56,6 +56,7 @@ from training.networks.edm2 import Precond as EDM2Precond
 from training.perf import FastPaths, apply_process_settings, as_memory_format, check_precision, maybe_compile, \
     parse_variant, prepare_network, process_settings
 from training.sampling import generate_images
+from training.sampling.time_steps import DEFAULT_NUM_STEPS
 from training.loop.schedules import ema_beta
 from training.loop.setup import build_optimizer
 from training.loop.step import sanitize_gradients, update_ema
@@ -90,7 +91,7 @@ class Settings:
     config: str = "cifar10-ddpmpp-c32"
     device: str = "cpu"
     batch: int = 32
-    num_steps: int = 18                 # Sampler steps: NFE = 2 * num_steps - 1.
+    num_steps: int = DEFAULT_NUM_STEPS  # Sampler steps: NFE = 2 * num_steps - 1.
     fid_batch: int = 8
     rounds: int = 3
     measurements: tuple = MEASUREMENTS

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from training.run_files import (SnapshotName, kimg_label, labelled_nimg, newest_snapshot, newest_state_file,
-                                parse_power_snapshot_name, phema_name, power_snapshot_name, samples_name,
-                                snapshot_name, state_name)
+from training.run_files import (SnapshotName, kimg_label, labelled_nimg, newest_sample_grid, newest_snapshot,
+                                newest_state_file, parse_power_snapshot_name, phema_name, power_snapshot_name,
+                                samples_name, snapshot_name, snapshots, state_name)
 
 
 def test_each_kind_of_file_is_named_by_its_image_count():
@@ -46,6 +46,16 @@ def test_newest_snapshot_is_the_traditional_emas_even_beside_later_power_functio
         (tmp_path / name).write_bytes(b"")
     assert os.path.basename(newest_snapshot(str(tmp_path))) == "network-snapshot-000032.pkl"
     assert os.path.basename(newest_state_file(str(tmp_path))) == "training-state-000016.pt"
+    assert [os.path.basename(p) for p in snapshots(str(tmp_path))] == ["network-snapshot-000016.pkl",
+                                                                       "network-snapshot-000032.pkl"]
+
+
+def test_the_newest_sample_grid_is_the_one_of_most_images_not_the_last_by_name(tmp_path):
+    assert newest_sample_grid(str(tmp_path)) is None
+    for nimg in (9000, 10000, 9500):
+        (tmp_path / samples_name(nimg)).write_bytes(b"")
+    (tmp_path / "samples-data.png").write_bytes(b"")  # A file of another kind, last by name.
+    assert os.path.basename(newest_sample_grid(str(tmp_path))) == "samples-000010.png"
 
 
 def test_a_tie_goes_to_the_file_written_last(tmp_path):

@@ -64,18 +64,32 @@ def labelled_nimg(path: str) -> int | None:
     return None
 
 
-def _newest(run_dir: str, prefix: str, extension: str) -> str | None:
-    """The ``prefix-KKKKKK.extension`` file of ``run_dir`` with the most images (ties: the most recently written)."""
+def _labelled(run_dir: str, prefix: str, extension: str) -> list[str]:
+    """The ``prefix-KKKKKK[.RRR].extension`` files of ``run_dir``, fewest images first (ties: the oldest written)."""
     candidates = [p for p in glob.glob(os.path.join(glob.escape(run_dir), f"{prefix}-*.{extension}"))
                   if labelled_nimg(p) is not None]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: (labelled_nimg(p), os.path.getmtime(p)))
+    return sorted(candidates, key=lambda p: (labelled_nimg(p), os.path.getmtime(p)))
+
+
+def _newest(run_dir: str, prefix: str, extension: str) -> str | None:
+    """The ``prefix-KKKKKK.extension`` file of ``run_dir`` with the most images (ties: the most recently written)."""
+    files = _labelled(run_dir, prefix, extension)
+    return files[-1] if files else None
+
+
+def snapshots(run_dir: str) -> list[str]:
+    """The traditional EMA's snapshots of ``run_dir`` (not the power-function EMAs'), fewest images first."""
+    return _labelled(run_dir, SNAPSHOT_PREFIX, "pkl")
 
 
 def newest_snapshot(run_dir: str) -> str | None:
     """The traditional EMA's snapshot with the most images in ``run_dir``, or None."""
     return _newest(run_dir, SNAPSHOT_PREFIX, "pkl")
+
+
+def newest_sample_grid(run_dir: str) -> str | None:
+    """The sample grid with the most images in ``run_dir``, or None."""
+    return _newest(run_dir, SAMPLES_PREFIX, "png")
 
 
 def newest_state_file(run_dir: str) -> str | None:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from training.sampling.time_steps import DEFAULT_NUM_STEPS
+
 
 class TrainingConfigError(ValueError):
     """Options that cannot work together (e.g. a network that does not fit the dataset); one clear line."""
@@ -39,7 +41,7 @@ class TrainingConfig:
     cudnn_benchmark: bool = True        # torch.backends.cudnn.benchmark.
     device: str | torch.device | None = None  # None = pick automatically.
     grid_images: int = 64               # Images in each sample grid; 0 = no grids.
-    grid_steps: int = 18                # Sampler steps for the grids.
+    grid_steps: int = DEFAULT_NUM_STEPS  # Sampler steps for the grids.
     tensorboard: bool = True            # TensorBoard scalars when the package is installed.
     fast_paths: dict | None = None      # training.perf.FastPaths switches; None or missing = the device's defaults.
     max_minutes: float | None = None    # Also end (with a final snapshot) after this much wall-clock time.

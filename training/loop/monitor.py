@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from torch_utils import distributed as dist
+from training.sampling.time_steps import DEFAULT_NUM_STEPS
 
 # Bucket edges of sigma: EDM's sampling range 0.002..80 (Section 5), finer where p_train puts its mass. A sigma
 # below the first edge counts in the first bucket, one above the last (VE draws up to 100) in the last.
@@ -86,7 +87,7 @@ class MetricsOptions:
     metrics: list[str]                   # 'fid', 'kid', 'fd_dinov2'.
     num_images: int = 10000              # Seeds 0..num_images-1, the same at every evaluation.
     every_ticks: int | None = None       # None = with each network snapshot.
-    num_steps: int = 18                  # EDM sampler steps (its default: Heun, Eq. 5, rho = 7).
+    num_steps: int = DEFAULT_NUM_STEPS   # EDM sampler steps (its default: Heun, Eq. 5, rho = 7).
     batch: int = 64                      # Images per batch per process.
     detector: str | None = None          # FID Inception weights; None = metrics.detector's default.
     dinov2: str | None = None            # DINOv2 ViT-L/14 weights (fd_dinov2); None = the official release's URL.

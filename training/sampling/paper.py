@@ -26,10 +26,9 @@ import torch
 
 from training.sampling.noise_schedules import (NOISE_SCHEDULES, SCALINGS, NoiseSchedule, Scaling, linear_schedule,
                                                no_scaling, vp_betas_for_range, vp_schedule)
-from training.sampling.solvers import StepCallback
-from training.sampling.time_steps import PAPER_TIME_STEPS, default_sigma_range, discretize, edm_sigma_steps
-
-RandnLike = Callable[[torch.Tensor], torch.Tensor]
+from training.sampling.solvers import RandnLike, StepCallback
+from training.sampling.time_steps import (DEFAULT_NUM_STEPS, PAPER_TIME_STEPS, default_sigma_range, discretize,
+                                          edm_sigma_steps)
 
 # ----------------------------------------------------------------------------
 # The probability-flow ODE (Eq. 4) and its solver steps.
@@ -206,7 +205,7 @@ def append_zero(t_steps: torch.Tensor) -> torch.Tensor:
 
 
 def edm_sampler(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
-                randn_like: RandnLike = torch.randn_like, num_steps: int = 18, sigma_min: float = 0.002,
+                randn_like: RandnLike = torch.randn_like, num_steps: int = DEFAULT_NUM_STEPS, sigma_min: float = 0.002,
                 sigma_max: float = 80, rho: float = 7, S_churn: float = 0, S_min: float = 0,
                 S_max: float = float("inf"), S_noise: float = 1,
                 callback: StepCallback | None = None) -> torch.Tensor:
@@ -221,7 +220,8 @@ def edm_sampler(net, latents: torch.Tensor, class_labels: torch.Tensor | None = 
 
 
 def ablation_sampler(net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
-                     randn_like: RandnLike = torch.randn_like, num_steps: int = 18, sigma_min: float | None = None,
+                     randn_like: RandnLike = torch.randn_like, num_steps: int = DEFAULT_NUM_STEPS,
+                     sigma_min: float | None = None,
                      sigma_max: float | None = None, rho: float = 7, solver: str = "heun",
                      discretization: str = "edm", schedule: str = "linear", scaling: str = "none",
                      epsilon_s: float = 1e-3, C_1: float = 0.001, C_2: float = 0.008, M: int = 1000,

@@ -11,21 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 
-from training.sampling import solvers
+from training.sampling import paper, solvers
 from training.sampling.gaussian import GaussianData, fit_gaussian
-from training.sampling import paper
 from training.sampling.paper import Churn, clip_to_network_range, round_sigma
 from training.sampling.search import ScheduleCache, search_sigma_steps
 from training.sampling.seeds import SeedRNG, draw_class_labels, draw_latents
-from training.sampling.solvers import Solver, StepCallback
-from training.sampling.time_steps import (GAUSSIAN_SUFFIX, loguniform_sigma_steps, sigma_steps,
+from training.sampling.solvers import RandnLike, Solver, StepCallback
+from training.sampling.time_steps import (DEFAULT_NUM_STEPS, GAUSSIAN_SUFFIX, loguniform_sigma_steps, sigma_steps,
                                           split_steps_schedule)
 
-RandnLike = Callable[[torch.Tensor], torch.Tensor]
 SEARCH_SEED, SEARCH_BATCH, SEARCH_REFERENCE_LEVELS, SEARCH_MAX_EVALS = 2024, 32, 512, 300
 # '+gaussian' search starts: the switch to the solver at sigma_max (sigma_min / sigma_max)^f for each f.
 SEARCH_SWITCHES = (0.1, 0.15, 0.2, 0.25, 0.3)
@@ -49,7 +46,7 @@ class Sampler:
     paper: bool = False
 
     def __call__(self, net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
-                 randn_like: RandnLike = torch.randn_like, nfe: int = 35,
+                 randn_like: RandnLike = torch.randn_like, nfe: int = 2 * DEFAULT_NUM_STEPS - 1,
                  steps_schedule: str | torch.Tensor | None = None, sigma_min: float = 0.002, sigma_max: float = 80,
                  rho: float = 7, S_churn: float = 0, S_min: float = 0, S_max: float = float("inf"),
                  S_noise: float = 1, callback: StepCallback | None = None) -> torch.Tensor:

@@ -22,12 +22,11 @@ import torch
 from training.sampling.paper import ablation_sampler, edm_sampler
 from training.sampling.registry import get_sampler
 from training.sampling.seeds import SeedRNG, draw_class_labels, draw_latents
-from training.sampling.solvers import StepCallback
+from training.sampling.solvers import RandnLike, StepCallback
+from training.sampling.time_steps import DEFAULT_NUM_STEPS
 
-RandnLike = Callable[[torch.Tensor], torch.Tensor]
 REGISTRY_OPTIONS = ("sampler", "nfe", "steps_schedule")
 ABLATION_OPTIONS = ("solver", "discretization", "schedule", "scaling", "alpha", "epsilon_s", "C_1", "C_2", "M")
-DEFAULT_NUM_STEPS = 18  # edm_sampler's; a named sampler's default budget is the paper's Heun's, 2 N - 1 calls.
 
 
 @dataclass(frozen=True)
