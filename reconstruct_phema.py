@@ -22,29 +22,9 @@ import pickle
 
 import click
 
-from dnnlib.util import parse_float_list
-from training.ema.phema import SIGMA_REL_MAX
 from training.ema.reconstruct import reconstruct
+from training.cli_options import sigma_rel_list_option
 from training.run_files import PHEMA_PREFIX, format_kimg
-
-
-def parse_sigma_rel_list(text: str) -> list[float]:
-    """'0.05,0.1' -> [0.05, 0.1], '0.010,0.015,...,0.030' -> [0.010, 0.015, 0.020, 0.025, 0.030]
-    (``dnnlib.util.parse_float_list``), each in (0, 0.3003]."""
-    values = parse_float_list(text)
-    if not values or not all(0 < v <= SIGMA_REL_MAX for v in values):
-        raise ValueError(f"each sigma_rel must lie in (0, {SIGMA_REL_MAX:.4f}]")
-    return values
-
-
-def sigma_rel_list_option(ctx, param, value):
-    """click callback: a --outstd/--instd list (``parse_sigma_rel_list``), None when not given."""
-    if value is None:
-        return None
-    try:
-        return parse_sigma_rel_list(value)
-    except ValueError as e:
-        raise click.BadParameter(f"{e} (got '{value}')") from None
 
 
 @click.command()

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import dnnlib
 from conftest import FIXTURES, _OfficialPersistentObject, as_official, make_tiny_net
-from reconstruct_phema import parse_sigma_rel_list
+from training.cli_options import parse_sigma_rel_list
 from training.checkpoint import load_network_pkl, save_network_pkl
 from training.loss import EDMLoss
 from training.ema.phema import (SIGMA_REL_MAX, PowerFunctionEMA, gamma_to_sigma_rel, power_function_beta,

@@ -494,15 +494,27 @@ def test_generate_bad_sampler_options_get_one_line(network_pkl, tmp_path, args, 
 
 
 def test_generate_takes_gaussian_schedules():
-    from generate import parse_steps_schedule
+    from training.cli_options import parse_steps_schedule
     for value in ("optimized+gaussian", "loguniform+gaussian", "polyexponential:3+gaussian", "edm"):
         assert parse_steps_schedule(value) == value
 
 
-def test_fid_calc_and_ema_sweep_share_the_sampler_options():
+def test_generate_fid_calc_and_ema_sweep_share_the_sampler_options():
+    """The same declarations (training/cli_options.py): names, defaults and help alike in the three scripts."""
+    import ema_sweep
     import fid
-    names = {p.name for p in fid.calc.params}
-    assert {"sampler", "nfe", "steps_schedule"} <= names
+    import generate
+    from training.cli_options import SAMPLER_OPTIONS
+
+    def declared(command):
+        return {p.name: (p.opts, p.default, p.help) for p in command.params}
+    ours = declared(generate.main)
+    sampler_names = {"num_steps", "sampler", "nfe", "steps_schedule", "solver", "discretization", "S_churn", "rho"}
+    assert len(SAMPLER_OPTIONS) == 15 and sampler_names <= ours.keys()
+    for command in (fid.calc, ema_sweep.main):
+        theirs = declared(command)
+        assert all(theirs[name] == ours[name] for name in sampler_names)
+    assert declared(fid.calc)["precision"] == ours["precision"]
 
 # ----------------------------------------------------------------------------
 # Watching the steps; solvers called directly.
