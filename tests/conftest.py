@@ -141,6 +141,23 @@ def fashion_mnist_zip(tmp_path_factory) -> str:
     return dest
 
 
+def serve_every_url_from(monkeypatch, path: str, label_dim: int = 10, resolution: int = 32) -> list[str]:
+    """Write a tiny snapshot to ``path`` and make ``dnnlib.util.open_url`` serve it for any URL or file name (what a
+    user's pretrained name or download would fetch); returns the list the requests are recorded in."""
+    import dnnlib
+    from training.checkpoint import save_network_pkl
+    save_network_pkl(path, dict(ema=make_tiny_net(label_dim=label_dim, resolution=resolution), loss_fn=None,
+                                augment_pipe=None, dataset_kwargs={}))
+    requested = []
+
+    def serve_locally(url, return_filename=False, **kwargs):
+        requested.append(url)
+        return path if return_filename else open(path, "rb")
+
+    monkeypatch.setattr(dnnlib.util, "open_url", serve_locally)
+    return requested
+
+
 def make_tiny_net(label_dim: int = 4, resolution: int = 8, seed: int = 0) -> torch.nn.Module:
     """A few-thousand-parameter EDMPrecond(SongUNet) with random weights, for fast end-to-end tests."""
     from training.networks import EDMPrecond

@@ -231,23 +231,14 @@ def test_readme_python_example_runs_as_written_on_this_device(tmp_path, monkeypa
     from a local stand-in network) and the device is whatever this machine has."""
     import re
 
-    import dnnlib
-    from conftest import REPO_ROOT
+    from conftest import REPO_ROOT, serve_every_url_from
     from training.checkpoint import PRETRAINED_URL, resolve_network_path
 
     with open(os.path.join(REPO_ROOT, "README.md")) as f:
         readme = f.read()
     block = re.search(r"From Python, the same images:\n\n```python\n(.*?)```", readme, re.S).group(1)
     stand_in = str(tmp_path / "stand-in.pkl")
-    save_network_pkl(stand_in, dict(ema=make_tiny_net(label_dim=10, resolution=32), loss_fn=None, augment_pipe=None,
-                                    dataset_kwargs={}))
-    requested = []
-
-    def serve_locally(url, return_filename=False, **kwargs):
-        requested.append(url)
-        return stand_in if return_filename else open(stand_in, "rb")
-
-    monkeypatch.setattr(dnnlib.util, "open_url", serve_locally)
+    requested = serve_every_url_from(monkeypatch, stand_in)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(block, "README.md", "exec"), namespace)

@@ -242,22 +242,11 @@ def test_every_python_block_of_the_readme_and_docs_runs(tmp_path, monkeypatch, s
     noise; for any URL or file a block opens a tiny class-conditional snapshot; 'cuda' is this machine's device."""
     import torch
 
-    import dnnlib
-    from conftest import make_tiny_net
+    from conftest import make_tiny_net, serve_every_url_from
     from torch_utils.distributed import pick_device
-    from training.checkpoint import save_network_pkl
     from training.sampling import SeedRNG, draw_latents, edm_sampler, registry
 
-    stand_in = str(tmp_path / "stand-in.pkl")
-    save_network_pkl(stand_in, dict(ema=make_tiny_net(label_dim=10, resolution=4), loss_fn=None, augment_pipe=None,
-                                    dataset_kwargs={}))
-    opened = []
-
-    def serve_locally(url, return_filename=False, **kwargs):
-        opened.append(url)
-        return stand_in if return_filename else open(stand_in, "rb")
-
-    monkeypatch.setattr(dnnlib.util, "open_url", serve_locally)
+    opened = serve_every_url_from(monkeypatch, str(tmp_path / "stand-in.pkl"), resolution=4)
     for name, value in (("SEARCH_BATCH", 4), ("SEARCH_REFERENCE_LEVELS", 64), ("SEARCH_MAX_EVALS", 12)):
         monkeypatch.setattr(registry, name, value)  # A short 'optimized' search: seconds, not a minute.
     monkeypatch.chdir(tmp_path)
