@@ -167,77 +167,116 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
     With --network, the sampler options are generate.py's, and the images are those generate.py would
     write for the same seeds, never written to disk; each image is sampled once for all the metrics.
     """
-    from metrics.evaluate import (cached_dataset_references, check_reference_for, compute_metrics, load_detectors,
-                                  parse_metrics)
-    from metrics.reference import is_statistics_file, load_reference
+    from metrics.evaluate import cached_dataset_references, load_detectors, parse_metrics
     from training.sampling.generation import (GenerateOptions, load_guide, load_network_once_per_node,
                                               prepare_for_sampling)
-    from training.perf import check_precision
-    from training.sampling import guided
-    with user_errors():
-        metrics = parse_metrics(metric_names)
-        if network is None and (gnet is not None or guidance != [1.0] or precision is not None):
-            raise click.ClickException("--gnet, --guidance and --precision go with --network")
-        if (images is None) == (network is None):
-            raise click.ClickException("give either --images=DIR|ZIP or --network=PKL (with --seeds)")
-        if seeds is not None and network is None:
-            raise click.ClickException("--seeds goes with --network; with --images use --num and --seed")
-        if repeats > 1 and (network is None or len(guidance) > 1):
-            raise click.ClickException(f"--repeats={repeats} goes with --network and one --guidance weight")
-        seed_list = dnnlib.util.parse_int_list(seeds) if seeds is not None else list(range(num))
-        ref = load_reference(ref_path) if is_statistics_file(ref_path) else None
-        if ref is not None:
-            try:
-                check_reference_for(ref, metrics)
-            except ValueError as e:
-                raise click.ClickException(f"--ref={ref_path}: {e}") from None
-        dataset = _open_dataset(images, max_size=num, seed=seed, min_size=num) if images is not None else None
-        device = _init_device(device)
-        try:
-            check_precision(precision, device)
-        except ValueError as e:
-            raise click.ClickException(f"--precision={precision}: {e}") from None
-        # The network before the detector: a snapshot that cannot be sampled stops the run before any other work.
-        options = GenerateOptions(network=network, seeds=seed_list, gnet=gnet, precision=precision,
-                                  guidance=max(guidance, key=lambda w: w != 1))
-        sampled, decode = (None, None) if network is None else load_network_once_per_node(network, device)
-        if sampled is not None:
-            sampled = prepare_for_sampling(sampled, options, device)
-        detectors = load_detectors(metrics, device, inception=detector, dinov2=dinov2, preprocess_mode=preprocess)
-        if ref is None:
-            ref_dataset = _open_dataset(ref_path)
-            ref = cached_dataset_references(
-                ref_path, detectors, lambda missing: _dataset_features(ref_dataset, missing, device, batch, workers),
-                keep_features="kid" in metrics)
-        if dataset is not None:
-            results = compute_metrics(_cached_dataset_features(images, dataset, seed, detectors, device, batch,
-                                                               workers), ref, metrics)
-        else:
+    try:
+        with user_errors():
+            metrics = parse_metrics(metric_names)
+            _check_calc_options(images, network, seeds, gnet, guidance, precision, repeats)
+            seed_list = dnnlib.util.parse_int_list(seeds) if seeds is not None else list(range(num))
+            ref = _reference_statistics(ref_path, metrics)
+            dataset = _open_dataset(images, max_size=num, seed=seed, min_size=num) if images is not None else None
+            device = _init_device(device)
+            _check_precision(precision, device)
+            # The network before the detector: a snapshot that cannot be sampled stops the run before other work.
+            options = GenerateOptions(network=network, seeds=seed_list, gnet=gnet, precision=precision,
+                                      guidance=max(guidance, key=lambda w: w != 1))
+            sampled, decode = (None, None) if network is None else load_network_once_per_node(network, device)
+            if sampled is not None:
+                sampled = prepare_for_sampling(sampled, options, device)
+            detectors = load_detectors(metrics, device, inception=detector, dinov2=dinov2, preprocess_mode=preprocess)
+            if ref is None:
+                ref_dataset = _open_dataset(ref_path)
+                ref = cached_dataset_references(
+                    ref_path, detectors, lambda missing: _dataset_features(ref_dataset, missing, device, batch, workers),
+                    keep_features="kid" in metrics)
+            if dataset is not None:
+                _print_results(_measure_images(images, dataset, seed, detectors, ref, metrics, device, batch, workers))
+                return
+            sampling = _Sampling(sampled, decode, class_idx, sampler_kwargs, guidance_interval, detectors, device, batch)
             guide = load_guide(options, sampled, device)
             if repeats > 1:
-                denoiser = guided(sampled, guide, guidance[0], guidance_interval)
-                per_repeat = [compute_metrics(_generated_features(denoiser, decode, seed_set, class_idx, sampler_kwargs,
-                                                                  detectors, device, batch), ref, metrics)
-                              for seed_set in disjoint_seed_sets(seed_list, repeats)]
-                results = _report_repeats(per_repeat, seed_list)
-                _print_results(results)
-                dist.shutdown()
-                return
-            per_weight = {}
-            for w in guidance:
-                denoiser = guided(sampled, guide, w, guidance_interval)
-                features = _generated_features(denoiser, decode, seed_list, class_idx, sampler_kwargs, detectors,
-                                               device, batch)
-                per_weight[w] = compute_metrics(features, ref, metrics)
-                if len(guidance) > 1:
-                    dist.print0(f"guidance {w:g}: " + ", ".join(f"{k.upper()} {v:g}" for k, v in per_weight[w].items()))
-            if len(guidance) > 1:
-                _report_guidance_sweep(per_weight, plot, len(seed_list))
-                dist.shutdown()
-                return
-            results = per_weight[guidance[0]]
-    _print_results(results)
-    dist.shutdown()
+                _print_results(_report_repeats(sampling.repeats(guide, guidance[0], seed_list, repeats, ref, metrics),
+                                               seed_list))
+            elif len(guidance) > 1:
+                _report_guidance_sweep(sampling.per_weight(guide, guidance, seed_list, ref, metrics), plot,
+                                       len(seed_list))
+            else:
+                _print_results(sampling.per_weight(guide, guidance, seed_list, ref, metrics)[guidance[0]])
+    finally:
+        dist.shutdown()
+
+
+def _check_calc_options(images, network, seeds, gnet, guidance: list[float], precision, repeats: int) -> None:
+    """The options of ``calc`` that only go with one of its modes, one line each."""
+    if network is None and (gnet is not None or guidance != [1.0] or precision is not None):
+        raise click.ClickException("--gnet, --guidance and --precision go with --network")
+    if (images is None) == (network is None):
+        raise click.ClickException("give either --images=DIR|ZIP or --network=PKL (with --seeds)")
+    if seeds is not None and network is None:
+        raise click.ClickException("--seeds goes with --network; with --images use --num and --seed")
+    if repeats > 1 and (network is None or len(guidance) > 1):
+        raise click.ClickException(f"--repeats={repeats} goes with --network and one --guidance weight")
+
+
+def _reference_statistics(ref_path: str, metrics: list[str]):
+    """The statistics of a --ref file, checked to hold what ``metrics`` need; None for a dataset (measured later)."""
+    from metrics.evaluate import check_reference_for
+    from metrics.reference import is_statistics_file, load_reference
+    if not is_statistics_file(ref_path):
+        return None
+    ref = load_reference(ref_path)
+    try:
+        check_reference_for(ref, metrics)
+    except ValueError as e:
+        raise click.ClickException(f"--ref={ref_path}: {e}") from None
+    return ref
+
+
+def _check_precision(precision: str | None, device) -> None:
+    from training.perf import check_precision
+    try:
+        check_precision(precision, device)
+    except ValueError as e:
+        raise click.ClickException(f"--precision={precision}: {e}") from None
+
+
+def _measure_images(images: str, dataset, seed: int, detectors: dict, ref, metrics: list[str], device, batch: int,
+                    workers: int) -> dict[str, float]:
+    """calc --images: the metrics of (a subset of) a folder or ZIP of images."""
+    from metrics.evaluate import compute_metrics
+    return compute_metrics(_cached_dataset_features(images, dataset, seed, detectors, device, batch, workers), ref,
+                           metrics)
+
+
+class _Sampling:
+    """calc --network: the network's samples for a seed list, measured in memory (as generate.py would write them)."""
+
+    def __init__(self, net, decode, class_idx, sampler_kwargs: dict, interval, detectors: dict, device, batch: int):
+        self.net, self.decode, self.class_idx, self.sampler_kwargs = net, decode, class_idx, sampler_kwargs
+        self.interval, self.detectors, self.device, self.batch = interval, detectors, device, batch
+
+    def metrics(self, guide, weight: float, seeds: list[int], ref, metrics: list[str]) -> dict[str, float]:
+        from metrics.evaluate import compute_metrics
+        from training.sampling import guided
+        features = _generated_features(guided(self.net, guide, weight, self.interval), self.decode, seeds,
+                                       self.class_idx, self.sampler_kwargs, self.detectors, self.device, self.batch)
+        return compute_metrics(features, ref, metrics)
+
+    def repeats(self, guide, weight: float, seeds: list[int], repeats: int, ref,
+                metrics: list[str]) -> list[dict[str, float]]:
+        """--repeats=K: the metrics of K disjoint seed sets."""
+        return [self.metrics(guide, weight, seed_set, ref, metrics) for seed_set in disjoint_seed_sets(seeds, repeats)]
+
+    def per_weight(self, guide, weights: list[float], seeds: list[int], ref, metrics: list[str]) -> dict:
+        """The metrics at each guidance weight, each printed as it comes when there are several."""
+        results = {}
+        for w in weights:
+            results[w] = self.metrics(guide, w, seeds, ref, metrics)
+            if len(weights) > 1:
+                dist.print0(f"guidance {w:g}: " + ", ".join(f"{k.upper()} {v:g}" for k, v in results[w].items()))
+        return results
 
 
 def disjoint_seed_sets(seeds: list[int], repeats: int) -> list[list[int]]:
