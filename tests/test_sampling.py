@@ -43,6 +43,31 @@ def _unit_noise(shape, seed: int = 0) -> torch.Tensor:
 # The official vectors.
 
 
+def test_the_time_step_table_holds_each_discretizations_parameters_and_range():
+    """Table 1's four columns and the named samplers' two more, each with its own parameters (keywords of its
+    builder) and, for Table 1's, the paper's default range; the dispatchers read the table, and refuse a parameter
+    that is not the discretization's."""
+    import inspect
+
+    from training.sampling.time_steps import TIME_STEPS, own_parameters
+    assert PAPER_TIME_STEPS == ("vp", "ve", "iddpm", "edm")
+    assert set(TIME_STEPS) == {"vp", "ve", "iddpm", "edm", "loguniform", "polyexponential"}
+    for name, entry in TIME_STEPS.items():
+        assert set(entry.params) <= set(inspect.signature(entry.build).parameters), name
+    vp = sampling.vp_schedule(19.9, 0.1)
+    assert sampling.default_sigma_range("vp") == pytest.approx((float(vp.sigma(1e-3)), float(vp.sigma(1.0))))
+    assert [sampling.default_sigma_range(name) for name in ("ve", "iddpm", "edm")] == [(0.02, 100), (0.002, 81),
+                                                                                      (0.002, 80)]
+    assert own_parameters("iddpm", dict(rho=7, C_1=0.001, M=1000, epsilon_s=1e-3)) == dict(C_1=0.001, M=1000)
+    with pytest.raises(ValueError, match="time steps 've': takes no parameters, not rho"):
+        sampling.discretize("ve", 5, 0.02, 100, rho=7)
+    with pytest.raises(ValueError, match="not one of Table 1's"):
+        sampling.default_sigma_range("loguniform")
+    assert torch.equal(sampling.sigma_steps("polyexponential:3", 6, 0.01, 40),
+                       sampling.discretize("polyexponential", 6, 0.01, 40, rho=3))
+    assert torch.equal(sampling.sigma_steps("edm", 6, 0.01, 40, rho=5), sampling.edm_sigma_steps(6, 0.01, 40, 5))
+
+
 def test_seeds_draw_the_official_latents_and_labels(official_vectors):
     """Seed s's latents are the first torch.randn of a generator seeded with s mod 2^32 (the official
     StackedRandomGenerator's rule), exactly; they are the official code's numbers to the rounding of torch's Gaussian

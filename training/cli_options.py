@@ -12,7 +12,8 @@ import click
 
 from dnnlib.util import parse_float_list, parse_int_list
 from training.ema.phema import SIGMA_REL_MAX
-from training.sampling import BALANCED, SAMPLERS, STEPS_SCHEDULES, sigma_steps, split_steps_schedule
+from training.sampling import (BALANCED, NOISE_SCHEDULES, PAPER_TIME_STEPS, SAMPLERS, SCALINGS, STEPS_SCHEDULES,
+                               sigma_steps, split_steps_schedule)
 from training.sampling.time_steps import DEFAULT_NUM_STEPS
 
 
@@ -96,9 +97,9 @@ SAMPLER_OPTIONS = [
                  default=1, show_default=True),
     click.option("--solver", help="Table 1 ablation: ODE solver", type=click.Choice(["euler", "heun"])),
     click.option("--disc", "discretization", help="Table 1 ablation: time steps {t_i}",
-                 type=click.Choice(["vp", "ve", "iddpm", "edm"])),
-    click.option("--schedule", help="Table 1 ablation: sigma(t)", type=click.Choice(["vp", "ve", "linear"])),
-    click.option("--scaling", help="Table 1 ablation: s(t)", type=click.Choice(["vp", "none"])),
+                 type=click.Choice(list(PAPER_TIME_STEPS))),
+    click.option("--schedule", help="Table 1 ablation: sigma(t)", type=click.Choice(list(NOISE_SCHEDULES))),
+    click.option("--scaling", help="Table 1 ablation: s(t)", type=click.Choice(list(SCALINGS))),
     click.option("--sampler", help="A named sampler of training.sampling.SAMPLERS (docs/samplers.md), e.g. "
                  "unipc_bh2, dpmpp_3m, ipndm; 'heun' and 'euler' are the paper's  [default: heun when --nfe or "
                  "--steps-schedule is given]", type=click.Choice(list(SAMPLERS))),

@@ -28,7 +28,7 @@ from training.sampling.noise_schedules import (NOISE_SCHEDULES, SCALINGS, NoiseS
                                                no_scaling, vp_betas_for_range, vp_schedule)
 from training.sampling.solvers import RandnLike, StepCallback
 from training.sampling.time_steps import (DEFAULT_NUM_STEPS, PAPER_TIME_STEPS, default_sigma_range, discretize,
-                                          edm_sigma_steps)
+                                          edm_sigma_steps, own_parameters)
 
 # ----------------------------------------------------------------------------
 # The probability-flow ODE (Eq. 4) and its solver steps.
@@ -239,9 +239,8 @@ def ablation_sampler(net, latents: torch.Tensor, class_labels: torch.Tensor | No
     sigma_min, sigma_max = clip_to_network_range(net, default_min if sigma_min is None else sigma_min,
                                                  default_max if sigma_max is None else sigma_max)
 
-    own_parameters = {"vp": dict(epsilon_s=epsilon_s), "ve": {}, "iddpm": dict(C_1=C_1, C_2=C_2, M=M),
-                      "edm": dict(rho=rho)}[discretization]
-    sigmas = discretize(discretization, num_steps, sigma_min, sigma_max, latents.device, **own_parameters)
+    parameters = own_parameters(discretization, dict(epsilon_s=epsilon_s, C_1=C_1, C_2=C_2, M=M, rho=rho))
+    sigmas = discretize(discretization, num_steps, sigma_min, sigma_max, latents.device, **parameters)
     # The VP schedule spans the same (clipped) range as the VP discretization.
     sigma_of_t = vp_schedule(*vp_betas_for_range(sigma_min, sigma_max, epsilon_s)) if schedule == "vp" else \
         NOISE_SCHEDULES[schedule]()

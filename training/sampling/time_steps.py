@@ -1,8 +1,9 @@
 """Time steps: the N noise levels sigma_0 > ... > sigma_{N-1} at which a sampler evaluates the network (Table 1's
 row "Time steps"; float64). The step from the last level to sigma = 0 is the solver's own.
 
-Every discretization is a builder ``(num_steps, sigma_min, sigma_max, *its own parameters, device)`` in one table,
-``TIME_STEPS``, and ``discretize(name, ...)`` picks one:
+Every discretization is an entry of one typed table, ``TIME_STEPS`` (``TimeSteps``: its builder ``(num_steps,
+sigma_min, sigma_max, *its own parameters, device)``, the names of those parameters and, for Table 1's columns, its
+default range), which every dispatcher reads; ``discretize(name, ...)`` builds one:
 
 - the paper's: ``edm`` (Eq. 5, ``rho``), ``vp`` (``epsilon_s``), ``ve`` (geometric in sigma^2) and ``iddpm`` (the
   discrete levels of iDDPM, ``C_1``, ``C_2``, ``M``);
@@ -18,6 +19,8 @@ levels searched for one network, ``search``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -97,27 +100,69 @@ def polyexponential_sigma_steps(num_steps: int, sigma_min: float, sigma_max: flo
     return torch.exp(log_min + (1 - _ramp(num_steps, device)) ** rho * (log_max - log_min))
 
 
-TIME_STEPS = {"edm": edm_sigma_steps, "vp": vp_sigma_steps, "ve": ve_sigma_steps, "iddpm": iddpm_sigma_steps,
-              "loguniform": loguniform_sigma_steps, "polyexponential": polyexponential_sigma_steps}
-PAPER_TIME_STEPS = ("vp", "ve", "iddpm", "edm")  # The ablation sampler's discretizations (Table 1).
+def _vp_default_range(epsilon_s: float = 1e-3) -> tuple[float, float]:
+    """The VP column's range: sigma(epsilon_s) .. sigma(1) of the VP schedule with beta_d = 19.9, beta_min = 0.1."""
+    vp = vp_schedule(beta_d=19.9, beta_min=0.1)
+    return float(vp.sigma(epsilon_s)), float(vp.sigma(1.0))
+
+
+@dataclass(frozen=True)
+class TimeSteps:
+    """One way to place the levels: ``build(num_steps, sigma_min, sigma_max, **params, device=...)``, the names of its
+    own ``params`` (with their defaults in ``build``), and, for Table 1's columns, the range it uses unless told
+    otherwise (``default_range(**params)``, before clipping to the network's range)."""
+    name: str
+    build: Callable[..., torch.Tensor]
+    params: tuple[str, ...] = ()
+    default_range: Callable[..., tuple[float, float]] | None = None
+
+    @property
+    def in_table_1(self) -> bool:
+        return self.default_range is not None
+
+
+TIME_STEPS = {entry.name: entry for entry in (
+    TimeSteps("vp", vp_sigma_steps, ("epsilon_s",), _vp_default_range),
+    TimeSteps("ve", ve_sigma_steps, (), lambda: (0.02, 100.0)),
+    TimeSteps("iddpm", iddpm_sigma_steps, ("C_1", "C_2", "M"), lambda: (0.002, 81.0)),
+    TimeSteps("edm", edm_sigma_steps, ("rho",), lambda: (0.002, 80.0)),
+    TimeSteps("loguniform", loguniform_sigma_steps),
+    TimeSteps("polyexponential", polyexponential_sigma_steps, ("rho",)),
+)}
+PAPER_TIME_STEPS = tuple(name for name, entry in TIME_STEPS.items() if entry.in_table_1)  # The ablation sampler's.
+
+
+def time_steps_entry(name: str) -> TimeSteps:
+    """``TIME_STEPS[name]``, or a one-line error listing the names."""
+    if name not in TIME_STEPS:
+        raise ValueError(f"time steps '{name}': expected one of {', '.join(TIME_STEPS)}")
+    return TIME_STEPS[name]
 
 
 def discretize(name: str, num_steps: int, sigma_min: float, sigma_max: float,
                device: torch.device | str | None = None, **params) -> torch.Tensor:
     """The levels of ``TIME_STEPS[name]`` with that discretization's own ``params`` (edm: rho; vp: epsilon_s;
     iddpm: C_1, C_2, M; polyexponential: rho, its exponent)."""
-    if name not in TIME_STEPS:
-        raise ValueError(f"time steps '{name}': expected one of {', '.join(TIME_STEPS)}")
-    return TIME_STEPS[name](num_steps, sigma_min, sigma_max, device=device, **params)
+    entry = time_steps_entry(name)
+    unknown = set(params) - set(entry.params)
+    if unknown:
+        raise ValueError(f"time steps '{name}': takes {', '.join(entry.params) or 'no parameters'}, not "
+                         f"{', '.join(sorted(unknown))}")
+    return entry.build(num_steps, sigma_min, sigma_max, device=device, **params)
+
+
+def own_parameters(name: str, available: dict) -> dict:
+    """Of ``available`` (e.g. every parameter the ablation sampler takes), the ones the time steps ``name`` use."""
+    return {key: available[key] for key in time_steps_entry(name).params if key in available}
 
 
 def default_sigma_range(discretization: str, epsilon_s: float = 1e-3) -> tuple[float, float]:
     """The noise level range each of the paper's discretizations uses unless told otherwise (before clipping to the
     network's range)."""
-    if discretization == "vp":
-        vp = vp_schedule(beta_d=19.9, beta_min=0.1)
-        return float(vp.sigma(epsilon_s)), float(vp.sigma(1.0))
-    return {"ve": (0.02, 100.0), "iddpm": (0.002, 81.0), "edm": (0.002, 80.0)}[discretization]
+    entry = time_steps_entry(discretization)
+    if not entry.in_table_1:
+        raise ValueError(f"time steps '{discretization}': not one of Table 1's ({', '.join(PAPER_TIME_STEPS)})")
+    return entry.default_range(**own_parameters(discretization, dict(epsilon_s=epsilon_s)))
 
 # ----------------------------------------------------------------------------
 # The named samplers' time steps: STEPS_SCHEDULES by name, with an optional analytic first step.
@@ -138,12 +183,9 @@ def sigma_steps(steps_schedule: str, num_steps: int, sigma_min: float, sigma_max
     """The levels of a named steps schedule: 'edm' (Eq. 5 with ``rho``), 'loguniform', 'polyexponential' (exponent
     2) or 'polyexponential:P' (exponent P). 'optimized' depends on a network: see ``registry.Sampler``."""
     name, _, argument = steps_schedule.partition(":")
-    if name == "polyexponential":
-        return discretize(name, num_steps, sigma_min, sigma_max, device, rho=float(argument or 2))
-    if argument:
+    if name not in STEPS_SCHEDULES or name == "optimized":
+        raise ValueError(f"steps_schedule='{steps_schedule}': expected one of {', '.join(STEPS_SCHEDULES)}")
+    if argument and name != "polyexponential":
         raise ValueError(f"steps_schedule='{steps_schedule}': only polyexponential takes a value (polyexponential:P)")
-    if name == "edm":
-        return discretize(name, num_steps, sigma_min, sigma_max, device, rho=rho)
-    if name == "loguniform":
-        return discretize(name, num_steps, sigma_min, sigma_max, device)
-    raise ValueError(f"steps_schedule='{steps_schedule}': expected one of {', '.join(STEPS_SCHEDULES)}")
+    exponent = float(argument or 2) if name == "polyexponential" else rho  # Both builders call it rho.
+    return discretize(name, num_steps, sigma_min, sigma_max, device, **own_parameters(name, dict(rho=exponent)))
