@@ -189,12 +189,14 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
             if ref is None:
                 ref_dataset = _open_dataset(ref_path)
                 ref = cached_dataset_references(
-                    ref_path, detectors, lambda missing: _dataset_features(ref_dataset, missing, device, batch, workers),
+                    ref_path, detectors,
+                    lambda missing: _dataset_features(ref_dataset, missing, device, batch, workers),
                     keep_features="kid" in metrics)
             if dataset is not None:
                 _print_results(_measure_images(images, dataset, seed, detectors, ref, metrics, device, batch, workers))
                 return
-            sampling = _Sampling(sampled, decode, class_idx, sampler_kwargs, guidance_interval, detectors, device, batch)
+            sampling = _Sampling(sampled, decode, class_idx, sampler_kwargs, guidance_interval, detectors, device,
+                                 batch)
             guide = load_guide(options, sampled, device)
             if repeats > 1:
                 _print_results(_report_repeats(sampling.repeats(guide, guidance[0], seed_list, repeats, ref, metrics),

@@ -25,8 +25,7 @@ import pickle
 import click
 
 from torch_utils import distributed
-from training.cli_options import (parse_class, parse_interval, parse_seeds, precision_option,
-                                  sampler_options)
+from training.cli_options import parse_class_option, parse_interval, parse_seeds, precision_option, sampler_options
 from training.sampling.generation import GenerateOptions, generate_to_files
 
 
@@ -39,7 +38,7 @@ from training.sampling.generation import GenerateOptions, generate_to_files
 @click.option("--subdirs", help="Save in subfolders of 1000 seeds", is_flag=True)
 @click.option("--class", "class_idx", help="Class of every image, or 'balanced': seed s gets class s mod the class "
               "count  [default: drawn per seed]", metavar="INT|balanced",
-              callback=lambda ctx, param, value: parse_class(value))
+              callback=parse_class_option)
 @click.option("--batch", "max_batch_size", help="Images per batch on each process, at most", metavar="INT",
               type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--grid", help="Also save all images as one grid PNG", metavar="PNG")

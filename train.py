@@ -108,8 +108,9 @@ def resolve_fp16(opts: dnnlib.EasyDict, device: torch.device) -> str | None:
     the note returned says so (None when there is nothing to say)."""
     if opts.get("fp16") is not None:
         return None
-    opts.fp16 = bool(opts.get("preset")) and not opts.get("bf16") and device.type == "cuda"
-    if opts.get("preset") and not opts.get("bf16") and not opts.fp16:
+    wanted = bool(opts.get("preset")) and not opts.get("bf16")
+    opts.fp16 = wanted and device.type == "cuda"
+    if wanted and not opts.fp16:
         return (f"--preset={opts.preset} trains in fp16 as train_edm2.py does, which runs on CUDA only: this run on "
                 f"{device.type} is float32 (--bf16=1 for mixed precision here, --fp16=0 to say float32)")
     return None
