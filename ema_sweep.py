@@ -50,14 +50,14 @@ from training.cli_options import (fid_options, parse_class_option, parse_seeds, 
 @fid_options
 @sampler_options
 def main(indir, ref_path, outstd, outkimg, inprefix, instd, num, seeds, class_idx, plot_path, json_path, save_best,
-         batch, workers, detector, preprocess, device, **sampler_kwargs):
+         batch, workers, detector, preprocess, device, sampler):
     """FID against sigma_rel of the post-hoc EMA, to choose the EMA length after training."""
     from training.ema.sweep import EMASweepOptions, ema_sweep, format_table
     if seeds is not None and num is not None and len(seeds) != num:
         raise click.ClickException(f"--num={num} and --seeds ({len(seeds)} seeds) disagree; give one of them")
     seeds = seeds if seeds is not None else list(range(num or 10000))
     options = EMASweepOptions(indir=indir, ref=ref_path, outstd=outstd, outkimg=outkimg, seeds=seeds,
-                              class_idx=class_idx, sampler_kwargs=sampler_kwargs, batch=batch, workers=workers,
+                              class_idx=class_idx, sampler=sampler, batch=batch, workers=workers,
                               detector=detector, preprocess=preprocess, device=device, inprefix=inprefix,
                               instd=instd, json_path=json_path, plot_path=plot_path, save_best=save_best)
     try:

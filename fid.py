@@ -70,14 +70,14 @@ def _cached_dataset_features(path: str, dataset, seed: int, detectors: dict, dev
     return {name: ref[LAYOUTS[name].key("features")] for name in detectors}
 
 
-def _generated_features(net, decode, seeds: list[int], class_idx: int | str | None, sampler_kwargs: dict, detector,
+def _generated_features(net, decode, seeds: list[int], class_idx: int | str | None, sampler, detector,
                         device, batch: int):
     """Features of a network's samples (made pixels by ``decode``), made in memory exactly as generate.py makes its
     PNGs."""
     from training.sampling.generation import generated_features
     start = time.time()
     features = generated_features(net, seeds, detector, device, batch, class_idx=class_idx,
-                                  sampler_kwargs=sampler_kwargs, decode=decode)
+                                  sampler=sampler, decode=decode)
     dist.print0(_throughput(len(seeds), start))
     return features
 
@@ -161,7 +161,7 @@ def _guidance_weights(ctx, param, value):
 @sampler_options
 @precision_option
 def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, gnet, guidance, guidance_interval,
-         plot, repeats, batch, workers, detector, preprocess, device, dinov2, precision=None, **sampler_kwargs):
+         plot, repeats, batch, workers, detector, preprocess, device, dinov2, precision=None, sampler=None):
     """Compute FID (and KID, FD-DINOv2) of images, or of a network's samples, against reference statistics.
 
     With --network, the sampler options are generate.py's, and the images are those generate.py would
@@ -195,7 +195,7 @@ def calc(images, network, seeds, class_idx, ref_path, num, seed, metric_names, g
             if dataset is not None:
                 _print_results(_measure_images(images, dataset, seed, detectors, ref, metrics, device, batch, workers))
                 return
-            sampling = _Sampling(sampled, decode, class_idx, sampler_kwargs, guidance_interval, detectors, device,
+            sampling = _Sampling(sampled, decode, class_idx, sampler, guidance_interval, detectors, device,
                                  batch)
             guide = load_guide(options, sampled, device)
             if repeats > 1:
@@ -255,15 +255,15 @@ def _measure_images(images: str, dataset, seed: int, detectors: dict, ref, metri
 class _Sampling:
     """calc --network: the network's samples for a seed list, measured in memory (as generate.py would write them)."""
 
-    def __init__(self, net, decode, class_idx, sampler_kwargs: dict, interval, detectors: dict, device, batch: int):
-        self.net, self.decode, self.class_idx, self.sampler_kwargs = net, decode, class_idx, sampler_kwargs
+    def __init__(self, net, decode, class_idx, sampler, interval, detectors: dict, device, batch: int):
+        self.net, self.decode, self.class_idx, self.sampler = net, decode, class_idx, sampler
         self.interval, self.detectors, self.device, self.batch = interval, detectors, device, batch
 
     def metrics(self, guide, weight: float, seeds: list[int], ref, metrics: list[str]) -> dict[str, float]:
         from metrics.evaluate import compute_metrics
         from training.sampling import guided
         features = _generated_features(guided(self.net, guide, weight, self.interval), self.decode, seeds,
-                                       self.class_idx, self.sampler_kwargs, self.detectors, self.device, self.batch)
+                                       self.class_idx, self.sampler, self.detectors, self.device, self.batch)
         return compute_metrics(features, ref, metrics)
 
     def repeats(self, guide, weight: float, seeds: list[int], repeats: int, ref,

@@ -56,13 +56,13 @@ from training.sampling.generation import GenerateOptions, generate_to_files
 @click.option("--compile", "compile", help="torch.compile the network  [default: off]", metavar="BOOL", type=bool)
 @click.option("--tf32", help="TF32 on Ampere+ GPUs  [default: off]", metavar="BOOL", type=bool)
 def main(network, outdir, seeds, subdirs, class_idx, max_batch_size, grid, device, gnet, guidance, guidance_interval,
-         precision, channels_last, compile, tf32, **sampler_kwargs):
+         precision, channels_last, compile, tf32, sampler):
     """Generate images with the EDM samplers (Algorithms 1 and 2, or any Table 1 combination)."""
     fast_paths = {k: v for k, v in dict(channels_last=channels_last, compile=compile, tf32=tf32).items()
                   if v is not None}
     options = GenerateOptions(network=network, seeds=seeds, outdir=outdir, subdirs=subdirs, grid=grid,
                               class_idx=class_idx, max_batch_size=max_batch_size, device=device,
-                              sampler_kwargs=sampler_kwargs, fast_paths=fast_paths, precision=precision, gnet=gnet,
+                              sampler=sampler, fast_paths=fast_paths, precision=precision, gnet=gnet,
                               guidance=guidance, guidance_interval=guidance_interval)
     try:
         summary = generate_to_files(options)

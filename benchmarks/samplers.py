@@ -8,7 +8,7 @@
     python benchmarks/samplers.py fid --network=PKL --ref=REF.npz --num=1000 --nfe=10,15,20,35,50 \\
         --samplers=heun,unipc_bh2:optimized,dpmpp_3m:loguniform --out=fid.json --plot=fid.png
 
-A sampler is given as NAME or NAME:SCHEDULE (``training.sampling.SAMPLERS``, ``STEPS_SCHEDULES``). k-diffusion
+A sampler is given as NAME or NAME:SCHEDULE (``training.sampling.SAMPLERS``, ``NAMED_TIME_STEPS``). k-diffusion
 (``pip install --no-deps k-diffusion torchdiffeq torchsde trampoline``) is needed only for the comparison in
 ``mixture``; without it that part is skipped.
 """
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from benchmarks.mixture import GaussianMixtureDenoiser, exact_end_points, relative_error  # noqa: E402
 from dnnlib.util import atomic_write_bytes  # noqa: E402
-from training.sampling import SAMPLERS, STEPS_SCHEDULES  # noqa: E402
+from training.sampling import NAMED_TIME_STEPS, SAMPLERS, NamedSampler  # noqa: E402
 
 NFES = (5, 10, 15, 20, 35, 50, 100)
 GOAL_NFES = (10, 20, 35, 100)
@@ -40,7 +40,7 @@ SEARCHED = ("unipc_bh2", "dpmpp_2m", "dpmpp_3m", "dpmpp_4m", "ipndm", "lms")  # 
 
 
 def our_errors(net: GaussianMixtureDenoiser, latents: torch.Tensor, exact: torch.Tensor, nfes,
-               names=None, schedules=STEPS_SCHEDULES + ("optimized+gaussian",)) -> dict[str, dict[int, float]]:
+               names=None, schedules=NAMED_TIME_STEPS + ("optimized+gaussian",)) -> dict[str, dict[int, float]]:
     """{'NAME:SCHEDULE': {nfe: relative error}} for every deterministic sampler and schedule (the stochastic ones
     have no single end point to compare); the calls are counted and checked against each budget."""
     results = {}
@@ -55,7 +55,7 @@ def our_errors(net: GaussianMixtureDenoiser, latents: torch.Tensor, exact: torch
                 if schedule.startswith("optimized"):  # The one-time search (and fit) is not part of the budget.
                     SAMPLERS[name].levels(net, latents, nfe, schedule, 0.002, 80, 7)
                 net.calls = 0
-                x = SAMPLERS[name](net, latents, nfe=nfe, steps_schedule=schedule)
+                x = SAMPLERS[name](net, latents, nfe=nfe, time_steps=schedule)
                 assert net.calls <= nfe, (name, schedule, nfe, net.calls)
                 row[nfe] = relative_error(x, exact, net.data_scale)
             results[f"{name}:{schedule}"] = row
@@ -263,7 +263,7 @@ def fid_against_nfe(network: str, ref_path: str, seeds: list[int], nfes: list[in
     ref = load_reference(ref_path)
     results = {}
     for name, schedule in specs:
-        key = f"{name}:{schedule or SAMPLERS[name].steps_schedule}"
+        key = f"{name}:{schedule or SAMPLERS[name].time_steps}"
         results[key] = {}
         for nfe in nfes:
             solver = SAMPLERS[name].solver
@@ -274,7 +274,7 @@ def fid_against_nfe(network: str, ref_path: str, seeds: list[int], nfes: list[in
                 SAMPLERS[name].levels(net, torch.zeros([1], device=device), nfe, schedule, 0.002, 80, 7)
             search_seconds, start = time.time() - start, time.time()
             features = generated_features(net, seeds, detector, device, batch, progress=False, decode=decode,
-                                          sampler_kwargs=dict(sampler=name, nfe=nfe, steps_schedule=schedule))
+                                          sampler=NamedSampler(name, nfe=nfe, time_steps=schedule))
             fid = compute_metrics(features, ref, ["fid"])["fid"]
             results[key][nfe] = dict(fid=fid, calls=solver.calls_for(solver.levels_for(nfe)),
                                      seconds=time.time() - start, search_seconds=search_seconds)

@@ -55,7 +55,7 @@ from training.networks import EDMPrecond
 from training.networks.edm2 import Precond as EDM2Precond
 from training.perf import FastPaths, apply_process_settings, as_memory_format, check_precision, maybe_compile, \
     parse_variant, prepare_network, process_settings
-from training.sampling import generate_images
+from training.sampling import PaperSampler, generate_images
 from training.sampling.time_steps import DEFAULT_NUM_STEPS
 from training.loop.schedules import ema_beta
 from training.loop.setup import build_optimizer
@@ -275,7 +275,7 @@ class VariantBench:
         seeds = list(range(self.settings.batch))
 
         def sample() -> None:
-            generate_images(net, seeds, device=self.device, num_steps=self.settings.num_steps)
+            generate_images(net, seeds, device=self.device, sampler=PaperSampler(num_steps=self.settings.num_steps))
             synchronize(self.device)
 
         self.calls["sample"], self.images["sample"] = sample, self.settings.batch

@@ -161,9 +161,9 @@ def test_consistency_sampler_calls_f_once_per_level_and_renoises_between(nfe):
         torch.testing.assert_close(calls[i][0], 0.25 + math.sqrt(levels[i] ** 2 - levels[-1] ** 2) * noises[i - 1])
     assert torch.equal(x, torch.full_like(z, 0.25))
     with pytest.raises(ValueError, match="analytic first step is an ODE step; 'consistency' samples a consistency"):
-        SAMPLERS["consistency"](f, z, nfe=2, steps_schedule="edm+gaussian")
+        SAMPLERS["consistency"](f, z, nfe=2, time_steps="edm+gaussian")
     with pytest.raises(ValueError, match="'consistency' draws noise; the search fits deterministic samplers only"):
-        SAMPLERS["consistency"](f, z, nfe=2, steps_schedule="optimized")
+        SAMPLERS["consistency"](f, z, nfe=2, time_steps="optimized")
 
 
 MU, S = 0.3, 0.5
@@ -305,3 +305,13 @@ def test_consistency_options_are_checked(fashion_mnist_8_zip, tmp_path):
     assert config["loss_kwargs"]["stage_nimg"] == round(200e6 / 4)
     assert not np.isnan(config["loss_kwargs"]["c"])
     assert pseudo_huber(torch.tensor([[3.0, 4.0]]), 0.0).item() == 5.0
+
+
+def test_the_training_loop_samples_a_consistency_model_with_two_calls_of_its_sampler():
+    """The grids and in-training metrics of a consistency run use the consistency sampler at NFE 2; of any other
+    run, the paper's Heun with the asked steps."""
+    from training.loop.monitor import monitoring_sampler
+    from training.loss import ConsistencyLoss, EDMLoss
+    from training.sampling import NamedSampler, PaperSampler
+    assert monitoring_sampler(ConsistencyLoss(), 7) == NamedSampler("consistency", nfe=2)
+    assert monitoring_sampler(EDMLoss(), 7) == PaperSampler(num_steps=7)

@@ -21,7 +21,8 @@ from conftest import FIXTURES, build_official_case, make_tiny_net, outputs_and_g
 from training.networks import self_attention
 from training.networks.edm2 import Precond as EDM2Precond
 from training.perf import REFERENCE, parse_variant, set_tf32
-from training.sampling import SeedRNG, draw_class_labels, draw_latents, edm_sampler, generate_images, guided
+from training.sampling import (Churn, PaperSampler, SeedRNG, draw_class_labels, draw_latents, edm_sampler,
+                               generate_images, guided)
 
 DEVICE = os.environ.get("EDM_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 ON_CUDA = DEVICE is not None and torch.device(DEVICE).type == "cuda"
@@ -76,13 +77,16 @@ def test_edm_sampler_reproduces_the_official_images_on_the_device(official_vecto
     torch.testing.assert_close(images.cpu(), golden["images_float"], rtol=0, atol=1e-4)
 
 
+CHURN = PaperSampler(num_steps=4, churn=Churn(S_churn=20))
+
+
 def test_a_seed_gives_the_same_image_in_any_batch_on_the_device():
     """Per-seed generators on the device: the batch a seed shares changes its image by at most one uint8 level
     in a few pixels (convolution algorithms may depend on the batch size)."""
     net = make_tiny_net().to(DEVICE)
     seeds = [0, 1, 2, 3, 4, 5]
-    whole = generate_images(net, seeds, num_steps=4, S_churn=20).cpu()
-    parts = torch.cat([generate_images(net, seeds[i:i + 2], num_steps=4, S_churn=20).cpu() for i in (0, 2, 4)])
+    whole = generate_images(net, seeds, sampler=CHURN).cpu()
+    parts = torch.cat([generate_images(net, seeds[i:i + 2], sampler=CHURN).cpu() for i in (0, 2, 4)])
     difference = (whole.int() - parts.int()).abs()
     assert difference.max() <= 1 and (difference > 0).double().mean() < 1e-2
     assert len({tuple(image.flatten()[:16].tolist()) for image in whole}) == len(seeds)  # Seeds differ.

@@ -88,7 +88,8 @@ def test_sweep_reports_the_fid_of_the_reconstructed_pickle(run_dir, ref_npz, rec
     best = 0.07 if recorded_fids[0] < recorded_fids[1] else 0.15
     assert data["best"] == dict(sigma_rel=best, fid=min(recorded_fids))
     assert (data["kimg"], data["nimg"], data["num_images"], data["seeds"]) == (16, 16384, 4, "0-3")
-    assert data["sampler_kwargs"]["num_steps"] == 4 and data["sampler_kwargs"]["S_max"] == "inf"  # JSON has no inf.
+    assert data["sampler"]["kind"] == "PaperSampler" and data["sampler"]["num_steps"] == 4
+    assert data["sampler"]["churn"]["S_max"] == "inf"  # JSON has no inf.
     assert data["inputs"] == [power_snapshot_name(n, s) for n in NIMG for s in (0.05, 0.1)]
     assert data["tracked_stds"] == [0.05, 0.1]
     for std, fid in zip((0.07, 0.15), recorded_fids):

@@ -275,7 +275,7 @@ def test_repeats_measure_disjoint_seed_sets_and_report_min_mean_and_spread(fid_d
     import metrics.evaluate
     from metrics.reference import save_reference
     from training.checkpoint import save_network_pkl
-    from training.sampling import generate_images
+    from training.sampling import PaperSampler, generate_images
 
     monkeypatch.setattr(metrics.evaluate, "frechet_distance",
                         lambda mu1, sigma1, mu2, sigma2: float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1)))
@@ -288,7 +288,8 @@ def test_repeats_measure_disjoint_seed_sets_and_report_min_mean_and_spread(fid_d
     assert result.exit_code == 0, result.output
     expected = []
     for first in (0, 4, 8):
-        features = fid_detector(generate_images(net, list(range(first, first + 4)), num_steps=3)).numpy()
+        images = generate_images(net, list(range(first, first + 4)), sampler=PaperSampler(num_steps=3))
+        features = fid_detector(images).numpy()
         mu, sigma = feature_statistics(features)
         expected.append(float(np.sum(mu ** 2) + np.trace(sigma)))
     lines = result.output.strip().splitlines()

@@ -18,7 +18,7 @@ from conftest import REPO_ROOT, make_tiny_net
 from training.checkpoint import save_network_pkl
 from training.images import image_grid
 from training.sampling.generation import image_path, seed_batches
-from training.sampling import generate_images
+from training.sampling import generate_images, sampler_spec
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -51,7 +51,7 @@ def test_files_hold_the_images_of_their_seeds(network_pkl, tmp_path):
     # In the CLI's batches: a seed's image is the same in any batch to float rounding only (test_sampling checks the
     # float samples), and kernels chosen per batch size may round a value across a level.
     net = make_tiny_net(label_dim=4)
-    expected = torch.cat([generate_images(net, seeds[i:i + 4], **SAMPLER_KWARGS) for i in (0, 4)])
+    expected = torch.cat([generate_images(net, seeds[i:i + 4], sampler=sampler_spec(**SAMPLER_KWARGS)) for i in (0, 4)])
     for seed, image in zip(seeds, expected):
         path = tmp_path / "out" / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
         assert torch.equal(_read_png(path), image)
@@ -64,8 +64,8 @@ def test_ablation_options_switch_the_sampler(network_pkl, tmp_path):
                   "--solver", "euler", "--disc", "vp", *SAMPLER_ARGS)
     assert result.exit_code == 0, result.output
     assert "with ablation_sampler" in result.output
-    expected = generate_images(make_tiny_net(label_dim=4), [5], class_idx=2, solver="euler", discretization="vp",
-                               **SAMPLER_KWARGS)
+    expected = generate_images(make_tiny_net(label_dim=4), [5], class_idx=2,
+                               sampler=sampler_spec(solver="euler", discretization="vp", **SAMPLER_KWARGS))
     assert torch.equal(_read_png(tmp_path / "000005.png"), expected[0])
 
 
@@ -74,7 +74,8 @@ def test_balanced_class_option_gives_each_seed_its_class(network_pkl, tmp_path):
                   *SAMPLER_ARGS)
     assert result.exit_code == 0, result.output
     for seed in (5, 6):
-        expected = generate_images(make_tiny_net(label_dim=4), [seed], class_idx=seed % 4, **SAMPLER_KWARGS)
+        expected = generate_images(make_tiny_net(label_dim=4), [seed], class_idx=seed % 4,
+                                   sampler=sampler_spec(**SAMPLER_KWARGS))
         assert torch.equal(_read_png(tmp_path / f"{seed:06d}.png"), expected[0])
 
 
@@ -153,7 +154,7 @@ def test_two_processes_write_the_same_files_as_one(network_pkl, tmp_path):
     # In the CLI's batches: a seed's image is the same in any batch to float rounding only (test_sampling checks the
     # float samples), and kernels chosen per batch size may round a value across a level.
     net = make_tiny_net(label_dim=4)
-    expected = torch.cat([generate_images(net, seeds[i:i + 4], **SAMPLER_KWARGS) for i in (0, 4)])
+    expected = torch.cat([generate_images(net, seeds[i:i + 4], sampler=sampler_spec(**SAMPLER_KWARGS)) for i in (0, 4)])
     for seed, image in zip(seeds, expected):
         assert torch.equal(_read_png(tmp_path / "out" / f"{seed:06d}.png"), image)
     assert torch.equal(_read_png(tmp_path / "grid.png"), image_grid(expected))

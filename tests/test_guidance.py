@@ -10,8 +10,8 @@ import torch
 
 from conftest import FIXTURES, make_tiny_net
 from training.networks.edm2 import Precond as EDM2Precond
-from training.sampling import (UNCONDITIONAL, GuidedDenoiser, SeedRNG, draw_class_labels, draw_latents, edm_sampler,
-                               generate_images, guided)
+from training.sampling import (UNCONDITIONAL, GuidedDenoiser, PaperSampler, SeedRNG, draw_class_labels, draw_latents,
+                               edm_sampler, generate_images, guided, sampler_spec)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -88,11 +88,12 @@ def test_an_unconditional_guide_is_called_without_labels():
 def test_weight_one_is_the_unguided_sampler_bit_for_bit_and_never_calls_the_guide():
     net, guide = make_tiny_net(label_dim=4).eval(), Counting(make_tiny_net(label_dim=4, seed=1).eval())
     kwargs = dict(num_steps=4, S_churn=10, S_min=0.01, S_max=20)
-    plain = generate_images(net, [3, 8], **kwargs)
-    assert torch.equal(generate_images(GuidedDenoiser(net, guide, 1.0), [3, 8], **kwargs), plain)
+    plain = generate_images(net, [3, 8], sampler=sampler_spec(**kwargs))
+    assert torch.equal(generate_images(GuidedDenoiser(net, guide, 1.0), [3, 8], sampler=sampler_spec(**kwargs)), plain)
     assert guided(net, guide, 1.0) is net and guided(net, None, 2.0) is net
     assert guide.calls == 0
-    assert not torch.equal(generate_images(GuidedDenoiser(net, guide, 2.0), [3, 8], **kwargs), plain)
+    guided_images = generate_images(GuidedDenoiser(net, guide, 2.0), [3, 8], sampler=sampler_spec(**kwargs))
+    assert not torch.equal(guided_images, plain)
     assert guide.calls == 2 * 4 - 1  # Heun: two calls per step but the last.
 
 
@@ -100,10 +101,10 @@ def test_interval_calls_the_guide_only_inside_it():
     net, guide = make_tiny_net(label_dim=4).eval(), Counting(make_tiny_net(label_dim=4, seed=1).eval())
     lo, hi = 0.3, 5.0
     denoiser = GuidedDenoiser(net, guide, 2.5, interval=(lo, hi))
-    generate_images(denoiser, [0, 1], num_steps=8)
+    generate_images(denoiser, [0, 1], sampler=PaperSampler(num_steps=8))
     assert guide.sigmas and all(lo <= s <= hi for s in guide.sigmas)
     all_sigmas = Counting(net)
-    generate_images(all_sigmas, [0], num_steps=8)
+    generate_images(all_sigmas, [0], sampler=PaperSampler(num_steps=8))
     assert len(guide.sigmas) == sum(lo <= s <= hi for s in all_sigmas.sigmas) < len(all_sigmas.sigmas)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -188,7 +189,8 @@ def test_generate_cli_writes_the_guided_images(snapshots, tmp_path, gnet, extra)
     result = run_generate(f"--network={snapshots['net']}", f"--gnet={snapshots.get(gnet, gnet)}", "--guidance=2.5",
                           f"--outdir={tmp_path}", "--seeds=3-5", "--steps=5", "--device=cpu", *extra)
     assert result.exit_code == 0, result.output
-    expected = generate_images(guided(make_tiny_net(label_dim=4), guide, 2.5, interval), [3, 4, 5], num_steps=5)
+    expected = generate_images(guided(make_tiny_net(label_dim=4), guide, 2.5, interval), [3, 4, 5],
+                               sampler=PaperSampler(num_steps=5))
     for seed, image in zip([3, 4, 5], expected):
         assert torch.equal(read_png(tmp_path / f"{seed:06d}.png"), image)
 
@@ -241,6 +243,7 @@ def test_fid_guidance_sweep_prints_each_weight_and_plots(snapshots, tmp_path, fi
     net, gnet = make_tiny_net(label_dim=4), make_tiny_net(label_dim=4, seed=1)
     for w in (1.0, 3.0):
         with torch.no_grad():
-            features = fid_detector(generate_images(guided(net, gnet, w), [0, 1, 2, 3], num_steps=4)).numpy()
+            images = generate_images(guided(net, gnet, w), [0, 1, 2, 3], sampler=PaperSampler(num_steps=4))
+            features = fid_detector(images).numpy()
         mu, sigma = feature_statistics(features)
         assert printed[w] == pytest.approx(np.sum(mu ** 2) + np.trace(sigma), rel=1e-5)

@@ -368,8 +368,8 @@ def decoded_by_formula(vae: str, latents: torch.Tensor) -> torch.Tensor:
 
 
 def sampled_latents(net, seeds, **kwargs) -> torch.Tensor:
-    from training.sampling import generate_images
-    return generate_images(net, seeds, num_steps=STEPS, decode=lambda x: x, **kwargs)
+    from training.sampling import generate_images, sampler_spec
+    return generate_images(net, seeds, decode=lambda x: x, sampler=sampler_spec(num_steps=STEPS, **kwargs))
 
 
 class RecordingDetector(torch.nn.Module):

@@ -136,12 +136,12 @@ def test_measured_nfe_is_one_per_euler_step_and_two_per_heun_step_but_the_last()
     import torch
     from benchmarks.paper.experiments import FIG2_SAMPLERS, nfe_of
     from benchmarks.paper.pieces import CountingDenoiser
-    from training.sampling import generate_images
+    from training.sampling import generate_images, sampler_spec
     for sampler in FIG2_SAMPLERS.values():
         for steps in (2, 5):
             net = CountingDenoiser(make_tiny_net(label_dim=0))
             with torch.no_grad():
-                generate_images(net, [0, 1], num_steps=steps, **sampler["kwargs"])
+                generate_images(net, [0, 1], sampler=sampler_spec(num_steps=steps, **sampler["kwargs"]))
             assert net.calls == nfe_of(sampler["kwargs"]["solver"], steps)
     assert nfe_of("heun", 18) == 35  # Table 2's NFE.
 
@@ -317,12 +317,13 @@ def test_smoke_fig2_error_is_the_images_distance_to_the_same_sampler_at_4x_its_m
     snapshot with generate_images, unrounded."""
     import torch
     from training.checkpoint import load_network
-    from training.sampling import generate_images
+    from training.sampling import generate_images, sampler_spec
     fig2 = _load(smoke["outdir"], "fig2")
     train = json.loads((smoke["outdir"] / "train" / "A-seed0.json").read_text())
     net = load_network(str(smoke["outdir"] / train["snapshot"]), device="cpu")
     kwargs = dict(solver="euler", discretization="vp", schedule="vp", scaling="vp")
-    made = {n: generate_images(net, range(16), decode=lambda x: x, num_steps=n, **kwargs).double() for n in (2, 16)}
+    made = {n: generate_images(net, range(16), decode=lambda x: x, sampler=sampler_spec(num_steps=n, **kwargs)).double()
+            for n in (2, 16)}
     expected = 127.5 * torch.sqrt(torch.mean((made[2] - made[16]) ** 2)).item()
     point = fig2["networks"]["A"]["curves"]["original"][0]
     assert point["steps"] == 2 and point["rms_error"] == pytest.approx(expected, rel=1e-5) and expected > 0

@@ -352,11 +352,11 @@ def test_generate_cli_fast_paths_give_the_same_images(tmp_path):
     from conftest import make_tiny_net
     from generate import main
     from training.checkpoint import save_network_pkl
-    from training.sampling import generate_images
+    from training.sampling import PaperSampler, generate_images
 
     pkl = str(tmp_path / "net.pkl")
     save_network_pkl(pkl, dict(ema=make_tiny_net(label_dim=4), loss_fn=None, augment_pipe=None, dataset_kwargs={}))
-    expected = generate_images(make_tiny_net(label_dim=4), [0, 1], num_steps=3).to(torch.int16)
+    expected = generate_images(make_tiny_net(label_dim=4), [0, 1], sampler=PaperSampler(num_steps=3)).to(torch.int16)
     for options, max_levels in (["--channels-last=1"], 1), (["--precision=bf16"], 12):
         grid = tmp_path / f"grid{len(options[0])}.png"
         result = CliRunner().invoke(main, ["--network", pkl, "--seeds=0,1", "--steps=3", "--grid", str(grid),

@@ -176,7 +176,7 @@ def test_empirical_order_is_at_least_nominal(problem, name):
     errors = []
     for nfe in nfes:
         schedule, sigma_max = _order_setup(name, nfe)
-        x = SAMPLERS[name](net, z, nfe=nfe, steps_schedule=schedule, sigma_max=sigma_max)
+        x = SAMPLERS[name](net, z, nfe=nfe, time_steps=schedule, sigma_max=sigma_max)
         errors.append(relative_error(x, exact_80 if sigma_max == 80 else exact_2, net.data_scale))
     slopes = -np.diff(np.log(errors)) / np.diff(np.log(nfes))
     assert min(slopes) >= SAMPLERS[name].solver.convergence_order - 0.25, f"{name}: errors {errors}, slopes {slopes}"
@@ -206,7 +206,7 @@ def test_stochastic_samplers_keep_the_marginals(name):
     variance_errors = []
     for nfe in (40, 160):
         generator = torch.Generator().manual_seed(4)
-        x = SAMPLERS[name](gaussian, z, nfe=nfe, steps_schedule="loguniform",
+        x = SAMPLERS[name](gaussian, z, nfe=nfe, time_steps="loguniform",
                            randn_like=lambda x_: torch.randn(x_.shape, generator=generator, dtype=x_.dtype))
         centered = x.reshape(len(x), -1) - gaussian.means[0]
         assert centered.mean(0).abs().max() < 0.04
@@ -226,13 +226,13 @@ def test_nfe_bounds_the_network_calls(name, schedule):
     z = _latents(net.net, 3)
     for nfe in sorted({SAMPLERS[name].solver.min_nfe, 4, 7, 10}):
         net.calls = 0
-        SAMPLERS[name](net, z, nfe=nfe, steps_schedule=schedule)
+        SAMPLERS[name](net, z, nfe=nfe, time_steps=schedule)
         assert net.calls <= nfe and net.calls >= nfe - 1, (nfe, net.calls)
         assert all(x.shape[0] == 3 for x in net.inputs)
     too_few = SAMPLERS[name].solver.min_nfe - 1
     with pytest.raises(ValueError, match=f"nfe={too_few}: '{name}' needs at least {SAMPLERS[name].solver.min_nfe} "
                                          f"network calls"):
-        SAMPLERS[name](net, z, nfe=too_few, steps_schedule=schedule)
+        SAMPLERS[name](net, z, nfe=too_few, time_steps=schedule)
 
 
 @pytest.mark.parametrize("name", ["unipc_bh2", "dpmpp_2s"])
@@ -246,20 +246,20 @@ def test_optimized_steps_are_searched_once_on_their_own_noise(name, monkeypatch)
     net = CountingNet(mixture)
     z = _latents(mixture, 8, seed=5)
     nfe = 9
-    x = SAMPLERS[name](net, z, nfe=nfe, steps_schedule="optimized")
+    x = SAMPLERS[name](net, z, nfe=nfe, time_steps="optimized")
     assert net.calls > 10 * nfe  # The search, then the sampling.
     sampled_inputs = net.inputs[-nfe:]
     assert not any(torch.equal(x_in, z * 80) for x_in in net.inputs[:-nfe])
     assert torch.equal(sampled_inputs[0], z * 80)
     for _ in range(2):
         net.calls = 0
-        again = SAMPLERS[name](net, z, nfe=nfe, steps_schedule="optimized")
+        again = SAMPLERS[name](net, z, nfe=nfe, time_steps="optimized")
         assert net.calls <= nfe and torch.equal(again, x)
     other = CountingNet(mixture)  # Another network object: searched anew.
-    SAMPLERS[name](other, z, nfe=nfe, steps_schedule="optimized")
+    SAMPLERS[name](other, z, nfe=nfe, time_steps="optimized")
     assert other.calls > 10 * nfe
     exact = exact_end_points(mixture, z, num_steps=256)
-    uniform = SAMPLERS[name](mixture, z, nfe=nfe, steps_schedule="loguniform")
+    uniform = SAMPLERS[name](mixture, z, nfe=nfe, time_steps="loguniform")
     assert relative_error(x, exact, mixture.data_scale) < 0.7 * relative_error(uniform, exact, mixture.data_scale)
 
 
@@ -306,7 +306,7 @@ def test_gaussian_first_step_fits_once_on_its_own_noise_and_is_not_counted():
     net = CountingNet(mixture)
     z = _latents(mixture, 8, seed=5)
     nfe, probes = 6, 2 * (4 + 1)
-    x = SAMPLERS["dpmpp_3m"](net, z, nfe=nfe, steps_schedule="loguniform+gaussian")
+    x = SAMPLERS["dpmpp_3m"](net, z, nfe=nfe, time_steps="loguniform+gaussian")
     assert net.calls == -(-probes // registry.SEARCH_BATCH) + nfe
     expected_probes = draw_latents(mixture, SeedRNG(range(registry.GAUSSIAN_SEED, registry.GAUSSIAN_SEED + probes)))
     torch.testing.assert_close(net.inputs[0], expected_probes.double() * 80, rtol=0, atol=0)
@@ -315,15 +315,15 @@ def test_gaussian_first_step_fits_once_on_its_own_noise_and_is_not_counted():
     torch.testing.assert_close(net.inputs[-nfe], model.transport(z * 80, 80, float(levels[1])), rtol=0, atol=0)
     for sampler in ("dpmpp_3m", "unipc_bh2", "dpmpp_2s"):  # Cached for the network, whichever sampler.
         net.calls = 0
-        SAMPLERS[sampler](net, z, nfe=nfe + 1, steps_schedule="loguniform+gaussian")
+        SAMPLERS[sampler](net, z, nfe=nfe + 1, time_steps="loguniform+gaussian")
         assert net.calls == nfe + 1, (sampler, net.calls)
     net.calls = 0
-    assert torch.equal(SAMPLERS["dpmpp_3m"](net, z, nfe=nfe, steps_schedule="loguniform+gaussian"), x)
+    assert torch.equal(SAMPLERS["dpmpp_3m"](net, z, nfe=nfe, time_steps="loguniform+gaussian"), x)
     assert net.calls == nfe
     other = CountingNet(mixture)  # Another network object: fitted anew, by ``levels`` with the other one-time work.
     SAMPLERS["dpmpp_3m"].levels(other, z, nfe, "loguniform+gaussian", 0.002, 80, 7)
     assert other.calls == 1
-    SAMPLERS["dpmpp_3m"](other, z, nfe=nfe, steps_schedule="loguniform+gaussian")
+    SAMPLERS["dpmpp_3m"](other, z, nfe=nfe, time_steps="loguniform+gaussian")
     assert other.calls == 1 + nfe
 
 
@@ -341,11 +341,11 @@ def test_optimized_search_places_the_end_of_the_gaussian_step(monkeypatch):
     net = CountingNet(mixture)
     SAMPLERS["unipc_bh2"].gaussian_model(net, 80.0)
     net.calls = 0
-    x = SAMPLERS["unipc_bh2"](net, z, nfe=nfe + 1, steps_schedule=levels)  # A tensor: the levels as they are.
+    x = SAMPLERS["unipc_bh2"](net, z, nfe=nfe + 1, time_steps=levels)  # A tensor: the levels as they are.
     exact = exact_end_points(mixture, z, num_steps=256)
-    searched = SAMPLERS["unipc_bh2"](mixture, z, nfe=nfe, steps_schedule="optimized+gaussian")
+    searched = SAMPLERS["unipc_bh2"](mixture, z, nfe=nfe, time_steps="optimized+gaussian")
     assert net.calls == nfe + 1 and not torch.equal(x, searched)  # Without '+gaussian' the first step calls.
-    uniform = SAMPLERS["unipc_bh2"](mixture, z, nfe=nfe, steps_schedule="loguniform+gaussian")
+    uniform = SAMPLERS["unipc_bh2"](mixture, z, nfe=nfe, time_steps="loguniform+gaussian")
     assert relative_error(searched, exact, mixture.data_scale) < 0.7 * relative_error(uniform, exact,
                                                                                      mixture.data_scale)
 
@@ -424,23 +424,23 @@ def test_bad_options_get_one_line_errors():
     net = small_mixture()
     z = _latents(net, 1)
     with pytest.raises(ValueError, match=r"sampler='dpm\+\+': expected one of euler, heun, dpmpp_2m"):
-        sampling.run_sampler(net, z, sampler="dpm++", nfe=10)
-    with pytest.raises(ValueError, match="steps_schedule='cosine': expected one of edm, loguniform, polyexponential, "
+        sampling.sampler_spec(sampler="dpm++", nfe=10)
+    with pytest.raises(ValueError, match="time_steps='cosine': expected one of edm, loguniform, polyexponential, "
                                          "optimized"):
-        SAMPLERS["dpmpp_2m"](net, z, nfe=10, steps_schedule="cosine")
+        SAMPLERS["dpmpp_2m"](net, z, nfe=10, time_steps="cosine")
     with pytest.raises(ValueError, match="churn .* not to 'unipc_bh2'"):
         SAMPLERS["unipc_bh2"](net, z, nfe=10, S_churn=5)
-    with pytest.raises(ValueError, match="discretization: options of the Table 1 ablation sampler"):
-        sampling.run_sampler(net, z, sampler="dpmpp_2m", discretization="vp")
+    with pytest.raises(ValueError, match="^discretization with sampler: the Table 1 ablation sampler's options"):
+        sampling.sampler_spec(sampler="dpmpp_2m", discretization="vp")
     with pytest.raises(ValueError, match="'euler_ancestral' draws noise"):
-        SAMPLERS["euler_ancestral"](net, z, nfe=10, steps_schedule="optimized")
+        SAMPLERS["euler_ancestral"](net, z, nfe=10, time_steps="optimized")
     with pytest.raises(ValueError, match="the paper's samplers 'heun' and 'euler' stay as they are"):
-        SAMPLERS["heun"](net, z, nfe=9, steps_schedule="edm+gaussian")
-    with pytest.raises(ValueError, match="steps_schedule='cosine': expected one of"):
-        SAMPLERS["dpmpp_2m"](net, z, nfe=10, steps_schedule="cosine+gaussian")
+        SAMPLERS["heun"](net, z, nfe=9, time_steps="edm+gaussian")
+    with pytest.raises(ValueError, match="time_steps='cosine': expected one of"):
+        SAMPLERS["dpmpp_2m"](net, z, nfe=10, time_steps="cosine+gaussian")
     with pytest.raises(ValueError, match=r"needs an unconditional one \(label_dim=4\)"):
         SAMPLERS["dpmpp_2m"](make_tiny_net(label_dim=4), torch.zeros([1, 3, 8, 8]), nfe=4,
-                             steps_schedule="loguniform+gaussian")
+                             time_steps="loguniform+gaussian")
     with pytest.raises(ValueError, match="fit_gaussian: 4 probes cannot determine an affine map of 4 values"):
         fit_gaussian(z.expand(4, 1, 2, 2), z.expand(4, 1, 2, 2), 80.0)
 
@@ -453,18 +453,18 @@ def network_pkl(tmp_path_factory) -> str:
     return path
 
 
-def test_generate_takes_sampler_nfe_and_steps_schedule(network_pkl, tmp_path):
+def test_generate_takes_sampler_nfe_and_time_steps(network_pkl, tmp_path):
     import PIL.Image
     from generate import main
 
-    from training.sampling import generate_images
+    from training.sampling import NamedSampler, PaperSampler, generate_images
     args = ["--network", network_pkl, "--outdir", str(tmp_path), "--seeds", "0-2", "--sampler", "dpmpp_3m",
             "--nfe", "6", "--steps-schedule", "polyexponential:1.5"]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "with dpmpp_3m (NFE 6, polyexponential:1.5 steps)" in result.output
-    expected = generate_images(make_tiny_net(label_dim=4), [0, 1, 2], sampler="dpmpp_3m", nfe=6,
-                               steps_schedule="polyexponential:1.5")
+    expected = generate_images(make_tiny_net(label_dim=4), [0, 1, 2],
+                               sampler=NamedSampler("dpmpp_3m", nfe=6, time_steps="polyexponential:1.5"))
     for seed in range(3):
         png = torch.from_numpy(np.array(PIL.Image.open(tmp_path / f"{seed:06d}.png"))).permute(2, 0, 1)
         assert torch.equal(png, expected[seed])
@@ -472,7 +472,7 @@ def test_generate_takes_sampler_nfe_and_steps_schedule(network_pkl, tmp_path):
     result = CliRunner().invoke(main, ["--network", network_pkl, "--outdir", str(tmp_path / "h"), "--seeds", "0",
                                        "--nfe", "7"], catch_exceptions=False)
     assert "with heun (NFE 7, edm steps)" in result.output
-    heun = generate_images(make_tiny_net(label_dim=4), [0], num_steps=4)
+    heun = generate_images(make_tiny_net(label_dim=4), [0], sampler=PaperSampler(num_steps=4))
     png = torch.from_numpy(np.array(PIL.Image.open(tmp_path / "h" / "000000.png"))).permute(2, 0, 1)
     assert torch.equal(png, heun[0])
 
@@ -481,8 +481,11 @@ def test_generate_takes_sampler_nfe_and_steps_schedule(network_pkl, tmp_path):
     (["--sampler", "dpm"], "Invalid value for '--sampler': 'dpm' is not one of 'euler', 'heun'"),
     (["--steps-schedule", "cosine"], "Invalid value for '--steps-schedule': 'cosine': expected one of edm, "
                                      "loguniform, polyexponential, optimized"),
-    (["--sampler", "unipc_bh2", "--disc", "vp"], "discretization: options of the Table 1 ablation sampler"),
-    (["--sampler", "dpmpp_2s", "--nfe", "2"], "nfe=2: 'dpmpp_2s' needs at least 3 network calls"),
+    (["--sampler", "unipc_bh2", "--disc", "vp"], "Error: --disc with --sampler: the Table 1 ablation sampler's "
+                                                 "options do not mix with a named sampler's"),
+    (["--sampler", "dpmpp_2s", "--nfe", "2"], "Error: --nfe=2: 'dpmpp_2s' needs at least 3 network calls"),
+    (["--sampler", "ipndm", "--S_churn", "5"], "Error: --S_churn/--S_min/--S_max: churn (Algorithm 2) applies to "
+                                               "the paper's samplers"),
     (["--steps-schedule", "cosine+gaussian"], "'cosine+gaussian': expected one of edm, loguniform"),
 ])
 def test_generate_bad_sampler_options_get_one_line(network_pkl, tmp_path, args, message):
@@ -494,9 +497,9 @@ def test_generate_bad_sampler_options_get_one_line(network_pkl, tmp_path, args, 
 
 
 def test_generate_takes_gaussian_schedules():
-    from training.cli_options import parse_steps_schedule
+    from training.cli_options import parse_time_steps
     for value in ("optimized+gaussian", "loguniform+gaussian", "polyexponential:3+gaussian", "edm"):
-        assert parse_steps_schedule(value) == value
+        assert parse_time_steps(value) == value
 
 
 def test_generate_fid_calc_and_ema_sweep_share_the_sampler_options():
@@ -509,7 +512,7 @@ def test_generate_fid_calc_and_ema_sweep_share_the_sampler_options():
     def declared(command):
         return {p.name: (p.opts, p.default, p.help) for p in command.params}
     ours = declared(generate.main)
-    sampler_names = {"num_steps", "sampler", "nfe", "steps_schedule", "solver", "discretization", "S_churn", "rho"}
+    sampler_names = {"num_steps", "sampler", "nfe", "time_steps", "solver", "discretization", "S_churn", "rho"}
     assert len(SAMPLER_OPTIONS) == 15 and sampler_names <= ours.keys()
     for command in (fid.calc, ema_sweep.main):
         theirs = declared(command)
@@ -540,9 +543,9 @@ def test_every_named_sampler_shows_each_step_and_changes_nothing(name):
     z = _latents(net, 3)
     sampler, nfe = SAMPLERS[name], 7
     levels, _ = sampler.levels(net, z, nfe, "loguniform", 0.002, 80, 7)
-    plain = sampler(net, z, randn_like=SeedRNG([0, 1, 2]).randn_like, nfe=nfe, steps_schedule="loguniform")
+    plain = sampler(net, z, randn_like=SeedRNG([0, 1, 2]).randn_like, nfe=nfe, time_steps="loguniform")
     seen = StepRecorder()
-    watched = sampler(net, z, randn_like=SeedRNG([0, 1, 2]).randn_like, nfe=nfe, steps_schedule="loguniform",
+    watched = sampler(net, z, randn_like=SeedRNG([0, 1, 2]).randn_like, nfe=nfe, time_steps="loguniform",
                       callback=seen)
     assert torch.equal(watched, plain)
     called = levels if sampler.solver.solves_ode else levels[:-1]
@@ -590,7 +593,7 @@ def test_a_solver_called_directly_gives_the_samplers_images(name):
     sigmas = sampling.discretize("polyexponential", 6, 0.01, 40, rho=3)
     denoise = lambda x, sigma: net(x, sigma).to(torch.float64)  # noqa: E731
     direct = SAMPLERS[name].solver(denoise, z * sigmas[0], sigmas)
-    registry = SAMPLERS[name](net, z, nfe=SAMPLERS[name].solver.calls_for(6), steps_schedule=sigmas)
+    registry = SAMPLERS[name](net, z, nfe=SAMPLERS[name].solver.calls_for(6), time_steps=sigmas)
     assert torch.equal(direct, registry)
 
 
@@ -598,14 +601,14 @@ def test_a_solver_called_directly_gives_the_samplers_images(name):
 def test_every_sampler_and_schedule_runs_or_is_refused_before_any_call(name, monkeypatch):
     """Every sampler with every schedule, with and without '+gaussian': it samples within its budget, or it is refused
     with a one-line ValueError before the network is called (no search, no fit, no sampling first)."""
-    from training.sampling.time_steps import STEPS_SCHEDULES
+    from training.sampling.time_steps import NAMED_TIME_STEPS
     monkeypatch.setattr(registry, "SEARCH_MAX_EVALS", 8)  # The search's path, not its result, is the point here.
-    for schedule in [*STEPS_SCHEDULES, *(f"{s}+gaussian" for s in STEPS_SCHEDULES)]:
+    for schedule in [*NAMED_TIME_STEPS, *(f"{s}+gaussian" for s in NAMED_TIME_STEPS)]:
         net = CountingNet(GaussianMixtureDenoiser(dim=4, num_components=2, shape=(1, 2, 2), seed=5))
         z = _latents(net.net, 2)
         nfe = max(SAMPLERS[name].solver.min_nfe, 5)
         try:
-            x = SAMPLERS[name](net, z, nfe=nfe, steps_schedule=schedule)
+            x = SAMPLERS[name](net, z, nfe=nfe, time_steps=schedule)
         except ValueError as e:
             assert net.calls == 0 and "\n" not in str(e), (schedule, net.calls, str(e))
             continue
@@ -719,11 +722,11 @@ def test_unipc_is_its_predictor_corrector_formula_on_unequal_steps(variant):
 
 def test_rho_reaches_the_named_samplers_edm_levels():
     """--rho with a named sampler on the 'edm' schedule: the levels the solver runs at are Eq. 5's with that rho."""
-    from training.sampling import run_sampler
+    from training.sampling import NamedSampler
     net = GaussianMixtureDenoiser(dim=4, num_components=2, shape=(1, 2, 2))
     z = _latents(net, 2)
     for rho in (3.0, 7.0):
         seen = []
-        run_sampler(net, z, sampler="dpmpp_2m", nfe=6, steps_schedule="edm", rho=rho,
-                    callback=lambda i, sigma, x, D: seen.append(float(sigma)))
+        NamedSampler("dpmpp_2m", nfe=6, time_steps="edm", rho=rho).run(
+            net, z, callback=lambda i, sigma, x, D: seen.append(float(sigma)))
         assert seen == pytest.approx(_edm_levels(6, rho=rho), rel=1e-12)

@@ -11,8 +11,9 @@ import torch
 
 from conftest import build_official_case, make_tiny_net
 from training import sampling
-from training.sampling import (BALANCED, PAPER_TIME_STEPS, NOISE_SCHEDULES, SCALINGS, SeedRNG, ablation_sampler,
-                               draw_class_labels, draw_latents, edm_sampler, generate_images, to_uint8)
+from training.sampling import (BALANCED, NOISE_SCHEDULES, PAPER_TIME_STEPS, SAMPLERS, SCALINGS, Churn, PaperSampler,
+                               SeedRNG, ablation_sampler, draw_class_labels, draw_latents, edm_sampler, generate_images,
+                               sampler_spec, to_uint8)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -93,7 +94,7 @@ def test_edm_sampler_reproduces_the_official_images(official_vectors):
         images = edm_sampler(net, golden["latents"], golden["class_labels"], num_steps=golden["num_steps"])
     assert images.dtype == torch.float64
     torch.testing.assert_close(images, golden["images_float"], rtol=0, atol=1e-5)
-    uint8 = generate_images(net, golden["seeds"], num_steps=golden["num_steps"])
+    uint8 = generate_images(net, golden["seeds"], sampler=PaperSampler(num_steps=golden["num_steps"]))
     # The official uint8 images, except where an official float lies within the float tolerance of a level boundary
     # (the nearest is 4.9e-7 away, the kernels of AVX-512, AVX2 and SSE4.1 CPUs 2.4e-7 off): there either level.
     low, high = to_uint8(golden["images_float"] - 1e-5), to_uint8(golden["images_float"] + 1e-5)
@@ -113,13 +114,14 @@ def test_edm_sampler_reproduces_the_official_images(official_vectors):
 def test_same_seed_same_image_for_any_batch_size(sampler_kwargs):
     net = make_tiny_net()
     seeds = [0, 1, 2, 3, 4, 5, 6, 2**32 + 7]
-    whole = generate_images(net, seeds, **sampler_kwargs)
+    whole = generate_images(net, seeds, sampler=sampler_spec(**sampler_kwargs))
     for batch in (1, 3):
-        parts = [generate_images(net, seeds[i:i + batch], **sampler_kwargs) for i in range(0, len(seeds), batch)]
+        parts = [generate_images(net, seeds[i:i + batch], sampler=sampler_spec(**sampler_kwargs))
+                 for i in range(0, len(seeds), batch)]
         assert torch.equal(torch.cat(parts), whole)
     assert not torch.equal(whole[0], whole[1])
     # Seeds are taken mod 2^32, as the official generate.py does.
-    assert torch.equal(generate_images(net, [7], **sampler_kwargs)[0], whole[7])
+    assert torch.equal(generate_images(net, [7], sampler=sampler_spec(**sampler_kwargs))[0], whole[7])
 
 
 def test_class_option_overrides_labels_but_keeps_the_random_stream():
@@ -148,10 +150,10 @@ def test_balanced_classes_are_seed_mod_classes_and_keep_the_random_stream():
     assert torch.equal(balanced[1].sum(dim=1), torch.ones(len(seeds)))
     assert torch.equal(rng_free.randn([len(seeds), 5]), rng_balanced.randn([len(seeds), 5]))
     # Each image is the one its class would give it, whatever batch it is made in.
-    sampler_kwargs = dict(num_steps=4, sigma_max=5, S_churn=10)
-    whole = generate_images(net, [5, 6, 11], class_idx=BALANCED, **sampler_kwargs)
+    sampler = PaperSampler(num_steps=4, sigma_max=5, churn=Churn(S_churn=10))
+    whole = generate_images(net, [5, 6, 11], class_idx=BALANCED, sampler=sampler)
     for i, seed in enumerate([5, 6, 11]):
-        assert torch.equal(whole[i], generate_images(net, [seed], class_idx=seed % 4, **sampler_kwargs)[0])
+        assert torch.equal(whole[i], generate_images(net, [seed], class_idx=seed % 4, sampler=sampler)[0])
     with pytest.raises(ValueError, match="unconditional"):
         draw_class_labels(make_tiny_net(label_dim=0), SeedRNG([0]), class_idx=BALANCED)
 
@@ -362,27 +364,48 @@ def test_generalised_second_order_step_for_alpha_other_than_one(alpha):
     assert all(6 < a / b < 10 for a, b in zip(errors, errors[1:])), errors
 
 
-def test_the_sampler_choice_is_one_rule():
-    """Options name one sampler: any of the registry's, a named sampler (heun by default); else any option only the
-    ablation sampler has, the ablation sampler; else edm_sampler. None means not given; the two kinds do not mix."""
-    from training.sampling import SamplerChoice, describe_sampler
+def test_the_sampler_spec_is_one_rule():
+    """Options name one sampler: any of the named samplers' options, a NamedSampler (heun by default); else any
+    option only the ablation sampler has, an AblationSampler; else a PaperSampler. None means not given; the two
+    kinds do not mix. Each spec runs the sampler it names, with the options given and the defaults of the rest."""
+    from training.sampling import AblationSampler, NamedSampler, spec_record
 
-    cases = [({}, "edm"), (dict(num_steps=5, S_churn=10), "edm"), (dict(solver="euler"), "ablation"),
-             (dict(alpha=0.75), "ablation"), (dict(epsilon_s=1e-4, num_steps=4), "ablation"), (dict(nfe=7), "registry"),
-             (dict(sampler="dpmpp_2m"), "registry"), (dict(solver=None, nfe=None, num_steps=5), "edm")]
-    for options, kind in cases:
-        assert SamplerChoice.of(options).kind == kind, options
-    assert [describe_sampler(o) for o in ({}, dict(scaling="vp"), dict(nfe=7), dict(sampler="lms", num_steps=5))] == [
+    cases = [({}, PaperSampler()), (dict(num_steps=5, S_churn=10), PaperSampler(5, churn=Churn(S_churn=10))),
+             (dict(solver="euler"), AblationSampler(solver="euler")), (dict(alpha=0.75), AblationSampler(alpha=0.75)),
+             (dict(epsilon_s=1e-4, num_steps=4), AblationSampler(4, epsilon_s=1e-4)),
+             (dict(discretization="vp", sigma_max=50), AblationSampler(sigma_max=50, time_steps="vp")),
+             (dict(nfe=7), NamedSampler("heun", nfe=7)), (dict(sampler="dpmpp_2m"), NamedSampler("dpmpp_2m", nfe=35)),
+             (dict(sampler="lms", num_steps=5, rho=3), NamedSampler("lms", nfe=9, rho=3)),
+             (dict(time_steps="loguniform", S_noise=1.01), NamedSampler(nfe=35, time_steps="loguniform",
+                                                                        churn=Churn(S_noise=1.01))),
+             (dict(solver=None, nfe=None, num_steps=5), PaperSampler(num_steps=5))]
+    for options, spec in cases:
+        assert sampler_spec(**options) == spec, options
+    assert [sampler_spec(**o).describe() for o in ({}, dict(scaling="vp"), dict(nfe=7),
+                                                   dict(sampler="lms", num_steps=5))] == [
         "edm_sampler", "ablation_sampler", "heun (NFE 7, edm steps)", "lms (NFE 9, edm steps)"]
-    with pytest.raises(ValueError, match="^discretization: options of the Table 1 ablation sampler"):
-        SamplerChoice.of(dict(nfe=7, discretization="vp"))
-    with pytest.raises(ValueError, match="^sampler='dpm': expected one of"):
-        SamplerChoice.of(dict(sampler="dpm"))
+    assert spec_record(PaperSampler(4)) == dict(kind="PaperSampler", num_steps=4, sigma_min=0.002, sigma_max=80,
+                                                rho=7, churn=dict(S_churn=0, S_min=0, S_max="inf", S_noise=1))
+
+    # Checked when built, one line naming the option.
+    for options, message in [(dict(nfe=7, discretization="vp"), "^discretization with nfe: the Table 1 ablation"),
+                             (dict(sampler="dpm"), "^sampler='dpm': expected one of"),
+                             (dict(sampler="dpmpp_2m", nfe=1), "^nfe=1: 'dpmpp_2m' needs at least 2"),
+                             (dict(solver="rk4"), "^solver='rk4': expected one of heun, euler"),
+                             (dict(num_steps=1), "^num_steps=1: at least 2"),
+                             (dict(sigma_min=1, sigma_max=0.5), "^sigma_min=1, sigma_max=0.5: expected sigma_min <"),
+                             (dict(time_steps="cosine"), "^time_steps='cosine': expected one of"),
+                             (dict(sampler="dpmpp_2m", S_churn=4), "^S_churn/S_min/S_max: churn")]:
+        with pytest.raises(ValueError, match=message):
+            sampler_spec(**options)
 
     net = make_tiny_net(label_dim=0)
     latents = draw_latents(net, SeedRNG([3, 4]))
     with torch.no_grad():
-        chosen = SamplerChoice.of(dict(alpha=0.75, num_steps=4)).run(net, latents)
-        assert torch.equal(chosen, ablation_sampler(net, latents, alpha=0.75, num_steps=4))
-        edm = SamplerChoice.of(dict(num_steps=4)).run(net, latents)
-        assert torch.equal(edm, edm_sampler(net, latents, num_steps=4))
+        chosen = sampler_spec(alpha=0.75, num_steps=4, discretization="vp").run(net, latents)
+        assert torch.equal(chosen, ablation_sampler(net, latents, alpha=0.75, num_steps=4, discretization="vp"))
+        churned = sampler_spec(num_steps=4, S_churn=10, S_min=0.1).run(net, latents, randn_like=lambda x: x * 0 + 1)
+        assert torch.equal(churned, edm_sampler(net, latents, num_steps=4, S_churn=10, S_min=0.1,
+                                                randn_like=lambda x: x * 0 + 1))
+        named = sampler_spec(sampler="dpmpp_2m", nfe=5, sigma_max=20).run(net, latents)
+        assert torch.equal(named, SAMPLERS["dpmpp_2m"](net, latents, nfe=5, sigma_max=20))

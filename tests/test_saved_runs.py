@@ -18,7 +18,7 @@ import torch
 import dnnlib
 from conftest import FIXTURES
 from training.checkpoint import load_network_pkl
-from training.sampling import SeedRNG, draw_class_labels, draw_latents, generate_images, guided, run_sampler
+from training.sampling import SeedRNG, draw_class_labels, draw_latents, generate_images, guided, sampler_spec
 
 SAVED = os.path.join(FIXTURES, "saved_runs")
 
@@ -72,10 +72,11 @@ def test_saved_snapshots_sample_the_images_they_gave(case, expected):
     rng = SeedRNG(seeds)
     latents, labels = draw_latents(denoiser, rng), draw_class_labels(denoiser, rng, class_idx)
     with torch.no_grad():
-        samples = run_sampler(denoiser, latents, labels, randn_like=rng.randn_like, **options)
+        samples = sampler_spec(**options).run(denoiser, latents, labels, randn_like=rng.randn_like)
     pinned = expected["samples"][name]
     torch.testing.assert_close(samples, pinned, rtol=0, atol=1e-5 * pinned.abs().max().item())
-    images = generate_images(denoiser, seeds, class_idx=class_idx, device="cpu", **options)
+    images = generate_images(denoiser, seeds, class_idx=class_idx, device="cpu",
+                             sampler=sampler_spec(**options))
     assert images.dtype == torch.uint8
     assert (images.int() - expected["images"][name].int()).abs().max() <= 1
 

@@ -5,6 +5,8 @@ scripts are thin shells over the library; none imports another."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import re
 import pickle
 from typing import Callable
 
@@ -12,9 +14,9 @@ import click
 
 from dnnlib.util import parse_float_list, parse_int_list
 from training.ema.phema import SIGMA_REL_MAX
-from training.sampling import (BALANCED, NOISE_SCHEDULES, PAPER_TIME_STEPS, SAMPLERS, SCALINGS, STEPS_SCHEDULES,
-                               sigma_steps, split_steps_schedule)
-from training.sampling.time_steps import DEFAULT_NUM_STEPS
+from training.sampling import BALANCED, NOISE_SCHEDULES, PAPER_TIME_STEPS, SAMPLERS, SCALINGS
+from training.sampling.spec import sampler_spec
+from training.sampling.time_steps import DEFAULT_NUM_STEPS, check_named_time_steps
 
 
 def parse_seeds(ctx, param, value):
@@ -53,17 +55,13 @@ def parse_class(value: str | None) -> int | str | None:
     return class_idx
 
 
-def parse_steps_schedule(value: str | None) -> str | None:
-    """A name of STEPS_SCHEDULES, 'polyexponential:P' with a number P > 0; either with '+gaussian' or not."""
-    name = None if value is None else split_steps_schedule(value)[0]
-    if name is None or name == "optimized":
-        return value
-    try:
-        sigma_steps(name, 3, 0.002, 80)
-    except ValueError:
-        raise click.BadParameter(f"'{value}': expected one of {', '.join(STEPS_SCHEDULES)} "
-                                 f"(polyexponential:P for an exponent P; NAME+gaussian for an analytic first "
-                                 f"step)") from None
+def parse_time_steps(value: str | None) -> str | None:
+    """A name of NAMED_TIME_STEPS, 'polyexponential:P' with a number P > 0; either with '+gaussian' or not."""
+    if value is not None:
+        try:
+            check_named_time_steps(value)
+        except ValueError as e:
+            raise click.BadParameter(f"'{value}': {str(e).partition(': ')[2]}") from None
     return value
 
 
@@ -105,19 +103,44 @@ SAMPLER_OPTIONS = [
                  "--steps-schedule is given]", type=click.Choice(list(SAMPLERS))),
     click.option("--nfe", help="With --sampler: network calls per image, at most  [default: 2*steps-1, the cost of "
                  "the paper's Heun with --steps]", metavar="INT", type=click.IntRange(min=1)),
-    click.option("--steps-schedule", "steps_schedule", help="With --sampler: its noise levels, 'edm' (Eq. 5 with "
+    click.option("--steps-schedule", "time_steps", help="With --sampler: its noise levels, 'edm' (Eq. 5 with "
                  "--rho), 'loguniform', 'polyexponential[:P]' or 'optimized' (searched once per network and sampler, "
                  "on its own noise, not counted in --nfe); NAME+gaussian: the first step analytic, by the network's "
                  "Gaussian fit (docs/samplers.md)  [default: the sampler's]. Separate from --disc, the Table 1 "
                  "ablation's time steps, since --disc switches to the ablation sampler",
-                 metavar="NAME", callback=lambda ctx, param, value: parse_steps_schedule(value)),
+                 metavar="NAME", callback=lambda ctx, param, value: parse_time_steps(value)),
 ]
+
+
+_FLAGS = {"num_steps": "--steps", "discretization": "--disc", "time_steps": "--steps-schedule"}
+
+
+def _in_flag_names(message: str) -> str:
+    """A library message about sampler options, with the options named as on the command line: 'nfe=1: ...' ->
+    '--nfe=1: ...', 'discretization' -> '--disc'."""
+    message = re.sub(r"\b(" + "|".join(_FLAGS) + r")\b", lambda m: _FLAGS[m.group(1)], message)
+    head, sep, rest = message.partition(": ")
+    head = re.sub(r"(^|[ /,]+)(?!--|with\b)(\w+)(?=$|[ =/,])", r"\1--\2", head)
+    return head + sep + rest
 
 
 def sampler_options(fn: Callable) -> Callable:
     """The sampler's options: the paper's (--steps, --sigma_min/max, --rho, churn), the Table 1 ablation's
-    (--solver, --disc, --schedule, --scaling) and the named samplers' (--sampler, --nfe, --steps-schedule)."""
-    return _apply(SAMPLER_OPTIONS, fn)
+    (--solver, --disc, --schedule, --scaling) and the named samplers' (--sampler, --nfe, --steps-schedule), given to
+    the command as one argument, ``sampler``: the ``SamplerSpec`` they name (``sampler_spec``), checked before the
+    command runs."""
+    names = [option(lambda: None).__click_params__[0].name for option in SAMPLER_OPTIONS]
+
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        values = {name: kwargs.pop(name) for name in names}
+        try:
+            kwargs["sampler"] = sampler_spec(**values)
+        except ValueError as e:
+            raise click.UsageError(_in_flag_names(str(e))) from None
+        return fn(*args, **kwargs)
+
+    return _apply(SAMPLER_OPTIONS, command)
 
 
 def precision_option(fn: Callable) -> Callable:

@@ -143,9 +143,6 @@ class ConsistencyLoss:
         self.stage_nimg = int(stage_nimg)
         self.stage = 0
 
-    # How the training loop's grids and metrics sample what this loss trains: two calls of the consistency sampler.
-    sampler_kwargs = dict(sampler="consistency", nfe=2)
-
     def set_progress(self, cur_nimg: int) -> None:
         self.stage = int(cur_nimg) // self.stage_nimg
 

@@ -257,13 +257,14 @@ class Workspace:
         """FID of ``num_samples`` images (seeds 0..N-1, as generate.py makes them) of a trained network with these
         sampler options, made in memory; the NFE is counted, not computed from the step count."""
         from training.checkpoint import load_network
+        from training.sampling import sampler_spec
         from training.sampling.generation import generated_features
 
         trained = self.trained(config, seed)
         net = CountingDenoiser(load_network(self.path(trained["snapshot"]), device=self.device))
         seeds = list(range(num_samples))
         features = generated_features(net, seeds, self.detector(), self.device, self.size.batch,
-                                      sampler_kwargs=sampler_kwargs, progress=False)
+                                      sampler=sampler_spec(**sampler_kwargs), progress=False)
         nfe = net.calls / math.ceil(num_samples / self.size.batch)  # Every batch runs the whole sampler.
         return dict(config=config, seed=seed, sampler_kwargs=sampler_kwargs, num_samples=num_samples,
                     num_ref=self.size.num_ref, nfe=int(nfe) if nfe.is_integer() else nfe,
@@ -288,12 +289,13 @@ class Workspace:
     def samples(self, config: str, seed: int, sampler_kwargs: dict, num_samples: int) -> np.ndarray:
         """Images [N, C, H, W] float32 in about [-1, 1] for seeds 0..N-1, as the sampler leaves them (not rounded)."""
         from training.checkpoint import load_network
-        from training.sampling import generate_images
+        from training.sampling import generate_images, sampler_spec
 
         net = load_network(self.path(self.trained(config, seed)["snapshot"]), device=self.device)
         seeds = list(range(num_samples))
+        sampler = sampler_spec(**sampler_kwargs)
         batches = [generate_images(net, seeds[i:i + self.size.batch], device=self.device, decode=lambda x: x,
-                                   **sampler_kwargs) for i in range(0, num_samples, self.size.batch)]
+                                   sampler=sampler) for i in range(0, num_samples, self.size.batch)]
         return torch.cat(batches).float().cpu().numpy()
 
     def converged_samples(self, config: str, seed: int, sampler_kwargs: dict, num_samples: int) -> np.ndarray:

@@ -27,6 +27,7 @@ from training.ema.phema import SIGMA_REL_MAX
 from training.ema.reconstruct import PosthocPlan, plan_reconstruction, reconstruct, reconstructed_networks
 from training.images import save_figure
 from training.run_files import format_kimg
+from training.sampling.spec import PaperSampler, SamplerSpec, spec_record
 
 SWEEP_JSON, SWEEP_PNG = "ema-sweep.json", "ema-sweep.png"
 
@@ -39,7 +40,7 @@ class EMASweepOptions:
     outkimg: float | None = None          # as of the snapshot at this kimg; None: the latest
     seeds: list[int] = field(default_factory=lambda: list(range(10000)))  # one image per seed, per sigma_rel
     class_idx: int | str | None = None    # None: a random class per seed; "balanced": seed mod classes
-    sampler_kwargs: dict = field(default_factory=dict)  # generate.py's sampler options; None = default
+    sampler: SamplerSpec = PaperSampler()  # training.sampling.spec
     batch: int = 64                       # images per batch per process (sampling and detector)
     workers: int = 2                      # data-loading processes for a dataset reference
     detector: str | None = None           # FID Inception weights (path or URL); None: metrics.detector's default
@@ -199,7 +200,7 @@ def _measure_each_sigma_rel(plan: PosthocPlan, options: EMASweepOptions, device:
         begin = time.time()
         net = net.to(device).eval()
         features = generated_features(net, options.seeds, detector, device, options.batch,
-                                      class_idx=options.class_idx, sampler_kwargs=options.sampler_kwargs,
+                                      class_idx=options.class_idx, sampler=options.sampler,
                                       desc=f"sigma_rel {sigma_rel:.3f}", decode=decode)
         fids[sigma_rel] = _fid_on_main(features, ref, device)
         if main:
@@ -217,7 +218,7 @@ def _summary(plan: PosthocPlan, options: EMASweepOptions, detector, fids: dict[f
         inputs=[os.path.basename(path) for path, _ in plan.inputs],
         tracked_stds=sorted({name.sigma_rel for _, name in plan.inputs}),
         num_images=len(options.seeds), seeds=format_int_list(sorted(options.seeds)), class_idx=options.class_idx,
-        sampler_kwargs={k: v for k, v in options.sampler_kwargs.items() if v is not None},
+        sampler=spec_record(options.sampler),
         detector=detector.weights_sha256, preprocess=options.preprocess, world_size=distributed.get_world_size(),
         fid={sigma_rel_key(std): fid for std, fid in fids.items()},
         best=dict(sigma_rel=best, fid=fids[best]),

@@ -15,7 +15,7 @@ from torch_utils import distributed as dist
 from torch_utils.misc import clone_module
 from training.checkpoint import save_network_pkl
 from training.images import save_image_grid
-from training.loop.monitor import network_label
+from training.loop.monitor import monitoring_sampler, network_label
 from training.loop.progress import format_time
 from training.loop.schedules import ema_halflife_nimg
 from training.loop.setup import Run, plain
@@ -134,13 +134,12 @@ def save_data_grid(run: Run) -> None:
 
 @torch.no_grad()
 def save_sample_grid(run: Run, path: str) -> None:
-    """Images from the EMA network for fixed seeds (EDM sampler, a few steps)."""
+    """Images from the EMA network for fixed seeds (``monitoring_sampler``: EDM's Heun with a few steps)."""
     from training.sampling import generate_images, to_uint8
 
     decode = run.encoder.decode if run.config.encoder_kwargs else to_uint8
-    sampler = getattr(run.loss_fn, "sampler_kwargs", None) or dict(num_steps=run.config.grid_steps)
-    images = generate_images(run.state.ema, grid_seeds(run), device=run.device, **sampler,
-                             decode=decode)
+    images = generate_images(run.state.ema, grid_seeds(run), device=run.device, decode=decode,
+                             sampler=monitoring_sampler(run.loss_fn, run.config.grid_steps))
     save_image_grid(images, path)
 
 

@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import torch
 
 from torch_utils import distributed as dist
+from training.loss import ConsistencyLoss
+from training.sampling.spec import NamedSampler, PaperSampler, SamplerSpec
 from training.sampling.time_steps import DEFAULT_NUM_STEPS
 
 # Bucket edges of sigma: EDM's sampling range 0.002..80 (Section 5), finer where p_train puts its mass. A sigma
@@ -95,6 +97,15 @@ class MetricsOptions:
                                          # training dataset (of images: latents need the images' reference).
 
 
+CONSISTENCY_SAMPLER = NamedSampler("consistency", nfe=2)  # What the grids and metrics of a consistency model use.
+
+
+def monitoring_sampler(loss_fn, num_steps: int) -> SamplerSpec:
+    """How the training loop's grids and metrics sample the network that ``loss_fn`` trains: a consistency model with
+    two calls of its own sampler, a denoiser with the paper's Heun on ``num_steps`` steps."""
+    return CONSISTENCY_SAMPLER if isinstance(loss_fn, ConsistencyLoss) else PaperSampler(num_steps=num_steps)
+
+
 def network_label(sigma_rel: float | None = None) -> str:
     """'ema' for the EMA of the training loop, 'ema-0.050' for a power-function EMA with that sigma_rel."""
     return "ema" if sigma_rel is None else f"ema-{sigma_rel:.3f}"
@@ -105,7 +116,7 @@ class InTrainingMetrics:
     evaluates networks in memory. The reference is shared with ``fid.py calc --ref=DATASET`` (same cache keys)."""
 
     def __init__(self, options: MetricsOptions, data_path: str, device: torch.device, log=None,
-                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None, sampler_kwargs: dict | None = None):
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None, sampler: SamplerSpec | None = None):
         from metrics.evaluate import check_reference_for, load_detectors, parse_metrics
         from metrics.reference import is_statistics_file, load_reference
         from training.sampling.sample import to_uint8
@@ -114,7 +125,7 @@ class InTrainingMetrics:
         self.metrics = parse_metrics(options.metrics)
         self.device = device
         self.decode = decode or to_uint8  # The network's samples -> pixels.
-        self.sampler_kwargs = sampler_kwargs or dict(num_steps=options.num_steps)  # EDM's Heun by default.
+        self.sampler = sampler or PaperSampler(num_steps=options.num_steps)  # EDM's Heun by default.
         ref_path = options.ref or data_path
         statistics = load_reference(ref_path) if is_statistics_file(ref_path) else None
         if statistics is not None:
@@ -139,7 +150,7 @@ class InTrainingMetrics:
         for label, net in networks.items():
             start = time.time()
             features = generated_features(net, seeds, self.detectors, self.device, self.options.batch,
-                                          sampler_kwargs=self.sampler_kwargs, progress=False, decode=self.decode)
+                                          sampler=self.sampler, progress=False, decode=self.decode)
             values = compute_metrics(features, self.ref, self.metrics)
             seconds = time.time() - start
             records += [dict(kimg=kimg, metric=name, value=value, network=label, num_images=len(seeds),

@@ -17,7 +17,7 @@ from torch_utils.training_stats import StatsCollector
 from training.data.encoders import Encoder, StandardRGBEncoder
 from training.ema.phema import PowerFunctionEMA
 from training.loop.config import TrainingConfig, TrainingConfigError, batch_split, check_network_fits_dataset
-from training.loop.monitor import InTrainingMetrics, LossBySigma, MetricsOptions
+from training.loop.monitor import InTrainingMetrics, LossBySigma, MetricsOptions, monitoring_sampler
 from training.loop.progress import RunLog
 from training.loop.state import TrainingState, capture_rng_state, restore_rank_rng, restore_rng_state
 from training.perf import (FastPaths, adam_kwargs, apply_process_settings, default_fast_paths, maybe_compile,
@@ -165,7 +165,7 @@ def setup(config: TrainingConfig, start_time: float) -> Run:
                                                                            device)
     metrics = setup_metrics(config.metrics_kwargs, config.dataset_kwargs, device, log,
                             decode=encoder.decode if config.encoder_kwargs else None,
-                            sampler_kwargs=getattr(loss_fn, "sampler_kwargs", None))
+                            loss_fn=loss_fn)
     data = open_data_stream(dataset_obj, config.seed, state.data_position, batch_gpu, config.data_loader_kwargs)
     # Last: nothing after this may draw random numbers before the first step.
     if resume_data is not None and not restore_rank_rng(resume_data, device):
@@ -215,11 +215,12 @@ def build_encoder(encoder_kwargs: dict | None, device: torch.device) -> Encoder:
 
 
 def setup_metrics(metrics_kwargs: dict | None, dataset_kwargs: dict, device: torch.device,
-                  log: RunLog, decode=None, sampler_kwargs: dict | None = None) -> InTrainingMetrics | None:
+                  log: RunLog, decode=None, loss_fn=None) -> InTrainingMetrics | None:
     """The detectors and the reference statistics (the dataset's computed once, then cached), when metrics are
     asked for; the training generators are left as they were (the reference's data loader draws a seed).
     ``decode`` makes the samples of a latent network pixels; the reference is then ``--metrics-ref``'s.
-    ``sampler_kwargs``: how to sample (None: EDM's Heun with the options' steps)."""
+    The samples are made as ``monitoring_sampler`` makes them for ``loss_fn`` (None: EDM's Heun with the options'
+    steps)."""
     from metrics.detector import DetectorError
     from metrics.reference import ReferenceFileError
     from training.data.dataset import DatasetError
@@ -235,7 +236,7 @@ def setup_metrics(metrics_kwargs: dict | None, dataset_kwargs: dict, device: tor
     rng = capture_rng_state(device)
     try:
         metrics = InTrainingMetrics(options, dataset_kwargs["path"], device, log, decode=decode,
-                                    sampler_kwargs=sampler_kwargs)
+                                    sampler=monitoring_sampler(loss_fn, options.num_steps))
     except (DetectorError, ReferenceFileError, DatasetError, ValueError) as e:
         raise TrainingConfigError(f"--metrics: {str(e).splitlines()[0]}") from None
     restore_rng_state(rng, device)

@@ -28,7 +28,8 @@ from training.images import image_grid, save_png
 from training.perf import (apply_process_settings, check_precision, default_fast_paths, maybe_compile,
                            prepare_network)
 from training.sampling.guidance import UNCONDITIONAL, guided
-from training.sampling.sample import check_sampler_options, describe_sampler, generate_images, to_uint8
+from training.sampling.sample import generate_images, to_uint8
+from training.sampling.spec import PaperSampler, SamplerSpec
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # A sampler's output -> uint8 pixels [N, C, H, W].
 
@@ -43,7 +44,7 @@ class GenerateOptions:
     class_idx: int | str | None = None  # None: a random class per seed; "balanced": seed mod classes
     max_batch_size: int = 64            # per process
     device: str | None = None           # None: picked automatically
-    sampler_kwargs: dict = field(default_factory=dict)  # options of training.sampling.run_sampler; None = default
+    sampler: SamplerSpec = PaperSampler()  # training.sampling.spec
     fast_paths: dict = field(default_factory=dict)      # training.perf.FastPaths switches; missing = device default
     precision: str | None = None        # 'fp32' | 'bf16' | 'fp16' for the U-Net; None = the network's own
     gnet: str | None = None             # guiding network (path or URL), or 'uncond' for classifier-free guidance
@@ -153,21 +154,19 @@ def sampling_denoiser(options: GenerateOptions, net: torch.nn.Module, device: to
 
 
 def generated_features(net: torch.nn.Module, seeds: list[int], detector, device: torch.device | str,
-                       batch_size: int = 64, class_idx: int | str | None = None, sampler_kwargs: dict | None = None,
+                       batch_size: int = 64, class_idx: int | str | None = None, sampler: SamplerSpec = PaperSampler(),
                        progress: bool = True, desc: str = "Generating and measuring",
                        decode: Decoder = to_uint8) -> np.ndarray | dict:
     """Detector features [len(seeds), D] float32 of the images ``generate_to_files`` writes for ``seeds`` with
-    these sampler options (None: the default), made in memory and never written: each image depends only on its
-    seed, so the features are the PNGs' for any batch size. Under torchrun each process samples its share of
-    every global batch (``metrics.features.compute_features``); all processes return all features.
+    ``sampler``, made in memory and never written: each image depends only on its seed, so the features are the
+    PNGs' for any batch size. Under torchrun each process samples its share of every global batch
+    (``metrics.features.compute_features``); all processes return all features.
 
     ``detector`` may be several (name -> detector, e.g. FID's Inception and FD-DINOv2's ViT): each image is
     sampled once and measured by each, and the result is name -> features. ``decode`` makes the samples pixels
     (``SamplingNetwork.decode``)."""
-    sampler_kwargs = {k: v for k, v in (sampler_kwargs or {}).items() if v is not None}
-
     def generate(batch_seeds: list[int]) -> torch.Tensor:
-        return generate_images(net, batch_seeds, class_idx=class_idx, device=device, decode=decode, **sampler_kwargs)
+        return generate_images(net, batch_seeds, class_idx=class_idx, device=device, decode=decode, sampler=sampler)
 
     return compute_features(detector, generated_batches(generate, seeds), len(seeds), batch_size, device,
                             progress=progress, desc=desc)
@@ -191,7 +190,6 @@ def check_options(options: GenerateOptions) -> None:
         raise ValueError(f"--seeds: seeds must be non-negative, got {min(options.seeds)}")
     if options.max_batch_size < 1:
         raise ValueError(f"--batch={options.max_batch_size}: must be at least 1")
-    check_sampler_options(options.sampler_kwargs)
 
 
 def check_network_options(net, options: GenerateOptions) -> None:
@@ -226,7 +224,6 @@ def generate_to_files(options: GenerateOptions) -> dict:
     net, decode = load_network_once_per_node(options.network, device)
     check_network_options(net, options)
     net = sampling_denoiser(options, prepare_for_sampling(net, options, device), device)
-    sampler_kwargs = {k: v for k, v in options.sampler_kwargs.items() if v is not None}
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     rounds = sampling_rounds(options.seeds, options.max_batch_size, world_size)
 
@@ -238,7 +235,7 @@ def generate_to_files(options: GenerateOptions) -> dict:
             if not batch:
                 continue
             images = generate_images(net, batch, class_idx=options.class_idx, device=device, decode=decode,
-                                     **sampler_kwargs).cpu()
+                                     sampler=options.sampler).cpu()
             if options.outdir:
                 for seed, image in zip(batch, images):
                     save_png(image_path(options.outdir, seed, options.subdirs), image)
@@ -253,6 +250,6 @@ def generate_to_files(options: GenerateOptions) -> dict:
         if distributed.is_main():
             save_png(options.grid, image_grid(torch.stack([by_seed[seed] for seed in options.seeds])))
     distributed.barrier()
-    return dict(num_images=len(options.seeds), seconds=time.time() - start, sampler=describe_sampler(sampler_kwargs),
+    return dict(num_images=len(options.seeds), seconds=time.time() - start, sampler=options.sampler.describe(),
                 world_size=world_size,
                 device=str(device))

@@ -2,7 +2,7 @@
 (``time_steps``), within a budget of network calls.
 
 Each is called like ``paper.edm_sampler`` plus ``nfe`` (at most that many calls of ``net``, each on the whole batch)
-and ``steps_schedule`` (a name of ``STEPS_SCHEDULES``, optionally '+gaussian', or a tensor of levels); latents are
+and ``time_steps`` (a name of ``NAMED_TIME_STEPS``, optionally '+gaussian', or a tensor of levels); latents are
 scaled by the first level, sigma_max, and the result is x at sigma = 0. 'heun' and 'euler' are the paper's own
 samplers (Algorithm 1, with Algorithm 2's churn).
 """
@@ -21,7 +21,7 @@ from training.sampling.search import ScheduleCache, search_sigma_steps
 from training.sampling.seeds import SeedRNG, draw_class_labels, draw_latents
 from training.sampling.solvers import RandnLike, Solver, StepCallback
 from training.sampling.time_steps import (DEFAULT_NUM_STEPS, GAUSSIAN_SUFFIX, loguniform_sigma_steps, sigma_steps,
-                                          split_steps_schedule)
+                                          split_time_steps)
 
 SEARCH_SEED, SEARCH_BATCH, SEARCH_REFERENCE_LEVELS, SEARCH_MAX_EVALS = 2024, 32, 512, 300
 # '+gaussian' search starts: the switch to the solver at sigma_max (sigma_min / sigma_max)^f for each f.
@@ -33,7 +33,7 @@ OPTIMIZED_SCHEDULES = ScheduleCache()
 
 @dataclass(frozen=True)
 class Sampler:
-    """``solver`` on the levels of ``steps_schedule`` (its default). ``paper``: the paper's Heun or Euler
+    """``solver`` on the levels of ``time_steps`` (its default). ``paper``: the paper's Heun or Euler
     (``paper.heun``, ``paper.euler``), which take Algorithm 2's churn: 'heun' on the 'edm' schedule with
     nfe = 2N - 1 is ``edm_sampler`` with num_steps = N, bit for bit.
 
@@ -42,15 +42,15 @@ class Sampler:
     solution of the Gaussian with the data's mean and covariance (``GaussianData``, fitted once per network
     on its own noise by ``gaussian_model``, its calls not counted), the solver from sigma_1 on with the N calls."""
     solver: Solver
-    steps_schedule: str = "edm"
+    time_steps: str = "edm"
     paper: bool = False
 
     def __call__(self, net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
                  randn_like: RandnLike = torch.randn_like, nfe: int = 2 * DEFAULT_NUM_STEPS - 1,
-                 steps_schedule: str | torch.Tensor | None = None, sigma_min: float = 0.002, sigma_max: float = 80,
+                 time_steps: str | torch.Tensor | None = None, sigma_min: float = 0.002, sigma_max: float = 80,
                  rho: float = 7, S_churn: float = 0, S_min: float = 0, S_max: float = float("inf"),
                  S_noise: float = 1, callback: StepCallback | None = None) -> torch.Tensor:
-        """Sample with at most ``nfe`` calls of ``net``. ``steps_schedule``: a name of ``STEPS_SCHEDULES``, with
+        """Sample with at most ``nfe`` calls of ``net``. ``time_steps``: a name of ``NAMED_TIME_STEPS``, with
         '+gaussian' or not, or a decreasing tensor of levels (its length decides the calls). Returns float64
         images [N, C, H, W]. ``callback(i, sigma, x, denoised)`` sees every step (``solvers``)."""
         name = self.name
@@ -58,7 +58,7 @@ class Sampler:
         if not self.paper and churn != Churn(S_noise=S_noise):
             raise ValueError(f"S_churn/S_min/S_max: churn (Algorithm 2) applies to the paper's samplers 'heun' and "
                              f"'euler', not to '{name}'")
-        sigmas, gaussian = self.levels(net, latents, nfe, steps_schedule, sigma_min, sigma_max, rho)
+        sigmas, gaussian = self.levels(net, latents, nfe, time_steps, sigma_min, sigma_max, rho)
         return self.sample(net, latents, class_labels, sigmas, gaussian, randn_like, callback, churn)
 
     def sample(self, net, latents: torch.Tensor, class_labels: torch.Tensor | None, sigmas: torch.Tensor,
@@ -83,34 +83,34 @@ class Sampler:
     def name(self) -> str:
         return next((name for name, sampler in SAMPLERS.items() if sampler is self), "sampler")
 
-    def levels(self, net, latents: torch.Tensor, nfe: int, steps_schedule: str | torch.Tensor | None,
+    def levels(self, net, latents: torch.Tensor, nfe: int, time_steps: str | torch.Tensor | None,
                sigma_min: float, sigma_max: float, rho: float) -> tuple[torch.Tensor, bool]:
         """(the noise levels, analytic first step?): levels snapped to the network's ``round_sigma``, float64 on
         the latents' device; checks that they cost at most ``nfe`` calls (the first step's none if analytic). Runs
         the one-time work, cached per network: the 'optimized' search, the Gaussian fit of '+gaussian'."""
-        steps_schedule = self.steps_schedule if steps_schedule is None else steps_schedule
+        time_steps = self.time_steps if time_steps is None else time_steps
         gaussian = False
-        if isinstance(steps_schedule, torch.Tensor):
-            sigmas = steps_schedule.to(torch.float64)
+        if isinstance(time_steps, torch.Tensor):
+            sigmas = time_steps.to(torch.float64)
         else:
-            steps_schedule, gaussian = split_steps_schedule(steps_schedule)
+            time_steps, gaussian = split_time_steps(time_steps)
             if gaussian and not self.solver.solves_ode:
-                raise ValueError(f"steps_schedule='{steps_schedule}{GAUSSIAN_SUFFIX}': the analytic first step is an "
+                raise ValueError(f"time_steps='{time_steps}{GAUSSIAN_SUFFIX}': the analytic first step is an "
                                  f"ODE step; '{self.name}' samples a consistency model")
             if gaussian and self.paper:
-                raise ValueError(f"steps_schedule='{steps_schedule}{GAUSSIAN_SUFFIX}': the paper's samplers "
+                raise ValueError(f"time_steps='{time_steps}{GAUSSIAN_SUFFIX}': the paper's samplers "
                                  f"'heun' and 'euler' stay as they are; '{self.name}' takes no analytic first step")
             if nfe < self.solver.min_nfe:
                 raise ValueError(f"nfe={nfe}: '{self.name}' needs at least {self.solver.min_nfe} network calls")
             sigma_min, sigma_max = clip_to_network_range(net, sigma_min, sigma_max)
             num_levels = self.solver.levels_for(nfe) + gaussian
-            if steps_schedule == "optimized":
+            if time_steps == "optimized":
                 sigmas = self.optimized_levels(net, num_levels, sigma_min, sigma_max, rho, gaussian)
             else:
-                sigmas = sigma_steps(steps_schedule, num_levels, sigma_min, sigma_max, rho)
+                sigmas = sigma_steps(time_steps, num_levels, sigma_min, sigma_max, rho)
         sigmas = round_sigma(net, sigmas.to(latents.device))
         if len(sigmas) < 2 + gaussian or not bool(torch.all(sigmas[1:] < sigmas[:-1])) or float(sigmas[-1]) <= 0:
-            raise ValueError(f"steps_schedule: the noise levels must be positive and strictly decreasing "
+            raise ValueError(f"time_steps: the noise levels must be positive and strictly decreasing "
                              f"(after the network's rounding), got {sigmas.tolist()}")
         calls = self.solver.calls_for(len(sigmas) - gaussian)
         if calls > nfe:
@@ -126,7 +126,7 @@ class Sampler:
         With ``gaussian`` the first level is sigma_max and the second, where the analytic step ends, is searched
         too."""
         if self.solver.stochastic:
-            raise ValueError(f"steps_schedule='optimized': '{self.name}' draws noise; the search fits deterministic "
+            raise ValueError(f"time_steps='optimized': '{self.name}' draws noise; the search fits deterministic "
                              f"samplers only")
         key = (self, num_levels, sigma_min, sigma_max) + (("gaussian",) if gaussian else ())
         return OPTIMIZED_SCHEDULES.get(net, key, lambda: self._search(net, num_levels, sigma_min, sigma_max, rho,
@@ -142,7 +142,7 @@ class Sampler:
         reference = OPTIMIZED_SCHEDULES.get(  # One reference solve per network serves every sampler and budget.
             net, ("reference", SEARCH_SEED, SEARCH_BATCH, SEARCH_REFERENCE_LEVELS, sigma_min, sigma_max),
             lambda: SAMPLERS["unipc_bh2"](net, latents, labels, nfe=SEARCH_REFERENCE_LEVELS,
-                                          steps_schedule=reference_levels))
+                                          time_steps=reference_levels))
 
         def error(sigmas: torch.Tensor) -> float:
             x = self.sample(net, latents, labels, round_sigma(net, sigmas.to(latents.device)), gaussian)

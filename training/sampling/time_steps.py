@@ -12,7 +12,7 @@ default range), which every dispatcher reads; ``discretize(name, ...)`` builds o
   log(sigma_min)), denser near sigma_min for rho > 1 (rho = 1 is log-uniform).
 
 The Table 1 ablation sampler chooses among the paper's (its ``discretization``); the named samplers of the registry
-among ``STEPS_SCHEDULES`` (their ``steps_schedule``: 'edm', 'loguniform', 'polyexponential[:P]', or 'optimized', the
+among ``NAMED_TIME_STEPS`` (their ``time_steps``: 'edm', 'loguniform', 'polyexponential[:P]', or 'optimized', the
 levels searched for one network, ``search``).
 """
 
@@ -165,27 +165,42 @@ def default_sigma_range(discretization: str, epsilon_s: float = 1e-3) -> tuple[f
     return entry.default_range(**own_parameters(discretization, dict(epsilon_s=epsilon_s)))
 
 # ----------------------------------------------------------------------------
-# The named samplers' time steps: STEPS_SCHEDULES by name, with an optional analytic first step.
+# The named samplers' time steps: NAMED_TIME_STEPS by name, with an optional analytic first step.
 
-STEPS_SCHEDULES = ("edm", "loguniform", "polyexponential", "optimized")
+NAMED_TIME_STEPS = ("edm", "loguniform", "polyexponential", "optimized")
 GAUSSIAN_SUFFIX = "+gaussian"  # 'NAME+gaussian': the first step is analytic (``registry.Sampler.gaussian_model``).
 
 
-def split_steps_schedule(steps_schedule: str) -> tuple[str, bool]:
+def split_time_steps(time_steps: str) -> tuple[str, bool]:
     """('NAME', analytic first step?) of 'NAME' or 'NAME+gaussian'."""
-    if steps_schedule.endswith(GAUSSIAN_SUFFIX):
-        return steps_schedule[:-len(GAUSSIAN_SUFFIX)], True
-    return steps_schedule, False
+    if time_steps.endswith(GAUSSIAN_SUFFIX):
+        return time_steps[:-len(GAUSSIAN_SUFFIX)], True
+    return time_steps, False
 
 
-def sigma_steps(steps_schedule: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7,
+def check_named_time_steps(time_steps: str) -> None:
+    """A one-line ValueError unless ``time_steps`` names levels a named sampler can take: a name of
+    ``NAMED_TIME_STEPS`` or 'polyexponential:P' (P > 0), either with '+gaussian' or not."""
+    name = split_time_steps(time_steps)[0]
+    if name == "optimized":
+        return
+    try:
+        sigma_steps(name, 3, 0.002, 80)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"time_steps='{time_steps}': expected one of {', '.join(NAMED_TIME_STEPS)} (polyexponential:P "
+                         f"for an exponent P > 0; NAME+gaussian for an analytic first step)") from None
+
+
+def sigma_steps(time_steps: str, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7,
                 device: torch.device | str | None = None) -> torch.Tensor:
-    """The levels of a named steps schedule: 'edm' (Eq. 5 with ``rho``), 'loguniform', 'polyexponential' (exponent
+    """The named time steps' levels: 'edm' (Eq. 5 with ``rho``), 'loguniform', 'polyexponential' (exponent
     2) or 'polyexponential:P' (exponent P). 'optimized' depends on a network: see ``registry.Sampler``."""
-    name, _, argument = steps_schedule.partition(":")
-    if name not in STEPS_SCHEDULES or name == "optimized":
-        raise ValueError(f"steps_schedule='{steps_schedule}': expected one of {', '.join(STEPS_SCHEDULES)}")
+    name, _, argument = time_steps.partition(":")
+    if name not in NAMED_TIME_STEPS or name == "optimized":
+        raise ValueError(f"time_steps='{time_steps}': expected one of {', '.join(NAMED_TIME_STEPS)}")
     if argument and name != "polyexponential":
-        raise ValueError(f"steps_schedule='{steps_schedule}': only polyexponential takes a value (polyexponential:P)")
+        raise ValueError(f"time_steps='{time_steps}': only polyexponential takes a value (polyexponential:P)")
     exponent = float(argument or 2) if name == "polyexponential" else rho  # Both builders call it rho.
+    if not exponent > 0:
+        raise ValueError(f"time_steps='{time_steps}': the exponent must be positive")
     return discretize(name, num_steps, sigma_min, sigma_max, device, **own_parameters(name, dict(rho=exponent)))
