@@ -167,12 +167,15 @@ def iddpm_alpha_bar(j, M: int, C_2: float) -> torch.Tensor:
 
 def iddpm_sigma_levels(M: int, C_1: float, C_2: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The discrete noise levels u_0 > u_1 > ... > u_M = 0 of iDDPM (Table 1 footnote):
-    u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar_{j-1} / alpha_bar_j, C_1) - 1)."""
+    u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar_{j-1} / alpha_bar_j, C_1) - 1).
+
+    The ratios and their clip are float32, as the official code forms them from integer indices (which promote to
+    the default dtype); u is ``dtype``: float32 in the preconditioning's buffer, float64 in the time steps."""
     u = torch.zeros(M + 1, dtype=dtype, device="cpu")  # On the CPU even while a network is built on 'meta'.
     for j in range(M, 0, -1):
         j_prev, j_cur = torch.tensor(j - 1, device="cpu"), torch.tensor(j, device="cpu")
-        ratio = (iddpm_alpha_bar(j_prev, M, C_2) / iddpm_alpha_bar(j_cur, M, C_2)).to(dtype)
-        u[j - 1] = ((u[j] ** 2 + 1) / ratio.clip(min=C_1) - 1).sqrt()
+        ratio = (iddpm_alpha_bar(j_prev, M, C_2) / iddpm_alpha_bar(j_cur, M, C_2)).clip(min=C_1)
+        u[j - 1] = ((u[j] ** 2 + 1) / ratio.to(dtype) - 1).sqrt()
     return u
 
 

@@ -7,9 +7,12 @@ time t; the noise levels at which a sampler stops are a separate choice, the tim
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
+
+from training.networks.precond import vp_sigma_inv
 
 
 @dataclass(frozen=True)
@@ -28,17 +31,16 @@ class Scaling:
 
 
 def vp_schedule(beta_d: float = 19.9, beta_min: float = 0.1) -> NoiseSchedule:
-    """VP: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)."""
+    """VP: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (``networks.precond.vp_sigma``) and its inverse
+    (``networks.precond.vp_sigma_inv``)."""
     def sigma(t):
+        # e ** x rather than precond's exp(x): the official sampler rounds so, and its time steps match to the bit.
         return (np.e ** (0.5 * beta_d * (t ** 2) + beta_min * t) - 1) ** 0.5
 
     def sigma_deriv(t):
         return 0.5 * (beta_min + beta_d * t) * (sigma(t) + 1 / sigma(t))
 
-    def sigma_inv(sigma):
-        return ((beta_min ** 2 + 2 * beta_d * (sigma ** 2 + 1).log()).sqrt() - beta_min) / beta_d
-
-    return NoiseSchedule(sigma, sigma_deriv, sigma_inv)
+    return NoiseSchedule(sigma, sigma_deriv, partial(vp_sigma_inv, beta_d=beta_d, beta_min=beta_min))
 
 
 def ve_schedule() -> NoiseSchedule:

@@ -18,13 +18,14 @@ levels searched for one network, ``search``).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
+from training.networks.precond import iddpm_sigma_levels
 from training.sampling.noise_schedules import vp_betas_for_range, vp_schedule
 
 DEFAULT_NUM_STEPS = 18  # N of every sampler's default steps: the paper's CIFAR-10 choice (Heun, NFE 35).
@@ -74,17 +75,15 @@ def iddpm_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float, C_1: f
 
 def iddpm_levels(M: int = 1000, C_1: float = 0.001, C_2: float = 0.008,
                  device: torch.device | str | None = None) -> torch.Tensor:
-    """iDDPM's levels u_0 > ... > u_M = 0 (Table 1): u_{j-1} = sqrt((u_j^2 + 1) / max(a_{j-1}/a_j, C_1) - 1),
-    a_j = sin^2(pi/2 j / (M (C_2 + 1))). Float64, except the ratios, which the official sampler forms in
-    float32 (integer step indices promote to the default dtype); which levels survive the range filter
+    """iDDPM's levels u_0 > ... > u_M = 0 (Table 1; ``networks.precond.iddpm_sigma_levels``) in float64, computed once
+    per (M, C_1, C_2). Their ratios are float32, as in the official sampler; which levels survive the range filter
     depends on it."""
-    j = torch.arange(M + 1, device=device)
-    alpha_bar = (0.5 * np.pi * j / M / (C_2 + 1)).sin() ** 2
-    ratio = (alpha_bar[:-1] / alpha_bar[1:]).clip(min=C_1)
-    u = torch.zeros(M + 1, dtype=torch.float64, device=device)
-    for k in range(M, 0, -1):
-        u[k - 1] = ((u[k] ** 2 + 1) / ratio[k - 1] - 1).sqrt()
-    return u
+    return _iddpm_levels_float64(M, C_1, C_2).to(device=device, copy=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _iddpm_levels_float64(M: int, C_1: float, C_2: float) -> torch.Tensor:
+    return iddpm_sigma_levels(M, C_1, C_2, torch.float64)
 
 
 def loguniform_sigma_steps(num_steps: int, sigma_min: float, sigma_max: float,
