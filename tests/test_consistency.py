@@ -315,3 +315,57 @@ def test_the_training_loop_samples_a_consistency_model_with_two_calls_of_its_sam
     from training.sampling import NamedSampler, PaperSampler
     assert monitoring_sampler(ConsistencyLoss(), 7) == NamedSampler("consistency", nfe=2)
     assert monitoring_sampler(EDMLoss(), 7) == PaperSampler(num_steps=7)
+
+
+# ----------------------------------------------------------------------------
+# Consistency tuning under torchrun.
+
+def test_only_edm2s_loss_trains_the_log_variance_head():
+    """DistributedDataParallel waits for a gradient of every trainable parameter: a loss that never asks for EDM2's
+    u(sigma) leaves its head frozen; EDM2Loss trains it; networks without one are left as they are."""
+    from conftest import make_tiny_net
+    from training.loop.setup import freeze_what_the_loss_never_uses
+    from training.loss import EDM2Loss
+    from training.networks.edm2 import Precond
+
+    def edm2():
+        return Precond(8, 1, 0, model_channels=16, channel_mult=[1], num_blocks=1)
+
+    tuned = edm2()
+    assert freeze_what_the_loss_never_uses(tuned, ConsistencyLoss()) == ["logvar_linear.weight"]
+    assert [name for name, p in tuned.named_parameters() if not p.requires_grad] == ["logvar_linear.weight"]
+    assert freeze_what_the_loss_never_uses(edm2(), EDM2Loss()) == []
+    unet = make_tiny_net(label_dim=0)
+    assert freeze_what_the_loss_never_uses(unet, ConsistencyLoss()) == []
+    assert all(p.requires_grad for p in unet.parameters())
+
+
+def test_two_processes_tune_an_edm2_network_and_resume_bit_exactly(fashion_mnist_16_zip, tmp_path):
+    """train.py --consistency on an EDM2 network with 2 processes (gloo): it trains past its second step (DDP and the
+    unused log-variance head), and a run resumed from its state at 16 images ends with the straight run's weights."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+    from training.loop.state import read_state_file
+
+    def torchrun(outdir, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   os.path.join(REPO_ROOT, "train.py"), f"--outdir={outdir}", "--nosubdir",
+                   f"--data={fashion_mnist_16_zip}", "--arch=edm2", "--cbase=16", "--cres=1,2", "--blocks=1",
+                   "--batch=8", "--seed=1", "--grid=0", "--lr-rampup=0", "--workers=0", "--device=cpu",
+                   "--dropout=0.1", "--consistency", "--ct-stage=0.016", "--duration=0.000032", "--tick=0.008",
+                   "--snap=100", "--dump=1", *extra]
+        result = subprocess.run(command, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        return result.stdout
+
+    assert "2 processes on cpu" in torchrun(tmp_path / "straight")
+    torchrun(tmp_path / "resumed", f"--resume={tmp_path / 'straight' / 'training-state-000000.016.pt'}")
+    straight, resumed = (read_state_file(str(tmp_path / run / "training-state-000000.032.pt"))
+                         for run in ("straight", "resumed"))
+    start = read_state_file(str(tmp_path / "straight" / "training-state-000000.016.pt"))
+    assert straight["world_size"] == 2
+    assert any(not torch.equal(straight["net"][k], start["net"][k]) for k in straight["net"])  # It trained.
+    assert all(torch.equal(straight["net"][k], resumed["net"][k]) for k in straight["net"])

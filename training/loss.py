@@ -157,8 +157,10 @@ class ConsistencyLoss:
         extra = {} if augment_labels is None else dict(augment_labels=augment_labels)
         n = torch.randn_like(y)
         devices = [y.device] if y.device.type == "cuda" else []
+        # The target is evaluated even where every r is 0: EDM2's networks renormalize their weights in place at each
+        # call in training, so every process must make the same calls, or the replicas drift apart.
         with torch.no_grad(), torch.random.fork_rng(devices=devices):  # The student then draws the same dropout.
-            at_r = net(y + r * n, r.clamp(min=1e-8), labels, **extra).to(torch.float32) if bool((r > 0).any()) else y
+            at_r = net(y + r * n, r.clamp(min=1e-8), labels, **extra).to(torch.float32)
             target = torch.where(r > 0, at_r, y.to(torch.float32))
         at_t = net(y + t * n, t, labels, **extra)
         return (pseudo_huber(at_t - target, self.c) / (t - r).flatten()).reshape(-1, 1, 1, 1)

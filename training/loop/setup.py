@@ -3,6 +3,7 @@ in-training metrics, gathered in one ``Run``."""
 
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -20,6 +21,7 @@ from training.loop.config import TrainingConfig, TrainingConfigError, batch_spli
 from training.loop.monitor import InTrainingMetrics, LossBySigma, MetricsOptions, monitoring_sampler
 from training.loop.progress import RunLog
 from training.loop.state import TrainingState, capture_rng_state, restore_rank_rng, restore_rng_state
+from training.loss import EDM2Loss
 from training.perf import (FastPaths, adam_kwargs, apply_process_settings, default_fast_paths, maybe_compile,
                            prepare_network)
 
@@ -152,11 +154,11 @@ def setup(config: TrainingConfig, start_time: float) -> Run:
               f"{dataset_obj.num_channels} channels, {dataset_obj.label_dim} label dims")
     encoder = build_encoder(config.encoder_kwargs, device)
     state, fast = build_training_state(config, dataset_obj, encoder, device, log)
+    loss_fn = dnnlib.construct_class_by_name(**config.loss_kwargs)
+    freeze_what_the_loss_never_uses(state.net, loss_fn)
     ddp = state.net
     if dist.get_world_size() > 1:  # Broadcasts rank 0's initial weights; averages gradients in backward.
-        ddp = torch.nn.parallel.DistributedDataParallel(state.net,
-                                                        device_ids=[device] if device.type == "cuda" else None)
-    loss_fn = dnnlib.construct_class_by_name(**config.loss_kwargs)
+        ddp = distributed_data_parallel(state.net, device)
     augment_pipe = dnnlib.construct_class_by_name(**config.augment_kwargs) if config.augment_kwargs else None
 
     if config.resume_pkl is not None:
@@ -175,6 +177,33 @@ def setup(config: TrainingConfig, start_time: float) -> Run:
                fast=fast, loss_fn=loss_fn, augment_pipe=augment_pipe, data=data, dataset_obj=dataset_obj,
                batch_gpu=batch_gpu, accumulation_rounds=rounds, log=log, stats=StatsCollector(device),
                start_time=start_time, loss_by_sigma=LossBySigma(device), metrics=metrics)
+
+
+def distributed_data_parallel(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``net`` under DistributedDataParallel. Its buffers (Fourier frequencies, iDDPM levels) are the same on every
+    process and never change, so they are not broadcast again before every call (one collective per call fewer, and
+    none that a process calling the network more often than another could mismatch)."""
+    DDP = torch.nn.parallel.DistributedDataParallel
+    no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else \
+        "broadcast_buffers"  # Older torch; the buffers are equal from construction (one seed for all processes).
+    return DDP(net, device_ids=[device] if device.type == "cuda" else None, **{no_buffer_sync: False})
+
+
+LOGVAR_HEAD = "logvar_"  # The parameters of EDM2's uncertainty head u(sigma) start with it.
+
+
+def freeze_what_the_loss_never_uses(net: torch.nn.Module, loss_fn) -> list[str]:
+    """Stop tracking gradients of the parameters ``loss_fn`` never reaches, and return their names: the log-variance
+    head of EDM2's networks, which only ``EDM2Loss`` trains (EDM2 Eq. 21). DistributedDataParallel waits for a
+    gradient of every trainable parameter, so a head left trainable stops a multi-process run at its second step.
+    Nothing else changes: without a gradient, the optimizer leaves these parameters as they were anyway."""
+    if isinstance(loss_fn, EDM2Loss):
+        return []
+    frozen = [name for name, p in net.named_parameters() if name.startswith(LOGVAR_HEAD) and p.requires_grad]
+    for name, p in net.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    return frozen
 
 
 def build_training_state(config: TrainingConfig, dataset_obj, encoder: Encoder, device: torch.device,
