@@ -246,51 +246,6 @@ TINY = ["--cond=1", "--arch=ddpmpp", "--cbase=8", "--cres=1,2", "--blocks=1", "-
         "--lr-rampup=0", "--workers=0", "--device=cpu", "--dropout=0.1"]
 
 
-def test_train_py_tunes_a_snapshot_resumes_bit_exactly_and_generate_py_samples_it(fashion_mnist_8_zip, tmp_path):
-    import train
-    from generate import main as generate_main
-    from training.checkpoint import load_network_pkl
-    from training.loop.state import read_state_file
-
-    def invoke(outdir, *extra):
-        return CliRunner().invoke(train.main, [f"--outdir={outdir}", "--nosubdir", f"--data={fashion_mnist_8_zip}",
-                                               *TINY, *extra])
-
-    teacher = invoke(tmp_path / "teacher", "--duration=0.000032", "--tick=0.016", "--snap=1", "--dump=100")
-    assert teacher.exit_code == 0, teacher.output
-    snapshot = str(tmp_path / "teacher" / "network-snapshot-000000.032.pkl")
-    tune = ["--consistency", f"--transfer={snapshot}", "--duration=0.000048", "--tick=0.016", "--snap=1", "--dump=1",
-            "--ct-stage=0.016"]
-    tuned = invoke(tmp_path / "tuned", *tune)
-    assert tuned.exit_code == 0, tuned.output
-    data = load_network_pkl(str(tmp_path / "tuned" / "network-snapshot-000000.048.pkl"))
-    loss_fn = data["loss_fn"]
-    assert type(loss_fn).__name__ == "ConsistencyLoss" and (loss_fn.P_mean, loss_fn.P_std) == (-1.1, 2.0)
-    assert loss_fn.stage_nimg == 16  # Stages 0, 1, 2 begin at 0, 16 and 32 images.
-    # The training loop sets the stage from the image count before each step: the stage of a tick's last step (it
-    # starts at kimg - 8 images) is (kimg - 8) // 16.
-    with open(tmp_path / "tuned" / "stats.jsonl") as f:
-        ticks = [json.loads(line) for line in f]
-    logged = [(round(t["Progress/kimg"]["mean"] * 1000), t["Progress/ct_stage"]["mean"]) for t in ticks]
-    assert logged == [(nimg, (nimg - 8) // 16) for nimg in (8, 24, 40, 48)]
-    # Resumed from its state at 24 images, the run ends with the same weights: the stage follows the image count.
-    again = invoke(tmp_path / "again", *tune[:1], "--duration=0.000048", "--tick=0.016", "--snap=1", "--dump=1",
-                   "--ct-stage=0.016", f"--resume={tmp_path / 'tuned' / 'training-state-000000.024.pt'}")
-    assert again.exit_code == 0, again.output
-    straight, resumed = (read_state_file(str(tmp_path / run / "training-state-000000.048.pt"))
-                         for run in ("tuned", "again"))
-    assert all(torch.equal(straight["net"][k], resumed["net"][k]) for k in straight["net"])
-
-    out = tmp_path / "out"
-    for nfe in (1, 2, 4):
-        result = CliRunner().invoke(generate_main, [f"--network={tmp_path / 'tuned' / 'network-snapshot-000000.048.pkl'}",
-                                                    f"--outdir={out}/{nfe}", "--seeds=0-3", "--sampler=consistency",
-                                                    f"--nfe={nfe}", "--device=cpu"])
-        assert result.exit_code == 0, result.output
-        assert f"consistency (NFE {nfe}, edm steps)" in result.output
-        assert len(os.listdir(out / str(nfe))) == 4
-
-
 def test_consistency_options_are_checked(fashion_mnist_8_zip, tmp_path):
     import train
     result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--ct-stage=1"])
@@ -340,13 +295,17 @@ def test_only_edm2s_loss_trains_the_log_variance_head():
     assert all(p.requires_grad for p in unet.parameters())
 
 
-def test_two_processes_tune_an_edm2_network_and_resume_bit_exactly(fashion_mnist_16_zip, tmp_path):
+def test_two_processes_tune_an_edm2_network_resume_bit_exactly_and_generate_py_samples_it(fashion_mnist_16_zip,
+                                                                                        tmp_path):
     """train.py --consistency on an EDM2 network with 2 processes (gloo): it trains past its second step (DDP and the
-    unused log-variance head), and a run resumed from its state at 16 images ends with the straight run's weights."""
+    unused log-variance head), the stage follows the images seen, a run resumed from its state at 16 images ends with
+    the straight run's weights, and generate.py samples the snapshot with the consistency sampler."""
     import subprocess
     import sys
 
     from conftest import REPO_ROOT
+    from generate import main as generate_main
+    from training.checkpoint import load_network_pkl
     from training.loop.state import read_state_file
 
     def torchrun(outdir, *extra):
@@ -355,7 +314,7 @@ def test_two_processes_tune_an_edm2_network_and_resume_bit_exactly(fashion_mnist
                    f"--data={fashion_mnist_16_zip}", "--arch=edm2", "--cbase=16", "--cres=1,2", "--blocks=1",
                    "--batch=8", "--seed=1", "--grid=0", "--lr-rampup=0", "--workers=0", "--device=cpu",
                    "--dropout=0.1", "--consistency", "--ct-stage=0.016", "--duration=0.000032", "--tick=0.008",
-                   "--snap=100", "--dump=1", *extra]
+                   "--snap=4", "--dump=1", *extra]
         result = subprocess.run(command, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
@@ -369,3 +328,21 @@ def test_two_processes_tune_an_edm2_network_and_resume_bit_exactly(fashion_mnist
     assert straight["world_size"] == 2
     assert any(not torch.equal(straight["net"][k], start["net"][k]) for k in straight["net"])  # It trained.
     assert all(torch.equal(straight["net"][k], resumed["net"][k]) for k in straight["net"])
+
+    snapshot = str(tmp_path / "straight" / "network-snapshot-000000.032.pkl")
+    loss_fn = load_network_pkl(snapshot)["loss_fn"]
+    assert type(loss_fn).__name__ == "ConsistencyLoss" and (loss_fn.P_mean, loss_fn.P_std) == (-1.1, 2.0)
+    assert loss_fn.stage_nimg == 16  # Stages 0 and 1 begin at 0 and 16 images.
+    # The training loop sets the stage from the image count before each step (one step of 8 images per tick).
+    with open(tmp_path / "straight" / "stats.jsonl") as f:
+        ticks = [json.loads(line) for line in f]
+    logged = [(round(t["Progress/kimg"]["mean"] * 1000), t["Progress/ct_stage"]["mean"]) for t in ticks]
+    assert logged == [(nimg, (nimg - 8) // 16) for nimg in (8, 16, 24, 32)]
+
+    out = tmp_path / "out"
+    for nfe in (1, 2, 4):
+        result = CliRunner().invoke(generate_main, [f"--network={snapshot}", f"--outdir={out}/{nfe}", "--seeds=0-3",
+                                                    "--sampler=consistency", f"--nfe={nfe}", "--device=cpu"])
+        assert result.exit_code == 0, result.output
+        assert f"consistency (NFE {nfe}, edm steps)" in result.output
+        assert len(os.listdir(out / str(nfe))) == 4

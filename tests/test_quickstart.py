@@ -20,15 +20,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_quickstart_smoke_autoguided_by_its_own_earlier_snapshot_produces_every_artefact(tmp_path, fid_cache_dir):
-    """The whole job through the real CLIs, with autoguidance as the cpu preset does it (--guide=earlier): the main run
-    stops at guide_share of its duration, that snapshot is the guide, and the run resumes from its state to the end;
-    FID is then measured in memory at w = 1 (unguided) and 2, and the grid made at the better. The evaluation's other
-    paths (generate.py's images then fid.py; one weight alone) are checked stage by stage below."""
+    """The whole job through the real CLIs, as the cpu preset runs it (an EDM2 network trained by 2 processes, its
+    autoguidance by --guide=earlier, --few-step): the main run stops at guide_share of its duration, that snapshot is
+    the guide, and the run resumes from its state to the end; FID is then measured in memory at w = 1 (unguided) and
+    2, and the grid made at the better; the network is then consistency-tuned by 2 processes and measured at NFE 1
+    and 2. The evaluation's other paths (generate.py's images then fid.py; one weight alone) are checked stage by
+    stage below."""
     from quickstart import PRESETS
     outdir = tmp_path / "qs"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "quickstart.py", "--preset=smoke", "--autoguidance", "--guide=earlier",
-                             "--guidance=1,2", "--kimg=0.064", f"--outdir={outdir}"], cwd=REPO, env=env,
+                             "--guidance=1,2", "--kimg=0.064", "--few-step", f"--outdir={outdir}"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -39,7 +41,7 @@ def test_quickstart_smoke_autoguided_by_its_own_earlier_snapshot_produces_every_
     assert summary["fid"] == summary["fid_by_guidance"][f"{best:g}"] == min(summary["fid_by_guidance"].values())
     assert all(math.isfinite(fid) and fid > 0 for fid in summary["fid_by_guidance"].values())
     assert math.isfinite(summary["real_data_floor"]) and summary["real_data_floor"] > 0
-    assert summary["guide"] == "earlier" and len(summary["stages"]) == 9
+    assert summary["guide"] == "earlier" and len(summary["stages"]) == 13
     assert PIL.Image.open(summary["guidance_plot"]).format == "PNG"
     assert "samples' FID" in result.stdout and "real-data floor" in result.stdout and "Finished in" in result.stdout
     assert f"(16 generated vs. 32 reference images; autoguided at w = {best:g}, the best of 1,2; guide 0.0 kimg)" in \
@@ -48,8 +50,10 @@ def test_quickstart_smoke_autoguided_by_its_own_earlier_snapshot_produces_every_
 
     # The stages ran the real command lines, in order.
     commands = (outdir / "commands.txt").read_text().splitlines()
-    assert [line.split()[2] for line in commands] == ["dataset_tool.py", "dataset_tool.py", "fid.py", "fid.py",
-                                                       "train.py", "train.py", "fid.py", "generate.py", "plot_run.py"]
+    scripts = [next(word for word in line.split() if word.endswith(".py")) for line in commands]
+    assert scripts == ["dataset_tool.py", "dataset_tool.py", "fid.py", "fid.py", "train.py", "train.py", "fid.py",
+                       "generate.py", "train.py", "fid.py", "fid.py", "generate.py", "plot_run.py"]
+    assert all("--nproc_per_node=2" in commands[i] for i in (4, 5, 8))  # The training runs: 2 processes each.
     share = PRESETS["smoke"].guide_share
     assert f"--duration={0.000064 * share:g}" in commands[4].split() and "--resume" not in commands[4]
     assert "--duration=6.4e-05" in commands[5].split() and "--resume=auto" in commands[5].split()
@@ -90,6 +94,12 @@ def test_quickstart_smoke_autoguided_by_its_own_earlier_snapshot_produces_every_
     assert PIL.Image.open(outdir / "samples" / samples[0]).size == (28, 28)
     assert PIL.Image.open(summary["grid"]).size == (8 * 28, 8 * 28)
     assert PIL.Image.open(summary["dashboard"]).format == "PNG" and "training dashboard" in result.stdout
+
+    # Few-step: tuned from the final snapshot by 2 processes, a third of its images (whole batches of 16).
+    assert "--consistency" in commands[8] and f"--transfer={summary['snapshot']}" in commands[8]
+    assert summary["few_step_kimg"] == 0.032 and summary["few_step_snapshot"].endswith("network-snapshot-000000.032.pkl")
+    assert set(summary["fid_few_step"]) == {"1", "2"} and all(math.isfinite(f) for f in summary["fid_few_step"].values())
+    assert PIL.Image.open(summary["few_step_grid"]).size == (8 * 28, 8 * 28)
 
 
 class RecordingStage:
@@ -328,7 +338,8 @@ def test_training_launch_is_torchrun_with_a_share_of_the_cores_on_a_cpu(monkeypa
     assert training_launch(p, on_cpu=True, cores=16).env == {"OMP_NUM_THREADS": "8"}
     assert training_launch(p, on_cpu=True, cores=1) == Launch()
     assert training_launch(p, on_cpu=False, cores=16) == Launch()
-    assert training_launch(PRESETS["smoke"], on_cpu=True, cores=16) == Launch()  # cpu_processes = 1
+    one = dataclasses.replace(p, cpu_processes=1)
+    assert training_launch(one, on_cpu=True, cores=16) == Launch()
     odd = dataclasses.replace(p, train_options={**p.train_options, "batch": 33})
     assert training_launch(odd, on_cpu=True, cores=2) == Launch()
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
@@ -385,7 +396,8 @@ def test_few_step_tunes_a_third_of_the_images_then_measures_nfe_1_and_2(tmp_path
     from quickstart import Datasets, Trained, tune_few_step
     job = dataclasses.replace(_job(tmp_path, autoguidance=None, guidance=None, guide=None), few_step=True,
                               preset=dataclasses.replace(quickstart.PRESETS["cpu"], num_eval=16))
-    monkeypatch.setattr(quickstart, "newest_snapshot", lambda folder: os.path.join(folder, "net-ct.pkl"))
+    monkeypatch.setattr(quickstart, "newest_snapshot",
+                        lambda folder: os.path.join(folder, "network-snapshot-000020.016.pkl"))
     data = Datasets("train.zip", "reference.zip", "held-out.zip")
     tuned = tune_few_step(job, data, Trained(snapshot="net.pkl", kimg=60.0), "ref.npz")
     (tune_title, tune), (_, fid1), (_, fid2), (grid_title, generate) = job.stage.commands
@@ -394,11 +406,11 @@ def test_few_step_tunes_a_third_of_the_images_then_measures_nfe_1_and_2(tmp_path
                         "--workers=0"]
     assert tune[-3:] == ["--consistency", "--transfer=net.pkl", "--device=cpu"]
     assert "--duration=0.02" in tune and "--lr=0.005" in tune and "--ema=0.002" in tune and "--lr-decay=0" in tune
-    snapshot = str(tmp_path / "qs" / "few-step" / "net-ct.pkl")
+    snapshot = str(tmp_path / "qs" / "few-step" / "network-snapshot-000020.016.pkl")
     for nfe, fid in ((1, fid1), (2, fid2)):
         assert fid[:6] == ["fid.py", "calc", f"--network={snapshot}", "--ref=ref.npz", "--num=16", f"--nfe={nfe}"]
         assert "--sampler=consistency" in fid and "--class=balanced" in fid
         assert not any(a.startswith(("--steps-schedule", "--sampler=unipc")) for a in fid)
     assert grid_title == "Generate 64 one-step images" and "--nfe=1" in generate and "--seeds=0-63" in generate
-    assert tuned.fid_by_nfe == {1: 12.5, 2: 12.5} and tuned.kimg == 20.0
+    assert tuned.fid_by_nfe == {1: 12.5, 2: 12.5} and tuned.kimg == 20.016  # What the snapshot trained, whole batches.
     assert tuned.grid == str(tmp_path / "qs" / "few-step-grid.png")
