@@ -71,6 +71,27 @@ def test_loss_is_the_weighted_distance_of_the_two_calls(c):
     torch.testing.assert_close(loss.flatten(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_target_leaves_edm2s_weights_as_the_student_left_them():
+    """EDM2's layers renormalize their stored weights in place at every call in training (Eq. 66). The target's call
+    updates no weight and skips it (as ECT's EDM2 code does): after the loss, each weight has been renormalized once,
+    by the student's call, and the target saw the weights the student used."""
+    from training.networks.edm2 import MPConv, Precond, normalize
+    torch.manual_seed(0)
+    net = Precond(8, 1, 0, model_channels=16, channel_mult=[1], num_blocks=1).train()
+    layers = [m for m in net.modules() if isinstance(m, MPConv)]
+    for layer in layers:
+        layer.weight.data.mul_(3)  # Far from unit RMS, so that renormalizing changes them.
+    before = [layer.weight.detach().clone() for layer in layers]
+    loss_fn = ConsistencyLoss(stage_nimg=1)
+    loss_fn.set_progress(3)  # Stage 3: every r > 0, so the target is evaluated.
+    loss_fn(net, torch.randn([4, 1, 8, 8]))
+    used = [layer for layer, w in zip(layers, before) if not torch.equal(layer.weight, w)]
+    assert len(used) > 10 and all(layer.force_weight_norm for layer in layers)
+    for layer, w in zip(layers, before):
+        if layer in used:
+            assert torch.equal(layer.weight, normalize(w))
+
+
 def test_the_target_gets_no_gradient_and_shares_the_dropout_masks():
     """Gradients flow through the call at t only; both calls draw the same dropout mask."""
     masks = []

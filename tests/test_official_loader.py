@@ -190,7 +190,7 @@ def test_every_snapshot_class_shares_one_self_contained_text(tmp_path):
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, "relative imports cannot run outside a package"
             imported.add(node.module.split(".")[0])
-    assert imported <= {"__future__", "math", "typing", "numpy", "torch", "torch_utils"}
+    assert imported <= {"__future__", "contextlib", "math", "typing", "numpy", "torch", "torch_utils"}
 
 
 def test_bundle_refuses_what_the_official_loader_cannot_run(tmp_path, monkeypatch):

@@ -9,6 +9,8 @@ y is the augmented image and the pipe's labels reach the network as ``augment_la
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from torch_utils import persistence
@@ -118,6 +120,22 @@ def ect_r(t: torch.Tensor, stage: int, q: float = 2, k: float = 8, b: float = 1)
     return (t * (1 - n / q ** (stage + 1))).clamp(min=0)
 
 
+@contextlib.contextmanager
+def weights_left_as_they_are(net):
+    """Calls of ``net`` that leave its stored weights untouched: EDM2's layers skip their forced weight normalization
+    (``force_weight_norm``), which rescales the weights in place at every call in training. For a call that updates
+    no weight, such as the consistency target: the target then sees the weights the student saw, and every process
+    rescales as often as the others whether or not it evaluates a target, so the replicas stay equal."""
+    layers = [m for m in (net.modules() if hasattr(net, "modules") else ()) if hasattr(m, "force_weight_norm")]
+    for layer in layers:
+        layer.force_weight_norm = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.force_weight_norm  # Back to the class's True.
+
+
 def pseudo_huber(difference: torch.Tensor, c: float) -> torch.Tensor:
     """Per image: sqrt(||difference||^2 + c^2) - c (Song & Dhariwal 2023's pseudo-Huber distance); c = 0 is the
     L2 norm ||difference||, which is ECT's adaptive weighting of the squared distance with p = 1/2."""
@@ -157,10 +175,9 @@ class ConsistencyLoss:
         extra = {} if augment_labels is None else dict(augment_labels=augment_labels)
         n = torch.randn_like(y)
         devices = [y.device] if y.device.type == "cuda" else []
-        # The target is evaluated even where every r is 0: EDM2's networks renormalize their weights in place at each
-        # call in training, so every process must make the same calls, or the replicas drift apart.
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):  # The student then draws the same dropout.
-            at_r = net(y + r * n, r.clamp(min=1e-8), labels, **extra).to(torch.float32)
+        with torch.random.fork_rng(devices=devices):  # The target then draws the same dropout masks.
+            at_t = net(y + t * n, t, labels, **extra)
+        with torch.no_grad(), weights_left_as_they_are(net):
+            at_r = net(y + r * n, r.clamp(min=1e-8), labels, **extra).to(torch.float32) if bool((r > 0).any()) else y
             target = torch.where(r > 0, at_r, y.to(torch.float32))
-        at_t = net(y + t * n, t, labels, **extra)
         return (pseudo_huber(at_t - target, self.c) / (t - r).flatten()).reshape(-1, 1, 1, 1)

@@ -135,8 +135,10 @@ class MPConv(torch.nn.Module):
     ||w|| with ||w|| computed as sqrt(fan_in) times the RMS), so unit-magnitude input gives output of magnitude
     ``gain``. In training mode the stored weight is first rescaled in place to unit RMS per output channel
     (forced weight normalization, Eq. 66), so that the weights cannot grow and the effective learning rate is the
-    schedule's (config E).
+    schedule's (config E). A call that updates no weight (a consistency loss's target) turns that off through
+    ``force_weight_norm``.
     """
+    force_weight_norm = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]):
         super().__init__()
@@ -144,7 +146,7 @@ class MPConv(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
-        if self.training:
+        if self.training and self.force_weight_norm:
             with torch.no_grad():
                 self.weight.copy_(normalize(self.weight.to(torch.float32)))
         weight = normalize(self.weight.to(torch.float32))
