@@ -24,63 +24,21 @@ from training.loop.setup import data_loader_kwargs
 from training.loop.training_loop import training_loop
 from training.loop.state import StateFileError, read_state_file
 from training.run_files import labelled_nimg, newest_state_file
+from training.presets import (ARCHITECTURES, CONSISTENCY_DEFAULTS, CONSISTENCY_LOSS, CT_RECIPES, CT_STAGES,
+                              EDM2_DEFAULTS, EDM2_LOSS, EDM2_NETWORK, EDM_DEFAULTS, LATENT_PRESETS, OPTIMIZERS,
+                              PRECONDITIONERS, PRESETS)
 from training.sampling.time_steps import DEFAULT_NUM_STEPS
 
-ARCHITECTURES = {
-    "ddpmpp": dict(model_type="SongUNet", embedding_type="positional", encoder_type="standard",
-                   decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1], model_channels=128,
-                   channel_mult=[2, 2, 2]),
-    "ncsnpp": dict(model_type="SongUNet", embedding_type="fourier", encoder_type="residual", decoder_type="standard",
-                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
-    "adm": dict(model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4]),
-    # EDM2's magnitude-preserving U-Net (config G) with its own preconditioner and loss (see EDM2 below).
-    "edm2": dict(model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8]),
-}
-PRECONDITIONERS = {  # --precond: (network, loss), Table 1.
-    "vp": ("training.networks.VPPrecond", "training.loss.VPLoss"),
-    "ve": ("training.networks.VEPrecond", "training.loss.VELoss"),
-    "edm": ("training.networks.EDMPrecond", "training.loss.EDMLoss"),
-}
-EDM2_NETWORK, EDM2_LOSS = "training.networks.edm2.Precond", "training.loss.EDM2Loss"
-# --consistency: ECT's loss (training/loss.py ConsistencyLoss), its p(t) (Geng et al. 2024, CIFAR-10), and the gap
-# t - r halved CT_STAGES times over --duration unless --ct-stage says how often.
-CONSISTENCY_LOSS = "training.loss.ConsistencyLoss"
-CONSISTENCY_DEFAULTS = dict(p_mean=-1.1, p_std=2.0)
-CT_STAGES = 4  # On the cpu preset's network, 4 stages in 20 kimg beat 8 at every NFE (docs/consistency.md).
-
-# Defaults of the options that depend on the architecture: EDM's (Table 2, config F) and EDM2's (its img64
-# presets: P_mean, P_std, lr, decay; Adam's beta2 of its Appendix D.2; no augmentation or dropout; one
-# power-function EMA per sigma_rel).
-EDM_DEFAULTS = dict(duration=200, batch=512, lr=10e-4, lr_rampup=10000, lr_decay=0, adam_beta2=0.999, dropout=0.13,
-                    augment=0.12)
-EDM2_DEFAULTS = dict(duration=1024 * 2 ** 20 / 1e6, batch=2048, lr=0.0100, lr_rampup=10000, lr_decay=35000,
-                     adam_beta2=0.99, dropout=0, augment=0, p_mean=-0.8, p_std=1.6, ema_std=[0.050, 0.100])
-
-
-def _edm2_preset(mebi_images: int, channels: int, lr: float, decay: int, dropout: float, p_mean: float,
-                 p_std: float) -> dict:
-    return dict(arch="edm2", duration=(mebi_images << 20) / 1e6, batch=2048, cbase=channels, lr=lr, lr_decay=decay,
-                dropout=dropout, p_mean=p_mean, p_std=p_std)
-
-
-# The official EDM2 presets (train_edm2.py of the EDM2 release): duration in Mi images, channels, ref. lr, decay
-# (batches), dropout, P_mean, P_std. The img512 ones train on Stable Diffusion VAE latents.
-PRESETS = {
-    **{f"edm2-img512-{size}": _edm2_preset(mi, ch, lr, 70000, dropout, -0.4, 1.0) for size, mi, ch, lr, dropout in (
-        ("xxs", 2048, 64, 0.0170, 0.00), ("xs", 2048, 128, 0.0120, 0.00), ("s", 2048, 192, 0.0100, 0.00),
-        ("m", 2048, 256, 0.0090, 0.10), ("l", 1792, 320, 0.0080, 0.10), ("xl", 1280, 384, 0.0070, 0.10),
-        ("xxl", 896, 448, 0.0065, 0.10))},
-    **{f"edm2-img64-{size}": _edm2_preset(mi, ch, lr, 35000, dropout, -0.8, 1.6) for size, mi, ch, lr, dropout in (
-        ("xs", 1024, 128, 0.0120, 0.00), ("s", 1024, 192, 0.0100, 0.00), ("m", 2048, 256, 0.0090, 0.10),
-        ("l", 1024, 320, 0.0080, 0.10), ("xl", 640, 384, 0.0070, 0.10))},
-}
-LATENT_PRESETS = tuple(name for name in PRESETS if name.startswith("edm2-img512-"))
 
 
 def resolve_defaults(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
-    """The options with --preset and the architecture's defaults filled in where not given on the command line
-    (given options always win); --consistency draws t from ECT's p(t) unless --p-mean/--p-std say otherwise."""
+    """The options with --ct-recipe, --preset and the architecture's defaults filled in where not given on the command
+    line (given options always win); --consistency draws t from ECT's p(t) unless --p-mean/--p-std say otherwise."""
     opts = dnnlib.EasyDict(opts)
+    if opts.get("ct_recipe"):
+        for key, value in CT_RECIPES[opts.ct_recipe].items():
+            if opts.get(key) is None or (key == "consistency" and not opts.get(key)):
+                opts[key] = value
     if opts.get("consistency"):
         for key, value in CONSISTENCY_DEFAULTS.items():
             if opts.get(key) is None:
@@ -121,6 +79,8 @@ def check_edm2_options(opts: dnnlib.EasyDict) -> None:
     if opts.arch != "edm2":
         if opts.patch is not None and opts.patch > 1:
             raise click.ClickException(f"--patch={opts.patch}: patches are an option of --arch=edm2's U-Net only")
+        if opts.get("dropout_res") is not None:
+            raise click.ClickException(f"--dropout-res={opts.dropout_res}: an option of --arch=edm2's U-Net only")
         return
     if opts.precond != "edm":
         raise click.ClickException(f"--precond={opts.precond}: --arch=edm2 has its own preconditioning (EDM's Table 1 "
@@ -149,7 +109,8 @@ AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, t
 AUGMENT_DIM = 9
 # Options that replace an architecture setting when given: (option, network keyword), in this order.
 NETWORK_OVERRIDES = (("cbase", "model_channels"), ("cres", "channel_mult"), ("blocks", "num_blocks"),
-                     ("attn", "attn_resolutions"), ("patch", "patch_size"))
+                     ("attn", "attn_resolutions"), ("patch", "patch_size"), ("dropout_res", "dropout_res"))
+CT_OPTIONS = ("ct_stage", "ct_huber", "ct_q", "ct_k", "ct_b", "ct_weight", "ct_sigmas")  # Those of --consistency.
 # The switches of training.perf.FastPaths that train.py exposes.
 FAST_PATH_OPTIONS = ("sdpa", "channels_last", "fused_adam", "compile", "tf32", "retain_memory")
 
@@ -209,8 +170,8 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
     c.data_loader_kwargs = dnnlib.EasyDict(data_loader_kwargs(dist.get_device(), opts.workers))
     c.network_kwargs = network_config(opts)
     c.loss_kwargs = loss_config(opts)
-    c.optimizer_kwargs = dnnlib.EasyDict(class_name="torch.optim.Adam", lr=opts.lr, betas=[0.9, opts.adam_beta2],
-                                         eps=1e-8)
+    c.optimizer_kwargs = dnnlib.EasyDict(class_name=OPTIMIZERS[opts.optimizer], lr=opts.lr,
+                                         betas=[0.9, opts.adam_beta2], eps=1e-8)
     augment = augment_config(opts)
     if augment is not None:
         c.augment_kwargs = augment
@@ -250,10 +211,13 @@ def loss_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     network and preconditioning."""
     if opts.get("consistency"):
         stage_kimg = opts.ct_stage if opts.get("ct_stage") else opts.duration * 1000 / CT_STAGES
+        sigmas = {} if not opts.get("ct_sigmas") else dict(sample_sigmas=list(opts.ct_sigmas))
         return dnnlib.EasyDict(class_name=CONSISTENCY_LOSS, P_mean=opts.p_mean, P_std=opts.p_std, c=opts.ct_huber,
+                               q=opts.ct_q, k=opts.ct_k, b=opts.ct_b, weighting=opts.ct_weight, **sigmas,
                                stage_nimg=max(1, round(stage_kimg * 1000)))
-    if opts.get("ct_stage") is not None:
-        raise click.ClickException("--ct-stage goes with --consistency")
+    given = [f"--{name.replace('_', '-')}" for name in CT_OPTIONS if opts.get(name) is not None]
+    if given:
+        raise click.ClickException(f"{', '.join(given)}: options of --consistency")
     class_name = EDM2_LOSS if opts.arch == "edm2" else PRECONDITIONERS[opts.precond][1]
     config = dnnlib.EasyDict(class_name=class_name)
     if class_name in (EDM2_LOSS, PRECONDITIONERS["edm"][1]):
@@ -373,9 +337,8 @@ def shared_from_rank0(value):
               "0  [default: 0]", metavar="FRACTION", type=click.FloatRange(min=0, max=1), default=0)
 @click.option("--adam-beta2", help="Adam's beta2, the decay of its squared-gradient average  [default: 0.999; edm2 "
               "0.99]", metavar="FLOAT", type=click.FloatRange(min=0, max=1, max_open=True))
-@click.option("--ema", help="Half-life of the EMA weights, in million images",
-              metavar="MIMG", type=click.FloatRange(min=0), default=0.5,
-              show_default=True)
+@click.option("--ema", help="Half-life of the EMA weights, in million images  [default: 0.5]",
+              metavar="MIMG", type=click.FloatRange(min=0))
 @click.option("--ema-rampup", help="EMA ramp-up ratio, 0 = none", metavar="FLOAT", type=click.FloatRange(min=0),
               default=0.05, show_default=True)
 @click.option("--ema-std", help="Also track a power-function EMA per relative std (EDM2's post-hoc EMA; any --arch), "
@@ -383,12 +346,28 @@ def shared_from_rank0(value):
               callback=parse_float_list)
 @click.option("--dropout", help="Dropout in the U-Net blocks  [default: 0.13; edm2 0]", metavar="FLOAT",
               type=click.FloatRange(min=0, max=1))
+@click.option("--dropout-res", "dropout_res", help="--arch=edm2: dropout only at this resolution and below  "
+              "[default: everywhere]", metavar="RES", type=click.IntRange(min=1))
+@click.option("--optimizer", help="adam, or radam (ECT's CIFAR-10 recipe)  [default: adam]",
+              type=click.Choice(list(OPTIMIZERS)))
 @click.option("--consistency", help="Tune into a consistency model for 1-4 step sampling (ECT; start from a "
               "trained network with --transfer; sample with --sampler=consistency)", is_flag=True)
 @click.option("--ct-stage", "ct_stage", help="With --consistency: images per stage, after each of which the gap "
               "t - r halves  [default: --duration / 4]", metavar="KIMG", type=click.FloatRange(min=0, min_open=True))
-@click.option("--ct-huber", "ct_huber", help="With --consistency: c of the pseudo-Huber distance (0: ECT's L2 "
-              "norm)", metavar="FLOAT", type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option("--ct-huber", "ct_huber", help="With --consistency: c of the pseudo-Huber distance  [default: 0, ECT's "
+              "L2 norm]", metavar="FLOAT", type=click.FloatRange(min=0))
+@click.option("--ct-q", "ct_q", help="With --consistency: the gap t - r shrinks by q per stage  [default: 2]",
+              metavar="FLOAT", type=click.FloatRange(min=1, min_open=True))
+@click.option("--ct-k", "ct_k", help="With --consistency: k of ECT's n(t) = 1 + k sigmoid(-b t)  [default: 8]",
+              metavar="FLOAT", type=click.FloatRange(min=0))
+@click.option("--ct-b", "ct_b", help="With --consistency: b of ECT's n(t)  [default: 1]", metavar="FLOAT", type=float)
+@click.option("--ct-weight", "ct_weight", help="With --consistency: the loss weighting, ECT's 1 / (t - r) or EDM's "
+              "(t^2 + sigma_data^2) / (t sigma_data)^2  [default: ect]", type=click.Choice(["ect", "edm"]))
+@click.option("--ct-sigmas", "ct_sigmas", help="With --consistency: the noise levels the run's grids and metrics "
+              "sample at with the consistency sampler, sigma_max first and sigma_min last (80,0.821,0.002: 2 calls)  "
+              "[default: 2 calls on Eq. 5's levels]", metavar="LIST", callback=parse_float_list)
+@click.option("--ct-recipe", "ct_recipe", help="ECT's published recipe (implies --consistency; given options win; "
+              "docs/consistency.md)", type=click.Choice(list(CT_RECIPES)))
 @click.option("--label-dropout", help="Train this fraction of images without their label (classifier-free guidance)",
               metavar="FLOAT", type=click.FloatRange(min=0, max=1), default=0, show_default=True)
 @click.option("--p-mean", help="Mean of ln(sigma) in training  [default: -1.2; edm2 -0.8]", metavar="FLOAT",

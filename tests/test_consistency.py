@@ -47,11 +47,12 @@ def test_r_of_t_is_ects_mapping():
     assert torch.allclose(gap, t * (1 + 8 * torch.sigmoid(-t)) / 2 ** 7)  # Past the clamp the gap halves each stage.
 
 
-@pytest.mark.parametrize("c", [0.0, 0.03])
-def test_loss_is_the_weighted_distance_of_the_two_calls(c):
-    """The loss, per image, is pseudo-Huber(D(y + t n; t) - D(y + r n; r)) / (t - r), with D(y + 0 n; 0) = y, for the
-    t, r and n it draws: the same draws redone here from the same seed."""
-    loss_fn = ConsistencyLoss(c=c, stage_nimg=1000)
+@pytest.mark.parametrize("c, weighting", [(0.0, "ect"), (0.03, "ect"), (0.06, "edm")])
+def test_loss_is_the_weighted_distance_of_the_two_calls(c, weighting):
+    """The loss, per image, is pseudo-Huber(D(y + t n; t) - D(y + r n; r)) times ECT's 1 / (t - r) or EDM's
+    (t^2 + 0.5^2) / (0.5 t)^2, with D(y + 0 n; 0) = y, for the t, r and n it draws: the same draws redone here from
+    the same seed."""
+    loss_fn = ConsistencyLoss(c=c, stage_nimg=1000, weighting=weighting)
     loss_fn.set_progress(1500)
     assert loss_fn.stage == 1
     y = torch.randn([64, 1, 2, 2], generator=torch.Generator().manual_seed(0))
@@ -65,7 +66,8 @@ def test_loss_is_the_weighted_distance_of_the_two_calls(c):
     net = Affine()
     target = torch.where(r > 0, net(y + r * n, r.clamp(min=1e-8)), y)
     distance = (net(y + t * n, t) - target).square().flatten(1).sum(1)
-    expected = ((distance + c ** 2).sqrt() - c) / (t - r).flatten()
+    weight = 1 / (t - r) if weighting == "ect" else (t ** 2 + 0.25) / (0.25 * t ** 2)
+    expected = ((distance + c ** 2).sqrt() - c) * weight.flatten()
     assert bool((r == 0).any()) and bool((r > 0).any())  # Both branches are exercised.
     assert loss.shape == (64, 1, 1, 1)
     torch.testing.assert_close(loss.flatten(), expected, rtol=1e-5, atol=1e-6)
@@ -269,8 +271,9 @@ TINY = ["--cond=1", "--arch=ddpmpp", "--cbase=8", "--cres=1,2", "--blocks=1", "-
 
 def test_consistency_options_are_checked(fashion_mnist_8_zip, tmp_path):
     import train
-    result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--ct-stage=1"])
-    assert result.exit_code != 0 and "--ct-stage goes with --consistency" in result.output
+    result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--ct-stage=1",
+                                             "--ct-q=4"])
+    assert result.exit_code != 0 and "Error: --ct-stage, --ct-q: options of --consistency" in result.output
     result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", "--consistency",
                                              "--p-mean=-0.5", "--dry-run"])
     assert result.exit_code == 0, result.output
@@ -284,13 +287,69 @@ def test_consistency_options_are_checked(fashion_mnist_8_zip, tmp_path):
 
 
 def test_the_training_loop_samples_a_consistency_model_with_two_calls_of_its_sampler():
-    """The grids and in-training metrics of a consistency run use the consistency sampler at NFE 2; of any other
-    run, the paper's Heun with the asked steps."""
+    """The grids and in-training metrics of a consistency run use the consistency sampler at NFE 2 (at the loss's
+    chosen levels where it has them); of any other run, the paper's Heun with the asked steps."""
     from training.loop.monitor import monitoring_sampler
     from training.loss import ConsistencyLoss, EDMLoss
     from training.sampling import NamedSampler, PaperSampler
     assert monitoring_sampler(ConsistencyLoss(), 7) == NamedSampler("consistency", nfe=2)
+    chosen = monitoring_sampler(ConsistencyLoss(sample_sigmas=[80, 0.821, 0.002]), 7)
+    assert chosen == NamedSampler("consistency", nfe=2, sigmas=(80, 0.821, 0.002))
     assert monitoring_sampler(EDMLoss(), 7) == PaperSampler(num_steps=7)
+
+
+def _dry_run_config(*args: str) -> dict:
+    import train
+    result = CliRunner().invoke(train.main, ["--outdir=unused", *args, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output[result.output.index("{"):result.output.rindex("}") + 1])
+
+
+@pytest.mark.parametrize("recipe", ["ect-cifar", "ect-1hour", "ect-edm2"])
+def test_ct_recipes_are_ects_published_settings(fashion_mnist_8_zip, recipe):
+    """Each --ct-recipe, as train.py builds it, against ECT's scripts (locuslab/ect: run_ecm.sh, run_ecm_1hour.sh;
+    its imgnet branch's run_imgnet_ecm.sh and edm2-img64-s preset), written out here in ECT's own units: steps of
+    batch 128, a per-step EMA beta, stages every --double ticks of --tick kimg."""
+    ect = {
+        "ect-cifar": dict(steps=200_000, lr=1e-4, optimizer="RAdam", betas=[0.9, 0.999], ema_beta=0.9999,
+                          stage_steps=250 * 12_800 // 128, q=2, c=0.0, weighting="ect", dropout=0.2, dropout_res=None,
+                          P=(-1.1, 2.0), decay=None, mid_t=0.821),
+        "ect-1hour": dict(steps=8_000, lr=1e-4, optimizer="RAdam", betas=[0.9, 0.999], ema_beta=0.9993,
+                          stage_steps=None, q=256, c=0.0, weighting="ect", dropout=0.2, dropout_res=None,
+                          P=(-1.1, 2.0), decay=None, mid_t=0.821),
+        "ect-edm2": dict(steps=100_000, lr=1e-3, optimizer="Adam", betas=[0.9, 0.99], ema_beta=0.9999,
+                         stage_steps=500 * 6_400 // 128, q=4, c=0.06, weighting="edm", dropout=0.4, dropout_res=16,
+                         P=(-0.8, 1.6), decay=2000, mid_t=1.526),
+    }[recipe]
+    arch = ["--arch=edm2"] if recipe == "ect-edm2" else []
+    config = _dry_run_config(f"--data={fashion_mnist_8_zip}", f"--ct-recipe={recipe}", *arch)
+    loss, optimizer, network = config["loss_kwargs"], config["optimizer_kwargs"], config["network_kwargs"]
+    assert config["batch_size"] == 128 and config["total_kimg"] * 1000 == pytest.approx(ect["steps"] * 128)
+    assert optimizer["class_name"] == f"torch.optim.{ect['optimizer']}" and optimizer["lr"] == ect["lr"]
+    assert optimizer["betas"] == ect["betas"] and config.get("lr_decay_batches") == ect["decay"]
+    assert config["lr_rampup_kimg"] == 0
+    assert ect["ema_beta"] ** (config["ema_halflife_kimg"] * 1000 / 128) == pytest.approx(0.5, rel=1e-9)
+    assert loss["class_name"] == "training.loss.ConsistencyLoss" and (loss["P_mean"], loss["P_std"]) == ect["P"]
+    assert (loss["q"], loss["k"], loss["b"], loss["c"], loss["weighting"]) == (ect["q"], 8, 1, ect["c"], ect["weighting"])
+    if ect["stage_steps"] is None:  # One stage for the whole run.
+        assert loss["stage_nimg"] >= ect["steps"] * 128
+    else:
+        assert loss["stage_nimg"] == ect["stage_steps"] * 128
+    assert loss["sample_sigmas"] == [80, ect["mid_t"], 0.002]
+    assert network["dropout"] == ect["dropout"] and network.get("dropout_res") == ect["dropout_res"]
+    # Given options win over the recipe.
+    config = _dry_run_config(f"--data={fashion_mnist_8_zip}", f"--ct-recipe={recipe}", *arch, "--lr=0.5", "--ct-q=3")
+    assert config["optimizer_kwargs"]["lr"] == 0.5 and config["loss_kwargs"]["q"] == 3
+
+
+def test_dropout_only_at_and_below_dropout_res():
+    from training.networks.edm2 import Precond
+    net = Precond(16, 1, 0, model_channels=8, channel_mult=[1, 2, 2], num_blocks=1, dropout=0.3, dropout_res=8)
+    rates = {f"{side}.{name}": block.dropout for side in ("enc", "dec")
+             for name, block in getattr(net.unet, side).items() if hasattr(block, "dropout")}
+    assert rates and all(rate == (0.3 if int(name.split(".")[1].split("x")[0]) <= 8 else 0)
+                         for name, rate in rates.items()), rates
+    assert {rate for rate in rates.values()} == {0, 0.3}
 
 
 # ----------------------------------------------------------------------------

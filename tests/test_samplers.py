@@ -512,8 +512,8 @@ def test_generate_fid_calc_and_ema_sweep_share_the_sampler_options():
     def declared(command):
         return {p.name: (p.opts, p.default, p.help) for p in command.params}
     ours = declared(generate.main)
-    sampler_names = {"num_steps", "sampler", "nfe", "time_steps", "solver", "discretization", "S_churn", "rho"}
-    assert len(SAMPLER_OPTIONS) == 15 and sampler_names <= ours.keys()
+    sampler_names = {"num_steps", "sampler", "nfe", "time_steps", "solver", "discretization", "S_churn", "rho", "sigmas"}
+    assert len(SAMPLER_OPTIONS) == 16 and sampler_names <= ours.keys()
     for command in (fid.calc, ema_sweep.main):
         theirs = declared(command)
         assert all(theirs[name] == ours[name] for name in sampler_names)
@@ -730,3 +730,46 @@ def test_rho_reaches_the_named_samplers_edm_levels():
         NamedSampler("dpmpp_2m", nfe=6, time_steps="edm", rho=rho).run(
             net, z, callback=lambda i, sigma, x, D: seen.append(float(sigma)))
         assert seen == pytest.approx(_edm_levels(6, rho=rho), rel=1e-12)
+
+
+@pytest.mark.parametrize("name, levels, calls", [("consistency", (80, 0.821, 0.002), 2), ("dpmpp_2m", (40, 5, 0.5), 3),
+                                                 ("heun", (40, 5, 0.5), 5)])
+def test_explicit_levels_are_used_as_given_with_their_call_count(name, levels, calls):
+    """--sigmas: the solver runs at exactly these levels (the consistency sampler makes no call at its last, sigma_min),
+    and the NFE they cost is the spec's unless --nfe says otherwise."""
+    from training.sampling import NamedSampler, sampler_spec
+    spec = sampler_spec(sampler=name, sigmas=list(levels))
+    assert spec == NamedSampler(name, nfe=calls, sigmas=levels) and spec.describe().endswith(
+        f"levels {','.join(f'{s:g}' for s in levels)})")
+    net = small_mixture()
+    calls_made, seen = [], []
+
+    def counted(x, sigma, class_labels=None):
+        calls_made.append(float(sigma.reshape(-1)[0]))
+        return net(x, sigma, class_labels)
+    counted.round_sigma = getattr(net, "round_sigma", None) or (lambda s: s)
+    spec.run(counted, _latents(net, 2), callback=lambda i, sigma, x, D: seen.append(float(sigma)))
+    assert len(calls_made) == calls
+    assert set(calls_made) <= set(levels) and seen[0] == levels[0]
+    assert sorted(set(seen), reverse=True) == [s for s in levels if s in seen]
+
+
+def test_explicit_levels_are_checked_when_the_spec_is_built():
+    from training.sampling import sampler_spec
+    for options, message in [(dict(sampler="consistency", sigmas=[0.5, 80]), "strictly decreasing"),
+                             (dict(sampler="consistency", sigmas=[80]), "two or more"),
+                             (dict(sampler="consistency", sigmas=[80, 1, 0.002], nfe=1), "^nfe=1: 3 levels cost"),
+                             (dict(sampler="dpmpp_2m", sigmas=[80, 1], time_steps="edm"), "give the levels one way")]:
+        with pytest.raises(ValueError, match=message):
+            sampler_spec(**options)
+
+
+def test_generate_takes_explicit_levels(network_pkl, tmp_path):
+    from generate import main
+    result = CliRunner().invoke(main, ["--network", network_pkl, "--outdir", str(tmp_path), "--seeds", "0",
+                                       "--sampler=dpmpp_2m", "--sigmas=40,5,0.5"], catch_exceptions=False)
+    assert result.exit_code == 0 and "with dpmpp_2m (NFE 3, levels 40,5,0.5)" in result.output
+    result = CliRunner().invoke(main, ["--network", network_pkl, "--outdir", str(tmp_path), "--seeds", "0",
+                                       "--sigmas=40,5,0.5", "--steps-schedule=edm"])
+    assert result.exit_code != 0 and "Error: --sigmas with --steps-schedule='edm': give the levels one way" in \
+        result.output

@@ -65,6 +65,16 @@ def parse_time_steps(value: str | None) -> str | None:
     return value
 
 
+def parse_levels(value: str | None) -> tuple[float, ...] | None:
+    """'80,0.821,0.002' -> (80.0, 0.821, 0.002), in the order given."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(part) for part in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"'{value}': expected numbers separated by commas") from None
+
+
 def parse_class_option(ctx, param, value):
     """click callback: ``parse_class``."""
     return parse_class(value)
@@ -109,6 +119,9 @@ SAMPLER_OPTIONS = [
                  "Gaussian fit (docs/samplers.md)  [default: the sampler's]. Separate from --disc, the Table 1 "
                  "ablation's time steps, since --disc switches to the ablation sampler",
                  metavar="NAME", callback=lambda ctx, param, value: parse_time_steps(value)),
+    click.option("--sigmas", help="With --sampler: its noise levels exactly, decreasing, e.g. 80,0.821,0.002 for the "
+                 "consistency sampler's 2 calls (the last level is sigma_min, where it makes none)  [default: "
+                 "--steps-schedule's]", metavar="LIST", callback=lambda ctx, param, value: parse_levels(value)),
 ]
 
 
@@ -120,7 +133,7 @@ def _in_flag_names(message: str) -> str:
     '--nfe=1: ...', 'discretization' -> '--disc'."""
     message = re.sub(r"\b(" + "|".join(_FLAGS) + r")\b", lambda m: _FLAGS[m.group(1)], message)
     head, sep, rest = message.partition(": ")
-    head = re.sub(r"(^|[ /,]+)(?!--|with\b)(\w+)(?=$|[ =/,])", r"\1--\2", head)
+    head = re.sub(r"(^|[ /,]+)(?!with\b)([A-Za-z_]\w*)(?=$|[ =/,])", r"\1--\2", head)
     return head + sep + rest
 
 

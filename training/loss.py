@@ -148,16 +148,24 @@ def pseudo_huber(difference: torch.Tensor, c: float) -> torch.Tensor:
 class ConsistencyLoss:
     """ECT's consistency loss (Geng et al. 2024, Eq. 9 with its Eq. 12 mapping):
 
-        loss = d(f(y + t n, t), stopgrad f(y + r n, r)) / (t - r),   ln t ~ N(P_mean, P_std^2),   r = ect_r(t),
+        loss = w(t, r) d(f(y + t n, t), stopgrad f(y + r n, r)),   ln t ~ N(P_mean, P_std^2),   r = ect_r(t),
 
     the same noise n on both sides (and the same dropout masks), d the pseudo-Huber distance with ``c``, and
-    f(y + 0 n, 0) = y where r = 0. The stage counts the images seen: stage = images // ``stage_nimg`` (the training
-    loop calls ``set_progress``), so a resumed run continues on the same schedule. Returned per image [N, 1, 1, 1]."""
+    f(y + 0 n, 0) = y where r = 0. ``weighting``: 'ect', w = 1 / (t - r) (ECT's CIFAR-10 loss), or 'edm', w = (t^2 +
+    sigma_data^2) / (t sigma_data)^2 (EDM's lambda(t), ECT's EDM2 loss). The stage counts the images seen: stage =
+    images // ``stage_nimg`` (the training loop calls ``set_progress``), so a resumed run continues on the same
+    schedule. ``sample_sigmas``: the levels at which the training loop's grids and metrics sample the model (None:
+    2 calls of the consistency sampler on Eq. 5's levels). Returned per image [N, 1, 1, 1]."""
 
     def __init__(self, P_mean: float = -1.1, P_std: float = 2.0, q: float = 2, k: float = 8, b: float = 1,
-                 c: float = 0.0, stage_nimg: int = 1 << 20):
+                 c: float = 0.0, stage_nimg: int = 1 << 20, weighting: str = "ect", sigma_data: float = 0.5,
+                 sample_sigmas: list[float] | None = None):
+        if weighting not in ("ect", "edm"):
+            raise ValueError(f"weighting='{weighting}': expected 'ect' or 'edm'")
         self.P_mean, self.P_std = P_mean, P_std
         self.q, self.k, self.b, self.c = q, k, b, c
+        self.weighting, self.sigma_data = weighting, sigma_data
+        self.sample_sigmas = None if sample_sigmas is None else [float(s) for s in sample_sigmas]
         self.stage_nimg = int(stage_nimg)
         self.stage = 0
 
@@ -180,4 +188,10 @@ class ConsistencyLoss:
         with torch.no_grad(), weights_left_as_they_are(net):
             at_r = net(y + r * n, r.clamp(min=1e-8), labels, **extra).to(torch.float32) if bool((r > 0).any()) else y
             target = torch.where(r > 0, at_r, y.to(torch.float32))
-        return (pseudo_huber(at_t - target, self.c) / (t - r).flatten()).reshape(-1, 1, 1, 1)
+        return self.weighted(pseudo_huber(at_t - target, self.c), t, r).reshape(-1, 1, 1, 1)
+
+    def weighted(self, distance: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """w(t, r) d per image: d / (t - r) ('ect') or d (t^2 + sigma_data^2) / (t sigma_data)^2 ('edm')."""
+        if self.weighting == "edm":
+            return distance * ((t ** 2 + self.sigma_data ** 2) / (t * self.sigma_data) ** 2).flatten()
+        return distance / (t - r).flatten()

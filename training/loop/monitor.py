@@ -102,8 +102,13 @@ CONSISTENCY_SAMPLER = NamedSampler("consistency", nfe=2)  # What the grids and m
 
 def monitoring_sampler(loss_fn, num_steps: int) -> SamplerSpec:
     """How the training loop's grids and metrics sample the network that ``loss_fn`` trains: a consistency model with
-    two calls of its own sampler, a denoiser with the paper's Heun on ``num_steps`` steps."""
-    return CONSISTENCY_SAMPLER if isinstance(loss_fn, ConsistencyLoss) else PaperSampler(num_steps=num_steps)
+    its own sampler at the loss's ``sample_sigmas`` (by default two calls), a denoiser with the paper's Heun on
+    ``num_steps`` steps."""
+    if not isinstance(loss_fn, ConsistencyLoss):
+        return PaperSampler(num_steps=num_steps)
+    if loss_fn.sample_sigmas:
+        return NamedSampler("consistency", nfe=len(loss_fn.sample_sigmas) - 1, sigmas=tuple(loss_fn.sample_sigmas))
+    return CONSISTENCY_SAMPLER
 
 
 def network_label(sigma_rel: float | None = None) -> str:

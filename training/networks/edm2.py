@@ -260,12 +260,16 @@ class UNet(torch.nn.Module):
     (space-to-depth, as the patch embedding of DiT or U-ViT and the "simple diffusion" U-Nets of Hoogeboom et
     al. 2023): an image of C x H x W enters as C P^2 x H/P x W/P, and the output conv's C P^2 channels go back to
     their pixels. The levels then start at ``img_resolution`` / P: a quarter of the pixels at the costliest level.
+
+    ``dropout_res`` (ours): the blocks' dropout only at levels of that resolution and below (ECT's consistency tuning
+    of EDM2's networks drops out at 16x16 and below); None: at every level.
     """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, model_channels: int = 192,
                  channel_mult: Sequence[int] = (1, 2, 3, 4), channel_mult_noise: int | None = None,
                  channel_mult_emb: int | None = None, num_blocks: int = 3, attn_resolutions: Sequence[int] = (16, 8),
-                 label_balance: float = 0.5, concat_balance: float = 0.5, patch_size: int = 1, **block_kwargs):
+                 label_balance: float = 0.5, concat_balance: float = 0.5, patch_size: int = 1,
+                 dropout_res: int | None = None, **block_kwargs):
         super().__init__()
         if patch_size < 1 or img_resolution % patch_size:
             raise ValueError(f"patch_size={patch_size} must divide img_resolution={img_resolution}")
@@ -279,7 +283,9 @@ class UNet(torch.nn.Module):
         self.emb_noise = MPConv(noise_channels, emb_channels, kernel=[])
         self.emb_label = MPConv(label_dim, emb_channels, kernel=[]) if label_dim else None
 
-        def block(cin: int, cout: int, **kwargs) -> Block:
+        def block(cin: int, cout: int, res: int, **kwargs) -> Block:
+            if dropout_res is not None and res > dropout_res:  # Dropout only at and below dropout_res (ECT).
+                return Block(cin, cout, emb_channels, **kwargs, **{**block_kwargs, "dropout": 0})
             return Block(cin, cout, emb_channels, **kwargs, **block_kwargs)
 
         resolutions = [img_resolution >> level for level in range(len(widths))]
@@ -290,9 +296,9 @@ class UNet(torch.nn.Module):
                 self.enc[_level_name(res, "conv")] = MPConv(width, level_width, kernel=[3, 3])
                 width = level_width
             else:
-                self.enc[_level_name(res, "down")] = block(width, width, flavor="enc", resample_mode="down")
+                self.enc[_level_name(res, "down")] = block(width, width, res, flavor="enc", resample_mode="down")
             for index in range(num_blocks):
-                self.enc[_level_name(res, f"block{index}")] = block(width, level_width, flavor="enc",
+                self.enc[_level_name(res, f"block{index}")] = block(width, level_width, res, flavor="enc",
                                                                     attention=res in attn_resolutions)
                 width = level_width
 
@@ -301,13 +307,13 @@ class UNet(torch.nn.Module):
         for level in reversed(range(len(widths))):
             res, level_width = resolutions[level], widths[level]
             if level == len(widths) - 1:
-                self.dec[_level_name(res, "in0")] = block(width, width, flavor="dec", attention=True)
-                self.dec[_level_name(res, "in1")] = block(width, width, flavor="dec")
+                self.dec[_level_name(res, "in0")] = block(width, width, res, flavor="dec", attention=True)
+                self.dec[_level_name(res, "in1")] = block(width, width, res, flavor="dec")
             else:
-                self.dec[_level_name(res, "up")] = block(width, width, flavor="dec", resample_mode="up")
+                self.dec[_level_name(res, "up")] = block(width, width, res, flavor="dec", resample_mode="up")
             for index in range(num_blocks + 1):
                 cin = width + skip_widths.pop()
-                self.dec[_level_name(res, f"block{index}")] = block(cin, level_width, flavor="dec",
+                self.dec[_level_name(res, f"block{index}")] = block(cin, level_width, res, flavor="dec",
                                                                     attention=res in attn_resolutions)
                 width = level_width
         self.out_conv = MPConv(width, img_channels, kernel=[3, 3])

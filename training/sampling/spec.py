@@ -10,7 +10,7 @@ There are three kinds, one type each:
 
 Each checks its values when it is built, with a one-line ValueError naming the option, and has ``run`` (latents to
 float64 images) and ``describe`` (for messages). ``sampler_spec`` builds one from the flat options of generate.py,
-by one rule: any of the named samplers' options (sampler, nfe, time_steps) makes a ``NamedSampler``; else any option
+by one rule: any of the named samplers' options (sampler, nfe, time_steps, sigmas) makes a ``NamedSampler``; else any option
 only the ablation sampler has (solver, discretization, schedule, scaling, alpha, epsilon_s, C_1, C_2, M) an
 ``AblationSampler``; else a ``PaperSampler``. Options of both kinds together are refused.
 """
@@ -29,7 +29,7 @@ from training.sampling.registry import get_sampler
 from training.sampling.solvers import RandnLike, StepCallback
 from training.sampling.time_steps import DEFAULT_NUM_STEPS, PAPER_TIME_STEPS, check_named_time_steps
 
-NAMED_OPTIONS = ("sampler", "nfe", "time_steps")
+NAMED_OPTIONS = ("sampler", "nfe", "time_steps", "sigmas")
 ABLATION_OPTIONS = ("solver", "discretization", "schedule", "scaling", "alpha", "epsilon_s", "C_1", "C_2", "M")
 
 
@@ -130,8 +130,9 @@ class AblationSampler:
 @dataclass(frozen=True)
 class NamedSampler:
     """``SAMPLERS[name]`` with at most ``nfe`` network calls, on its ``time_steps`` (None: the sampler's own; else a
-    name of ``NAMED_TIME_STEPS``, 'polyexponential:P', either with '+gaussian') in [sigma_min, sigma_max]. ``churn``:
-    Algorithm 2, for the paper's 'heun' and 'euler' only."""
+    name of ``NAMED_TIME_STEPS``, 'polyexponential:P', either with '+gaussian') in [sigma_min, sigma_max], or on the
+    levels ``sigmas`` exactly as given (decreasing; for the consistency sampler the last is sigma_min, where it makes
+    no call). ``churn``: Algorithm 2, for the paper's 'heun' and 'euler' only."""
     name: str = "heun"
     nfe: int = 2 * DEFAULT_NUM_STEPS - 1
     time_steps: str | None = None
@@ -139,11 +140,18 @@ class NamedSampler:
     sigma_max: float = 80
     rho: float = 7
     churn: Churn = Churn()
+    sigmas: tuple[float, ...] | None = None
 
     def __post_init__(self):
         sampler = get_sampler(self.name)
+        if self.sigmas is not None:
+            object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
+            self._check_sigmas()
         if int(self.nfe) != self.nfe or self.nfe < sampler.solver.min_nfe:
             raise ValueError(f"nfe={self.nfe}: '{self.name}' needs at least {sampler.solver.min_nfe} network calls")
+        if self.sigmas is not None and sampler.solver.calls_for(len(self.sigmas)) > self.nfe:
+            raise ValueError(f"nfe={self.nfe}: {len(self.sigmas)} levels cost '{self.name}' "
+                             f"{sampler.solver.calls_for(len(self.sigmas))} network calls")
         if self.time_steps is not None:
             check_named_time_steps(self.time_steps)
         _check_range(self.sigma_min, self.sigma_max)
@@ -152,14 +160,25 @@ class NamedSampler:
             raise ValueError(f"S_churn/S_min/S_max: churn (Algorithm 2) applies to the paper's samplers 'heun' and "
                              f"'euler', not to '{self.name}'")
 
+    def _check_sigmas(self) -> None:
+        levels = list(self.sigmas)
+        if self.time_steps is not None:
+            raise ValueError(f"sigmas with time_steps='{self.time_steps}': give the levels one way")
+        if len(levels) < 2 or not all(a > b for a, b in zip(levels, levels[1:])) or levels[-1] <= 0:
+            raise ValueError(f"sigmas={','.join(f'{s:g}' for s in levels)}: expected two or more positive, "
+                             f"strictly decreasing levels")
+
     def run(self, net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
             randn_like: RandnLike = torch.randn_like, callback: StepCallback | None = None) -> torch.Tensor:
         """Sample from ``latents`` (unit Gaussian noise [N, C, H, W]); float64 images."""
-        return get_sampler(self.name)(net, latents, class_labels, randn_like, nfe=self.nfe, time_steps=self.time_steps,
+        levels = self.time_steps if self.sigmas is None else torch.tensor(self.sigmas, dtype=torch.float64)
+        return get_sampler(self.name)(net, latents, class_labels, randn_like, nfe=self.nfe, time_steps=levels,
                                       sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho,
                                       **asdict(self.churn), callback=callback)
 
     def describe(self) -> str:
+        if self.sigmas is not None:
+            return f"{self.name} (NFE {self.nfe}, levels {','.join(f'{s:g}' for s in self.sigmas)})"
         time_steps = self.time_steps or get_sampler(self.name).time_steps
         return f"{self.name} (NFE {self.nfe}, {time_steps} steps)"
 
@@ -183,10 +202,11 @@ def sampler_spec(*, num_steps: int | None = None, sigma_min: float | None = None
                  nfe: int | None = None, time_steps: str | None = None, solver: str | None = None,
                  discretization: str | None = None, schedule: str | None = None, scaling: str | None = None,
                  alpha: float | None = None, epsilon_s: float | None = None, C_1: float | None = None,
-                 C_2: float | None = None, M: int | None = None) -> SamplerSpec:
+                 C_2: float | None = None, M: int | None = None,
+                 sigmas: tuple[float, ...] | list[float] | None = None) -> SamplerSpec:
     """The sampler that generate.py's flat options name (the module docstring's rule); None means not given, and
     leaves the sampler's default. ``nfe`` of a named sampler defaults to 2 num_steps - 1, the cost of the paper's
-    Heun with that many steps."""
+    Heun with that many steps, or with ``sigmas`` the calls those levels cost."""
     given = {key: value for key, value in locals().items() if value is not None}
     named = [key for key in NAMED_OPTIONS if key in given]
     ablation = [key for key in ABLATION_OPTIONS if key in given]
@@ -196,8 +216,13 @@ def sampler_spec(*, num_steps: int | None = None, sigma_min: float | None = None
     churn = Churn(**{key: given[key] for key in ("S_churn", "S_min", "S_max", "S_noise") if key in given})
     levels = {key: given[key] for key in ("sigma_min", "sigma_max", "rho") if key in given}
     if named:
-        num_calls = nfe if nfe is not None else 2 * (num_steps or DEFAULT_NUM_STEPS) - 1
-        return NamedSampler(name=sampler or "heun", nfe=num_calls, time_steps=time_steps, churn=churn, **levels)
+        name = sampler or "heun"
+        if sigmas is not None:
+            sigmas = tuple(float(s) for s in sigmas)
+            num_calls = nfe if nfe is not None else get_sampler(name).solver.calls_for(len(sigmas))
+        else:
+            num_calls = nfe if nfe is not None else 2 * (num_steps or DEFAULT_NUM_STEPS) - 1
+        return NamedSampler(name=name, nfe=num_calls, time_steps=time_steps, churn=churn, sigmas=sigmas, **levels)
     steps = {} if num_steps is None else dict(num_steps=num_steps)
     if ablation:
         own = {key: given[key] for key in ("solver", "schedule", "scaling", "alpha", "epsilon_s", "C_1", "C_2", "M")
