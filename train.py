@@ -39,6 +39,10 @@ def resolve_defaults(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
         for key, value in CT_RECIPES[opts.ct_recipe].items():
             if opts.get(key) is None or (key == "consistency" and not opts.get(key)):
                 opts[key] = value
+    if opts.get("distill"):
+        opts.consistency = True
+        if opts.get("transfer") is None and opts.get("resume") is None:
+            opts.transfer = opts.distill  # The student starts as the teacher.
     if opts.get("consistency"):
         for key, value in CONSISTENCY_DEFAULTS.items():
             if opts.get(key) is None:
@@ -90,6 +94,20 @@ def check_edm2_options(opts: dnnlib.EasyDict) -> None:
                                    f"--augment=0 with --arch=edm2")
 
 
+def check_distill_options(opts: dnnlib.EasyDict) -> None:
+    """--distill's options go with it; a guidance weight with a guide; the teacher and guide files are readable."""
+    if not opts.get("distill"):
+        given = [f"--{name.replace('_', '-')}" for name in DISTILL_OPTIONS if opts.get(name) is not None]
+        if given:
+            raise click.ClickException(f"{', '.join(given)}: options of --distill=TEACHER")
+        return
+    if (opts.get("distill_guidance") is not None) != (opts.get("distill_guide") is not None):
+        raise click.ClickException("--distill-guide and --distill-guidance go together: a guide and its weight w")
+    check_transfer_file(opts.distill, "--distill")
+    if opts.get("distill_guide") not in (None, "uncond"):
+        check_transfer_file(opts.distill_guide, "--distill-guide")
+
+
 def check_latent_options(opts: dnnlib.EasyDict, dataset_obj) -> None:
     """A dataset of latents (dataset_tool.py encode) goes with the latent presets, without augmentation, and with an
     image reference for its metrics; the latent presets need one."""
@@ -111,6 +129,7 @@ AUGMENT_DIM = 9
 NETWORK_OVERRIDES = (("cbase", "model_channels"), ("cres", "channel_mult"), ("blocks", "num_blocks"),
                      ("attn", "attn_resolutions"), ("patch", "patch_size"), ("dropout_res", "dropout_res"))
 CT_OPTIONS = ("ct_stage", "ct_huber", "ct_q", "ct_k", "ct_b", "ct_weight", "ct_sigmas")  # Those of --consistency.
+DISTILL_OPTIONS = ("distill_guide", "distill_guidance", "distill_step")  # Those of --distill.
 # The switches of training.perf.FastPaths that train.py exposes.
 FAST_PATH_OPTIONS = ("sdpa", "channels_last", "fused_adam", "compile", "tf32", "retain_memory")
 
@@ -196,6 +215,10 @@ def build_config(opts: dnnlib.EasyDict, dataset_obj) -> dnnlib.EasyDict:
     c.fast_paths = {name: opts[name] for name in FAST_PATH_OPTIONS if opts[name] is not None}
     c.update(kimg_per_tick=opts.tick, snapshot_ticks=opts.snap, state_dump_ticks=opts.dump, grid_images=opts.grid)
     c.seed = opts.seed if opts.seed is not None else shared_random_seed()
+    if opts.get("distill"):
+        c.teacher_kwargs = dnnlib.EasyDict(teacher=opts.distill)
+        if opts.get("distill_guide") is not None:
+            c.teacher_kwargs.update(guide=opts.distill_guide, guidance=opts.distill_guidance)
     if opts.transfer is not None:
         c.resume_pkl = opts.transfer
         c.ema_rampup_ratio = None
@@ -214,6 +237,7 @@ def loss_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
         sigmas = {} if not opts.get("ct_sigmas") else dict(sample_sigmas=list(opts.ct_sigmas))
         return dnnlib.EasyDict(class_name=CONSISTENCY_LOSS, P_mean=opts.p_mean, P_std=opts.p_std, c=opts.ct_huber,
                                q=opts.ct_q, k=opts.ct_k, b=opts.ct_b, weighting=opts.ct_weight, **sigmas,
+                               **({} if opts.get("distill_step") is None else dict(teacher_step=opts.distill_step)),
                                stage_nimg=max(1, round(stage_kimg * 1000)))
     given = [f"--{name.replace('_', '-')}" for name in CT_OPTIONS if opts.get(name) is not None]
     if given:
@@ -366,6 +390,15 @@ def shared_from_rank0(value):
 @click.option("--ct-sigmas", "ct_sigmas", help="With --consistency: the noise levels the run's grids and metrics "
               "sample at with the consistency sampler, sigma_max first and sigma_min last (80,0.821,0.002: 2 calls)  "
               "[default: 2 calls on Eq. 5's levels]", metavar="LIST", callback=parse_float_list)
+@click.option("--distill", help="Consistency distillation from this teacher snapshot: the target is one step of its "
+              "ODE (implies --consistency; the student starts as the teacher unless --transfer says otherwise)",
+              metavar="PKL|URL")
+@click.option("--distill-guide", "distill_guide", help="With --distill: guide the teacher by this snapshot "
+              "(autoguidance) or 'uncond' (classifier-free guidance)", metavar="PKL|URL|uncond")
+@click.option("--distill-guidance", "distill_guidance", help="With --distill-guide: the guidance weight w",
+              metavar="FLOAT", type=float)
+@click.option("--distill-step", "distill_step", help="With --distill: the teacher's ODE step from t to r  "
+              "[default: heun]", type=click.Choice(["heun", "euler"]))
 @click.option("--ct-recipe", "ct_recipe", help="ECT's published recipe (implies --consistency; given options win; "
               "docs/consistency.md)", type=click.Choice(list(CT_RECIPES)))
 @click.option("--label-dropout", help="Train this fraction of images without their label (classifier-free guidance)",
@@ -492,15 +525,15 @@ def metrics_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict | None:
     return metrics
 
 
-def check_transfer_file(path: str) -> None:
-    """Open the --transfer network before anything is written, so that a missing, foreign or unsafe file is one
-    error line and leaves no run directory behind (the training loop opens it again to copy its tensors)."""
+def check_transfer_file(path: str, option: str = "--transfer") -> None:
+    """Open the --transfer (or ``option``'s) network before anything is written, so that a missing, foreign or unsafe
+    file is one error line and leaves no run directory behind (the training loop opens it again)."""
     try:
         load_network_pkl(path)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         reason = reason[len(path) + 2:] if reason.startswith(f"{path}: ") else reason
-        raise click.ClickException(f"--transfer={path}: {reason}") from None
+        raise click.ClickException(f"{option}={path}: {reason}") from None
 
 
 def config_warnings(c: dnnlib.EasyDict) -> list[str]:
@@ -537,7 +570,8 @@ def train(opts: dnnlib.EasyDict) -> None:
             raise click.ClickException(f"--fp16=1: {e}") from None
     if opts.resume not in (None, "auto"):
         read_state_file(opts.resume)  # Fails early, with the reason, on a missing or foreign file.
-    if opts.transfer is not None:
+    check_distill_options(opts)
+    if opts.transfer is not None and opts.transfer != opts.get("distill"):
         check_transfer_file(opts.transfer)
 
     dataset_obj = open_dataset(opts)

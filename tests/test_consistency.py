@@ -426,3 +426,88 @@ def test_two_processes_tune_an_edm2_network_resume_bit_exactly_and_generate_py_s
         assert result.exit_code == 0, result.output
         assert f"consistency (NFE {nfe}, edm steps)" in result.output
         assert len(os.listdir(out / str(nfe))) == 4
+
+
+# ----------------------------------------------------------------------------
+# Consistency distillation (--distill).
+
+class Shrink(torch.nn.Module):
+    """A teacher D(x; sigma) = x / (1 + k sigma^2), unlike ``Affine``, so the two are told apart."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x, sigma, class_labels=None):
+        return x / (1 + self.k * torch.as_tensor(sigma, dtype=x.dtype).reshape(-1, 1, 1, 1) ** 2)
+
+
+@pytest.mark.parametrize("step", ["heun", "euler"])
+def test_the_distillation_target_is_one_step_of_the_guided_teachers_ode(step):
+    """With a teacher, the point at r is one step of its ODE dx/dsigma = (x - D(x; sigma)) / sigma from x_t = y + t n,
+    written out here (Heun's step where r > 0; Euler's to r = 0, which is D(x_t; t)), and the target is the student
+    there, or that point where r = 0. The teacher here is guided: D_g + w (D - D_g), w = 2."""
+    from training.sampling import guided
+    loss_fn = ConsistencyLoss(stage_nimg=1000, teacher_step=step)
+    loss_fn.set_progress(1500)
+    loss_fn.teacher = guided(Shrink(1.0), Shrink(3.0), 2.0)
+    y = torch.randn([64, 1, 2, 2], generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(7)
+    loss = loss_fn(Affine(), y)
+
+    def teacher(x, sigma):
+        return 2 * x / (1 + sigma ** 2) - x / (1 + 3 * sigma ** 2)
+    torch.manual_seed(7)
+    t = (torch.randn([64, 1, 1, 1]) * 2.0 - 1.1).exp()
+    n = torch.randn_like(y)
+    r = (t * (1 - (1 + 8 * torch.sigmoid(-t)) / 4)).clamp(min=0)
+    x_t = y + t * n
+    d_t = (x_t - teacher(x_t, t)) / t
+    euler = x_t + (r - t) * d_t
+    r_safe = r.clamp(min=1e-8)
+    heun = x_t + (r - t) * (d_t + (euler - teacher(euler, r_safe)) / r_safe) / 2
+    x_r = torch.where(r > 0, heun, euler) if step == "heun" else euler
+    target = torch.where(r > 0, Affine()(x_r, r_safe), x_r)
+    distance = (Affine()(x_t, t) - target).square().flatten(1).sum(1).sqrt()
+    assert bool((r == 0).any()) and bool((r > 0).any())
+    torch.testing.assert_close(loss.flatten(), distance / (t - r).flatten(), rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_distill_a_guided_teacher_which_stays_out_of_the_snapshots(fashion_mnist_8_zip, tmp_path):
+    """train.py --distill with an autoguided teacher, under torchrun with 2 processes: it trains, says what it
+    distils, and its snapshots hold the loss without the teacher."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+    from training.checkpoint import load_network_pkl
+    from training.loop.state import read_state_file
+    saved = os.path.join(REPO_ROOT, "tests", "fixtures", "saved_runs")
+    teacher = os.path.join(saved, "edm2", "network-snapshot-000000.272.pkl")
+    guide = os.path.join(saved, "ddpmpp", "network-snapshot-000000.272.pkl")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO_ROOT, "train.py"), f"--outdir={tmp_path}", "--nosubdir",
+               f"--data={fashion_mnist_8_zip}", "--arch=edm2", "--cond=1", "--cbase=8", "--cres=1,1", "--blocks=1",
+               "--attn=4", "--batch=8", "--seed=1", "--grid=4", "--lr-rampup=0", "--workers=0", "--device=cpu",
+               f"--distill={teacher}", f"--distill-guide={guide}", "--distill-guidance=2", "--ct-stage=0.008",
+               "--duration=0.000016", "--tick=0.008", "--snap=2", "--dump=2"]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert f"Distilling {teacher}, guided by {guide} at w = 2" in result.stdout
+    assert "Transferred" in result.stdout  # The student starts as the teacher.
+    snapshot = load_network_pkl(str(tmp_path / "network-snapshot-000000.016.pkl"))
+    assert type(snapshot["loss_fn"]).__name__ == "ConsistencyLoss" and snapshot["loss_fn"].teacher is None
+    state = read_state_file(str(tmp_path / "training-state-000000.016.pt"))
+    start = load_network_pkl(teacher)["ema"].state_dict()
+    assert any(not torch.equal(state["net"][k], start[k]) for k in start if "logvar" not in k)  # It trained.
+
+
+def test_distill_options_are_checked(fashion_mnist_8_zip, tmp_path):
+    import train
+    for args, message in [(["--distill-guidance=2"], "Error: --distill-guidance: options of --distill=TEACHER"),
+                          (["--distill=missing.pkl"], "Error: --distill=missing.pkl:"),
+                          ([f"--distill={tmp_path}/x.pkl", "--distill-guide=uncond"],
+                           "Error: --distill-guide and --distill-guidance go together")]:
+        result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", *args])
+        assert result.exit_code != 0 and message in result.output, result.output

@@ -155,13 +155,23 @@ class ConsistencyLoss:
     sigma_data^2) / (t sigma_data)^2 (EDM's lambda(t), ECT's EDM2 loss). The stage counts the images seen: stage =
     images // ``stage_nimg`` (the training loop calls ``set_progress``), so a resumed run continues on the same
     schedule. ``sample_sigmas``: the levels at which the training loop's grids and metrics sample the model (None:
-    2 calls of the consistency sampler on Eq. 5's levels). Returned per image [N, 1, 1, 1]."""
+    2 calls of the consistency sampler on Eq. 5's levels). Returned per image [N, 1, 1, 1].
+
+    With a ``teacher`` (a denoiser, possibly guided: ``training.sampling.guided``; attached by the training loop and
+    never pickled), it is consistency distillation (Song et al. 2023, CD): the point at r is not y + r n but one step
+    of the teacher's probability-flow ODE (Eq. 4 with sigma(t) = t, s(t) = 1) from x_t = y + t n to r,
+    ``teacher_step`` ('heun': Heun's step, the last to r = 0 Euler's; 'euler'), and where r = 0 the target is that
+    point, D_teacher(x_t; t). The student learns the teacher's trajectories: a guided teacher's, guidance included."""
 
     def __init__(self, P_mean: float = -1.1, P_std: float = 2.0, q: float = 2, k: float = 8, b: float = 1,
                  c: float = 0.0, stage_nimg: int = 1 << 20, weighting: str = "ect", sigma_data: float = 0.5,
-                 sample_sigmas: list[float] | None = None):
+                 sample_sigmas: list[float] | None = None, teacher_step: str = "heun"):
         if weighting not in ("ect", "edm"):
             raise ValueError(f"weighting='{weighting}': expected 'ect' or 'edm'")
+        if teacher_step not in ("heun", "euler"):
+            raise ValueError(f"teacher_step='{teacher_step}': expected 'heun' or 'euler'")
+        self.teacher_step = teacher_step
+        self.teacher = None  # The distillation teacher, attached by the training loop.
         self.P_mean, self.P_std = P_mean, P_std
         self.q, self.k, self.b, self.c = q, k, b, c
         self.weighting, self.sigma_data = weighting, sigma_data
@@ -186,9 +196,26 @@ class ConsistencyLoss:
         with torch.random.fork_rng(devices=devices):  # The target then draws the same dropout masks.
             at_t = net(y + t * n, t, labels, **extra)
         with torch.no_grad(), weights_left_as_they_are(net):
-            at_r = net(y + r * n, r.clamp(min=1e-8), labels, **extra).to(torch.float32) if bool((r > 0).any()) else y
-            target = torch.where(r > 0, at_r, y.to(torch.float32))
+            x_r = (y + r * n) if self.teacher is None else self.teacher_ode_step(y + t * n, t, r, labels)
+            at_r = net(x_r, r.clamp(min=1e-8), labels, **extra).to(torch.float32) if bool((r > 0).any()) else x_r
+            target = torch.where(r > 0, at_r, x_r.to(torch.float32))
         return self.weighted(pseudo_huber(at_t - target, self.c), t, r).reshape(-1, 1, 1, 1)
+
+    def teacher_ode_step(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
+                         labels: torch.Tensor | None) -> torch.Tensor:
+        """x at r from x at t by one step of the teacher's ODE dx/dsigma = (x - D(x; sigma)) / sigma: Euler's, or
+        Heun's (Algorithm 1) where r > 0; at r = 0 Euler's step is D(x; t) itself. Float32."""
+        x = x.to(torch.float32)
+        slope = (x - self.teacher(x, t, labels).to(torch.float32)) / t
+        x_r = x + (r - t) * slope
+        if self.teacher_step == "euler" or not bool((r > 0).any()):
+            return x_r
+        at_r = r.clamp(min=1e-8)
+        slope_r = (x_r - self.teacher(x_r, at_r, labels).to(torch.float32)) / at_r
+        return torch.where(r > 0, x + (r - t) * (slope + slope_r) / 2, x_r)
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "teacher"}
 
     def weighted(self, distance: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """w(t, r) d per image: d / (t - r) ('ect') or d (t^2 + sigma_data^2) / (t sigma_data)^2 ('edm')."""

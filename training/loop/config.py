@@ -51,6 +51,8 @@ class TrainingConfig:
     label_dropout: float = 0            # Probability of training an image without its label (for guidance).
     metrics_kwargs: dict | None = None  # training.loop.monitor.MetricsOptions: FID/KID during training; None = off.
     encoder_kwargs: dict | None = None  # training.data.encoders: raw latents -> the network's; None = pixels.
+    teacher_kwargs: dict | None = None  # Consistency distillation: teacher (pickle), guide (pickle or 'uncond'),
+    # guidance (w); attached to the loss (ConsistencyLoss.teacher). None = no teacher.
 
     def __post_init__(self):
         self.ema_stds = list(self.ema_stds or [])

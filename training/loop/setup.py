@@ -155,6 +155,8 @@ def setup(config: TrainingConfig, start_time: float) -> Run:
     encoder = build_encoder(config.encoder_kwargs, device)
     state, fast = build_training_state(config, dataset_obj, encoder, device, log)
     loss_fn = dnnlib.construct_class_by_name(**config.loss_kwargs)
+    if config.teacher_kwargs:
+        loss_fn.teacher = load_teacher(**config.teacher_kwargs, device=device, log=log)
     freeze_what_the_loss_never_uses(state.net, loss_fn)
     ddp = state.net
     if dist.get_world_size() > 1:  # Broadcasts rank 0's initial weights; averages gradients in backward.
@@ -177,6 +179,29 @@ def setup(config: TrainingConfig, start_time: float) -> Run:
                fast=fast, loss_fn=loss_fn, augment_pipe=augment_pipe, data=data, dataset_obj=dataset_obj,
                batch_gpu=batch_gpu, accumulation_rounds=rounds, log=log, stats=StatsCollector(device),
                start_time=start_time, loss_by_sigma=LossBySigma(device), metrics=metrics)
+
+
+def load_teacher(teacher: str, device: torch.device, log: RunLog, guide: str | None = None,
+                 guidance: float = 1) -> torch.nn.Module:
+    """The distillation teacher: a snapshot's EMA network in eval mode on ``device``, frozen, guided by ``guide`` (a
+    snapshot, or 'uncond' for classifier-free guidance) with weight ``guidance`` (``training.sampling.guided``)."""
+    from training.checkpoint import load_network
+    from training.sampling.guidance import UNCONDITIONAL, guided
+
+    def frozen(path: str) -> torch.nn.Module:
+        try:
+            return load_network(path, device=device).requires_grad_(False)
+        except (OSError, ValueError) as e:
+            raise TrainingConfigError(f"--distill: {str(e).splitlines()[0]}") from None
+
+    net = frozen(teacher)
+    guiding = None if guide is None else UNCONDITIONAL if guide == UNCONDITIONAL else frozen(guide)
+    log.print(f"Distilling {teacher}" + ("" if guiding is None or guidance == 1 else
+                                         f", guided by {guide} at w = {guidance:g}"))
+    try:
+        return guided(net, guiding, guidance)
+    except ValueError as e:
+        raise TrainingConfigError(f"--distill-guide: {e}") from None
 
 
 def distributed_data_parallel(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
