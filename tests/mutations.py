@@ -359,7 +359,7 @@ MUTATIONS: tuple[Mutation, ...] = (
        "        return distance / (t - r).flatten()", "        return distance",
        "tests/test_consistency.py::test_loss_is_the_weighted_distance_of_the_two_calls"),
     _m("consistency: fresh noise for the target", "training/loss.py",
-       "at_r = net(y + r * n, r.clamp(min=1e-8)", "at_r = net(y + r * torch.randn_like(n), r.clamp(min=1e-8)",
+       "x_r = (y + r * n) if self.teacher", "x_r = (y + r * torch.randn_like(n)) if self.teacher",
        "tests/test_consistency.py::test_loss_is_the_weighted_distance_of_the_two_calls"),
     _m("consistency: the two calls draw different dropout masks", "training/loss.py",
        "        with torch.random.fork_rng(devices=devices):  # The target then draws",
