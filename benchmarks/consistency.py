@@ -63,8 +63,14 @@ def fid(network: str, ref: str, num: int, sampler: list[str], gnet: str | None =
 @click.option("--out", help="JSON to write", metavar="JSON", required=True)
 @click.option("--plot", help="PNG to write", metavar="PNG")
 @click.option("--skip-teacher", is_flag=True, help="Measure the tuned network only")
-def main(qs: str, kimg: float, ct_stage: float | None, outdir: str, out: str, plot: str | None, skip_teacher: bool):
-    """Tune the quickstart's network into a consistency model and compare FIDs."""
+@click.option("--train-args", "train_args", default="", help="More train.py options, e.g. '--ct-q=4 --ct-huber=0.06' "
+              "or '--distill=TEACHER' ('TEACHER' and 'GUIDE' are replaced by the run's snapshot and earlier guide)")
+@click.option("--sigmas", "sigma_sets", multiple=True, help="Also measure at these levels, e.g. 80,0.8,0.002")
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="train.py processes (torchrun, gloo; one thread each)")
+def main(qs: str, kimg: float, ct_stage: float | None, outdir: str, out: str, plot: str | None, skip_teacher: bool,
+         train_args: str, sigma_sets: tuple[str, ...], processes: int):
+    """Tune the quickstart's network into a consistency model (or distil it) and compare FIDs."""
     ref, data = os.path.join(qs, "reference.npz"), os.path.join(qs, "train.zip")
     teacher = snapshots(os.path.join(qs, "training"))[-1]
     teacher_kimg = labelled_nimg(teacher) / 1000
@@ -72,19 +78,27 @@ def main(qs: str, kimg: float, ct_stage: float | None, outdir: str, out: str, pl
     num = PRESET.num_eval
     results = dict(teacher=teacher, teacher_kimg=teacher_kimg, guide=guide, guidance=PRESET.guidance[0],
                    protocol=f"{num} samples (seeds 0-{num - 1}, balanced classes) vs {PRESET.num_ref} held-out images",
-                   tuning=dict(kimg=kimg, options=dict(TUNING, **({"ct-stage": ct_stage} if ct_stage else {}))))
+                   tuning=dict(kimg=kimg, options=dict(TUNING, **({"ct-stage": ct_stage} if ct_stage else {})),
+                               train_args=train_args, processes=processes))
 
     start = time.time()
     options = {**PRESET.train_options, **TUNING, "duration": kimg / 1000, "tick": kimg / 4, "snap": 1000,
                "dump": 1000}
     extra = [f"--ct-stage={ct_stage:g}"] if ct_stage else []
-    run([sys.executable, "train.py", f"--outdir={outdir}", "--nosubdir", f"--data={data}", *render(options),
-         "--consistency", f"--transfer={teacher}", *extra])
+    extra += [arg.replace("TEACHER", teacher).replace("GUIDE", guide) for arg in train_args.split()]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "--"] \
+        if processes > 1 else []
+    if processes > 1:
+        os.environ["OMP_NUM_THREADS"] = "1"
+    run([sys.executable, *launcher, "train.py", f"--outdir={outdir}", "--nosubdir", f"--data={data}",
+         *render(options), "--consistency", f"--transfer={teacher}", *extra])
     tuned = snapshots(outdir)[-1]
     results["tuning"].update(snapshot=tuned, minutes=(time.time() - start) / 60)
 
     results["consistency"] = {nfe: fid(tuned, ref, num, ["--sampler=consistency", f"--nfe={nfe}"])
                               for nfe in (1, 2, 4)}
+    results["consistency_at_levels"] = {levels: fid(tuned, ref, num, ["--sampler=consistency", f"--sigmas={levels}"])
+                                        for levels in sigma_sets}
     if not skip_teacher:
         results["teacher_fid"] = {}
         for w in (1.0, PRESET.guidance[0]):
