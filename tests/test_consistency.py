@@ -511,3 +511,14 @@ def test_distill_options_are_checked(fashion_mnist_8_zip, tmp_path):
                            "Error: --distill-guide and --distill-guidance go together")]:
         result = CliRunner().invoke(train.main, [f"--outdir={tmp_path}", f"--data={fashion_mnist_8_zip}", *args])
         assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_weightings_and_distance_on_numbers_worked_by_hand():
+    """The pieces benchmarks/ect_side_by_side.py found equal to ECT's code, bit for bit, on numbers worked by hand:
+    ECT's 1 / (t - r) at t = 1, r = 0.75 is 4; EDM's (t^2 + 0.25) / (0.5 t)^2 at t = 0.5 is 8; the pseudo-Huber
+    distance of (3, 4) with c = 0.06 is sqrt(25.0036) - 0.06."""
+    t, r = torch.tensor([[[[1.0]]], [[[0.5]]]]), torch.tensor([[[[0.75]]], [[[0.0]]]])
+    ones = torch.ones(2)
+    assert ConsistencyLoss(weighting="ect").weighted(ones, t, r).tolist() == [4.0, 2.0]
+    assert ConsistencyLoss(weighting="edm").weighted(ones, t, r).tolist() == pytest.approx([1.25 / 0.25, 8.0])
+    assert pseudo_huber(torch.tensor([[3.0, 4.0]]), 0.06).item() == pytest.approx(25.0036 ** 0.5 - 0.06, rel=1e-6)
