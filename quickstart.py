@@ -67,6 +67,8 @@ class Preset:
     # single-thread processes keep a few cores busier than the threads of one process do.
     few_step_options: Options = dataclasses.field(default_factory=lambda: dict(FEW_STEP_OPTIONS))  # --few-step: the
     # consistency tuning's train.py options that replace train_options' (docs/consistency.md).
+    few_step_method: str = "ect"  # --few-step: 'ect' (consistency tuning) or 'distill' (consistency distillation of
+    # the teacher as evaluated: autoguided at the best weight where the job guides).
 
 
 # --few-step: tune the trained network for a third of its images into a consistency model (train.py --consistency),
@@ -128,7 +130,8 @@ def check_preset(name: str, p: Preset) -> None:
             (train.main, "train.py", [*training, *render(p.train_options)]),
             (train.main, "train.py", [*training, *render({**p.train_options, **p.guide_options})]),
             (train.main, "train.py", [*training, *render({**p.train_options, **p.few_step_options}),
-                                      "--consistency", "--transfer=t"]),
+                                      *(["--consistency", "--transfer=t"] if p.few_step_method == "ect" else
+                                        ["--distill=t"])]),
             (generate.main, "generate.py", ["--outdir=o", *sampling]),
             (fid.calc, "fid.py calc", ["--ref=r", "--num=10", *sampling])]:
         try:
@@ -670,24 +673,44 @@ def evaluate_guided(job: Job, trained: Trained, reference: str) -> Evaluation:
 
 @dataclasses.dataclass(frozen=True)
 class FewStep:
-    """The consistency-tuned network (--few-step): its snapshot, its tuning kimg, its FID at each NFE and the grid of
-    its one-step samples."""
+    """The consistency model (--few-step): its snapshot, its tuning kimg, its FID at each NFE, the grid of its
+    one-step samples, how it was made (``method``, the teacher's guidance weight) and the tuning's minutes."""
     snapshot: str
     kimg: float
     fid_by_nfe: dict[int, float]
     grid: str
+    method: str = "ect"
+    teacher_guidance: float = 1.0
+    minutes: float = 0.0
 
 
-def tune_few_step(job: Job, data: Datasets, trained: Trained, reference: str) -> FewStep:
-    """train.py --consistency from the trained snapshot for FEW_STEP_SHARE of its images, then its FID at each of
-    FEW_STEP_NFES (the consistency sampler, in memory) and a grid of 64 one-step images."""
+def few_step_teacher_args(p: Preset, trained: Trained, evaluation: Evaluation | None) -> tuple[list[str], float]:
+    """train.py's options that name the teacher, and the guidance weight it is distilled at: ECT tunes the snapshot
+    itself (no guidance); distillation follows the teacher as evaluated, autoguided at the best weight if it was."""
+    if p.few_step_method == "ect":
+        return ["--consistency", f"--transfer={trained.snapshot}"], 1.0
+    weight = evaluation.best_weight if evaluation is not None and evaluation.best_weight else 1.0
+    guide = [] if trained.guide_snapshot is None or weight == 1 else [
+        f"--distill-guide={trained.guide_snapshot}", f"--distill-guidance={weight:g}"]
+    return [f"--distill={trained.snapshot}", *guide], weight
+
+
+def tune_few_step(job: Job, data: Datasets, trained: Trained, reference: str,
+                  evaluation: Evaluation | None = None) -> FewStep:
+    """train.py --consistency (ECT) or --distill from the trained snapshot for FEW_STEP_SHARE of its images, then its
+    FID at each of FEW_STEP_NFES (the consistency sampler, in memory) and a grid of 64 one-step images."""
     p, n = job.preset, job.preset.num_eval
     kimg = trained.kimg * FEW_STEP_SHARE
     options = {**p.train_options, **p.few_step_options, "duration": kimg / 1000, "snap": 1000, "dump": 1000}
     options.pop("max-minutes", None)
-    job.stage.run(f"Tune into a consistency model for {kimg:.3g} kimg (ECT)", [
+    teacher, weight = few_step_teacher_args(p, trained, evaluation)
+    how = "ECT" if p.few_step_method == "ect" else "distilled from the teacher" + (
+        f" autoguided at w = {weight:g}" if weight != 1 else "")
+    start = time.time()
+    job.stage.run(f"Tune into a consistency model for {kimg:.3g} kimg ({how})", [
         "train.py", f"--outdir={job.path('few-step')}", "--nosubdir", f"--data={data.train}", "--workers=0",
-        *render(options), "--consistency", f"--transfer={trained.snapshot}", *job.device_args], job.launch)
+        *render(options), *teacher, *job.device_args], job.launch)
+    minutes = (time.time() - start) / 60
     snapshot = newest_snapshot(job.path("few-step"))
     sampler_options = {k: v for k, v in p.sampler_options.items() if k not in ("sampler", "nfe", "steps-schedule",
                                                                                "S_churn")}
@@ -700,7 +723,8 @@ def tune_few_step(job: Job, data: Datasets, trained: Trained, reference: str) ->
     job.stage.run("Generate 64 one-step images", [
         "generate.py", f"--network={snapshot}", f"--outdir={job.path('few-step-samples')}", "--seeds=0-63",
         f"--grid={grid}", "--nfe=1", *common])
-    return FewStep(snapshot, snapshot_kimg(snapshot), fids, grid)  # Whole batches: a little past the asked kimg.
+    return FewStep(snapshot, snapshot_kimg(snapshot), fids, grid, p.few_step_method, weight,  # Whole batches: a
+                   minutes)  # little past the asked kimg.
 
 
 def dashboard(job: Job) -> str:
@@ -732,7 +756,9 @@ def summarize(job: Job, floor: float, budget: Budget, trained: Trained, evaluati
                        guidance_plot=job.path("fid-vs-guidance.png") if len(guided) > 1 else None)
     if tuned is not None:
         summary.update(few_step_snapshot=tuned.snapshot, few_step_kimg=tuned.kimg, few_step_grid=tuned.grid,
-                       fid_few_step={str(nfe): value for nfe, value in tuned.fid_by_nfe.items()})
+                       fid_few_step={str(nfe): value for nfe, value in tuned.fid_by_nfe.items()},
+                       few_step_method=tuned.method, few_step_teacher_guidance=tuned.teacher_guidance,
+                       few_step_minutes=round(tuned.minutes, 2))
     with open(job.path("summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print_summary(job, summary, total_seconds)
@@ -752,8 +778,11 @@ def print_summary(job: Job, summary: dict, total_seconds: float) -> None:
         click.echo(f"  unguided FID        {summary['fid_unguided']:8.2f}   (the same samples' seeds without the "
                    "guide)")
     for nfe, value in summary.get("fid_few_step", {}).items():
-        click.echo(f"  few-step FID        {value:8.2f}   (consistency-tuned {summary['few_step_kimg']:.3g} kimg, "
-                   f"NFE {nfe}; the teacher above: NFE {job.nfe})")
+        guided_teacher = summary["few_step_teacher_guidance"] != 1
+        made = "consistency-tuned" if summary["few_step_method"] == "ect" else \
+            f"distilled from the {'autoguided ' if guided_teacher else ''}teacher"
+        click.echo(f"  few-step FID        {value:8.2f}   ({made}, {summary['few_step_kimg']:.3g} kimg in "
+                   f"{summary['few_step_minutes']:.1f} min, NFE {nfe}; the teacher above: NFE {job.nfe})")
     click.echo(f"  real-data floor     {summary['real_data_floor']:8.2f}   ({n} other real vs. the same {m} reference "
                f"images)")
     click.echo(f"  training            {summary['kimg']:8.1f}   kimg")
@@ -808,7 +837,7 @@ def main(outdir: str, preset: str, device: str | None, kimg: float | None, minut
     budget = time_budget(job, data)
     trained = train_networks(job, data, budget.minutes)
     evaluation = evaluate(job, trained, reference)
-    tuned = tune_few_step(job, data, trained, reference) if job.few_step else None
+    tuned = tune_few_step(job, data, trained, reference, evaluation) if job.few_step else None
     dashboard_png = dashboard(job)
     summarize(job, floor, budget, trained, evaluation, reference, dashboard_png, tuned)
 

@@ -414,3 +414,20 @@ def test_few_step_tunes_a_third_of_the_images_then_measures_nfe_1_and_2(tmp_path
     assert grid_title == "Generate 64 one-step images" and "--nfe=1" in generate and "--seeds=0-63" in generate
     assert tuned.fid_by_nfe == {1: 12.5, 2: 12.5} and tuned.kimg == 20.016  # What the snapshot trained, whole batches.
     assert tuned.grid == str(tmp_path / "qs" / "few-step-grid.png")
+
+
+def test_few_step_distils_the_teacher_as_evaluated():
+    """few_step_method 'distill': train.py --distill of the trained snapshot, autoguided by the job's guide at the
+    evaluation's best weight (none where the best was w = 1 or the job has no guide); 'ect' tunes it alone."""
+    import quickstart
+    from quickstart import Evaluation, Trained, few_step_teacher_args
+    p = dataclasses.replace(quickstart.PRESETS["cpu"], few_step_method="distill")
+    trained = Trained(snapshot="net.pkl", kimg=60.0, guide_snapshot="guide.pkl")
+    best = Evaluation(fid=20.0, samples="s", grid="g", fid_by_weight={1.0: 30.0, 2.5: 20.0}, best_weight=2.5)
+    assert few_step_teacher_args(p, trained, best) == (
+        ["--distill=net.pkl", "--distill-guide=guide.pkl", "--distill-guidance=2.5"], 2.5)
+    unguided = dataclasses.replace(best, best_weight=1.0)
+    assert few_step_teacher_args(p, trained, unguided) == (["--distill=net.pkl"], 1.0)
+    assert few_step_teacher_args(p, Trained("net.pkl", 60.0), None) == (["--distill=net.pkl"], 1.0)
+    ect = dataclasses.replace(p, few_step_method="ect")
+    assert few_step_teacher_args(ect, trained, best) == (["--consistency", "--transfer=net.pkl"], 1.0)
