@@ -51,6 +51,13 @@ def _check_churn(churn: Churn) -> None:
         raise ValueError(f"S_churn={churn.S_churn}, S_min={churn.S_min}, S_max={churn.S_max}: must be non-negative")
 
 
+def _check_steps_range_and_churn(spec) -> None:
+    """The checks the paper's and the ablation sampler's specs share."""
+    _check_num_steps(spec.num_steps)
+    _check_range(spec.sigma_min, spec.sigma_max)
+    _check_churn(spec.churn)
+
+
 def _check_choice(option: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"{option}='{value}': expected one of {', '.join(choices)}")
@@ -67,11 +74,9 @@ class PaperSampler:
     churn: Churn = Churn()
 
     def __post_init__(self):
-        _check_num_steps(self.num_steps)
-        _check_range(self.sigma_min, self.sigma_max)
+        _check_steps_range_and_churn(self)
         if not self.rho > 0:
             raise ValueError(f"rho={self.rho}: must be positive")
-        _check_churn(self.churn)
 
     def run(self, net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
             randn_like: RandnLike = torch.randn_like, callback: StepCallback | None = None) -> torch.Tensor:
@@ -104,15 +109,13 @@ class AblationSampler:
     churn: Churn = Churn()
 
     def __post_init__(self):
-        _check_num_steps(self.num_steps)
-        _check_range(self.sigma_min, self.sigma_max)
+        _check_steps_range_and_churn(self)
         _check_choice("solver", self.solver, ("heun", "euler"))
         _check_choice("discretization", self.time_steps, PAPER_TIME_STEPS)
         _check_choice("schedule", self.schedule, NOISE_SCHEDULES)
         _check_choice("scaling", self.scaling, SCALINGS)
         if not 0 < self.alpha <= 1:
             raise ValueError(f"alpha={self.alpha}: Heun's intermediate point lies in (0, 1]")
-        _check_churn(self.churn)
 
     def run(self, net, latents: torch.Tensor, class_labels: torch.Tensor | None = None,
             randn_like: RandnLike = torch.randn_like, callback: StepCallback | None = None) -> torch.Tensor:
