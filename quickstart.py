@@ -67,8 +67,9 @@ class Preset:
     # single-thread processes keep a few cores busier than the threads of one process do.
     few_step_options: Options = dataclasses.field(default_factory=lambda: dict(FEW_STEP_OPTIONS))  # --few-step: the
     # consistency tuning's train.py options that replace train_options' (docs/consistency.md).
-    few_step_method: str = "ect"  # --few-step: 'ect' (consistency tuning) or 'distill' (consistency distillation of
-    # the teacher as evaluated: autoguided at the best weight where the job guides).
+    few_step_method: str = "distill"  # --few-step: 'distill' (consistency distillation of the teacher as evaluated:
+    # autoguided at the best weight where the job guides; it measured best at NFE 1, 2 and 4, docs/consistency.md)
+    # or 'ect' (consistency tuning).
 
 
 # --few-step: tune the trained network for a third of its images into a consistency model (train.py --consistency),

@@ -95,8 +95,11 @@ def test_quickstart_smoke_autoguided_by_its_own_earlier_snapshot_produces_every_
     assert PIL.Image.open(summary["grid"]).size == (8 * 28, 8 * 28)
     assert PIL.Image.open(summary["dashboard"]).format == "PNG" and "training dashboard" in result.stdout
 
-    # Few-step: tuned from the final snapshot by 2 processes, a third of its images (whole batches of 16).
-    assert "--consistency" in commands[8] and f"--transfer={summary['snapshot']}" in commands[8]
+    # Few-step: distilled from the final snapshot, guided as evaluated, by 2 processes, a third of its images (whole
+    # batches of 16).
+    assert f"--distill={summary['snapshot']}" in commands[8] and summary["few_step_method"] == "distill"
+    assert (f"--distill-guide={summary['guide_snapshot']}" in commands[8]) == (best != 1)
+    assert summary["few_step_teacher_guidance"] == best and summary["few_step_minutes"] > 0
     assert summary["few_step_kimg"] == 0.032 and summary["few_step_snapshot"].endswith("network-snapshot-000000.032.pkl")
     assert set(summary["fid_few_step"]) == {"1", "2"} and all(math.isfinite(f) for f in summary["fid_few_step"].values())
     assert PIL.Image.open(summary["few_step_grid"]).size == (8 * 28, 8 * 28)
@@ -395,7 +398,8 @@ def test_few_step_tunes_a_third_of_the_images_then_measures_nfe_1_and_2(tmp_path
     import quickstart
     from quickstart import Datasets, Trained, tune_few_step
     job = dataclasses.replace(_job(tmp_path, autoguidance=None, guidance=None, guide=None), few_step=True,
-                              preset=dataclasses.replace(quickstart.PRESETS["cpu"], num_eval=16))
+                              preset=dataclasses.replace(quickstart.PRESETS["cpu"], num_eval=16,
+                                                         few_step_method="ect"))
     monkeypatch.setattr(quickstart, "newest_snapshot",
                         lambda folder: os.path.join(folder, "network-snapshot-000020.016.pkl"))
     data = Datasets("train.zip", "reference.zip", "held-out.zip")
