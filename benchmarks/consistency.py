@@ -25,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from quickstart import PRESETS, adapt_preset, cpu_lacks_bf16, render  # noqa: E402
+from benchmarks.consistency_plot import finish_nfe_plot  # noqa: E402
 from training.run_files import labelled_nimg, snapshots  # noqa: E402
 
 PRESET = adapt_preset(PRESETS["cpu"], kimg=None, fp32=cpu_lacks_bf16(None))  # bf16 only where the CPU has it.
@@ -125,15 +126,7 @@ def plot_results(results: dict, path: str) -> None:
         points = sorted((v["nfe"], v["fid"]) for k, v in results.get("teacher_fid", {}).items() if k.startswith(label))
         if points:
             ax.plot(*zip(*points), style, label=f"teacher, UniPC, {'unguided' if label == 'w=1' else 'autoguided ' + label}")
-    ax.set_xscale("log")
-    ax.set_xticks([1, 2, 4, 15, 35])
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("network calls per image (NFE)")
-    ax.set_ylabel("FID (1,000 samples)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+    finish_nfe_plot(fig, ax, path)
 
 
 if __name__ == "__main__":

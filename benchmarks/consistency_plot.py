@@ -12,6 +12,20 @@ import os
 import click
 
 
+def finish_nfe_plot(fig, ax, path: str, fontsize: float | None = None) -> None:
+    """The axes of an FID-against-NFE plot (log NFE, the NFEs measured as ticks), then save it."""
+    import matplotlib
+    ax.set_xscale("log")
+    ax.set_xticks([1, 2, 4, 15, 35])
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("network calls per image (NFE)")
+    ax.set_ylabel("FID (1,000 samples)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 @click.command()
 @click.argument("results", nargs=-1, required=True)
 @click.option("--out", required=True, metavar="PNG", help="Where to write the plot")
@@ -35,15 +49,7 @@ def main(results: tuple[str, ...], out: str):
                 ax.plot(*zip(*curve), style, color="gray",
                         label="teacher, UniPC" + ("" if guidance == 1 else f", autoguided w = {guidance:g}"))
             teacher_done = True
-    ax.set_xscale("log")
-    ax.set_xticks([1, 2, 4, 15, 35])
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("network calls per image (NFE)")
-    ax.set_ylabel("FID (1,000 samples)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out)
+    finish_nfe_plot(fig, ax, out, fontsize=8)
     print(f"Plotted {len(results)} runs -> {out}")
 
 
