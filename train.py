@@ -17,6 +17,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from dnnlib.util import atomic_write_bytes
 from training.checkpoint import load_network_pkl
+from training.cli_options import parse_levels
 from training.data.encoders import DEFAULT_VAE
 from training.perf import check_precision
 from training.loop.config import TrainingConfigError, check_network_fits_dataset
@@ -94,12 +95,17 @@ def check_edm2_options(opts: dnnlib.EasyDict) -> None:
                                    f"--augment=0 with --arch=edm2")
 
 
+def refuse_options_without(opts: dnnlib.EasyDict, names: tuple[str, ...], owner: str) -> None:
+    """One line naming the options of ``names`` that were given without the option ``owner`` they belong to."""
+    given = [f"--{name.replace('_', '-')}" for name in names if opts.get(name) is not None]
+    if given:
+        raise click.ClickException(f"{', '.join(given)}: options of {owner}")
+
+
 def check_distill_options(opts: dnnlib.EasyDict) -> None:
     """--distill's options go with it; a guidance weight with a guide; the teacher and guide files are readable."""
     if not opts.get("distill"):
-        given = [f"--{name.replace('_', '-')}" for name in DISTILL_OPTIONS if opts.get(name) is not None]
-        if given:
-            raise click.ClickException(f"{', '.join(given)}: options of --distill=TEACHER")
+        refuse_options_without(opts, DISTILL_OPTIONS, "--distill=TEACHER")
         return
     if (opts.get("distill_guidance") is not None) != (opts.get("distill_guide") is not None):
         raise click.ClickException("--distill-guide and --distill-guidance go together: a guide and its weight w")
@@ -141,6 +147,18 @@ def parse_int_list(ctx, param, value):
         return dnnlib.parse_int_list(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
+
+
+def parse_consistency_levels(ctx, param, value):
+    """--ct-sigmas: levels in the order given, checked as the consistency sampler will take them."""
+    from training.sampling.spec import NamedSampler
+    levels = parse_levels(value)
+    if levels is not None:
+        try:
+            NamedSampler("consistency", nfe=max(len(levels) - 1, 1), sigmas=levels)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return None if levels is None else list(levels)
 
 
 def parse_float_list(ctx, param, value):
@@ -239,9 +257,7 @@ def loss_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
                                q=opts.ct_q, k=opts.ct_k, b=opts.ct_b, weighting=opts.ct_weight, **sigmas,
                                **({} if opts.get("distill_step") is None else dict(teacher_step=opts.distill_step)),
                                stage_nimg=max(1, round(stage_kimg * 1000)))
-    given = [f"--{name.replace('_', '-')}" for name in CT_OPTIONS if opts.get(name) is not None]
-    if given:
-        raise click.ClickException(f"{', '.join(given)}: options of --consistency")
+    refuse_options_without(opts, CT_OPTIONS, "--consistency")
     class_name = EDM2_LOSS if opts.arch == "edm2" else PRECONDITIONERS[opts.precond][1]
     config = dnnlib.EasyDict(class_name=class_name)
     if class_name in (EDM2_LOSS, PRECONDITIONERS["edm"][1]):
@@ -389,7 +405,7 @@ def shared_from_rank0(value):
               "(t^2 + sigma_data^2) / (t sigma_data)^2  [default: ect]", type=click.Choice(["ect", "edm"]))
 @click.option("--ct-sigmas", "ct_sigmas", help="With --consistency: the noise levels the run's grids and metrics "
               "sample at with the consistency sampler, sigma_max first and sigma_min last (80,0.821,0.002: 2 calls)  "
-              "[default: 2 calls on Eq. 5's levels]", metavar="LIST", callback=parse_float_list)
+              "[default: 2 calls on Eq. 5's levels]", metavar="LIST", callback=parse_consistency_levels)
 @click.option("--distill", help="Consistency distillation from this teacher snapshot: the target is one step of its "
               "ODE (implies --consistency; the student starts as the teacher unless --transfer says otherwise)",
               metavar="PKL|URL")

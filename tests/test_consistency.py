@@ -342,6 +342,16 @@ def test_ct_recipes_are_ects_published_settings(fashion_mnist_8_zip, recipe):
     assert config["optimizer_kwargs"]["lr"] == 0.5 and config["loss_kwargs"]["q"] == 3
 
 
+def test_ct_sigmas_reach_the_loss_in_the_order_given(fashion_mnist_8_zip):
+    """--ct-sigmas keeps its order (sigma_max first) and is refused, in one line, where the sampler could not use it."""
+    import train
+    config = _dry_run_config(f"--data={fashion_mnist_8_zip}", "--consistency", "--ct-sigmas=80,0.8,0.002")
+    assert config["loss_kwargs"]["sample_sigmas"] == [80, 0.8, 0.002]
+    result = CliRunner().invoke(train.main, ["--outdir=unused", f"--data={fashion_mnist_8_zip}", "--consistency",
+                                             "--ct-sigmas=0.002,80", "--dry-run"])
+    assert result.exit_code != 0 and "strictly decreasing" in result.output
+
+
 def test_dropout_only_at_and_below_dropout_res():
     from training.networks.edm2 import Precond
     net = Precond(16, 1, 0, model_channels=8, channel_mult=[1, 2, 2], num_blocks=1, dropout=0.3, dropout_res=8)

@@ -224,10 +224,11 @@ def freeze_what_the_loss_never_uses(net: torch.nn.Module, loss_fn) -> list[str]:
     Nothing else changes: without a gradient, the optimizer leaves these parameters as they were anyway."""
     if isinstance(loss_fn, EDM2Loss):
         return []
-    frozen = [name for name, p in net.named_parameters() if name.startswith(LOGVAR_HEAD) and p.requires_grad]
+    frozen = []
     for name, p in net.named_parameters():
-        if name in frozen:
+        if name.startswith(LOGVAR_HEAD) and p.requires_grad:
             p.requires_grad_(False)
+            frozen.append(name)
     return frozen
 
 
